@@ -1,0 +1,5 @@
+import sys
+
+from sendtime.server.cli import main
+
+sys.exit(main())

@@ -1,0 +1,113 @@
+"""The ``sendtime`` command.
+
+    sendtime serve [--config FILE]     run the server (gRPC + HTTP)
+    sendtime keygen --name N --scopes ingest,content
+                                       make an API key and the hash to configure
+
+Client commands (track, identify, profile) talk to a running server; see
+``sendtime --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from sendtime.server.settings import DEV_KEY, Scope, Settings, SettingsError, hash_key, load_settings
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from sendtime.server.app import Sendtime, serve
+
+    config = args.config or os.environ.get("SENDTIME_CONFIG")
+    try:
+        settings = load_settings(Path(config) if config else None)
+    except SettingsError as exc:
+        print(f"sendtime: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    _warn_dev_key(settings)
+
+    def ready(app: Sendtime) -> None:
+        scheme = "https" if settings.http.tls else "http"
+        print(
+            f"sendtime serving gRPC on {settings.grpc.host}:{app.grpc_port}, "
+            f"HTTP on {scheme}://{settings.http.host}:{app.http_port}, "
+            f"data in {settings.storage.data_dir.resolve()}",
+            flush=True,
+        )
+
+    try:
+        serve(settings, ready)
+    except Exception as exc:  # a start failure: say why, without a traceback
+        from sendtime.server.domain.errors import SendtimeError
+
+        if not isinstance(exc, SendtimeError | OSError):
+            raise
+        print(f"sendtime: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _warn_dev_key(settings: Settings) -> None:
+    if settings.auth.dev_key:
+        print(
+            f"WARNING: the development API key {DEV_KEY!r} is accepted with every scope. "
+            "For development only: set auth.dev_key = false and configure auth.keys in production.",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    try:
+        scopes = [Scope(s.strip()) for s in args.scopes.split(",") if s.strip()]
+    except ValueError as exc:
+        print(f"sendtime keygen: --scopes: {exc}; choose from {', '.join(Scope)}", file=sys.stderr)
+        return 2
+    key = "st_" + secrets.token_urlsafe(32)
+    print(f"API key (shown once, give it to the caller): {key}")
+    print("Add to the server's config:")
+    print("[[auth.keys]]")
+    print(f'name = "{args.name}"')
+    print(f'hash = "{hash_key(key)}"')
+    print(f"scopes = [{', '.join(repr(s.value).replace(chr(39), chr(34)) for s in scopes)}]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sendtime", description="Real-time email personalization service.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the server")
+    serve.add_argument("--config", help="TOML settings file (default: $SENDTIME_CONFIG, else built-in defaults)")
+    serve.set_defaults(run=_serve)
+
+    keygen = commands.add_parser("keygen", help="make an API key and the hash to put in the config")
+    keygen.add_argument("--name", required=True, help="who the key is for")
+    keygen.add_argument("--scopes", required=True, help=f"comma-separated: {', '.join(Scope)}")
+    keygen.set_defaults(run=_keygen)
+
+    from sendtime.server import cli_client
+
+    cli_client.add_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run: Command = args.run
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

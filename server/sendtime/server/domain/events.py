@@ -1,0 +1,382 @@
+"""Events: what an edge hands in, the typed schemas of Segment's e-commerce spec
+v2, and validation that turns the one into the other.
+
+The edges (gRPC, Segment HTTP, webhooks) each decode their wire format into an
+``IncomingEvent``; ``validate`` is the single place that decides whether it is
+acceptable and produces the typed ``Event`` the store and the profile fold use.
+Field paths in errors use the snake_case names of the proto API; the HTTP edge
+renames them to Segment's camelCase.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Final
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import msgspec
+
+from sendtime.server.domain.errors import FieldViolation, InvalidInput
+
+MAX_MESSAGE_ID_CHARS: Final = 100
+MAX_ID_CHARS: Final = 200
+MAX_EVENT_NAME_CHARS: Final = 200
+#: Segment's limit per event; applied to the properties (or traits) JSON.
+MAX_EVENT_BYTES: Final = 32 * 1024
+
+
+class EventKind(enum.StrEnum):
+    TRACK = "track"
+    IDENTIFY = "identify"
+    PAGE = "page"
+    ALIAS = "alias"
+    GROUP = "group"
+
+
+class ConsentState(enum.StrEnum):
+    OPTED_IN = "opted_in"
+    OPTED_OUT = "opted_out"
+
+
+# --------------------------------------------------------------------------
+# Segment e-commerce spec v2 property schemas. Unknown properties are allowed
+# (real platforms send many); known ones must have the right type and range.
+# Ids are accepted as strings or integers, since many platforms send numbers.
+
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+Quantity = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
+Currency = Annotated[str, msgspec.Meta(pattern="^[A-Za-z]{3}$")]
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)] | int
+
+
+class ProductFields(msgspec.Struct, kw_only=True, omit_defaults=True):
+    product_id: Id | None = None
+    sku: Id | None = None
+    name: str | None = None
+    category: str | None = None
+    brand: str | None = None
+    variant: str | None = None
+    price: NonNegative | None = None
+    quantity: Quantity | None = None
+    coupon: str | None = None
+    position: int | None = None
+    url: str | None = None
+    image_url: str | None = None
+
+
+class ProductViewed(ProductFields, kw_only=True, omit_defaults=True):
+    currency: Currency | None = None
+    value: NonNegative | None = None
+
+
+class ProductListViewed(msgspec.Struct, kw_only=True, omit_defaults=True):
+    list_id: Id | None = None
+    category: str | None = None
+    products: list[ProductFields] = []
+
+
+class ProductsSearched(msgspec.Struct, kw_only=True, omit_defaults=True):
+    query: str
+
+
+class CartChange(ProductFields, kw_only=True, omit_defaults=True):
+    """Product Added and Product Removed: one product, with the quantity added or removed."""
+
+    cart_id: Id | None = None
+    currency: Currency | None = None
+
+
+class CartSnapshot(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Cart Viewed and Checkout Started: the whole cart as the platform sees it."""
+
+    cart_id: Id | None = None
+    checkout_id: Id | None = None
+    order_id: Id | None = None
+    value: NonNegative | None = None
+    revenue: NonNegative | None = None
+    currency: Currency | None = None
+    products: list[ProductFields] = []
+
+
+class OrderCompleted(msgspec.Struct, kw_only=True, omit_defaults=True):
+    order_id: Id
+    # Not in the spec, but sent by many carts; it lets the order close exactly
+    # its cart. Without it an order closes every cart opened before it.
+    cart_id: Id | None = None
+    checkout_id: Id | None = None
+    total: NonNegative | None = None
+    subtotal: NonNegative | None = None
+    revenue: NonNegative | None = None
+    shipping: NonNegative | None = None
+    tax: NonNegative | None = None
+    discount: NonNegative | None = None
+    coupon: str | None = None
+    currency: Currency | None = None
+    products: list[ProductFields] = []
+
+
+class OrderRefunded(msgspec.Struct, kw_only=True, omit_defaults=True):
+    order_id: Id
+    total: NonNegative | None = None
+    currency: Currency | None = None
+    products: list[ProductFields] = []
+
+
+KnownPayload = (
+    ProductViewed
+    | ProductListViewed
+    | ProductsSearched
+    | CartChange
+    | CartSnapshot
+    | OrderCompleted
+    | OrderRefunded
+)
+
+#: Event name -> schema of its properties.
+ECOMMERCE_SCHEMAS: Final[dict[str, type[msgspec.Struct]]] = {
+    "Product Viewed": ProductViewed,
+    "Product Clicked": ProductViewed,
+    "Product List Viewed": ProductListViewed,
+    "Product List Filtered": ProductListViewed,
+    "Products Searched": ProductsSearched,
+    "Product Added": CartChange,
+    "Product Removed": CartChange,
+    "Cart Viewed": CartSnapshot,
+    "Checkout Started": CartSnapshot,
+    "Order Completed": OrderCompleted,
+    "Order Refunded": OrderRefunded,
+}
+
+_CART_CHANGES: Final = frozenset({"Product Added", "Product Removed"})
+
+
+class TraitsUpdate(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What an identify call says about the user. None means "not given"."""
+
+    email: str | None = None
+    first_name: str | None = None
+    last_name: str | None = None
+    locale: str | None = None
+    timezone: str | None = None
+    consent: dict[str, ConsentState] = {}
+    extra: dict[str, Any] = {}
+
+
+class Identity(msgspec.Struct, frozen=True):
+    user_id: str = ""
+    anonymous_id: str = ""
+
+    @property
+    def key(self) -> str:
+        """The profile key: the user id when known, else the anonymous id.
+        Prefixed so that a user id can never collide with an anonymous id."""
+        return f"u:{self.user_id}" if self.user_id else f"a:{self.anonymous_id}"
+
+
+class IncomingEvent(msgspec.Struct, kw_only=True):
+    """An event as an edge decoded it, not yet validated."""
+
+    message_id: str
+    # None when the sender named no kind (a gRPC Event with neither track nor identify).
+    kind: EventKind | None
+    user_id: str = ""
+    anonymous_id: str = ""
+    name: str = ""
+    timestamp: datetime | None = None
+    # A JSON object: track/page properties, or group traits.
+    properties: bytes = b""
+    traits: TraitsUpdate | None = None
+    # Further traits of an identify call as a JSON object, merged into traits.extra.
+    extra_traits: bytes = b""
+    previous_id: str = ""
+    group_id: str = ""
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True):
+    """A validated event, ready to store and fold."""
+
+    message_id: str
+    identity: Identity
+    kind: EventKind
+    name: str
+    timestamp: datetime
+    received_at: datetime
+    properties: bytes
+    payload: KnownPayload | TraitsUpdate | None = None
+    previous_id: str = ""
+    group_id: str = ""
+
+
+# --------------------------------------------------------------------------
+# Validation
+
+_DECODERS: Final[dict[str, msgspec.json.Decoder[Any]]] = {
+    name: msgspec.json.Decoder(schema) for name, schema in ECOMMERCE_SCHEMAS.items()
+}
+_OBJECT_DECODER: Final = msgspec.json.Decoder(dict[str, Any])
+_EMAIL: Final = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_LOCALE: Final = re.compile(r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")
+_MSGSPEC_PATH: Final = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_MISSING_FIELD: Final = re.compile(r"^Object missing required field `(?P<field>[^`]+)`")
+
+
+def validate(incoming: IncomingEvent, received_at: datetime) -> Event:
+    """Check ``incoming`` against the contract and return the typed event.
+
+    Raises InvalidInput naming every field at fault that can be found
+    without decoding further; nothing about the event is applied anywhere.
+    """
+    violations: list[FieldViolation] = []
+    _check_id(violations, "message_id", incoming.message_id, MAX_MESSAGE_ID_CHARS, required=True)
+    _check_id(violations, "user_id", incoming.user_id, MAX_ID_CHARS, required=False)
+    _check_id(violations, "anonymous_id", incoming.anonymous_id, MAX_ID_CHARS, required=False)
+    if not incoming.user_id and not incoming.anonymous_id:
+        violations.append(FieldViolation("user_id", "user_id or anonymous_id is required"))
+    kind = incoming.kind
+    if kind is None:
+        violations.append(FieldViolation("kind", "an event must be a track or an identify call"))
+
+    name = incoming.name
+    payload: KnownPayload | TraitsUpdate | None = None
+    properties = incoming.properties or b"{}"
+    if len(properties) > MAX_EVENT_BYTES:
+        violations.append(
+            FieldViolation("properties", f"is {len(properties)} bytes; the limit is {MAX_EVENT_BYTES}")
+        )
+    elif kind in (EventKind.TRACK, EventKind.PAGE, EventKind.GROUP):
+        if kind is EventKind.TRACK:
+            if not name:
+                violations.append(FieldViolation("name", "is required for a track event"))
+            elif len(name) > MAX_EVENT_NAME_CHARS:
+                violations.append(FieldViolation("name", f"is longer than {MAX_EVENT_NAME_CHARS} characters"))
+        payload = _decode_properties(violations, name if kind is EventKind.TRACK else "", properties)
+    if kind is EventKind.IDENTIFY:
+        payload = _traits(violations, incoming)
+    if kind is EventKind.ALIAS:
+        _check_id(violations, "previous_id", incoming.previous_id, MAX_ID_CHARS, required=True)
+    if kind is EventKind.GROUP:
+        _check_id(violations, "group_id", incoming.group_id, MAX_ID_CHARS, required=True)
+
+    if violations:
+        raise InvalidInput(_summary(violations), violations, reason="INVALID_EVENT")
+    assert kind is not None  # a missing kind is a violation above
+
+    timestamp = incoming.timestamp or received_at
+    if timestamp.tzinfo is None:
+        timestamp = timestamp.replace(tzinfo=UTC)
+    return Event(
+        message_id=incoming.message_id,
+        identity=Identity(incoming.user_id, incoming.anonymous_id),
+        kind=kind,
+        name=name,
+        timestamp=timestamp,
+        received_at=received_at,
+        properties=properties,
+        payload=payload,
+        previous_id=incoming.previous_id,
+        group_id=incoming.group_id,
+    )
+
+
+def _summary(violations: list[FieldViolation]) -> str:
+    first = violations[0]
+    more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
+    return f"invalid event: {first.field}: {first.description}{more}"
+
+
+def _check_id(
+    violations: list[FieldViolation], field: str, value: str, limit: int, *, required: bool
+) -> None:
+    if not value:
+        if required:
+            violations.append(FieldViolation(field, "is required"))
+        return
+    if len(value) > limit:
+        violations.append(FieldViolation(field, f"is longer than {limit} characters"))
+    elif value.isspace():
+        violations.append(FieldViolation(field, "is blank"))
+
+
+def _decode_properties(
+    violations: list[FieldViolation], name: str, properties: bytes
+) -> KnownPayload | None:
+    decoder = _DECODERS.get(name)
+    try:
+        if decoder is None:
+            _OBJECT_DECODER.decode(properties)  # custom event: any JSON object
+            return None
+        payload: KnownPayload = decoder.decode(properties)
+    except msgspec.ValidationError as exc:
+        violations.append(_violation_from_msgspec("properties", str(exc)))
+        return None
+    except msgspec.DecodeError as exc:
+        violations.append(FieldViolation("properties", f"is not valid JSON: {exc}"))
+        return None
+    if name in _CART_CHANGES and isinstance(payload, CartChange):
+        if payload.product_id is None and payload.sku is None:
+            violations.append(FieldViolation("properties.product_id", f"{name} needs product_id or sku"))
+    return payload
+
+
+def _violation_from_msgspec(prefix: str, message: str) -> FieldViolation:
+    """Turn msgspec's "Expected `int`, got `str` - at `$.products[0].quantity`"
+    into a field path and a description."""
+    path = ""
+    if match := _MSGSPEC_PATH.search(message):
+        path = match.group("path")
+        message = message[: match.start()]
+    if match := _MISSING_FIELD.match(message):
+        path = f"{path}.{match.group('field')}"
+        message = "is required"
+    if not path:
+        message = message.replace("Expected `object`", "Expected a JSON object")
+    return FieldViolation(prefix + path, message)
+
+
+def _traits(violations: list[FieldViolation], incoming: IncomingEvent) -> TraitsUpdate:
+    traits = incoming.traits or TraitsUpdate()
+    if incoming.extra_traits:
+        if len(incoming.extra_traits) > MAX_EVENT_BYTES:
+            violations.append(FieldViolation("extra_traits", f"are larger than {MAX_EVENT_BYTES} bytes"))
+            return traits
+        try:
+            extra = _OBJECT_DECODER.decode(incoming.extra_traits)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            violations.append(FieldViolation("extra_traits", f"must be a JSON object: {exc}"))
+            return traits
+        traits = msgspec.structs.replace(traits, extra={**extra, **traits.extra})
+    _check_traits(violations, traits)
+    return traits
+
+
+def _check_traits(violations: list[FieldViolation], traits: TraitsUpdate) -> None:
+    if traits.email is not None and (len(traits.email) > 254 or not _EMAIL.match(traits.email)):
+        violations.append(FieldViolation("traits.email", "is not an email address"))
+    if traits.locale is not None and not _LOCALE.match(traits.locale):
+        violations.append(FieldViolation("traits.locale", "is not a BCP 47 language tag such as en-GB"))
+    if traits.timezone is not None and not is_known_timezone(traits.timezone):
+        violations.append(
+            FieldViolation("traits.timezone", "is not an IANA time zone name such as Europe/Berlin")
+        )
+    for group in traits.consent:
+        if not group or len(group) > MAX_ID_CHARS:
+            violations.append(FieldViolation("traits.consent", f"has an invalid group name {group!r}"))
+    if len(msgspec.json.encode(traits.extra)) > MAX_EVENT_BYTES:
+        violations.append(FieldViolation("traits", f"are larger than {MAX_EVENT_BYTES} bytes"))
+
+
+@functools.lru_cache(maxsize=1024)
+def is_known_timezone(name: str) -> bool:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
+def product_key(product: ProductFields) -> str:
+    """How a product is told apart in carts and views: its id, else its SKU."""
+    return str(product.product_id if product.product_id is not None else product.sku)

@@ -1,0 +1,362 @@
+"""A user's profile and how events fold into it.
+
+Events arrive late and out of order (mobile clients batch, webhooks retry), so
+the fold is built to give the same profile whatever the arrival order:
+
+- traits and consent are last-writer-wins registers, stamped with the event's
+  (timestamp, message_id), so two writes at the same instant still resolve the
+  same way everywhere;
+- a cart keeps its recent operations and is computed by replaying them in
+  event-time order; an order clears a cart by raising a "cleared before" mark,
+  which is a max and so commutes with everything;
+- recently viewed products and orders keep the newest entries by event time.
+
+``fold`` is the only writer; ``view`` derives what callers see. Nothing here does
+I/O.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Final, Literal
+
+import msgspec
+
+from sendtime.server.domain.events import (
+    CartChange,
+    CartSnapshot,
+    Event,
+    EventKind,
+    OrderCompleted,
+    OrderRefunded,
+    ProductFields,
+    ProductListViewed,
+    ProductViewed,
+    TraitsUpdate,
+    product_key,
+)
+
+MAX_CART_OPS: Final = 200
+MAX_CARTS: Final = 20
+MAX_VIEWED: Final = 50
+MAX_ORDERS: Final = 100
+#: Cart key for cart events that name no cart_id.
+DEFAULT_CART: Final = "default"
+
+#: (event timestamp, message_id): a total order on events, the same everywhere.
+Stamp = tuple[datetime, str]
+
+
+class Stamped(msgspec.Struct, array_like=True):
+    value: Any
+    at: datetime
+    message_id: str
+
+    @property
+    def stamp(self) -> Stamp:
+        return (self.at, self.message_id)
+
+
+class Line(msgspec.Struct, kw_only=True, omit_defaults=True):
+    product_id: str
+    sku: str = ""
+    name: str = ""
+    price: float | None = None
+    currency: str = ""
+    quantity: int = 0
+    url: str = ""
+    image_url: str = ""
+    category: str = ""
+
+
+class CartOp(msgspec.Struct, array_like=True):
+    at: datetime
+    message_id: str
+    op: Literal["add", "remove", "set"]
+    # For add and remove, one line whose quantity is the amount added or
+    # removed (None on remove: the whole line). For set, the whole cart.
+    lines: list[Line]
+    remove_all: bool = False
+
+    @property
+    def stamp(self) -> Stamp:
+        return (self.at, self.message_id)
+
+
+class CartState(msgspec.Struct, kw_only=True):
+    cart_id: str
+    ops: list[CartOp] = []
+    # Operations at or before this stamp no longer count (an order closed the cart).
+    cleared_through: Stamp | None = None
+    updated_at: datetime | None = None
+
+
+class Viewed(msgspec.Struct, kw_only=True):
+    line: Line
+    viewed_at: datetime
+
+
+class OrderState(msgspec.Struct, kw_only=True):
+    order_id: str
+    total: float | None = None
+    currency: str = ""
+    product_ids: list[str] = []
+    completed: Stamp | None = None
+    refunded: Stamp | None = None
+    refunded_total: float | None = None
+
+
+class Profile(msgspec.Struct, kw_only=True):
+    user_id: str = ""
+    anonymous_id: str = ""
+    traits: dict[str, Stamped] = {}
+    extra_traits: dict[str, Stamped] = {}
+    consent: dict[str, Stamped] = {}
+    carts: dict[str, CartState] = {}
+    # An order that names no cart closes every cart it came after.
+    all_carts_cleared_through: Stamp | None = None
+    viewed: dict[str, Viewed] = {}
+    orders: dict[str, OrderState] = {}
+    first_seen_at: datetime | None = None
+    last_activity_at: datetime | None = None
+    event_count: int = 0
+
+
+_TRAIT_FIELDS: Final = ("email", "first_name", "last_name", "locale", "timezone")
+
+
+def fold(profile: Profile, event: Event) -> None:
+    """Apply ``event`` to ``profile`` in place. Deterministic and commutative
+    across events (within the bounds above)."""
+    stamp: Stamp = (event.timestamp, event.message_id)
+    profile.user_id = profile.user_id or event.identity.user_id
+    profile.anonymous_id = profile.anonymous_id or event.identity.anonymous_id
+    profile.event_count += 1
+    at = event.timestamp
+    if profile.first_seen_at is None or at < profile.first_seen_at:
+        profile.first_seen_at = at
+    if profile.last_activity_at is None or at > profile.last_activity_at:
+        profile.last_activity_at = at
+
+    payload = event.payload
+    if event.kind is EventKind.IDENTIFY and isinstance(payload, TraitsUpdate):
+        _fold_traits(profile, payload, stamp)
+    elif event.kind is not EventKind.TRACK or payload is None:
+        return
+    elif isinstance(payload, CartChange):
+        op: Literal["add", "remove"] = "add" if event.name == "Product Added" else "remove"
+        quantity = payload.quantity if payload.quantity is not None else (1 if op == "add" else 0)
+        line = _line(payload, quantity=quantity, currency=payload.currency)
+        cart = _cart(profile, payload.cart_id)
+        _add_cart_op(cart, CartOp(at, event.message_id, op, [line], remove_all=payload.quantity is None))
+    elif isinstance(payload, CartSnapshot):
+        lines = [_line(p, quantity=p.quantity or 1, currency=payload.currency) for p in payload.products]
+        _add_cart_op(_cart(profile, payload.cart_id), CartOp(at, event.message_id, "set", lines))
+    elif isinstance(payload, OrderCompleted):
+        _fold_order_completed(profile, payload, stamp)
+    elif isinstance(payload, OrderRefunded):
+        order = profile.orders.setdefault(str(payload.order_id), OrderState(order_id=str(payload.order_id)))
+        if order.refunded is None or stamp > order.refunded:
+            order.refunded = stamp
+            order.refunded_total = payload.total
+        _trim_orders(profile)
+    elif isinstance(payload, ProductViewed):
+        _fold_viewed(profile, [payload], at, payload.currency)
+    elif isinstance(payload, ProductListViewed):
+        pass  # a list view says little about intent; stored, not folded
+
+
+def _fold_traits(profile: Profile, traits: TraitsUpdate, stamp: Stamp) -> None:
+    for name in _TRAIT_FIELDS:
+        value = getattr(traits, name)
+        if value is not None:
+            _set_register(profile.traits, name, value, stamp)
+    for group, state in traits.consent.items():
+        _set_register(profile.consent, group, str(state), stamp)
+    for name, value in traits.extra.items():
+        _set_register(profile.extra_traits, name, value, stamp)
+
+
+def _set_register(registers: dict[str, Stamped], key: str, value: Any, stamp: Stamp) -> None:
+    current = registers.get(key)
+    if current is None or stamp > current.stamp:
+        registers[key] = Stamped(value, stamp[0], stamp[1])
+
+
+def _line(product: ProductFields, *, quantity: int, currency: str | None) -> Line:
+    return Line(
+        product_id=product_key(product),
+        sku=str(product.sku) if product.sku is not None else "",
+        name=product.name or "",
+        price=product.price,
+        currency=(currency or "").upper(),
+        quantity=quantity,
+        url=product.url or "",
+        image_url=product.image_url or "",
+        category=product.category or "",
+    )
+
+
+def _cart(profile: Profile, cart_id: str | int | None) -> CartState:
+    key = str(cart_id) if cart_id is not None else DEFAULT_CART
+    cart = profile.carts.get(key)
+    if cart is None:
+        if len(profile.carts) >= MAX_CARTS:
+            oldest = min(profile.carts.values(), key=lambda c: (c.updated_at is not None, c.updated_at))
+            del profile.carts[oldest.cart_id]
+        cart = profile.carts[key] = CartState(cart_id=key)
+    return cart
+
+
+def _add_cart_op(cart: CartState, op: CartOp) -> None:
+    cart.ops.append(op)
+    if cart.updated_at is None or op.at > cart.updated_at:
+        cart.updated_at = op.at
+    if len(cart.ops) > MAX_CART_OPS:
+        # Collapse the older half into one "set": bounded memory, at the price
+        # that an event older than the collapse point, arriving later still,
+        # is applied after it rather than in its place.
+        cart.ops.sort(key=lambda o: o.stamp)
+        keep = MAX_CART_OPS // 2
+        old, recent = cart.ops[:-keep], cart.ops[-keep:]
+        last = old[-1]
+        cart.ops = [CartOp(last.at, last.message_id, "set", _replay(old, None)), *recent]
+
+
+def _fold_order_completed(profile: Profile, order: OrderCompleted, stamp: Stamp) -> None:
+    order_id = str(order.order_id)
+    state = profile.orders.setdefault(order_id, OrderState(order_id=order_id))
+    if state.completed is None or stamp > state.completed:
+        state.completed = stamp
+        state.total = order.total if order.total is not None else order.revenue
+        state.currency = (order.currency or "").upper()
+        state.product_ids = [product_key(p) for p in order.products]
+    if order.cart_id is not None:
+        cart = _cart(profile, order.cart_id)
+        if cart.cleared_through is None or stamp > cart.cleared_through:
+            cart.cleared_through = stamp
+    elif profile.all_carts_cleared_through is None or stamp > profile.all_carts_cleared_through:
+        profile.all_carts_cleared_through = stamp
+    _trim_orders(profile)
+
+
+def _trim_orders(profile: Profile) -> None:
+    if len(profile.orders) > MAX_ORDERS:
+        newest = sorted(profile.orders.values(), key=_order_sort_key, reverse=True)[:MAX_ORDERS]
+        profile.orders = {o.order_id: o for o in newest}
+
+
+def _order_sort_key(order: OrderState) -> Stamp:
+    stamp = order.completed or order.refunded
+    assert stamp is not None  # every stored order was completed or refunded
+    return stamp
+
+
+def _fold_viewed(profile: Profile, products: list[ProductViewed], at: datetime, currency: str | None) -> None:
+    for product in products:
+        line = _line(product, quantity=0, currency=currency)
+        current = profile.viewed.get(line.product_id)
+        if current is None or at > current.viewed_at:
+            profile.viewed[line.product_id] = Viewed(line=line, viewed_at=at)
+    if len(profile.viewed) > MAX_VIEWED:
+        newest = sorted(profile.viewed.values(), key=lambda v: (v.viewed_at, v.line.product_id))
+        profile.viewed = {v.line.product_id: v for v in newest[-MAX_VIEWED:]}
+
+
+def _replay(ops: list[CartOp], cleared_through: Stamp | None) -> list[Line]:
+    """The cart's lines: its operations after the clear mark, in event-time order."""
+    lines: dict[str, Line] = {}
+    for op in sorted(ops, key=lambda o: o.stamp):
+        if cleared_through is not None and op.stamp <= cleared_through:
+            continue
+        if op.op == "set":
+            lines = {line.product_id: msgspec.structs.replace(line) for line in op.lines}
+            continue
+        change = op.lines[0]
+        current = lines.get(change.product_id)
+        if op.op == "add":
+            if current is None:
+                lines[change.product_id] = msgspec.structs.replace(change)
+            else:
+                # details (name, price, ...) from the latest add win
+                quantity = current.quantity + change.quantity
+                lines[change.product_id] = msgspec.structs.replace(change, quantity=quantity)
+        elif current is not None:
+            current.quantity = 0 if op.remove_all else current.quantity - change.quantity
+        lines = {key: line for key, line in lines.items() if line.quantity > 0}
+    return list(lines.values())
+
+
+# --------------------------------------------------------------------------
+# What callers see
+
+
+class CartView(msgspec.Struct, kw_only=True):
+    cart_id: str
+    lines: list[Line]
+    updated_at: datetime | None
+
+
+class OrderView(msgspec.Struct, kw_only=True):
+    order_id: str
+    total: float | None
+    currency: str
+    product_ids: list[str]
+    completed_at: datetime | None
+    refunded_at: datetime | None
+    refunded_total: float | None
+
+
+class ViewedView(msgspec.Struct, kw_only=True):
+    product: Line
+    viewed_at: datetime
+
+
+class ProfileView(msgspec.Struct, kw_only=True):
+    user_id: str
+    anonymous_id: str
+    traits: dict[str, Any]
+    extra_traits: dict[str, Any]
+    consent: dict[str, str]
+    carts: list[CartView]
+    recently_viewed: list[ViewedView]
+    orders: list[OrderView]
+    first_seen_at: datetime | None
+    last_activity_at: datetime | None
+    event_count: int
+
+
+def view(profile: Profile) -> ProfileView:
+    carts = []
+    for cart in profile.carts.values():
+        clears = [s for s in (cart.cleared_through, profile.all_carts_cleared_through) if s is not None]
+        lines = _replay(cart.ops, max(clears) if clears else None)
+        if lines:
+            carts.append(CartView(cart_id=cart.cart_id, lines=lines, updated_at=cart.updated_at))
+    carts.sort(key=lambda c: (c.updated_at is not None, c.updated_at), reverse=True)
+    orders = sorted(profile.orders.values(), key=_order_sort_key, reverse=True)
+    viewed = sorted(profile.viewed.values(), key=lambda v: v.viewed_at, reverse=True)
+    return ProfileView(
+        user_id=profile.user_id,
+        anonymous_id=profile.anonymous_id,
+        traits={k: v.value for k, v in profile.traits.items()},
+        extra_traits={k: v.value for k, v in profile.extra_traits.items()},
+        consent={k: str(v.value) for k, v in profile.consent.items()},
+        carts=carts,
+        recently_viewed=[ViewedView(product=v.line, viewed_at=v.viewed_at) for v in viewed],
+        orders=[
+            OrderView(
+                order_id=o.order_id,
+                total=o.total,
+                currency=o.currency,
+                product_ids=o.product_ids,
+                completed_at=o.completed[0] if o.completed else None,
+                refunded_at=o.refunded[0] if o.refunded else None,
+                refunded_total=o.refunded_total,
+            )
+            for o in orders
+        ],
+        first_seen_at=profile.first_seen_at,
+        last_activity_at=profile.last_activity_at,
+        event_count=profile.event_count,
+    )

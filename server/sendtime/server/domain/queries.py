@@ -1,0 +1,23 @@
+"""Reading profiles: who is asked for, and what a caller gets back."""
+
+from __future__ import annotations
+
+from sendtime.server.domain.errors import InvalidInput, NotFound
+from sendtime.server.domain.events import Identity
+from sendtime.server.domain.ports import EventStore
+from sendtime.server.domain.profile import ProfileView, view
+
+
+class ProfileQueries:
+    def __init__(self, store: EventStore) -> None:
+        self._store = store
+
+    async def get(self, *, user_id: str = "", anonymous_id: str = "") -> ProfileView:
+        if bool(user_id) == bool(anonymous_id):
+            raise InvalidInput.field("user_id", "give exactly one of user_id and anonymous_id")
+        identity = Identity(user_id, anonymous_id)
+        profile = await self._store.get_profile(identity.key)
+        if profile is None:
+            who = f"user {user_id!r}" if user_id else f"anonymous id {anonymous_id!r}"
+            raise NotFound(f"no events were ever seen for {who}")
+        return view(profile)

@@ -1,0 +1,182 @@
+"""Protobuf messages to domain values and back. No decisions here: validation
+lives in domain.events, this only moves fields across."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Final
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from sendtime.server.domain.errors import FieldViolation
+from sendtime.server.domain.events import ConsentState, EventKind, IncomingEvent, TraitsUpdate
+from sendtime.server.domain.ingest import Ack, Outcome
+from sendtime.server.domain.profile import Line, ProfileView
+from sendtime.v1 import event_pb2, profile_service_pb2
+
+_OUTCOMES: Final = {
+    Outcome.ACCEPTED: event_pb2.EVENT_OUTCOME_ACCEPTED,
+    Outcome.DUPLICATE: event_pb2.EVENT_OUTCOME_DUPLICATE,
+    Outcome.REJECTED: event_pb2.EVENT_OUTCOME_REJECTED,
+}
+_CONSENT_FROM_PROTO: Final = {
+    event_pb2.CONSENT_STATE_OPTED_IN: ConsentState.OPTED_IN,
+    event_pb2.CONSENT_STATE_OPTED_OUT: ConsentState.OPTED_OUT,
+}
+_CONSENT_TO_PROTO: Final = {str(v): k for k, v in _CONSENT_FROM_PROTO.items()}
+
+# Domain field paths -> the proto's, so a violation names the field the caller set.
+_FIELD_PREFIXES: Final = (
+    ("properties", "track.properties_json"),
+    ("name", "track.name"),
+    ("traits", "identify.traits"),
+    ("extra_traits", "identify.extra_traits_json"),
+)
+
+
+def incoming_event(event: event_pb2.Event) -> IncomingEvent:
+    kind = event.WhichOneof("kind")
+    timestamp = event.timestamp.ToDatetime(tzinfo=UTC) if event.HasField("timestamp") else None
+    if kind == "track":
+        return IncomingEvent(
+            message_id=event.message_id,
+            kind=EventKind.TRACK,
+            user_id=event.user_id,
+            anonymous_id=event.anonymous_id,
+            name=event.track.name,
+            timestamp=timestamp,
+            properties=event.track.properties_json,
+        )
+    if kind == "identify":
+        traits = event.identify.traits
+        return IncomingEvent(
+            message_id=event.message_id,
+            kind=EventKind.IDENTIFY,
+            user_id=event.user_id,
+            anonymous_id=event.anonymous_id,
+            timestamp=timestamp,
+            traits=TraitsUpdate(
+                email=traits.email or None,
+                first_name=traits.first_name or None,
+                last_name=traits.last_name or None,
+                locale=traits.locale or None,
+                timezone=traits.timezone or None,
+                consent={
+                    group: _CONSENT_FROM_PROTO[state]
+                    for group, state in traits.consent.items()
+                    if state in _CONSENT_FROM_PROTO
+                },
+            ),
+            extra_traits=event.identify.extra_traits_json,
+        )
+    return IncomingEvent(
+        message_id=event.message_id,
+        kind=None,
+        user_id=event.user_id,
+        anonymous_id=event.anonymous_id,
+        timestamp=timestamp,
+    )
+
+
+def proto_field(field: str) -> str:
+    for domain_prefix, proto_prefix in _FIELD_PREFIXES:
+        if field == domain_prefix or field.startswith((domain_prefix + ".", domain_prefix + "[")):
+            return proto_prefix + field[len(domain_prefix) :]
+    return field
+
+
+def violations(items: Iterable[FieldViolation]) -> list[event_pb2.FieldViolation]:
+    return [event_pb2.FieldViolation(field=proto_field(v.field), description=v.description) for v in items]
+
+
+def event_ack(ack: Ack) -> event_pb2.EventAck:
+    if ack.error is None:
+        return event_pb2.EventAck(message_id=ack.message_id, outcome=_OUTCOMES[ack.outcome], index=ack.index)
+    return event_pb2.EventAck(
+        message_id=ack.message_id,
+        outcome=_OUTCOMES[ack.outcome],
+        index=ack.index,
+        reason=ack.error.message,
+        field_violations=violations(ack.error.violations),
+    )
+
+
+def event_acks(acks: Sequence[Ack]) -> list[event_pb2.EventAck]:
+    return [event_ack(ack) for ack in acks]
+
+
+def _timestamp(moment: datetime | None) -> Timestamp | None:
+    if moment is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def _line(line: Line) -> profile_service_pb2.CartLine:
+    return profile_service_pb2.CartLine(
+        product_id=line.product_id,
+        sku=line.sku,
+        name=line.name,
+        price=line.price or 0.0,
+        currency=line.currency,
+        quantity=line.quantity,
+        url=line.url,
+        image_url=line.image_url,
+        category=line.category,
+    )
+
+
+def profile(view: ProfileView, extra_traits_json: bytes) -> profile_service_pb2.Profile:
+    traits = view.traits
+    return profile_service_pb2.Profile(
+        user_id=view.user_id,
+        anonymous_id=view.anonymous_id,
+        traits=event_pb2.Traits(
+            email=traits.get("email", ""),
+            first_name=traits.get("first_name", ""),
+            last_name=traits.get("last_name", ""),
+            locale=traits.get("locale", ""),
+            timezone=traits.get("timezone", ""),
+            consent={group: _CONSENT_TO_PROTO[state] for group, state in view.consent.items()},
+        ),
+        extra_traits_json=extra_traits_json,
+        carts=[
+            profile_service_pb2.Cart(
+                cart_id=cart.cart_id,
+                lines=[_line(line) for line in cart.lines],
+                update_time=_timestamp(cart.updated_at),
+            )
+            for cart in view.carts
+        ],
+        recently_viewed=[
+            profile_service_pb2.ViewedProduct(
+                product_id=v.product.product_id,
+                sku=v.product.sku,
+                name=v.product.name,
+                price=v.product.price or 0.0,
+                currency=v.product.currency,
+                url=v.product.url,
+                image_url=v.product.image_url,
+                category=v.product.category,
+                view_time=_timestamp(v.viewed_at),
+            )
+            for v in view.recently_viewed
+        ],
+        orders=[
+            profile_service_pb2.Order(
+                order_id=o.order_id,
+                total=o.total or 0.0,
+                currency=o.currency,
+                product_ids=o.product_ids,
+                complete_time=_timestamp(o.completed_at),
+                refund_time=_timestamp(o.refunded_at),
+                refunded_total=o.refunded_total or 0.0,
+            )
+            for o in view.orders
+        ],
+        first_seen_time=_timestamp(view.first_seen_at),
+        last_activity_time=_timestamp(view.last_activity_at),
+        event_count=view.event_count,
+    )

@@ -1,0 +1,278 @@
+"""The gRPC edge: servicers, the API-key interceptor, health and reflection.
+
+Thin by design: decode, call the domain, encode. Errors go through
+grpc_errors; scopes are decided by the table below, not by each method.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import grpc
+import grpc.aio
+import msgspec
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from sendtime.server.auth import Authenticator
+from sendtime.server.domain.errors import FieldViolation, InvalidInput, PermissionDenied, SendtimeError, Unavailable
+from sendtime.server.domain.ingest import Ack, Ingestor, Outcome
+from sendtime.server.domain.queries import ProfileQueries
+from sendtime.server.edge import grpc_convert as convert
+from sendtime.server.edge.grpc_errors import abort, mapped_errors, status_for
+from sendtime.server.settings import GrpcSettings, Scope
+from sendtime.v1 import (
+    event_pb2,
+    event_service_pb2,
+    event_service_pb2_grpc,
+    profile_service_pb2,
+    profile_service_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH_EVENTS: Final = 2500
+SERVICE_NAMES: Final = (
+    event_service_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
+    profile_service_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name,
+)
+#: Which scope each of our services needs. Methods of our package that are not
+#: listed here are refused; health and reflection are open, as probes expect.
+SCOPES: Final[Mapping[str, Scope]] = {
+    "sendtime.v1.EventService": Scope.INGEST,
+    "sendtime.v1.ProfileService": Scope.CONTENT,
+}
+_OUR_PACKAGE: Final = "/sendtime."
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._auth = authenticator
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method
+        if not method.startswith(_OUR_PACKAGE):
+            return await continuation(handler_call_details)
+        service = method[1:].split("/", 1)[0]
+        try:
+            scope = SCOPES.get(service)
+            if scope is None:
+                raise PermissionDenied(f"no API key may call {method}")
+            self._auth.authorize(_bearer(handler_call_details.invocation_metadata), scope)
+        except SendtimeError as error:
+            return _refusal(await continuation(handler_call_details), error)
+        return await continuation(handler_call_details)
+
+
+def _bearer(metadata: Any) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else None
+    return None
+
+
+def _refusal(handler: grpc.RpcMethodHandler | None, error: SendtimeError) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that fails with ``error``."""
+
+    async def refuse(_request: object, context: Context) -> None:
+        await abort(context, error)
+
+    if handler is None:
+        return grpc.unary_unary_rpc_method_handler(refuse)
+    codecs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse, **codecs)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse, **codecs)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse, **codecs)
+    return grpc.unary_unary_rpc_method_handler(refuse, **codecs)
+
+
+class _Window:
+    """Bounds the events one stream has read but not yet acked, so a fast
+    producer is slowed by flow control instead of filling memory."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._used = 0
+        self._freed = asyncio.Event()
+
+    async def acquire(self, n: int) -> None:
+        # A message larger than the whole window still passes when nothing else is in flight.
+        while self._used and self._used + n > self._limit:
+            self._freed.clear()
+            await self._freed.wait()
+        self._used += n
+
+    def release(self, n: int) -> None:
+        self._used -= n
+        self._freed.set()
+
+
+class EventService(event_service_pb2_grpc.EventServiceServicer):
+    def __init__(self, ingestor: Ingestor, settings: GrpcSettings) -> None:
+        self._ingestor = ingestor
+        self._window = settings.stream_window_events
+        self._stream_readers: set[asyncio.Task[None]] = set()
+        self._draining = False
+
+    @mapped_errors
+    async def IngestEvent(
+        self, request: event_service_pb2.IngestEventRequest, context: Context
+    ) -> event_service_pb2.IngestEventResponse:
+        (ack,) = await self._ingestor.ingest([convert.incoming_event(request.event)])
+        if ack.outcome is Outcome.REJECTED and ack.error is not None:
+            raise InvalidInput(
+                ack.error.message,
+                [FieldViolation(f"event.{convert.proto_field(v.field)}", v.description) for v in ack.error.violations],
+                reason=ack.error.reason,
+            )
+        return event_service_pb2.IngestEventResponse(ack=convert.event_ack(ack))
+
+    @mapped_errors
+    async def IngestEvents(
+        self, request: event_service_pb2.IngestEventsRequest, context: Context
+    ) -> event_service_pb2.IngestEventsResponse:
+        if len(request.events) > MAX_BATCH_EVENTS:
+            raise InvalidInput.field(
+                "events", f"holds {len(request.events)} events; the limit is {MAX_BATCH_EVENTS}"
+            )
+        acks = await self._ingestor.ingest([convert.incoming_event(e) for e in request.events])
+        return event_service_pb2.IngestEventsResponse(acks=convert.event_acks(acks))
+
+    async def StreamEvents(
+        self,
+        request_iterator: AsyncIterator[event_service_pb2.StreamEventsRequest],
+        context: Context,
+    ) -> AsyncIterator[event_service_pb2.StreamEventsResponse]:
+        """Reads and acks concurrently: a reader task hands each message to the
+        ingestor as it arrives, and this generator sends acks in order as each
+        message's events become durable."""
+        if self._draining:
+            await abort(context, Unavailable("the server is shutting down; reconnect"))
+        window = _Window(self._window)
+        pending: asyncio.Queue[tuple[int, asyncio.Future[list[Ack]]] | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    incoming = [convert.incoming_event(e) for e in request.events]
+                    await window.acquire(len(incoming))
+                    pending.put_nowait((len(incoming), asyncio.ensure_future(self._ingestor.ingest(incoming))))
+            finally:
+                pending.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        self._stream_readers.add(reader)
+        reader.add_done_callback(self._stream_readers.discard)
+        try:
+            while (item := await pending.get()) is not None:
+                count, acks = item
+                try:
+                    response = event_service_pb2.StreamEventsResponse(acks=convert.event_acks(await acks))
+                except SendtimeError as error:
+                    reader.cancel()
+                    await abort(context, error)
+                window.release(count)
+                yield response
+            if reader.cancelled() and self._draining:
+                # Every event read so far is acked above; the client resends the rest elsewhere.
+                await abort(context, Unavailable("the server is shutting down; reconnect"))
+            reader.result()  # surface an error from reading the stream
+        finally:
+            reader.cancel()
+
+    def drain(self) -> None:
+        """Stop reading from open streams; each flushes its acks and ends."""
+        self._draining = True
+        for reader in list(self._stream_readers):
+            reader.cancel()
+
+
+class ProfileService(profile_service_pb2_grpc.ProfileServiceServicer):
+    def __init__(self, queries: ProfileQueries) -> None:
+        self._queries = queries
+
+    @mapped_errors
+    async def GetProfile(
+        self, request: profile_service_pb2.GetProfileRequest, context: Context
+    ) -> profile_service_pb2.GetProfileResponse:
+        view = await self._queries.get(user_id=request.user_id, anonymous_id=request.anonymous_id)
+        extra = msgspec.json.encode(view.extra_traits) if view.extra_traits else b""
+        return profile_service_pb2.GetProfileResponse(profile=convert.profile(view, extra))
+
+
+@dataclass
+class GrpcEdge:
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    events: EventService
+    port: int
+
+    async def start(self) -> None:
+        await self.server.start()
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        self.events.drain()
+        await self.server.stop(grace)
+
+
+def build_grpc_edge(
+    settings: GrpcSettings,
+    *,
+    ingestor: Ingestor,
+    queries: ProfileQueries,
+    authenticator: Authenticator,
+) -> GrpcEdge:
+    server = grpc.aio.server(
+        interceptors=[AuthInterceptor(authenticator)],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            # a second server on the same port must fail loudly, not share it
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    events = EventService(ingestor, settings)
+    event_service_pb2_grpc.add_EventServiceServicer_to_server(events, server)
+    profile_service_pb2_grpc.add_ProfileServiceServicer_to_server(ProfileService(queries), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"{settings.host}:{settings.port}"
+    try:
+        if settings.tls is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(settings.tls.key_file.read_bytes(), settings.tls.cert_file.read_bytes())]
+            )
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise Unavailable(f"cannot listen for gRPC on {address}: {exc}") from None
+    if port == 0:
+        raise Unavailable(f"cannot listen for gRPC on {address}")
+    return GrpcEdge(server=server, health=health_servicer, events=events, port=port)
+
+
+__all__ = ["GrpcEdge", "build_grpc_edge", "status_for"]

@@ -1,0 +1,250 @@
+"""The HTTP edge (aiohttp, on the same event loop as gRPC).
+
+- Segment's HTTP Tracking API: POST /v1/{track,identify,page,alias,group,batch},
+  write key as the Basic-auth user name (or a bearer key), Segment's limits.
+- POST /v1/webhooks/{source}: Segment-shaped events from platforms that sign
+  the body with a shared secret instead of sending a key.
+- GET /v1/profiles/{user_id} (and ?anonymous_id=): the derived profile.
+- GET /healthz (alive) and /readyz (serving).
+
+Errors go through http_errors; every JSON error names the field at fault.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final
+
+import msgspec
+from aiohttp import web
+
+from sendtime.server.auth import Authenticator
+from sendtime.server.domain.errors import (
+    InvalidInput,
+    PayloadTooLarge,
+    SendtimeError,
+    Unauthenticated,
+    Unavailable,
+)
+from sendtime.server.domain.events import EventKind, IncomingEvent
+from sendtime.server.domain.ingest import Ack, Ingestor, Outcome, Undecodable, utc_now
+from sendtime.server.domain.queries import ProfileQueries
+from sendtime.server.edge import segment
+from sendtime.server.edge.http_errors import error_body, error_response
+from sendtime.server.settings import HttpSettings, Scope, WebhookSource
+
+SIGNATURE_HEADER: Final = "Sendtime-Signature"
+_SINGLE_ROUTES: Final = ("track", "identify", "page", "alias", "group")
+_json = msgspec.json.Encoder()
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except SendtimeError as error:
+        return error_response(error)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return error_response(PayloadTooLarge(f"the body is larger than {exc.text or 'allowed'}"))
+
+
+def _json_response(body: object, status: int = 200) -> web.Response:
+    return web.Response(body=_json.encode(body), status=status, content_type="application/json")
+
+
+def _api_key(request: web.Request, body: bytes | None = None) -> str | None:
+    """Bearer key, or Basic with the key as the user name (Segment's write key)."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip() or None
+    if scheme.lower() == "basic":
+        try:
+            user, _, _password = base64.b64decode(value, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            raise Unauthenticated("the Basic credentials are not valid base64") from None
+        return user or None
+    return segment.write_key_in_body(body) if body else None
+
+
+async def _read(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"the body is {request.content_length} bytes; the limit is {limit}")
+    body = await request.read()
+    if len(body) > limit:
+        raise PayloadTooLarge(f"the body is {len(body)} bytes; the limit is {limit}")
+    return body
+
+
+@dataclass
+class _Routes:
+    ingestor: Ingestor
+    queries: ProfileQueries
+    authenticator: Authenticator
+    webhooks: dict[str, WebhookSource]
+    ready: Callable[[], bool]
+    clock: Callable[[], datetime] = utc_now
+
+    async def single(self, request: web.Request) -> web.Response:
+        route = request.match_info["kind"]
+        body = await _read(request, segment.MAX_EVENT_BYTES)
+        self.authenticator.authorize(_api_key(request, body), Scope.INGEST)
+        incoming = segment.decode_single(body, route, self.clock())
+        (ack,) = await self.ingestor.ingest([incoming])
+        if ack.error is not None:
+            raise InvalidInput(
+                ack.error.message,
+                segment.rename_violations(ack.error.violations, _kind(incoming)),
+                reason=ack.error.reason,
+            )
+        return _json_response({"success": True, "messageId": ack.message_id, "outcome": ack.outcome.value})
+
+    async def batch(self, request: web.Request) -> web.Response:
+        body = await _read(request, segment.MAX_BATCH_BYTES)
+        self.authenticator.authorize(_api_key(request, body), Scope.INGEST)
+        return await self._ingest_batch(segment.decode_batch(body, self.clock()))
+
+    async def webhook(self, request: web.Request) -> web.Response:
+        source = self.webhooks.get(request.match_info["source"])
+        if source is None:
+            raise Unauthenticated(f"no webhook source is named {request.match_info['source']!r}")
+        body = await _read(request, segment.MAX_BATCH_BYTES)
+        _verify_signature(source, request.headers.get(SIGNATURE_HEADER), body, time.time())
+        return await self._ingest_batch(segment.decode_webhook(body, self.clock()))
+
+    async def _ingest_batch(self, incoming: Sequence[IncomingEvent | Undecodable]) -> web.Response:
+        acks = await self.ingestor.ingest(incoming)
+        results = [_result(ack, incoming[ack.index]) for ack in acks]
+        rejected = sum(1 for ack in acks if ack.outcome is Outcome.REJECTED)
+        if not rejected:
+            return _json_response({"success": True, "results": results})
+        message = (
+            f"all {rejected} events were rejected"
+            if rejected == len(acks)
+            else f"{rejected} of {len(acks)} events were rejected; the others were stored"
+        )
+        error = InvalidInput(message, reason="INVALID_EVENTS")
+        return _json_response({**error_body(error), "results": results}, status=400)
+
+    async def profile(self, request: web.Request) -> web.Response:
+        self.authenticator.authorize(_api_key(request), Scope.CONTENT)
+        user_id = request.match_info.get("user_id", "")
+        view = await self.queries.get(user_id=user_id, anonymous_id=request.query.get("anonymous_id", ""))
+        return _json_response(view)
+
+    async def profile_by_anonymous_id(self, request: web.Request) -> web.Response:
+        return await self.profile(request)
+
+    async def healthz(self, _request: web.Request) -> web.Response:
+        return _json_response({"status": "alive"})
+
+    async def readyz(self, _request: web.Request) -> web.Response:
+        if not self.ready():
+            raise Unavailable("not serving")
+        return _json_response({"status": "serving"})
+
+
+def _kind(incoming: IncomingEvent | Undecodable) -> EventKind | None:
+    return incoming.kind if isinstance(incoming, IncomingEvent) else None
+
+
+def _result(ack: Ack, incoming: IncomingEvent | Undecodable) -> dict[str, object]:
+    result: dict[str, object] = {"index": ack.index, "messageId": ack.message_id, "outcome": ack.outcome.value}
+    if ack.error is not None:
+        result["message"] = ack.error.message
+        result["fieldViolations"] = [
+            {"field": v.field, "description": v.description}
+            for v in segment.rename_violations(ack.error.violations, _kind(incoming))
+        ]
+    return result
+
+
+def sign(secret: str, body: bytes, timestamp: int) -> str:
+    """The signature header value a webhook sender puts on ``body``."""
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={digest}"
+
+
+def _verify_signature(source: WebhookSource, header: str | None, body: bytes, now: float) -> None:
+    if not header:
+        raise Unauthenticated(f"the {SIGNATURE_HEADER} header is required")
+    parts = dict(part.strip().partition("=")[::2] for part in header.split(","))
+    try:
+        timestamp = int(parts["t"])
+        given = parts["v1"]
+    except (KeyError, ValueError):
+        raise Unauthenticated(f"the {SIGNATURE_HEADER} header must be t=UNIX_SECONDS,v1=HEX") from None
+    if abs(now - timestamp) > source.tolerance_s:
+        raise Unauthenticated(
+            f"the signature's timestamp is {abs(now - timestamp):.0f} s away from now;"
+            f" the tolerance is {source.tolerance_s:.0f} s"
+        )
+    expected = sign(source.secret, body, timestamp).partition(",v1=")[2]
+    if not hmac.compare_digest(expected, given):
+        raise Unauthenticated("the webhook signature does not match the body")
+
+
+@dataclass
+class HttpEdge:
+    runner: web.AppRunner
+    settings: HttpSettings
+    ssl_context: ssl.SSLContext | None
+    port: int = 0
+
+    async def start(self) -> None:
+        await self.runner.setup()
+        site = web.TCPSite(
+            self.runner, self.settings.host, self.settings.port, ssl_context=self.ssl_context, reuse_port=False
+        )
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.runner.cleanup()
+            raise Unavailable(f"cannot listen for HTTP on {self.settings.host}:{self.settings.port}: {exc}") from None
+        self.port = self.runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+def build_http_edge(
+    settings: HttpSettings,
+    *,
+    ingestor: Ingestor,
+    queries: ProfileQueries,
+    authenticator: Authenticator,
+    webhooks: Sequence[WebhookSource],
+    ready: Callable[[], bool],
+    shutdown_grace_s: float,
+    clock: Callable[[], datetime] = utc_now,
+) -> HttpEdge:
+    routes = _Routes(ingestor, queries, authenticator, {w.name: w for w in webhooks}, ready, clock)
+    # The route handlers apply the exact per-route limits; this only caps what
+    # aiohttp will buffer at all.
+    app = web.Application(middlewares=[_errors], client_max_size=segment.MAX_BATCH_BYTES + 1024)
+    app.router.add_post("/v1/batch", routes.batch)
+    app.router.add_post("/v1/import", routes.batch)  # Segment's older name for batch
+    app.router.add_post(r"/v1/{kind:(" + "|".join(_SINGLE_ROUTES) + ")}", routes.single)
+    app.router.add_post("/v1/webhooks/{source}", routes.webhook)
+    app.router.add_get("/v1/profiles", routes.profile_by_anonymous_id)
+    app.router.add_get("/v1/profiles/{user_id}", routes.profile)
+    app.router.add_get("/healthz", routes.healthz)
+    app.router.add_get("/readyz", routes.readyz)
+    ssl_context = None
+    if settings.tls is not None:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(settings.tls.cert_file, settings.tls.key_file)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_grace_s)
+    return HttpEdge(runner=runner, settings=settings, ssl_context=ssl_context)

@@ -1,0 +1,154 @@
+"""One typed settings object for the whole server.
+
+Read from an optional TOML file, then SENDTIME_* environment variables on top
+(nested keys joined by a double underscore: ``SENDTIME_GRPC__PORT=0``), then
+validated at once, so a bad setting stops the start with a message naming it.
+The defaults are what ``make run`` serves with.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Final
+
+import msgspec
+
+ENV_PREFIX: Final = "SENDTIME_"
+DEV_KEY: Final = "dev-key"
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class Scope(enum.StrEnum):
+    INGEST = "ingest"
+    CONTENT = "content"
+    SEND = "send"
+    ADMIN = "admin"
+
+
+class SettingsError(Exception):
+    """A setting is missing or wrong; the message names it."""
+
+
+class TlsSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    cert_file: Path
+    key_file: Path
+
+
+class GrpcSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: Port = 50051
+    tls: TlsSettings | None = None
+    max_message_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 8 * 1024 * 1024
+    #: Events a stream may have read but not yet acked before it stops reading.
+    stream_window_events: Annotated[int, msgspec.Meta(ge=1)] = 20_000
+
+
+class HttpSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    tls: TlsSettings | None = None
+
+
+class StorageSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    data_dir: Path = Path(".sendtime")
+    #: "full" survives power loss; "normal" survives a crash of the process only.
+    synchronous: str = "full"
+    #: How long a message id is remembered for de-duplication.
+    dedupe_retention_s: Seconds = 7 * 24 * 3600.0
+    max_queued_events: Annotated[int, msgspec.Meta(ge=1)] = 100_000
+    profile_cache_size: Annotated[int, msgspec.Meta(ge=0)] = 50_000
+
+    def __post_init__(self) -> None:
+        if self.synchronous not in ("full", "normal"):
+            raise ValueError("storage.synchronous must be 'full' or 'normal'")
+
+
+class ApiKey(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str
+    #: "sha256:" + hex digest of the key; `sendtime keygen` makes both.
+    hash: str
+    scopes: list[Scope]
+
+    def __post_init__(self) -> None:
+        digest = self.hash.removeprefix("sha256:")
+        if not self.hash.startswith("sha256:") or len(digest) != 64:
+            raise ValueError(f"auth.keys[{self.name}].hash must be 'sha256:' and 64 hex digits")
+
+
+class AuthSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    keys: list[ApiKey] = []
+    #: Accept the key "dev-key" with every scope. For development only.
+    dev_key: bool = True
+
+
+class WebhookSource(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Annotated[str, msgspec.Meta(pattern="^[a-z0-9][a-z0-9_-]{0,62}$")]
+    secret: Annotated[str, msgspec.Meta(min_length=16)]
+    #: Accept signatures this much older or newer than the server's clock.
+    tolerance_s: Seconds = 300.0
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    grpc: GrpcSettings = msgspec.field(default_factory=GrpcSettings)
+    http: HttpSettings = msgspec.field(default_factory=HttpSettings)
+    storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
+    auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
+    webhooks: list[WebhookSource] = []
+    #: How long shutdown waits for streams and requests to finish.
+    shutdown_grace_s: Seconds = 10.0
+    log_level: str = "INFO"
+
+
+def hash_key(key: str) -> str:
+    """The stored form of an API key. Keys are long random tokens, so a fast
+    hash is enough: nobody can brute-force 32 random bytes."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build settings from the TOML file (if any) and the environment."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise SettingsError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+    _apply_env(raw, os.environ if environ is None else environ)
+    try:
+        return msgspec.convert(raw, Settings, strict=False, dec_hook=_decode_path)
+    except msgspec.ValidationError as exc:
+        raise SettingsError(f"invalid settings: {_readable(str(exc))}") from None
+
+
+def _decode_path(type_: type, value: Any) -> Any:
+    if type_ is Path and isinstance(value, str):
+        return Path(value).expanduser()
+    raise NotImplementedError(f"cannot read {type_.__name__} from settings")
+
+
+def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in ("SENDTIME_CONFIG", "SENDTIME_TARGET", "SENDTIME_API_KEY"):
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise SettingsError(f"{name}: {'.'.join(path[:-1])} is not a table")
+            node = child
+        node[path[-1]] = value
+
+
+def _readable(message: str) -> str:
+    # msgspec says "... - at `$.grpc.port`"; show the setting as a dotted name
+    return message.replace("`$.", "`").replace("- at", "at")
