@@ -19,7 +19,9 @@ DEV_AUTH = (("authorization", "Bearer dev-key"),)
 SettingsFactory = Callable[..., Settings]
 
 
-def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], object]]:
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], object]]:
     """Run every async test on uvloop, the loop sendtime runs on in production."""
     return {"uvloop": uvloop.new_event_loop}
 

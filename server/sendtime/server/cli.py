@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the server")
-    serve.add_argument("--config", help="TOML settings file (default: $SENDTIME_CONFIG, else built-in defaults)")
+    serve.add_argument(
+        "--config", help="TOML settings file (default: $SENDTIME_CONFIG, else built-in defaults)"
+    )
     serve.set_defaults(run=_serve)
 
     keygen = commands.add_parser("keygen", help="make an API key and the hash to put in the config")

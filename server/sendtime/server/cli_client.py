@@ -3,7 +3,6 @@ Placeholder: filled in with the Python client."""
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 

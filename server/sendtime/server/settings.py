@@ -137,7 +137,11 @@ def _decode_path(type_: type, value: Any) -> Any:
 
 def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
     for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name in ("SENDTIME_CONFIG", "SENDTIME_TARGET", "SENDTIME_API_KEY"):
+        if not name.startswith(ENV_PREFIX) or name in (
+            "SENDTIME_CONFIG",
+            "SENDTIME_TARGET",
+            "SENDTIME_API_KEY",
+        ):
             continue
         path = name[len(ENV_PREFIX) :].lower().split("__")
         node = raw

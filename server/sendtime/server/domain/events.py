@@ -300,9 +300,7 @@ def _check_id(
         violations.append(FieldViolation(field, "is blank"))
 
 
-def _decode_properties(
-    violations: list[FieldViolation], name: str, properties: bytes
-) -> KnownPayload | None:
+def _decode_properties(violations: list[FieldViolation], name: str, properties: bytes) -> KnownPayload | None:
     decoder = _DECODERS.get(name)
     try:
         if decoder is None:
@@ -315,9 +313,9 @@ def _decode_properties(
     except msgspec.DecodeError as exc:
         violations.append(FieldViolation("properties", f"is not valid JSON: {exc}"))
         return None
-    if name in _CART_CHANGES and isinstance(payload, CartChange):
-        if payload.product_id is None and payload.sku is None:
-            violations.append(FieldViolation("properties.product_id", f"{name} needs product_id or sku"))
+    is_cart_change = name in _CART_CHANGES and isinstance(payload, CartChange)
+    if is_cart_change and payload.product_id is None and payload.sku is None:  # type: ignore[union-attr]
+        violations.append(FieldViolation("properties.product_id", f"{name} needs product_id or sku"))
     return payload
 
 
@@ -361,9 +359,11 @@ def _check_traits(violations: list[FieldViolation], traits: TraitsUpdate) -> Non
         violations.append(
             FieldViolation("traits.timezone", "is not an IANA time zone name such as Europe/Berlin")
         )
-    for group in traits.consent:
-        if not group or len(group) > MAX_ID_CHARS:
-            violations.append(FieldViolation("traits.consent", f"has an invalid group name {group!r}"))
+    violations.extend(
+        FieldViolation("traits.consent", f"has an invalid group name {group!r}")
+        for group in traits.consent
+        if not group or len(group) > MAX_ID_CHARS
+    )
     if len(msgspec.json.encode(traits.extra)) > MAX_EVENT_BYTES:
         violations.append(FieldViolation("traits", f"are larger than {MAX_EVENT_BYTES} bytes"))
 

@@ -10,23 +10,29 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 import grpc.aio
 import msgspec
+from grpc_health.v1 import _async as health_aio  # the asyncio servicer, re-exported as health.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sendtime.server.auth import Authenticator
-from sendtime.server.domain.errors import FieldViolation, InvalidInput, PermissionDenied, SendtimeError, Unavailable
+from sendtime.server.domain.errors import (
+    FieldViolation,
+    InvalidInput,
+    PermissionDenied,
+    SendtimeError,
+    Unavailable,
+)
 from sendtime.server.domain.ingest import Ack, Ingestor, Outcome
 from sendtime.server.domain.queries import ProfileQueries
 from sendtime.server.edge import grpc_convert as convert
 from sendtime.server.edge.grpc_errors import abort, mapped_errors, status_for
 from sendtime.server.settings import GrpcSettings, Scope
 from sendtime.v1 import (
-    event_pb2,
     event_service_pb2,
     event_service_pb2_grpc,
     profile_service_pb2,
@@ -49,17 +55,19 @@ SCOPES: Final[Mapping[str, Scope]] = {
 _OUR_PACKAGE: Final = "/sendtime."
 
 Context = grpc.aio.ServicerContext[Any, Any]
+if TYPE_CHECKING:  # grpc's handler type is generic only in its stubs
+    MethodHandler = grpc.RpcMethodHandler[Any, Any]
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self, authenticator: Authenticator) -> None:
         self._auth = authenticator
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[MethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> MethodHandler:
         method: str = handler_call_details.method
         if not method.startswith(_OUR_PACKAGE):
             return await continuation(handler_call_details)
@@ -82,7 +90,7 @@ def _bearer(metadata: Any) -> str | None:
     return None
 
 
-def _refusal(handler: grpc.RpcMethodHandler | None, error: SendtimeError) -> grpc.RpcMethodHandler:
+def _refusal(handler: MethodHandler | None, error: SendtimeError) -> MethodHandler:
     """A handler of the same shape as ``handler`` that fails with ``error``."""
 
     async def refuse(_request: object, context: Context) -> None:
@@ -139,7 +147,10 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
         if ack.outcome is Outcome.REJECTED and ack.error is not None:
             raise InvalidInput(
                 ack.error.message,
-                [FieldViolation(f"event.{convert.proto_field(v.field)}", v.description) for v in ack.error.violations],
+                [
+                    FieldViolation(f"event.{convert.proto_field(v.field)}", v.description)
+                    for v in ack.error.violations
+                ],
                 reason=ack.error.reason,
             )
         return event_service_pb2.IngestEventResponse(ack=convert.event_ack(ack))
@@ -163,7 +174,7 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
         """Reads and acks concurrently: a reader task hands each message to the
         ingestor as it arrives, and this generator sends acks in order as each
         message's events become durable."""
-        if self._draining:
+        if self.is_draining():
             await abort(context, Unavailable("the server is shutting down; reconnect"))
         window = _Window(self._window)
         pending: asyncio.Queue[tuple[int, asyncio.Future[list[Ack]]] | None] = asyncio.Queue()
@@ -173,7 +184,9 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
                 async for request in request_iterator:
                     incoming = [convert.incoming_event(e) for e in request.events]
                     await window.acquire(len(incoming))
-                    pending.put_nowait((len(incoming), asyncio.ensure_future(self._ingestor.ingest(incoming))))
+                    pending.put_nowait(
+                        (len(incoming), asyncio.ensure_future(self._ingestor.ingest(incoming)))
+                    )
             finally:
                 pending.put_nowait(None)
 
@@ -190,12 +203,16 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
                     await abort(context, error)
                 window.release(count)
                 yield response
-            if reader.cancelled() and self._draining:
+            if reader.cancelled() and self.is_draining():
                 # Every event read so far is acked above; the client resends the rest elsewhere.
                 await abort(context, Unavailable("the server is shutting down; reconnect"))
             reader.result()  # surface an error from reading the stream
         finally:
             reader.cancel()
+
+    def is_draining(self) -> bool:
+        # a method, not an attribute, so type checkers do not assume it stays as first read
+        return self._draining
 
     def drain(self) -> None:
         """Stop reading from open streams; each flushes its acks and ends."""
@@ -220,7 +237,7 @@ class ProfileService(profile_service_pb2_grpc.ProfileServiceServicer):
 @dataclass
 class GrpcEdge:
     server: grpc.aio.Server
-    health: health.aio.HealthServicer
+    health: health_aio.HealthServicer
     events: EventService
     port: int
 
@@ -254,7 +271,7 @@ def build_grpc_edge(
     events = EventService(ingestor, settings)
     event_service_pb2_grpc.add_EventServiceServicer_to_server(events, server)
     profile_service_pb2_grpc.add_ProfileServiceServicer_to_server(ProfileService(queries), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server

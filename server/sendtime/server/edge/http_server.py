@@ -34,7 +34,7 @@ from sendtime.server.domain.errors import (
     Unauthenticated,
     Unavailable,
 )
-from sendtime.server.domain.events import EventKind, IncomingEvent
+from sendtime.server.domain.events import MAX_EVENT_BYTES, EventKind, IncomingEvent
 from sendtime.server.domain.ingest import Ack, Ingestor, Outcome, Undecodable, utc_now
 from sendtime.server.domain.queries import ProfileQueries
 from sendtime.server.edge import segment
@@ -99,7 +99,7 @@ class _Routes:
 
     async def single(self, request: web.Request) -> web.Response:
         route = request.match_info["kind"]
-        body = await _read(request, segment.MAX_EVENT_BYTES)
+        body = await _read(request, MAX_EVENT_BYTES)
         self.authenticator.authorize(_api_key(request, body), Scope.INGEST)
         incoming = segment.decode_single(body, route, self.clock())
         (ack,) = await self.ingestor.ingest([incoming])
@@ -161,7 +161,11 @@ def _kind(incoming: IncomingEvent | Undecodable) -> EventKind | None:
 
 
 def _result(ack: Ack, incoming: IncomingEvent | Undecodable) -> dict[str, object]:
-    result: dict[str, object] = {"index": ack.index, "messageId": ack.message_id, "outcome": ack.outcome.value}
+    result: dict[str, object] = {
+        "index": ack.index,
+        "messageId": ack.message_id,
+        "outcome": ack.outcome.value,
+    }
     if ack.error is not None:
         result["message"] = ack.error.message
         result["fieldViolations"] = [
@@ -206,13 +210,19 @@ class HttpEdge:
     async def start(self) -> None:
         await self.runner.setup()
         site = web.TCPSite(
-            self.runner, self.settings.host, self.settings.port, ssl_context=self.ssl_context, reuse_port=False
+            self.runner,
+            self.settings.host,
+            self.settings.port,
+            ssl_context=self.ssl_context,
+            reuse_port=False,
         )
         try:
             await site.start()
         except OSError as exc:
             await self.runner.cleanup()
-            raise Unavailable(f"cannot listen for HTTP on {self.settings.host}:{self.settings.port}: {exc}") from None
+            raise Unavailable(
+                f"cannot listen for HTTP on {self.settings.host}:{self.settings.port}: {exc}"
+            ) from None
         self.port = self.runner.addresses[0][1]
 
     async def stop(self) -> None:

@@ -124,9 +124,7 @@ def decode_batch(body: bytes, received_at: datetime) -> list[IncomingEvent | Und
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise InvalidInput.field("batch", f"is not a Segment batch: {exc}") from None
     if len(batch.batch) > MAX_BATCH_EVENTS:
-        raise InvalidInput.field(
-            "batch", f"holds {len(batch.batch)} events; the limit is {MAX_BATCH_EVENTS}"
-        )
+        raise InvalidInput.field("batch", f"holds {len(batch.batch)} events; the limit is {MAX_BATCH_EVENTS}")
     return [
         _decode_message(raw, None, received_at, batch_sent_at=batch.sent_at, batch_context=batch.context)
         for raw in batch.batch
@@ -195,7 +193,9 @@ def _decode_message(
 
 
 def _undecodable(message_id: str, field: str, description: str) -> Undecodable:
-    return Undecodable(message_id, InvalidInput(f"{field}: {description}", [FieldViolation(field, description)]))
+    return Undecodable(
+        message_id, InvalidInput(f"{field}: {description}", [FieldViolation(field, description)])
+    )
 
 
 def _text(value: Id | None) -> str:
