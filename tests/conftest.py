@@ -28,10 +28,11 @@ def pytest_asyncio_loop_factories(
 
 @pytest.fixture
 def make_settings(tmp_path: Path) -> SettingsFactory:
-    """Settings for a test server: ports 0, data under tmp_path; extra
-    SENDTIME_* style overrides as keyword arguments (grpc__port=...)."""
+    """Settings for a test server: ports 0, data under tmp_path; an optional
+    TOML config text, and SENDTIME_* style overrides as keyword arguments
+    (grpc__port="0")."""
 
-    def make(**overrides: str) -> Settings:
+    def make(config: str | None = None, **overrides: str) -> Settings:
         environ = {
             "SENDTIME_GRPC__PORT": "0",
             "SENDTIME_HTTP__PORT": "0",
@@ -39,7 +40,11 @@ def make_settings(tmp_path: Path) -> SettingsFactory:
             "SENDTIME_SHUTDOWN_GRACE_S": "5",
         }
         environ.update({f"SENDTIME_{k.upper()}": v for k, v in overrides.items()})
-        return load_settings(environ=environ)
+        path = None
+        if config is not None:
+            path = tmp_path / "sendtime.toml"
+            path.write_text(config)
+        return load_settings(path, environ=environ)
 
     return make
 

@@ -86,8 +86,10 @@ class CartOp(msgspec.Struct, array_like=True):
 class CartState(msgspec.Struct, kw_only=True):
     cart_id: str
     ops: list[CartOp] = []
-    # Operations at or before this stamp no longer count (an order closed the cart).
-    cleared_through: Stamp | None = None
+    # Operations at or before this time no longer count (an order closed the
+    # cart). A time, not a stamp: an item added in the same instant as the
+    # order (clients send millisecond timestamps) belongs to that order.
+    cleared_through: datetime | None = None
     updated_at: datetime | None = None
 
 
@@ -114,7 +116,7 @@ class Profile(msgspec.Struct, kw_only=True):
     consent: dict[str, Stamped] = {}
     carts: dict[str, CartState] = {}
     # An order that names no cart closes every cart it came after.
-    all_carts_cleared_through: Stamp | None = None
+    all_carts_cleared_through: datetime | None = None
     viewed: dict[str, Viewed] = {}
     orders: dict[str, OrderState] = {}
     first_seen_at: datetime | None = None
@@ -231,12 +233,13 @@ def _fold_order_completed(profile: Profile, order: OrderCompleted, stamp: Stamp)
         state.total = order.total if order.total is not None else order.revenue
         state.currency = (order.currency or "").upper()
         state.product_ids = [product_key(p) for p in order.products]
+    at = stamp[0]
     if order.cart_id is not None:
         cart = _cart(profile, order.cart_id)
-        if cart.cleared_through is None or stamp > cart.cleared_through:
-            cart.cleared_through = stamp
-    elif profile.all_carts_cleared_through is None or stamp > profile.all_carts_cleared_through:
-        profile.all_carts_cleared_through = stamp
+        if cart.cleared_through is None or at > cart.cleared_through:
+            cart.cleared_through = at
+    elif profile.all_carts_cleared_through is None or at > profile.all_carts_cleared_through:
+        profile.all_carts_cleared_through = at
     _trim_orders(profile)
 
 
@@ -263,11 +266,11 @@ def _fold_viewed(profile: Profile, products: list[ProductViewed], at: datetime, 
         profile.viewed = {v.line.product_id: v for v in newest[-MAX_VIEWED:]}
 
 
-def _replay(ops: list[CartOp], cleared_through: Stamp | None) -> list[Line]:
+def _replay(ops: list[CartOp], cleared_through: datetime | None) -> list[Line]:
     """The cart's lines: its operations after the clear mark, in event-time order."""
     lines: dict[str, Line] = {}
     for op in sorted(ops, key=lambda o: o.stamp):
-        if cleared_through is not None and op.stamp <= cleared_through:
+        if cleared_through is not None and op.at <= cleared_through:
             continue
         if op.op == "set":
             lines = {line.product_id: msgspec.structs.replace(line) for line in op.lines}
