@@ -13,6 +13,7 @@ import uvloop
 
 from sendtime.server.app import Sendtime
 from sendtime.server.settings import Settings, load_settings
+from sendtime.v1 import event_service_pb2_grpc, profile_service_pb2_grpc
 
 DEV_AUTH = (("authorization", "Bearer dev-key"),)
 
@@ -59,6 +60,24 @@ async def server(make_settings: SettingsFactory) -> AsyncIterator[Sendtime]:
 async def channel(server: Sendtime) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as chan:
         yield chan
+
+
+@pytest.fixture
+def events(channel: grpc.aio.Channel) -> event_service_pb2_grpc.EventServiceAsyncStub:
+    return event_stub(channel)
+
+
+@pytest.fixture
+def profiles(channel: grpc.aio.Channel) -> profile_service_pb2_grpc.ProfileServiceAsyncStub:
+    return profile_stub(channel)
+
+
+def event_stub(channel: grpc.aio.Channel) -> event_service_pb2_grpc.EventServiceAsyncStub:
+    return event_service_pb2_grpc.EventServiceStub(channel)
+
+
+def profile_stub(channel: grpc.aio.Channel) -> profile_service_pb2_grpc.ProfileServiceAsyncStub:
+    return profile_service_pb2_grpc.ProfileServiceStub(channel)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from sendtime.v1 import (
     profile_service_pb2,
     profile_service_pb2_grpc,
 )
-from tests.conftest import DEV_AUTH, SettingsFactory
+from tests.conftest import DEV_AUTH, SettingsFactory, event_stub, profile_stub
 
 
 def track(message_id: str, name: str, properties: dict[str, object], user: str = "u1") -> event_pb2.Event:
@@ -46,18 +46,9 @@ def details(error: grpc.aio.AioRpcError) -> tuple[error_details_pb2.ErrorInfo, l
     return info, [(v.field, v.description) for v in bad.field_violations]
 
 
-@pytest.fixture
-def events(channel: grpc.aio.Channel) -> event_service_pb2_grpc.EventServiceStub:
-    return event_service_pb2_grpc.EventServiceStub(channel)
-
-
-@pytest.fixture
-def profiles(channel: grpc.aio.Channel) -> profile_service_pb2_grpc.ProfileServiceStub:
-    return profile_service_pb2_grpc.ProfileServiceStub(channel)
-
-
 async def test_unary_accept_then_duplicate(
-    events: event_service_pb2_grpc.EventServiceStub, profiles: profile_service_pb2_grpc.ProfileServiceStub
+    events: event_service_pb2_grpc.EventServiceAsyncStub,
+    profiles: profile_service_pb2_grpc.ProfileServiceAsyncStub,
 ) -> None:
     event = track("m-1", "Product Added", {"cart_id": "c", "product_id": "p1", "price": 4.5, "quantity": 2})
     first = await events.IngestEvent(event_service_pb2.IngestEventRequest(event=event), metadata=DEV_AUTH)
@@ -70,7 +61,7 @@ async def test_unary_accept_then_duplicate(
     assert got.profile.event_count == 1, "the duplicate was applied nowhere"
 
 
-async def test_unary_rejection_names_the_field(events: event_service_pb2_grpc.EventServiceStub) -> None:
+async def test_unary_rejection_names_the_field(events: event_service_pb2_grpc.EventServiceAsyncStub) -> None:
     event = track("m-2", "Order Completed", {"order_id": "o", "products": [{"price": "free"}]})
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await events.IngestEvent(event_service_pb2.IngestEventRequest(event=event), metadata=DEV_AUTH)
@@ -82,7 +73,8 @@ async def test_unary_rejection_names_the_field(events: event_service_pb2_grpc.Ev
 
 
 async def test_batch_keeps_the_good_and_rejects_the_bad(
-    events: event_service_pb2_grpc.EventServiceStub, profiles: profile_service_pb2_grpc.ProfileServiceStub
+    events: event_service_pb2_grpc.EventServiceAsyncStub,
+    profiles: profile_service_pb2_grpc.ProfileServiceAsyncStub,
 ) -> None:
     batch = [
         track("b-1", "Product Viewed", {"product_id": "p1"}),
@@ -99,7 +91,9 @@ async def test_batch_keeps_the_good_and_rejects_the_bad(
         ),
         track("b-1", "Product Viewed", {"product_id": "p1"}),  # repeated inside the batch
     ]
-    response = await events.IngestEvents(event_service_pb2.IngestEventsRequest(events=batch), metadata=DEV_AUTH)
+    response = await events.IngestEvents(
+        event_service_pb2.IngestEventsRequest(events=batch), metadata=DEV_AUTH
+    )
     outcomes = [(a.index, a.message_id, a.outcome) for a in response.acks]
     assert outcomes == [
         (0, "b-1", event_pb2.EVENT_OUTCOME_ACCEPTED),
@@ -116,7 +110,9 @@ async def test_batch_keeps_the_good_and_rejects_the_bad(
     assert [v.product_id for v in got.profile.recently_viewed] == ["p1"]
 
 
-async def test_batch_over_the_limit_is_refused_whole(events: event_service_pb2_grpc.EventServiceStub) -> None:
+async def test_batch_over_the_limit_is_refused_whole(
+    events: event_service_pb2_grpc.EventServiceAsyncStub,
+) -> None:
     batch = [track(f"x-{i}", "Custom", {}) for i in range(2501)]
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await events.IngestEvents(event_service_pb2.IngestEventsRequest(events=batch), metadata=DEV_AUTH)
@@ -124,11 +120,13 @@ async def test_batch_over_the_limit_is_refused_whole(events: event_service_pb2_g
     assert details(caught.value)[1][0][0] == "events"
 
 
-async def test_stream_acks_every_event_once(events: event_service_pb2_grpc.EventServiceStub) -> None:
-    call = events.StreamEvents(metadata=DEV_AUTH)
+async def test_stream_acks_every_event_once(events: event_service_pb2_grpc.EventServiceAsyncStub) -> None:
+    call = events.StreamEvents(None, metadata=DEV_AUTH)
     sent: list[str] = []
     for message in range(20):
-        batch = [track(f"s-{message}-{i}", "Product Viewed", {"product_id": f"p{i}"}, f"u{i}") for i in range(50)]
+        batch = [
+            track(f"s-{message}-{i}", "Product Viewed", {"product_id": f"p{i}"}, f"u{i}") for i in range(50)
+        ]
         batch.append(track(f"s-{message}-bad", "Order Completed", {}))
         sent.extend(e.message_id for e in batch)
         await call.write(event_service_pb2.StreamEventsRequest(events=batch))
@@ -146,7 +144,7 @@ async def test_missing_unknown_and_underscoped_keys(make_settings: SettingsFacto
         Sendtime(make_settings(config)) as app,
         grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel,
     ):
-        stub = event_service_pb2_grpc.EventServiceStub(channel)
+        stub = event_stub(channel)
         request = event_service_pb2.IngestEventRequest(event=track("k-1", "Custom", {}))
         cases = [
             ((), grpc.StatusCode.UNAUTHENTICATED),
@@ -158,11 +156,11 @@ async def test_missing_unknown_and_underscoped_keys(make_settings: SettingsFacto
                 await stub.IngestEvent(request, metadata=metadata)
             assert caught.value.code() == code
         # a stream is refused the same way
-        call = stub.StreamEvents(metadata=(("authorization", "Bearer reader-key"),))
+        call = stub.StreamEvents(None, metadata=(("authorization", "Bearer reader-key"),))
         await call.done_writing()
         assert await call.code() == grpc.StatusCode.PERMISSION_DENIED
         # the reader key may read profiles
-        profiles = profile_service_pb2_grpc.ProfileServiceStub(channel)
+        profiles = profile_stub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await profiles.GetProfile(
                 profile_service_pb2.GetProfileRequest(user_id="nobody"),

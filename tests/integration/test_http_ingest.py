@@ -34,7 +34,9 @@ async def post(
 
 
 async def profile(session: aiohttp.ClientSession, http_url: str, user: str) -> dict[str, Any]:
-    async with session.get(f"{http_url}/v1/profiles/{user}", headers={"Authorization": "Bearer dev-key"}) as r:
+    async with session.get(
+        f"{http_url}/v1/profiles/{user}", headers={"Authorization": "Bearer dev-key"}
+    ) as r:
         assert r.status == 200, await r.text()
         body: dict[str, Any] = await r.json()
         return body
@@ -59,7 +61,12 @@ async def test_track_identify_and_profile(session: aiohttp.ClientSession, http_u
         {
             "messageId": "i-1",
             "userId": "ada",
-            "traits": {"email": "ada@example.com", "firstName": "Ada", "plan": "pro", "consent": {"marketing": True}},
+            "traits": {
+                "email": "ada@example.com",
+                "firstName": "Ada",
+                "plan": "pro",
+                "consent": {"marketing": True},
+            },
             "context": {"timezone": "Europe/London", "locale": "en-GB"},
         },
     )
@@ -93,8 +100,20 @@ async def test_batch_partial_rejection_stores_the_good(session: aiohttp.ClientSe
         f"{http_url}/v1/batch",
         {
             "batch": [
-                {"type": "track", "messageId": "a", "userId": "u", "event": "Product Viewed", "properties": {}},
-                {"type": "track", "messageId": "b", "userId": "u", "event": "Order Completed", "properties": {}},
+                {
+                    "type": "track",
+                    "messageId": "a",
+                    "userId": "u",
+                    "event": "Product Viewed",
+                    "properties": {},
+                },
+                {
+                    "type": "track",
+                    "messageId": "b",
+                    "userId": "u",
+                    "event": "Order Completed",
+                    "properties": {},
+                },
                 {"type": "identify", "messageId": "c", "userId": "u", "traits": {"email": 42}},
                 {"type": "teleport", "messageId": "d", "userId": "u"},
                 {"type": "track", "messageId": "e", "event": "Custom"},
@@ -149,7 +168,9 @@ async def test_segment_limits(session: aiohttp.ClientSession, http_url: str) -> 
     status, body = await post(session, f"{http_url}/v1/batch", too_many)
     assert status == 400
     assert body["error"]["fieldViolations"][0]["field"] == "batch"
-    async with session.post(f"{http_url}/v1/track", data=b"{not json", headers={"Authorization": WRITE_KEY}) as r:
+    async with session.post(
+        f"{http_url}/v1/track", data=b"{not json", headers={"Authorization": WRITE_KEY}
+    ) as r:
         assert r.status == 400
         assert (await r.json())["error"]["fieldViolations"][0]["field"] == "event"
 
@@ -159,8 +180,13 @@ async def test_signed_webhook(session: aiohttp.ClientSession, make_settings: Set
     async with Sendtime(make_settings(config)) as app:
         url = f"http://127.0.0.1:{app.http_port}/v1/webhooks/shop"
         body = json.dumps(
-            {"type": "track", "messageId": "w-1", "userId": "u", "event": "Order Completed",
-             "properties": {"order_id": "o-1", "total": 30}}
+            {
+                "type": "track",
+                "messageId": "w-1",
+                "userId": "u",
+                "event": "Order Completed",
+                "properties": {"order_id": "o-1", "total": 30},
+            }
         ).encode()
 
         async def send(payload: bytes, signature: str | None) -> tuple[int, dict[str, Any]]:

@@ -10,8 +10,8 @@ import pytest
 from segment.analytics import Client
 
 from sendtime.server.app import Sendtime
-from sendtime.v1 import profile_service_pb2, profile_service_pb2_grpc
-from tests.conftest import DEV_AUTH
+from sendtime.v1 import profile_service_pb2
+from tests.conftest import DEV_AUTH, profile_stub
 
 
 @pytest.mark.parametrize("gzip", [False, True], ids=["plain", "gzip"])
@@ -43,8 +43,13 @@ async def test_segment_client_events_land_in_the_profile(
         client.track(
             "shopper-1",
             "Order Completed",
-            {"order_id": "o-77", "cart_id": "cart-7", "total": 39.0, "currency": "usd",
-             "products": [{"product_id": "p-9"}]},
+            {
+                "order_id": "o-77",
+                "cart_id": "cart-7",
+                "total": 39.0,
+                "currency": "usd",
+                "products": [{"product_id": "p-9"}],
+            },
             timestamp=datetime.now(UTC),
         )
         client.flush()  # blocks until the consumer has posted everything
@@ -52,8 +57,10 @@ async def test_segment_client_events_land_in_the_profile(
 
     await asyncio.to_thread(send_like_a_shop)
     assert errors == []
-    stub = profile_service_pb2_grpc.ProfileServiceStub(channel)
-    reply = await stub.GetProfile(profile_service_pb2.GetProfileRequest(user_id="shopper-1"), metadata=DEV_AUTH)
+    stub = profile_stub(channel)
+    reply = await stub.GetProfile(
+        profile_service_pb2.GetProfileRequest(user_id="shopper-1"), metadata=DEV_AUTH
+    )
     profile = reply.profile
     assert profile.traits.email == "grace@example.com"
     assert profile.traits.first_name == "Grace"

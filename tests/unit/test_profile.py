@@ -8,7 +8,14 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sendtime.server.domain.events import ConsentState, Event, EventKind, IncomingEvent, TraitsUpdate, validate
+from sendtime.server.domain.events import (
+    ConsentState,
+    Event,
+    EventKind,
+    IncomingEvent,
+    TraitsUpdate,
+    validate,
+)
 from sendtime.server.domain.profile import MAX_VIEWED, Profile, fold, view
 
 T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
@@ -124,7 +131,9 @@ def test_refund_before_its_order_still_lands_on_the_order() -> None:
 
 def test_traits_and_consent_are_last_writer_wins_by_event_time() -> None:
     newer = identify(5, email="new@example.com", consent={"marketing": ConsentState.OPTED_OUT})
-    older = identify(1, email="old@example.com", first_name="Ada", consent={"marketing": ConsentState.OPTED_IN})
+    older = identify(
+        1, email="old@example.com", first_name="Ada", consent={"marketing": ConsentState.OPTED_IN}
+    )
     shown = view(folded([newer, older]))
     assert shown.traits == {"email": "new@example.com", "first_name": "Ada"}
     assert shown.consent == {"marketing": "opted_out"}

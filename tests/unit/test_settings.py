@@ -25,7 +25,9 @@ def test_file_then_environment(tmp_path: Path) -> None:
         '[grpc]\nport = 6000\n[storage]\ndata_dir = "/var/lib/sendtime"\n'
         '[[auth.keys]]\nname = "shop"\nhash = "' + hash_key("k") + '"\nscopes = ["ingest"]\n'
     )
-    settings = load_settings(config, environ={"SENDTIME_GRPC__PORT": "7000", "SENDTIME_AUTH__DEV_KEY": "false"})
+    settings = load_settings(
+        config, environ={"SENDTIME_GRPC__PORT": "7000", "SENDTIME_AUTH__DEV_KEY": "false"}
+    )
     assert settings.grpc.port == 7000
     assert settings.storage.data_dir == Path("/var/lib/sendtime")
     assert settings.auth.dev_key is False

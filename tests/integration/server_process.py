@@ -1,0 +1,65 @@
+"""Run `sendtime serve` as a real child process, for tests that kill or signal it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+READY = re.compile(rb"sendtime serving gRPC on [\d.]+:(?P<grpc>\d+), HTTP on https?://[\d.]+:(?P<http>\d+)")
+
+
+@dataclass
+class ServerProcess:
+    process: asyncio.subprocess.Process
+    grpc_port: int
+    http_port: int
+    stderr: str = ""
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+
+    async def wait(self, timeout: float = 30.0) -> int:
+        """Wait for the exit, reading the pipes to their end (kept in .stderr)."""
+        _, stderr = await asyncio.wait_for(self.process.communicate(), timeout)
+        self.stderr = stderr.decode()
+        assert self.process.returncode is not None
+        return self.process.returncode
+
+
+async def start_server(data_dir: Path, *, grpc_port: int = 0, http_port: int = 0) -> ServerProcess:
+    env = {
+        **os.environ,
+        "SENDTIME_GRPC__PORT": str(grpc_port),
+        "SENDTIME_HTTP__PORT": str(http_port),
+        "SENDTIME_STORAGE__DATA_DIR": str(data_dir),
+        "SENDTIME_SHUTDOWN_GRACE_S": "5",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sendtime.server",
+        "serve",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    line = await asyncio.wait_for(process.stdout.readline(), 30)
+    match = READY.search(line)
+    if match is None:
+        process.kill()
+        stderr = (await process.stderr.read()).decode() if process.stderr else ""
+        raise RuntimeError(f"sendtime did not start: {line!r} {stderr}")
+    return ServerProcess(process, int(match["grpc"]), int(match["http"]))
