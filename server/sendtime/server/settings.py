@@ -95,11 +95,70 @@ class WebhookSource(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tolerance_s: Seconds = 300.0
 
 
+class UpstreamSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """An HTTP JSON endpoint whose answer becomes a content block of the same name."""
+
+    name: Annotated[str, msgspec.Meta(pattern="^[a-z][a-z0-9_]{0,62}$")]
+    #: URL template; {user.id}, {user.email}, {user.<trait>}, {context.campaign},
+    #: {context.locale} and {context.cart_id} are filled in, URL-escaped.
+    url: str
+    method: str = "GET"
+    headers: dict[str, str] = {}
+    timeout_s: Seconds = 1.0
+    ttl_s: Seconds = 300.0
+    #: How long past its TTL a value may still be served when the upstream is late or down.
+    stale_ttl_s: Annotated[float, msgspec.Meta(ge=0)] = 3600.0
+    retries: Annotated[int, msgspec.Meta(ge=0, le=5)] = 1
+    max_response_bytes: Annotated[int, msgspec.Meta(ge=1)] = 256 * 1024
+
+    def __post_init__(self) -> None:
+        if self.method not in ("GET", "POST"):
+            raise ValueError(f"upstreams[{self.name}].method must be GET or POST")
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"upstreams[{self.name}].url must start with http:// or https://")
+
+
+class OfferSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    id: str
+    code: str
+    text: str
+    min_cart_total: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    #: Only for these campaigns; empty: any.
+    campaigns: list[str] = []
+
+
+class ContentSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    #: The budget when a caller sets no deadline.
+    default_deadline_ms: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    #: Kept back from the deadline for rendering and answering.
+    render_reserve_ms: Annotated[float, msgspec.Meta(ge=0)] = 15.0
+    #: Below this much budget nothing is fetched: cached or fallback content at once.
+    min_fetch_ms: Annotated[float, msgspec.Meta(ge=0)] = 2.0
+    #: Cache life of blocks computed from profiles; an event for the user drops them sooner.
+    block_ttl_s: Seconds = 60.0
+    block_stale_ttl_s: Annotated[float, msgspec.Meta(ge=0)] = 600.0
+    cache_max_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024 * 1024
+    #: Off: every request recomputes every block (for benchmarks and debugging).
+    cache_results: bool = True
+    #: Requests served at once; beyond it, blocks come from cache or fallback at once.
+    max_concurrent: Annotated[int, msgspec.Meta(ge=1)] = 256
+    recommendations_size: Annotated[int, msgspec.Meta(ge=1, le=50)] = 4
+    recently_viewed_size: Annotated[int, msgspec.Meta(ge=1, le=50)] = 4
+    drop_out_of_stock: bool = False
+    catalog_file: Path | None = Path("demo/catalog.json")
+    templates_dir: Path = Path("templates")
+    #: Hosts upstream URLs may name (exact host names).
+    allowed_upstream_hosts: list[str] = []
+    upstreams: list[UpstreamSettings] = []
+    offers: list[OfferSettings] = []
+
+
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     grpc: GrpcSettings = msgspec.field(default_factory=GrpcSettings)
     http: HttpSettings = msgspec.field(default_factory=HttpSettings)
     storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
+    content: ContentSettings = msgspec.field(default_factory=ContentSettings)
     webhooks: list[WebhookSource] = []
     #: How long shutdown waits for streams and requests to finish.
     shutdown_grace_s: Seconds = 10.0

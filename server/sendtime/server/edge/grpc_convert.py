@@ -7,13 +7,16 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Final
 
+import msgspec
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from sendtime.server.domain.content import Block, ContentContext, Reason, Source
 from sendtime.server.domain.errors import FieldViolation
 from sendtime.server.domain.events import ConsentState, EventKind, IncomingEvent, TraitsUpdate
 from sendtime.server.domain.ingest import Ack, Outcome
 from sendtime.server.domain.profile import Line, ProfileView
-from sendtime.v1 import event_pb2, profile_service_pb2
+from sendtime.v1 import content_service_pb2, event_pb2, profile_service_pb2
 
 _OUTCOMES: Final = {
     Outcome.ACCEPTED: event_pb2.EVENT_OUTCOME_ACCEPTED,
@@ -179,4 +182,44 @@ def profile(view: ProfileView, extra_traits_json: bytes) -> profile_service_pb2.
         first_seen_time=_timestamp(view.first_seen_at),
         last_activity_time=_timestamp(view.last_activity_at),
         event_count=view.event_count,
+    )
+
+
+# -- content ------------------------------------------------------------------
+
+_SOURCES: Final = {
+    Source.FRESH: content_service_pb2.BLOCK_SOURCE_FRESH,
+    Source.CACHED: content_service_pb2.BLOCK_SOURCE_CACHED,
+    Source.STALE: content_service_pb2.BLOCK_SOURCE_STALE,
+    Source.FALLBACK: content_service_pb2.BLOCK_SOURCE_FALLBACK,
+}
+_REASONS: Final = {
+    Reason.TIMEOUT: content_service_pb2.FALLBACK_REASON_TIMEOUT,
+    Reason.UPSTREAM_ERROR: content_service_pb2.FALLBACK_REASON_UPSTREAM_ERROR,
+    Reason.CIRCUIT_OPEN: content_service_pb2.FALLBACK_REASON_CIRCUIT_OPEN,
+    Reason.MISSING_DATA: content_service_pb2.FALLBACK_REASON_MISSING_DATA,
+    Reason.DEADLINE_TOO_SHORT: content_service_pb2.FALLBACK_REASON_DEADLINE_TOO_SHORT,
+    Reason.OVERLOADED: content_service_pb2.FALLBACK_REASON_OVERLOADED,
+}
+_encode_json = msgspec.json.Encoder().encode
+
+
+def duration(seconds: float) -> Duration:
+    value = Duration()
+    value.FromNanoseconds(int(max(seconds, 0.0) * 1e9))
+    return value
+
+
+def content_context(context: content_service_pb2.ContentContext) -> ContentContext:
+    return ContentContext(campaign=context.campaign, locale=context.locale, cart_id=context.cart_id)
+
+
+def content_block(block: Block) -> content_service_pb2.ContentBlock:
+    return content_service_pb2.ContentBlock(
+        name=block.name,
+        data_json=_encode_json(block.data),
+        source=_SOURCES[block.source],
+        reason=_REASONS[block.reason] if block.reason else content_service_pb2.FALLBACK_REASON_UNSPECIFIED,
+        age=duration(block.age_s),
+        detail=block.detail,
     )

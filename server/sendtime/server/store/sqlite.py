@@ -21,14 +21,15 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 import msgspec
 
+from sendtime.server.domain.catalog import Product
 from sendtime.server.domain.errors import Overloaded, Unavailable
 from sendtime.server.domain.events import Event, TraitsUpdate
 from sendtime.server.domain.profile import Profile, fold
@@ -49,6 +50,10 @@ CREATE TABLE IF NOT EXISTS events (
     body         BLOB NOT NULL      -- properties JSON; for identify, the traits JSON
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS events_by_received_at ON events (received_at);
+CREATE TABLE IF NOT EXISTS catalog (
+    product_id  TEXT PRIMARY KEY,
+    doc         BLOB NOT NULL       -- JSON of domain.catalog.Product
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS profiles (
     profile_key TEXT PRIMARY KEY,
     doc         BLOB NOT NULL,      -- msgpack of domain.profile.Profile
@@ -61,6 +66,8 @@ Synchronous = Literal["full", "normal"]
 _encode_profile = msgspec.msgpack.Encoder().encode
 _decode_profile = msgspec.msgpack.Decoder(Profile).decode
 _encode_json = msgspec.json.Encoder().encode
+_decode_product = msgspec.json.Decoder(Product).decode
+_T = TypeVar("_T")
 _SQL_VARS: Final = 500  # ids per "IN (...)" lookup, well under SQLite's limit
 
 
@@ -152,6 +159,23 @@ class SqliteStore:
 
     async def get_profile(self, profile_key: str) -> Profile | None:
         return await asyncio.to_thread(self._read_profile, profile_key)
+
+    async def save_products(self, products: Sequence[Product]) -> None:
+        """Keep catalog updates across restarts (rare writes: no group commit needed)."""
+        rows = [(p.id, _encode_json(p)) for p in products]
+        await asyncio.to_thread(self._with_reader, self._save_products, rows)
+
+    async def load_products(self) -> list[Product]:
+        rows = await asyncio.to_thread(self._with_reader, _select_catalog)
+        return [_decode_product(doc) for (doc,) in rows]
+
+    async def replay_track_events(
+        self, names: Sequence[str], consume: Callable[[str, str, bytes], None]
+    ) -> int:
+        """Call ``consume(profile_key, name, properties)`` for every stored track
+        event with one of ``names``, oldest first, in a worker thread. Only for
+        start-up, before anything else uses what ``consume`` feeds."""
+        return await asyncio.to_thread(self._replay, list(names), consume)
 
     async def close(self) -> None:
         """Commit everything queued so far, then close."""
@@ -330,12 +354,51 @@ class SqliteStore:
         if deleted:
             log.info("forgot %d events older than the dedupe retention", deleted)
 
+    def _with_reader(self, work: Callable[[sqlite3.Connection, Any], _T], arg: Any = None) -> _T:
+        with self._reader_lock:
+            if self._reader is None:
+                raise Unavailable("the store is closed")
+            return work(self._reader, arg)
+
+    @staticmethod
+    def _save_products(conn: sqlite3.Connection, rows: list[tuple[str, bytes]]) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(
+                "INSERT INTO catalog VALUES (?, ?) ON CONFLICT (product_id) DO UPDATE SET doc = excluded.doc",
+                rows,
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _replay(self, names: list[str], consume: Callable[[str, str, bytes], None]) -> int:
+        conn = self._connect()  # its own connection: a long read must not hold the reader lock
+        try:
+            marks = ",".join("?" * len(names))
+            sql = (
+                "SELECT profile_key, name, body FROM events"  # noqa: S608 (only "?" marks)
+                f" WHERE kind = 'track' AND name IN ({marks}) ORDER BY event_time"
+            )
+            count = 0
+            for profile_key, name, body in conn.execute(sql, names):
+                consume(profile_key, name, body)
+                count += 1
+            return count
+        finally:
+            conn.close()
+
     def _read_profile(self, key: str) -> Profile | None:
         with self._reader_lock:
             if self._reader is None:
                 raise Unavailable("the store is closed")
             row = self._reader.execute("SELECT doc FROM profiles WHERE profile_key = ?", (key,)).fetchone()
         return _decode_profile(row[0]) if row else None
+
+
+def _select_catalog(conn: sqlite3.Connection, _arg: object) -> list[tuple[bytes]]:
+    return conn.execute("SELECT doc FROM catalog").fetchall()
 
 
 def _resolve(done: asyncio.Future[list[bool]], value: list[bool]) -> None:

@@ -1,0 +1,382 @@
+"""Send-time content under a deadline: one pipeline for GetContent, the HTTP
+content endpoint and whole-email renders.
+
+The caller's time budget is split: a reserve for rendering and answering, the
+rest for fetching. Every block is fetched in parallel through the block cache
+(single flight, stale-while-revalidate, negative caching, circuit breakers),
+each bounded by the time left. A block that misses the budget is served stale
+when a stale value exists, else its fallback, and says which and why. Nothing
+here can make the call fail or run past its deadline: the worst answer is all
+fallbacks, at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+from sendtime.server.domain import blocks as builtin
+from sendtime.server.domain.catalog import Catalog
+from sendtime.server.domain.errors import InvalidInput
+from sendtime.server.domain.events import Identity
+from sendtime.server.domain.ports import EventStore
+from sendtime.server.domain.profile import Profile, ProfileView, view
+from sendtime.server.domain.recommend import Recommender
+
+MAX_BLOCKS: Final = 20
+
+
+class Source(enum.StrEnum):
+    FRESH = "fresh"
+    CACHED = "cached"
+    STALE = "stale"
+    FALLBACK = "fallback"
+
+
+class Reason(enum.StrEnum):
+    TIMEOUT = "timeout"
+    UPSTREAM_ERROR = "upstream_error"
+    CIRCUIT_OPEN = "circuit_open"
+    MISSING_DATA = "missing_data"
+    DEADLINE_TOO_SHORT = "deadline_too_short"
+    OVERLOADED = "overloaded"
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    name: str
+    data: Any
+    source: Source
+    reason: Reason | None = None
+    age_s: float = 0.0
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ContentContext:
+    campaign: str = ""
+    locale: str = ""
+    cart_id: str = ""
+
+
+@dataclass(slots=True)
+class ContentAnswer:
+    blocks: list[Block]
+    budget_s: float
+    elapsed_s: float
+    user: dict[str, Any] = field(default_factory=dict)
+
+
+class Fetched(Protocol):
+    """What the block cache answers for one key."""
+
+    @property
+    def value(self) -> Any: ...
+    @property
+    def source(self) -> str: ...  # "fresh", "cached", "stale" or "fallback"
+    @property
+    def reason(self) -> str | None: ...
+    @property
+    def age(self) -> float: ...
+    @property
+    def detail(self) -> str: ...
+
+
+class BlockCache(Protocol):
+    def lookup_stale_ok(self, key: str) -> tuple[Any, float, bool] | None:
+        """(value, age, fresh) without fetching, or None."""
+        ...
+
+    async def get_or_fetch(
+        self,
+        key: str,
+        fetch: Callable[[], Awaitable[Any]],
+        *,
+        ttl: float,
+        stale_ttl: float,
+        timeout: float,
+        tags: Sequence[str],
+        breaker_key: str | None,
+    ) -> Fetched: ...
+
+    def invalidate_tag(self, tag: str) -> None: ...
+
+
+class UpstreamSource(Protocol):
+    """An upstream provider as the pipeline sees it (adapter: sendtime.server.upstream)."""
+
+    name: str
+    host: str
+    ttl_s: float
+    stale_ttl_s: float
+
+    def url_for(self, values: Mapping[str, str]) -> str: ...
+
+    async def fetch(self, url: str, budget_s: float) -> Any: ...
+
+
+class MissingValueError(Exception):
+    """The block needs a user field the profile lacks (raised by UpstreamSource.url_for)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ContentPolicy:
+    block_ttl_s: float
+    block_stale_ttl_s: float
+    min_fetch_s: float
+    cache_results: bool
+    recommendations_size: int
+    recently_viewed_size: int
+    drop_out_of_stock: bool
+    offers: tuple[builtin.OfferRule, ...] = ()
+
+
+class ContentPipeline:
+    def __init__(
+        self,
+        *,
+        store: EventStore,
+        catalog: Catalog,
+        recommender: Recommender,
+        cache: BlockCache,
+        upstreams: Mapping[str, UpstreamSource],
+        policy: ContentPolicy,
+        max_concurrent: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._catalog = catalog
+        self._recommender = recommender
+        self._cache = cache
+        self._upstreams = dict(upstreams)
+        self._policy = policy
+        self._clock = clock
+        self._max_concurrent = max_concurrent
+        self._in_flight = 0
+
+    @property
+    def block_names(self) -> list[str]:
+        return [*builtin.BUILT_IN_BLOCKS, *self._upstreams]
+
+    def invalidate_user(self, profile_key: str) -> None:
+        self._cache.invalidate_tag(profile_key)
+
+    def invalidate_catalog(self) -> None:
+        self._cache.invalidate_tag("catalog")
+
+    async def content(
+        self, identity: Identity, names: Sequence[str], context: ContentContext, budget_s: float
+    ) -> ContentAnswer:
+        """Every named block (all built-in ones when ``names`` is empty), within ``budget_s``."""
+        started = self._clock()
+        wanted = list(dict.fromkeys(names)) or list(builtin.BUILT_IN_BLOCKS)
+        if len(wanted) > MAX_BLOCKS:
+            raise InvalidInput.field("blocks", f"asks for {len(wanted)} blocks; the limit is {MAX_BLOCKS}")
+        deadline = started + budget_s
+        request = _Request(self, identity, context, deadline)
+        if self._in_flight >= self._max_concurrent:
+            blocks = [self._without_fetching(request, name, Reason.OVERLOADED) for name in wanted]
+        elif budget_s < self._policy.min_fetch_s:
+            blocks = [self._without_fetching(request, name, Reason.DEADLINE_TOO_SHORT) for name in wanted]
+        else:
+            self._in_flight += 1
+            try:
+                blocks = list(await asyncio.gather(*(self._block(request, name) for name in wanted)))
+            finally:
+                self._in_flight -= 1
+        user = request.user_data()
+        return ContentAnswer(blocks=blocks, budget_s=budget_s, elapsed_s=self._clock() - started, user=user)
+
+    # -- one block ------------------------------------------------------------
+
+    def _cache_key(self, request: _Request, name: str) -> str:
+        context = request.context
+        return f"{name}|{request.identity.key}|{context.campaign}|{context.cart_id}"
+
+    def _without_fetching(self, request: _Request, name: str, reason: Reason) -> Block:
+        found = self._cache.lookup_stale_ok(self._cache_key(request, name))
+        if found is not None and found[0] is not None:
+            value, age, fresh = found
+            return Block(
+                name, value, Source.CACHED if fresh else Source.STALE, None if fresh else reason, age
+            )
+        return Block(name, None, Source.FALLBACK, reason)
+
+    async def _block(self, request: _Request, name: str) -> Block:
+        upstream = self._upstreams.get(name)
+        if upstream is not None:
+            return await self._upstream_block(request, upstream)
+        compute = _BUILT_IN.get(name)
+        if compute is None:
+            return Block(
+                name, None, Source.FALLBACK, Reason.MISSING_DATA, detail=f"no block is named {name!r}"
+            )
+
+        async def fetch() -> Any:
+            return compute(self, await request.profile(), request)
+
+        if not self._policy.cache_results:
+            return await self._uncached(request, name, fetch)
+        fetched = await self._cache.get_or_fetch(
+            self._cache_key(request, name),
+            fetch,
+            ttl=self._policy.block_ttl_s,
+            stale_ttl=self._policy.block_stale_ttl_s,
+            timeout=request.remaining(),
+            tags=(request.identity.key, "catalog"),
+            breaker_key=None,
+        )
+        return _from_fetched(name, fetched)
+
+    async def _upstream_block(self, request: _Request, upstream: UpstreamSource) -> Block:
+        name = upstream.name
+        try:
+            url = upstream.url_for(await request.url_values())
+        except MissingValueError as missing:
+            return Block(name, None, Source.FALLBACK, Reason.MISSING_DATA, detail=str(missing))
+
+        async def fetch() -> Any:
+            return await upstream.fetch(url, request.remaining())
+
+        if not self._policy.cache_results:
+            return await self._uncached(request, name, fetch)
+        fetched = await self._cache.get_or_fetch(
+            f"upstream|{name}|{url}",
+            fetch,
+            ttl=upstream.ttl_s,
+            stale_ttl=upstream.stale_ttl_s,
+            timeout=request.remaining(),
+            tags=(f"upstream:{name}",),
+            breaker_key=upstream.host,
+        )
+        return _from_fetched(name, fetched)
+
+    async def _uncached(self, request: _Request, name: str, fetch: Callable[[], Awaitable[Any]]) -> Block:
+        try:
+            async with asyncio.timeout(max(request.remaining(), 0.0)):
+                data = await fetch()
+        except TimeoutError:
+            return Block(name, None, Source.FALLBACK, Reason.TIMEOUT)
+        except Exception as error:  # an upstream's failure is the block's, never the call's
+            return Block(name, None, Source.FALLBACK, Reason.UPSTREAM_ERROR, detail=str(error))
+        if data is None:
+            return Block(name, None, Source.FALLBACK, Reason.MISSING_DATA)
+        return Block(name, data, Source.FRESH)
+
+
+def _from_fetched(name: str, fetched: Fetched) -> Block:
+    source = Source(fetched.source)
+    reason = Reason(fetched.reason) if fetched.reason else None
+    if fetched.value is None and source is not Source.FALLBACK:
+        # a fresh answer of "nothing to show" (an empty cart) is a fallback to the caller
+        return Block(name, None, Source.FALLBACK, Reason.MISSING_DATA, fetched.age)
+    if source is Source.FALLBACK and reason is None:
+        reason = Reason.MISSING_DATA
+    return Block(name, fetched.value, source, reason, fetched.age, fetched.detail)
+
+
+class _Request:
+    """One content request: its deadline, and the profile read at most once."""
+
+    def __init__(
+        self, pipeline: ContentPipeline, identity: Identity, context: ContentContext, deadline: float
+    ):
+        self.pipeline = pipeline
+        self.identity = identity
+        self.context = context
+        self.deadline = deadline
+        self._profile: asyncio.Future[ProfileView | None] | None = None
+
+    def remaining(self) -> float:
+        return self.deadline - self.pipeline._clock()
+
+    async def profile(self) -> ProfileView | None:
+        if self._profile is None:
+            self._profile = asyncio.ensure_future(self._load_profile())
+        return await asyncio.shield(self._profile)
+
+    async def _load_profile(self) -> ProfileView | None:
+        stored = await self.pipeline._store.get_profile(self.identity.key)
+        return view(stored) if stored is not None else None
+
+    def user_data(self) -> dict[str, Any]:
+        """The user as templates see it, from the profile if it was read."""
+        data: dict[str, Any] = {"id": self.identity.user_id or self.identity.anonymous_id}
+        if self._profile is not None and self._profile.done() and not self._profile.cancelled():
+            profile = self._profile.result()
+            if profile is not None:
+                data.update(profile.extra_traits)
+                data.update(profile.traits)
+        if self.context.locale:
+            data["locale"] = self.context.locale
+        return data
+
+    async def url_values(self) -> dict[str, str]:
+        values = {"user.id": self.identity.user_id or self.identity.anonymous_id}
+        profile = await self.profile()
+        if profile is not None:
+            for key, value in {**profile.extra_traits, **profile.traits}.items():
+                if isinstance(value, str | int | float) and not isinstance(value, bool):
+                    values[f"user.{key}"] = str(value)
+        for key in ("campaign", "locale", "cart_id"):
+            value = getattr(self.context, key)
+            if value:
+                values[f"context.{key}"] = value
+        return values
+
+
+# -- the built-in blocks, as functions of (pipeline, profile, request) -----------
+
+
+# Each returns None when there is nothing to show (no profile, empty cart):
+# a valid answer, cached like any other, that the caller sees as a fallback.
+
+
+def _cart(pipeline: ContentPipeline, profile: ProfileView | None, request: _Request) -> Any:
+    if profile is None:
+        return None
+    return builtin.cart(
+        profile,
+        pipeline._catalog,
+        cart_id=request.context.cart_id,
+        drop_out_of_stock=pipeline._policy.drop_out_of_stock,
+    )
+
+
+def _recommendations(pipeline: ContentPipeline, profile: ProfileView | None, request: _Request) -> Any:
+    if profile is None:  # a stranger still gets the popular products
+        profile = view(_EMPTY_PROFILE)
+    return builtin.recommendations(
+        profile, pipeline._catalog, pipeline._recommender, size=pipeline._policy.recommendations_size
+    )
+
+
+def _recently_viewed(pipeline: ContentPipeline, profile: ProfileView | None, request: _Request) -> Any:
+    if profile is None:
+        return None
+    return builtin.recently_viewed(profile, pipeline._catalog, size=pipeline._policy.recently_viewed_size)
+
+
+def _offers(pipeline: ContentPipeline, profile: ProfileView | None, request: _Request) -> Any:
+    cart = _cart(pipeline, profile, request)
+    return builtin.offers(pipeline._policy.offers, cart, campaign=request.context.campaign)
+
+
+def _last_order(pipeline: ContentPipeline, profile: ProfileView | None, request: _Request) -> Any:
+    if profile is None:
+        return None
+    return builtin.last_order(profile, pipeline._catalog)
+
+
+_BUILT_IN: Final[dict[str, Callable[[ContentPipeline, ProfileView | None, _Request], Any]]] = {
+    "cart": _cart,
+    "recommendations": _recommendations,
+    "recently_viewed": _recently_viewed,
+    "offers": _offers,
+    "last_order": _last_order,
+}
+_EMPTY_PROFILE: Final = Profile()

@@ -1,0 +1,48 @@
+"""What the content side learns from each stored event.
+
+The ingestor calls ``EventLearner.learned`` with every newly stored batch,
+after the commit and before the acks go out: the recommender learns from views
+and orders, and the user's cached blocks are dropped so the next send sees the
+event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from sendtime.server.domain.events import (
+    CartChange,
+    Event,
+    EventKind,
+    OrderCompleted,
+    ProductViewed,
+    product_key,
+)
+from sendtime.server.domain.recommend import Recommender
+
+#: Events that teach the recommender something.
+LEARNED_EVENTS = ("Product Viewed", "Product Clicked", "Product Added", "Order Completed")
+
+
+class EventLearner:
+    def __init__(self, recommender: Recommender, invalidate_user: Callable[[str], None]) -> None:
+        self._recommender = recommender
+        self._invalidate_user = invalidate_user
+
+    def learned(self, events: Sequence[Event]) -> None:
+        touched: set[str] = set()
+        for event in events:
+            touched.add(event.identity.key)
+            if event.kind is EventKind.TRACK:
+                self.learn(event.identity.key, event.payload)
+        for key in touched:
+            self._invalidate_user(key)
+
+    def learn(self, shopper: str, payload: object) -> None:
+        if (
+            isinstance(payload, ProductViewed | CartChange)
+            and (payload.product_id or payload.sku) is not None
+        ):
+            self._recommender.viewed(shopper, product_key(payload))
+        elif isinstance(payload, OrderCompleted):
+            self._recommender.bought(product_key(p) for p in payload.products)

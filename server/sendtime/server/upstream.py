@@ -1,0 +1,114 @@
+"""Upstream content providers: HTTP JSON endpoints declared in config.
+
+Each provider fills its URL template from the user's fields (URL-escaped), may
+only call allowed hosts, and fetches within the time the caller has left:
+every attempt's timeout is the remaining budget, and retries (transient
+failures only, exponential backoff with jitter) stop when the budget does.
+Caching, single flight and the circuit breaker sit around it in the content
+pipeline; this module only speaks HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+from collections.abc import Mapping
+from typing import Any, Final
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+import msgspec
+
+from sendtime.server.domain.content import MissingValueError
+from sendtime.server.settings import UpstreamSettings
+
+_PLACEHOLDER: Final = re.compile(r"\{((?:user|context)\.[A-Za-z0-9_]+)\}")
+_RETRY_STATUSES: Final = frozenset({429, 500, 502, 503, 504})
+_BACKOFF_BASE_S: Final = 0.02
+
+
+class UpstreamFailure(Exception):
+    """The upstream answered badly or not at all; ``detail`` says how."""
+
+    def __init__(self, detail: str, *, retryable: bool = False) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retryable = retryable
+
+
+class UpstreamProvider:
+    def __init__(
+        self, settings: UpstreamSettings, session: aiohttp.ClientSession, allowed_hosts: frozenset[str]
+    ) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self._session = session
+        self._allowed = allowed_hosts
+        literal_host = urlsplit(settings.url).hostname or ""
+        if "{" not in literal_host and literal_host not in allowed_hosts:
+            raise ValueError(
+                f"upstreams[{settings.name}]: host {literal_host!r} is not in content.allowed_upstream_hosts"
+            )
+        self.host = literal_host
+        self.ttl_s = settings.ttl_s
+        self.stale_ttl_s = settings.stale_ttl_s
+
+    def url_for(self, values: Mapping[str, str]) -> str:
+        """The URL with placeholders filled in, each value escaped as one path or query component."""
+
+        def fill(match: re.Match[str]) -> str:
+            value = values.get(match.group(1))
+            if not value:
+                raise MissingValueError(f"{self.name}: the profile has no {match.group(1)}")
+            return quote(value, safe="")
+
+        url = _PLACEHOLDER.sub(fill, self.settings.url)
+        host = urlsplit(url).hostname or ""
+        if host not in self._allowed:
+            raise UpstreamFailure(f"{self.name}: host {host!r} is not allowed")
+        return url
+
+    async def fetch(self, url: str, budget_s: float) -> Any:
+        """GET (or POST) ``url`` and decode its JSON, retrying transient failures
+        while the budget lasts."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(budget_s, self.settings.timeout_s)
+        attempt = 0
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"{self.name}: no answer within the budget")
+            try:
+                return await self._attempt(url, remaining)
+            except (UpstreamFailure, aiohttp.ClientError) as failure:
+                retryable = isinstance(failure, aiohttp.ClientError) or failure.retryable
+                attempt += 1
+                if not retryable or attempt > self.settings.retries:
+                    if isinstance(failure, UpstreamFailure):
+                        raise
+                    raise UpstreamFailure(f"{self.name}: {type(failure).__name__}: {failure}") from failure
+                backoff = _BACKOFF_BASE_S * (2**attempt) * random.uniform(0.5, 1.5)
+                if loop.time() + backoff >= deadline:
+                    raise UpstreamFailure(f"{self.name}: failed and no time is left to retry") from failure
+                await asyncio.sleep(backoff)
+
+    async def _attempt(self, url: str, timeout_s: float) -> Any:
+        settings = self.settings
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        async with self._session.request(
+            settings.method, url, headers=settings.headers, timeout=timeout, allow_redirects=False
+        ) as response:
+            if response.status != 200:
+                raise UpstreamFailure(
+                    f"{self.name}: HTTP {response.status}", retryable=response.status in _RETRY_STATUSES
+                )
+            body = await response.content.read(settings.max_response_bytes + 1)
+        if len(body) > settings.max_response_bytes:
+            raise UpstreamFailure(
+                f"{self.name}: the answer is larger than {settings.max_response_bytes} bytes"
+            )
+        try:
+            return msgspec.json.decode(body)
+        except msgspec.DecodeError as exc:
+            raise UpstreamFailure(f"{self.name}: the answer is not JSON: {exc}") from None
