@@ -1,0 +1,54 @@
+"""Typed Python client for sendtime's gRPC API.
+
+    from sendtime.client import AsyncClient
+
+    async with AsyncClient("127.0.0.1:50051", "dev-key") as client:
+        await client.identify("u1", email="ada@example.com", consent={"marketing": True})
+        await client.track("Product Added", {"product_id": "p1", "price": 9.5}, user_id="u1")
+        async with client.stream() as stream:          # high volume, with backpressure
+            for event in events:
+                await stream.send(event)
+        profile = await client.get_profile("u1")
+
+``Client`` is the blocking twin of ``AsyncClient`` (unary calls only).
+Everything public is re-exported here; the underscored modules are private.
+"""
+
+from sendtime.client._async_client import AsyncClient
+from sendtime.client._errors import (
+    Cancelled,
+    DeadlineExceeded,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    SendtimeError,
+    Unauthenticated,
+    Unavailable,
+)
+from sendtime.client._events import Ack, Outcome, identify_event, track_event
+from sendtime.client._retry import RetryPolicy
+from sendtime.client._stream import EventStream
+from sendtime.client._sync_client import Client
+
+__all__ = [
+    "Ack",
+    "AsyncClient",
+    "Cancelled",
+    "Client",
+    "DeadlineExceeded",
+    "EventStream",
+    "FieldViolation",
+    "InvalidArgument",
+    "NotFound",
+    "Outcome",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "RetryPolicy",
+    "SendtimeError",
+    "Unauthenticated",
+    "Unavailable",
+    "identify_event",
+    "track_event",
+]

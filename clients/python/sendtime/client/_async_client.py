@@ -1,0 +1,253 @@
+"""The async client: one grpc.aio channel, the API key on every call, a
+deadline on every call, retries on UNAVAILABLE, typed errors."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any, Self
+
+import grpc
+import grpc.aio
+
+from sendtime.client import _config
+from sendtime.client._events import Ack, ack_from_proto, identify_event, track_event
+from sendtime.client._retry import RetryPolicy, retry_async
+from sendtime.client._stream import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_LINGER,
+    DEFAULT_MAX_BATCH_BYTES,
+    DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_RECONNECT_TIMEOUT,
+    EventStream,
+    StreamCall,
+)
+from sendtime.v1 import (
+    event_pb2,
+    event_service_pb2,
+    event_service_pb2_grpc,
+    profile_service_pb2,
+    profile_service_pb2_grpc,
+)
+
+
+class AsyncClient:
+    """An async client for one sendtime server.
+
+        async with AsyncClient("127.0.0.1:50051", api_key) as client:
+            await client.track("Product Viewed", {"product_id": "p1"}, user_id="u1")
+
+    Every call has a deadline (``default_timeout`` seconds unless the call
+    gives ``timeout``), and is retried with backoff on UNAVAILABLE within that
+    deadline. Failures raise ``SendtimeError`` subclasses. The channel opens
+    on first use, inside the running event loop.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        api_key: str,
+        *,
+        tls: bool | grpc.ChannelCredentials = False,
+        default_timeout: float = _config.DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        channel_options: _config.ChannelOptions = (),
+    ) -> None:
+        self.target = target
+        self.default_timeout = _config.check_timeout(default_timeout)
+        self._metadata = _config.auth_metadata(api_key)
+        self._credentials = _config.credentials(tls)
+        self._options = _config.channel_options(channel_options)
+        self._retry = retry or RetryPolicy()
+        self._channel: grpc.aio.Channel | None = None
+        self._events: event_service_pb2_grpc.EventServiceAsyncStub | None = None
+        self._profiles: profile_service_pb2_grpc.ProfileServiceAsyncStub | None = None
+        self._streams: set[EventStream] = set()
+        self._closed = False
+
+    # -------------------------------------------------------------- lifecycle
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Abort open streams (un-acked events fail with ``Cancelled``: close
+        or flush streams first to keep them) and close the channel."""
+        self._closed = True
+        for stream in list(self._streams):
+            await stream.abort()
+        if self._channel is not None:
+            await self._channel.close(None)
+            self._channel = None
+
+    def _stubs(
+        self,
+    ) -> tuple[
+        event_service_pb2_grpc.EventServiceAsyncStub, profile_service_pb2_grpc.ProfileServiceAsyncStub
+    ]:
+        if self._closed:
+            raise RuntimeError("the client is closed")
+        if self._events is None or self._profiles is None:
+            if self._credentials is None:
+                self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+            else:
+                self._channel = grpc.aio.secure_channel(self.target, self._credentials, options=self._options)
+            self._events = event_service_pb2_grpc.EventServiceStub(self._channel)
+            self._profiles = profile_service_pb2_grpc.ProfileServiceStub(self._channel)
+        return self._events, self._profiles
+
+    def _timeout(self, timeout: float | None) -> float:
+        return self.default_timeout if timeout is None else _config.check_timeout(timeout)
+
+    # ------------------------------------------------------------------ ingest
+
+    async def send_event(
+        self,
+        event: event_pb2.Event,
+        *,
+        # The timeout becomes the call's gRPC deadline, which the server sees too;
+        # asyncio.timeout around the call could not tell the server.
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Ack:
+        """Ingest one prepared event. A rejected event raises ``InvalidArgument``
+        whose ``field_violations`` name the fields at fault."""
+        stub = self._stubs()[0]
+        request = event_service_pb2.IngestEventRequest(event=event)
+
+        async def attempt(seconds: float) -> event_service_pb2.IngestEventResponse:
+            return await stub.IngestEvent(request, timeout=seconds, metadata=self._metadata)
+
+        response = await retry_async(attempt, self._timeout(timeout), self._retry)
+        return ack_from_proto(response.ack)
+
+    async def track(
+        self,
+        name: str,
+        properties: Mapping[str, Any] | None = None,
+        *,
+        user_id: str | None = None,
+        anonymous_id: str | None = None,
+        message_id: str | None = None,
+        timestamp: dt.datetime | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Ack:
+        """Track an action; see ``track_event`` for the arguments."""
+        event = track_event(
+            name,
+            properties,
+            user_id=user_id,
+            anonymous_id=anonymous_id,
+            message_id=message_id,
+            timestamp=timestamp,
+        )
+        return await self.send_event(event, timeout=timeout)
+
+    async def identify(
+        self,
+        user_id: str | None = None,
+        *,
+        anonymous_id: str | None = None,
+        email: str | None = None,
+        first_name: str | None = None,
+        last_name: str | None = None,
+        locale: str | None = None,
+        timezone: str | None = None,
+        consent: Mapping[str, bool] | None = None,
+        traits: Mapping[str, Any] | None = None,
+        message_id: str | None = None,
+        timestamp: dt.datetime | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Ack:
+        """Say who a user is; see ``identify_event`` for the arguments."""
+        event = identify_event(
+            user_id,
+            anonymous_id=anonymous_id,
+            email=email,
+            first_name=first_name,
+            last_name=last_name,
+            locale=locale,
+            timezone=timezone,
+            consent=consent,
+            traits=traits,
+            message_id=message_id,
+            timestamp=timestamp,
+        )
+        return await self.send_event(event, timeout=timeout)
+
+    async def ingest(
+        self,
+        events: Iterable[event_pb2.Event],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> list[Ack]:
+        """Ingest a batch (at most 2,500 events) in one call: one ack per event,
+        in order. A bad event is rejected in its ack; the good ones are stored."""
+        stub = self._stubs()[0]
+        request = event_service_pb2.IngestEventsRequest(events=events)
+
+        async def attempt(seconds: float) -> event_service_pb2.IngestEventsResponse:
+            return await stub.IngestEvents(request, timeout=seconds, metadata=self._metadata)
+
+        response = await retry_async(attempt, self._timeout(timeout), self._retry)
+        return [ack_from_proto(ack) for ack in response.acks]
+
+    def stream(
+        self,
+        *,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        linger: float = DEFAULT_LINGER,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        reconnect_timeout: float | None = DEFAULT_RECONNECT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+    ) -> EventStream:
+        """A stream for high-volume ingest with backpressure; see ``EventStream``.
+        ``reconnect_timeout`` bounds how long it keeps reconnecting without an
+        ack before failing the un-acked events with ``Unavailable``; ``retry``
+        paces the reconnects (its ``max_attempts`` does not apply)."""
+        stub = self._stubs()[0]
+
+        def open_call() -> StreamCall:
+            # No deadline: the stream lives as long as the caller keeps it.
+            return stub.StreamEvents(None, metadata=self._metadata)
+
+        stream = EventStream(
+            open_call,
+            max_in_flight=max_in_flight,
+            batch_size=batch_size,
+            linger=linger,
+            max_batch_bytes=max_batch_bytes,
+            reconnect_timeout=reconnect_timeout,
+            retry=retry,
+            on_finish=self._streams.discard,
+        )
+        self._streams.add(stream)
+        return stream
+
+    # --------------------------------------------------------------- profiles
+
+    async def get_profile(
+        self,
+        user_id: str | None = None,
+        *,
+        anonymous_id: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> profile_service_pb2.Profile:
+        """The profile folded from a user's events (give exactly one of the
+        ids). Raises ``NotFound`` when no event was ever seen for them."""
+        stub = self._stubs()[1]
+        request = profile_service_pb2.GetProfileRequest(
+            user_id=user_id or "", anonymous_id=anonymous_id or ""
+        )
+
+        async def attempt(seconds: float) -> profile_service_pb2.GetProfileResponse:
+            return await stub.GetProfile(request, timeout=seconds, metadata=self._metadata)
+
+        response = await retry_async(attempt, self._timeout(timeout), self._retry)
+        return response.profile

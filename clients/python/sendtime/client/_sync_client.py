@@ -1,0 +1,153 @@
+"""The blocking client: the unary calls of ``AsyncClient`` over a grpc sync
+channel, for plain code (scripts, WSGI apps, the CLI)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any, Self
+
+import grpc
+
+from sendtime.client import _config
+from sendtime.client._events import Ack, ack_from_proto, identify_event, track_event
+from sendtime.client._retry import RetryPolicy, retry_sync
+from sendtime.v1 import (
+    event_pb2,
+    event_service_pb2,
+    event_service_pb2_grpc,
+    profile_service_pb2,
+    profile_service_pb2_grpc,
+)
+
+
+class Client:
+    """A blocking client for one sendtime server; same calls, deadlines,
+    retries and errors as ``AsyncClient`` (without streams).
+
+        with Client("127.0.0.1:50051", api_key) as client:
+            client.identify("u1", email="ada@example.com", consent={"marketing": True})
+    """
+
+    def __init__(
+        self,
+        target: str,
+        api_key: str,
+        *,
+        tls: bool | grpc.ChannelCredentials = False,
+        default_timeout: float = _config.DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        channel_options: _config.ChannelOptions = (),
+    ) -> None:
+        self.target = target
+        self.default_timeout = _config.check_timeout(default_timeout)
+        self._metadata = _config.auth_metadata(api_key)
+        self._retry = retry or RetryPolicy()
+        credentials = _config.credentials(tls)
+        options = _config.channel_options(channel_options)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        self._events = event_service_pb2_grpc.EventServiceStub(self._channel)
+        self._profiles = profile_service_pb2_grpc.ProfileServiceStub(self._channel)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _timeout(self, timeout: float | None) -> float:
+        return self.default_timeout if timeout is None else _config.check_timeout(timeout)
+
+    def send_event(self, event: event_pb2.Event, *, timeout: float | None = None) -> Ack:
+        """Ingest one prepared event; a rejected one raises ``InvalidArgument``."""
+        request = event_service_pb2.IngestEventRequest(event=event)
+
+        def attempt(seconds: float) -> event_service_pb2.IngestEventResponse:
+            return self._events.IngestEvent(request, timeout=seconds, metadata=self._metadata)
+
+        return ack_from_proto(retry_sync(attempt, self._timeout(timeout), self._retry).ack)
+
+    def track(
+        self,
+        name: str,
+        properties: Mapping[str, Any] | None = None,
+        *,
+        user_id: str | None = None,
+        anonymous_id: str | None = None,
+        message_id: str | None = None,
+        timestamp: dt.datetime | None = None,
+        timeout: float | None = None,
+    ) -> Ack:
+        event = track_event(
+            name,
+            properties,
+            user_id=user_id,
+            anonymous_id=anonymous_id,
+            message_id=message_id,
+            timestamp=timestamp,
+        )
+        return self.send_event(event, timeout=timeout)
+
+    def identify(
+        self,
+        user_id: str | None = None,
+        *,
+        anonymous_id: str | None = None,
+        email: str | None = None,
+        first_name: str | None = None,
+        last_name: str | None = None,
+        locale: str | None = None,
+        timezone: str | None = None,
+        consent: Mapping[str, bool] | None = None,
+        traits: Mapping[str, Any] | None = None,
+        message_id: str | None = None,
+        timestamp: dt.datetime | None = None,
+        timeout: float | None = None,
+    ) -> Ack:
+        event = identify_event(
+            user_id,
+            anonymous_id=anonymous_id,
+            email=email,
+            first_name=first_name,
+            last_name=last_name,
+            locale=locale,
+            timezone=timezone,
+            consent=consent,
+            traits=traits,
+            message_id=message_id,
+            timestamp=timestamp,
+        )
+        return self.send_event(event, timeout=timeout)
+
+    def ingest(self, events: Iterable[event_pb2.Event], *, timeout: float | None = None) -> list[Ack]:
+        request = event_service_pb2.IngestEventsRequest(events=events)
+
+        def attempt(seconds: float) -> event_service_pb2.IngestEventsResponse:
+            return self._events.IngestEvents(request, timeout=seconds, metadata=self._metadata)
+
+        return [ack_from_proto(a) for a in retry_sync(attempt, self._timeout(timeout), self._retry).acks]
+
+    def get_profile(
+        self,
+        user_id: str | None = None,
+        *,
+        anonymous_id: str | None = None,
+        timeout: float | None = None,
+    ) -> profile_service_pb2.Profile:
+        request = profile_service_pb2.GetProfileRequest(
+            user_id=user_id or "", anonymous_id=anonymous_id or ""
+        )
+
+        def attempt(seconds: float) -> profile_service_pb2.GetProfileResponse:
+            return self._profiles.GetProfile(request, timeout=seconds, metadata=self._metadata)
+
+        return retry_sync(attempt, self._timeout(timeout), self._retry).profile
