@@ -1,0 +1,211 @@
+"""Pins the public surface of ``sendtime.client``: what it exports, the call
+signatures users write against, and that the package stands on its own."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import inspect
+import json
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+import sendtime.client
+from sendtime.client import (
+    AsyncClient,
+    Client,
+    EventStream,
+    InvalidArgument,
+    RetryPolicy,
+    SendtimeError,
+    identify_event,
+    track_event,
+)
+from sendtime.v1 import event_pb2
+
+PUBLIC = [
+    "Ack",
+    "AsyncClient",
+    "Cancelled",
+    "Client",
+    "DeadlineExceeded",
+    "EventStream",
+    "FieldViolation",
+    "InvalidArgument",
+    "NotFound",
+    "Outcome",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "RetryPolicy",
+    "SendtimeError",
+    "Unauthenticated",
+    "Unavailable",
+    "identify_event",
+    "track_event",
+]
+
+
+def test_all_is_the_public_surface() -> None:
+    assert sorted(sendtime.client.__all__) == PUBLIC
+    for name in PUBLIC:
+        assert getattr(sendtime.client, name) is not None
+    exported = {n for n in vars(sendtime.client) if not n.startswith("_")}
+    assert exported == set(PUBLIC)
+
+
+def test_errors_form_one_hierarchy_with_their_status_codes() -> None:
+    for name in (
+        "InvalidArgument",
+        "Unauthenticated",
+        "PermissionDenied",
+        "NotFound",
+        "ResourceExhausted",
+        "Unavailable",
+        "DeadlineExceeded",
+        "Cancelled",
+    ):
+        cls = getattr(sendtime.client, name)
+        assert issubclass(cls, SendtimeError)
+        assert cls.code.name == "".join(f"_{c}" if c.isupper() else c.upper() for c in name).lstrip("_")
+
+
+def _params(function: object) -> list[str]:
+    return list(inspect.signature(function).parameters)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cls", [AsyncClient, Client])
+def test_client_signatures(cls: type[object]) -> None:
+    assert _params(cls) == ["target", "api_key", "tls", "default_timeout", "retry", "channel_options"]
+    assert inspect.signature(cls).parameters["default_timeout"].default == 5.0
+    assert _params(cls.track) == [  # type: ignore[attr-defined]
+        "self",
+        "name",
+        "properties",
+        "user_id",
+        "anonymous_id",
+        "message_id",
+        "timestamp",
+        "timeout",
+    ]
+    assert _params(cls.identify) == [  # type: ignore[attr-defined]
+        "self",
+        "user_id",
+        "anonymous_id",
+        "email",
+        "first_name",
+        "last_name",
+        "locale",
+        "timezone",
+        "consent",
+        "traits",
+        "message_id",
+        "timestamp",
+        "timeout",
+    ]
+    assert _params(cls.ingest) == ["self", "events", "timeout"]  # type: ignore[attr-defined]
+    assert _params(cls.get_profile) == ["self", "user_id", "anonymous_id", "timeout"]  # type: ignore[attr-defined]
+    assert _params(cls.send_event) == ["self", "event", "timeout"]  # type: ignore[attr-defined]
+
+
+def test_async_only_parts() -> None:
+    assert inspect.iscoroutinefunction(AsyncClient.track)
+    assert not inspect.iscoroutinefunction(Client.track)
+    assert _params(AsyncClient.stream) == [
+        "self",
+        "max_in_flight",
+        "batch_size",
+        "linger",
+        "max_batch_bytes",
+        "reconnect_timeout",
+        "retry",
+    ]
+    for method in ("send", "send_many", "flush", "close", "abort", "__aenter__", "__aexit__"):
+        assert inspect.iscoroutinefunction(getattr(EventStream, method)), method
+
+
+def test_track_event_encodes_properties_as_json() -> None:
+    when = dt.datetime(2024, 5, 1, 10, 0, tzinfo=dt.UTC)
+    event = track_event(
+        "Order Completed", {"order_id": "o1", "total": 9.5}, user_id="u1", message_id="m1", timestamp=when
+    )
+    assert (event.message_id, event.user_id, event.WhichOneof("kind")) == ("m1", "u1", "track")
+    assert event.track.name == "Order Completed"
+    assert json.loads(event.track.properties_json) == {"order_id": "o1", "total": 9.5}
+    assert event.timestamp.ToDatetime(tzinfo=dt.UTC) == when
+
+
+def test_properties_may_hold_dates_and_decimals() -> None:
+    event = track_event(
+        "Order Completed",
+        {"order_id": "o1", "total": decimal.Decimal("19.90"), "placed": dt.date(2024, 5, 1), "note": "é"},
+        user_id="u1",
+    )
+    assert json.loads(event.track.properties_json) == {
+        "order_id": "o1",
+        "total": 19.9,
+        "placed": "2024-05-01",
+        "note": "é",
+    }
+    with pytest.raises(TypeError, match="cannot encode set"):
+        track_event("Custom", {"tags": {"a"}}, user_id="u1")
+
+
+def test_track_event_defaults_a_fresh_id_and_now() -> None:
+    first, second = track_event("Signed Up", user_id="u1"), track_event("Signed Up", user_id="u1")
+    assert first.message_id != second.message_id
+    assert len(first.message_id) == 36
+    assert first.track.properties_json == b""
+    age = dt.datetime.now(dt.UTC) - first.timestamp.ToDatetime(tzinfo=dt.UTC)
+    assert dt.timedelta(0) <= age < dt.timedelta(seconds=5)
+    with pytest.raises(ValueError, match="timezone-aware"):
+        track_event("Signed Up", user_id="u1", timestamp=dt.datetime(2024, 1, 1))
+
+
+def test_identify_event_maps_consent_and_extra_traits() -> None:
+    event = identify_event(
+        anonymous_id="a1",
+        email="x@example.com",
+        consent={"marketing": True, "sms": False},
+        traits={"plan": "pro"},
+    )
+    assert event.anonymous_id == "a1"
+    traits = event.identify.traits
+    assert traits.email == "x@example.com"
+    assert dict(traits.consent) == {
+        "marketing": event_pb2.CONSENT_STATE_OPTED_IN,
+        "sms": event_pb2.CONSENT_STATE_OPTED_OUT,
+    }
+    assert json.loads(event.identify.extra_traits_json) == {"plan": "pro"}
+
+
+def test_retry_policy_backs_off_exponentially_with_jitter() -> None:
+    policy = RetryPolicy(initial_backoff=0.1, max_backoff=1.0, multiplier=2.0, jitter=0.2)
+    for retry, ceiling in [(0, 0.1), (1, 0.2), (2, 0.4), (3, 0.8), (4, 1.0), (10, 1.0)]:
+        waits = {policy.backoff(retry) for _ in range(50)}
+        assert all(ceiling * 0.8 <= w <= ceiling * 1.2 for w in waits)
+        assert len(waits) > 1
+    with pytest.raises(ValueError):
+        RetryPolicy(max_attempts=0)
+
+
+def test_invalid_argument_reads_well() -> None:
+    error = InvalidArgument(
+        "invalid event", field_violations=(sendtime.client.FieldViolation("event.user_id", "required"),)
+    )
+    assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert error.reason == "INVALID_ARGUMENT"
+    assert str(error) == "INVALID_ARGUMENT: invalid event (event.user_id: required)"
+
+
+def test_the_client_does_not_import_the_server() -> None:
+    code = "import sys, sendtime.client; print(sorted(m for m in sys.modules if m.startswith('sendtime.')))"
+    modules = json.loads(
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+        .stdout.strip()
+        .replace("'", '"')
+    )
+    assert not [m for m in modules if m.startswith("sendtime.server")]
+    assert "sendtime.v1.event_pb2" in modules
