@@ -6,21 +6,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import zlib
 from pathlib import Path
 
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sendtime.v1 import event_pb2, event_service_pb2
-from tests.conftest import DEV_AUTH, event_stub
+from sendtime.v1 import event_pb2, event_service_pb2, profile_service_pb2
+from tests.conftest import DEV_AUTH, event_stub, profile_stub
 from tests.integration.server_process import ServerProcess, start_server
 
 BATCH = 50
 
 
+def user_of(message_id: str) -> str:
+    return f"user-{zlib.crc32(message_id.encode()) % 200}"
+
+
 def event(message_id: str) -> event_pb2.Event:
-    user = f"user-{hash(message_id) % 200}"
+    user = user_of(message_id)
     properties = {"cart_id": f"cart-{user}", "product_id": f"p-{message_id}", "price": 5, "quantity": 1}
     return event_pb2.Event(
         message_id=message_id,
@@ -55,6 +60,18 @@ async def stream_until_broken(server: ServerProcess, acked: set[str], sent: list
         return await call.code()
 
 
+async def event_counts(server: ServerProcess, users: set[str]) -> dict[str, int]:
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = profile_stub(channel)
+        counts = {}
+        for user in users:
+            reply = await stub.GetProfile(
+                profile_service_pb2.GetProfileRequest(user_id=user), metadata=DEV_AUTH
+            )
+            counts[user] = reply.profile.event_count
+        return counts
+
+
 async def resend(server: ServerProcess, message_ids: list[str]) -> dict[str, int]:
     """Send the ids again: an id the server kept comes back DUPLICATE."""
     outcomes: dict[str, int] = {}
@@ -87,12 +104,21 @@ async def test_kill_9_mid_stream_loses_no_acked_event(tmp_path: Path) -> None:
 
     restarted = await start_server(tmp_path / "data")
     try:
+        # Profiles are saved about once a second, so the kill lost some saves:
+        # the restart must fold those events again, each exactly once.
+        counts = await event_counts(restarted, {user_of(m) for m in sent})
         outcomes = await resend(restarted, sorted(acked))
     finally:
         restarted.terminate()
         await restarted.wait()
     lost = [m for m in acked if outcomes[m] != event_pb2.EVENT_OUTCOME_DUPLICATE]
     assert lost == [], f"{len(lost)} acked events were lost"
+    stored = {m for m, outcome in outcomes.items() if outcome == event_pb2.EVENT_OUTCOME_DUPLICATE}
+    for user, count in counts.items():
+        acked_for_user = sum(1 for m in acked if user_of(m) == user)
+        sent_for_user = sum(1 for m in sent if user_of(m) == user)
+        assert acked_for_user <= count <= sent_for_user, (user, acked_for_user, count, sent_for_user)
+    assert sum(counts.values()) >= len(stored)
 
 
 async def test_sigterm_drains_streams_and_acks_what_it_read(tmp_path: Path) -> None:

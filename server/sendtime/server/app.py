@@ -22,6 +22,7 @@ import uvloop
 
 from sendtime.server.auth import Authenticator
 from sendtime.server.domain.ingest import Ingestor, utc_now
+from sendtime.server.domain.profiles import ProfileBook
 from sendtime.server.domain.queries import ProfileQueries
 from sendtime.server.edge.grpc_server import GrpcEdge, build_grpc_edge
 from sendtime.server.edge.http_server import HttpEdge, build_http_edge
@@ -38,6 +39,7 @@ class Sendtime:
         self.settings = settings
         self._clock = clock
         self._store: SqliteStore | None = None
+        self._profiles: ProfileBook | None = None
         self._grpc: GrpcEdge | None = None
         self._http: HttpEdge | None = None
         self._serving = False
@@ -65,12 +67,19 @@ class Sendtime:
             synchronous="normal" if storage.synchronous == "normal" else "full",
             dedupe_retention=timedelta(seconds=storage.dedupe_retention_s),
             max_queued_events=storage.max_queued_events,
-            profile_cache_size=storage.profile_cache_size,
+            cache_mib=storage.sqlite_cache_mib,
         )
-        ingestor = Ingestor(self._store, self._clock)
-        queries = ProfileQueries(self._store)
+        self._profiles = ProfileBook(
+            self._store,
+            max_cached=storage.profile_cache_size,
+            flush_interval_s=storage.profile_flush_interval_s,
+        )
+        self._store.on_commit = self._profiles.committed
+        ingestor = Ingestor(self._store, self._profiles, self._clock)
+        queries = ProfileQueries(self._profiles)
         authenticator = Authenticator(settings.auth)
         try:
+            await self._profiles.start()
             self._grpc = build_grpc_edge(
                 settings.grpc, ingestor=ingestor, queries=queries, authenticator=authenticator
             )
@@ -99,6 +108,8 @@ class Sendtime:
             await self._grpc.stop(grace)
         if self._http is not None:
             await self._http.stop()
+        if self._profiles is not None:
+            await self._profiles.close()
         if self._store is not None:
             await self._store.close()
 

@@ -63,7 +63,12 @@ class StorageSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: How long a message id is remembered for de-duplication.
     dedupe_retention_s: Seconds = 7 * 24 * 3600.0
     max_queued_events: Annotated[int, msgspec.Meta(ge=1)] = 100_000
-    profile_cache_size: Annotated[int, msgspec.Meta(ge=0)] = 50_000
+    #: Profiles kept in memory (more when many are waiting to be saved).
+    profile_cache_size: Annotated[int, msgspec.Meta(ge=1)] = 100_000
+    #: How often changed profiles are saved; a restart re-folds the events since.
+    profile_flush_interval_s: Seconds = 1.0
+    #: SQLite's page cache per connection, in MiB.
+    sqlite_cache_mib: Annotated[int, msgspec.Meta(ge=1)] = 128
 
     def __post_init__(self) -> None:
         if self.synchronous not in ("full", "normal"):

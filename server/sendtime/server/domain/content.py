@@ -23,8 +23,8 @@ from sendtime.server.domain import blocks as builtin
 from sendtime.server.domain.catalog import Catalog
 from sendtime.server.domain.errors import InvalidInput
 from sendtime.server.domain.events import Identity
-from sendtime.server.domain.ports import EventStore
 from sendtime.server.domain.profile import Profile, ProfileView, view
+from sendtime.server.domain.profiles import ProfileBook
 from sendtime.server.domain.recommend import Recommender
 
 MAX_BLOCKS: Final = 20
@@ -98,7 +98,7 @@ class BlockCache(Protocol):
         *,
         ttl: float,
         stale_ttl: float,
-        timeout: float,
+        budget_s: float,
         tags: Sequence[str],
         breaker_key: str | None,
     ) -> Fetched: ...
@@ -139,7 +139,7 @@ class ContentPipeline:
     def __init__(
         self,
         *,
-        store: EventStore,
+        profiles: ProfileBook,
         catalog: Catalog,
         recommender: Recommender,
         cache: BlockCache,
@@ -148,7 +148,7 @@ class ContentPipeline:
         max_concurrent: int,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._store = store
+        self._profiles = profiles
         self._catalog = catalog
         self._recommender = recommender
         self._cache = cache
@@ -226,7 +226,7 @@ class ContentPipeline:
             fetch,
             ttl=self._policy.block_ttl_s,
             stale_ttl=self._policy.block_stale_ttl_s,
-            timeout=request.remaining(),
+            budget_s=request.remaining(),
             tags=(request.identity.key, "catalog"),
             breaker_key=None,
         )
@@ -249,7 +249,7 @@ class ContentPipeline:
             fetch,
             ttl=upstream.ttl_s,
             stale_ttl=upstream.stale_ttl_s,
-            timeout=request.remaining(),
+            budget_s=request.remaining(),
             tags=(f"upstream:{name}",),
             breaker_key=upstream.host,
         )
@@ -300,7 +300,7 @@ class _Request:
         return await asyncio.shield(self._profile)
 
     async def _load_profile(self) -> ProfileView | None:
-        stored = await self.pipeline._store.get_profile(self.identity.key)
+        stored = await self.pipeline._profiles.get(self.identity.key)
         return view(stored) if stored is not None else None
 
     def user_data(self) -> dict[str, Any]:

@@ -8,7 +8,6 @@ through, and a bad event never sinks the good ones beside it.
 from __future__ import annotations
 
 import enum
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,8 +15,7 @@ from datetime import UTC, datetime
 from sendtime.server.domain.errors import InvalidInput
 from sendtime.server.domain.events import Event, IncomingEvent, validate
 from sendtime.server.domain.ports import EventStore
-
-log = logging.getLogger(__name__)
+from sendtime.server.domain.profiles import ProfileBook
 
 
 class Outcome(enum.Enum):
@@ -47,20 +45,13 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-#: Told of every batch of newly stored events, after the commit and before the acks.
-StoredListener = Callable[[Sequence[Event]], None]
-
-
 class Ingestor:
     def __init__(
-        self,
-        store: EventStore,
-        clock: Callable[[], datetime] = utc_now,
-        listeners: Sequence[StoredListener] = (),
+        self, store: EventStore, profiles: ProfileBook, clock: Callable[[], datetime] = utc_now
     ) -> None:
         self._store = store
+        self._profiles = profiles
         self._clock = clock
-        self._listeners = tuple(listeners)
 
     async def ingest(self, incoming: Sequence[IncomingEvent | Undecodable]) -> list[Ack]:
         """One ack per event, in input order. Accepted and duplicate acks are
@@ -80,22 +71,10 @@ class Ingestor:
             else:
                 positions.append(index)
         if valid:
-            is_new = await self._store.append(valid)
-            stored = []
-            for index, event, new in zip(positions, valid, is_new, strict=True):
+            appended = await self._store.append(valid)
+            # Read-your-writes: whoever reads after the ack sees the event.
+            await self._profiles.wait_folded(appended.position)
+            for index, event, new in zip(positions, valid, appended.is_new, strict=True):
                 outcome = Outcome.ACCEPTED if new else Outcome.DUPLICATE
                 acks[index] = Ack(index, event.message_id, outcome)
-                if new:
-                    stored.append(event)
-            if stored:
-                self._notify(stored)
         return [ack for ack in acks if ack is not None]
-
-    def _notify(self, stored: list[Event]) -> None:
-        for listener in self._listeners:
-            try:
-                listener(stored)
-            except Exception:
-                # The events are committed: their acks must go out whatever a
-                # listener (a cache, a model) makes of them.
-                log.exception("a listener failed on %d stored events", len(stored))

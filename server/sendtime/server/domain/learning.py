@@ -1,9 +1,9 @@
 """What the content side learns from each stored event.
 
-The ingestor calls ``EventLearner.learned`` with every newly stored batch,
-after the commit and before the acks go out: the recommender learns from views
-and orders, and the user's cached blocks are dropped so the next send sees the
-event.
+The profile book calls ``EventLearner.learned`` with every round of newly
+stored events once they are folded into profiles, before their acks go out: the
+recommender learns from views and orders, and the user's cached blocks are
+dropped so the next send sees the event.
 """
 
 from __future__ import annotations

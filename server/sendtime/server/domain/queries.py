@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from sendtime.server.domain.errors import InvalidInput, NotFound
 from sendtime.server.domain.events import Identity
-from sendtime.server.domain.ports import EventStore
 from sendtime.server.domain.profile import ProfileView, view
+from sendtime.server.domain.profiles import ProfileBook
 
 
 class ProfileQueries:
-    def __init__(self, store: EventStore) -> None:
-        self._store = store
+    def __init__(self, profiles: ProfileBook) -> None:
+        self._profiles = profiles
 
     async def get(self, *, user_id: str = "", anonymous_id: str = "") -> ProfileView:
         if bool(user_id) == bool(anonymous_id):
             raise InvalidInput.field("user_id", "give exactly one of user_id and anonymous_id")
         identity = Identity(user_id, anonymous_id)
-        profile = await self._store.get_profile(identity.key)
+        profile = await self._profiles.get(identity.key)
         if profile is None:
             who = f"user {user_id!r}" if user_id else f"anonymous id {anonymous_id!r}"
             raise NotFound(f"no events were ever seen for {who}")

@@ -1,0 +1,233 @@
+"""Live profiles in memory, folded from committed events, saved in batches.
+
+The store tells ``ProfileBook.committed`` about every commit round, on the
+event loop and in commit order, even when the caller that asked for it has gone
+away. The book folds rounds one after another (loading a profile from the
+store the first time it is needed), so a reader on the loop always sees whole
+rounds, and an ingest call waits for its round to be folded before it acks:
+whoever reads after an ack sees the event.
+
+Every ``flush_interval_s`` the dirty profiles are encoded and saved together
+with the position they include; a restart folds only the events after it.
+Many events for one user between saves cost one write. Only clean profiles are
+evicted, so memory is bounded by the cache size plus what a flush interval of
+traffic makes dirty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import msgspec
+
+from sendtime.server.domain.events import Event
+from sendtime.server.domain.ports import ProfileStore
+from sendtime.server.domain.profile import Profile, fold
+
+log = logging.getLogger(__name__)
+
+_encode = msgspec.msgpack.Encoder().encode
+
+#: Told of each round's events once they are folded, before the round's acks go out.
+FoldedListener = Callable[[Sequence[Event]], None]
+
+
+class ProfileBook:
+    def __init__(
+        self,
+        store: ProfileStore,
+        *,
+        max_cached: int,
+        flush_interval_s: float = 1.0,
+        on_folded: Sequence[FoldedListener] = (),
+    ) -> None:
+        self._store = store
+        self._on_folded = tuple(on_folded)
+        # Set when a round could not be folded: saving then would record a
+        # position that includes events missing from the profiles.
+        self._saves_stopped = False
+        self._max_cached = max_cached
+        self._flush_interval = flush_interval_s
+        self._profiles: OrderedDict[str, Profile] = OrderedDict()
+        self._dirty: set[str] = set()
+        self._loading: dict[str, asyncio.Future[Profile | None]] = {}
+        self._rounds: asyncio.Queue[tuple[list[Event], int]] = asyncio.Queue()
+        self._folded = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._flush_now = asyncio.Event()
+
+    @property
+    def folded_position(self) -> int:
+        return self._folded
+
+    async def start(self) -> int:
+        """Fold the events the saved profiles do not include yet; returns how many."""
+        saved = await self._store.profiles_position()
+        events, last = await self._store.replay(saved)
+        if events:
+            await self._fold_round(events)
+            log.info("folded %d events stored after the last profile save", len(events))
+        self._folded = last
+        if events:
+            await self._flush()
+        self._tasks = [
+            asyncio.create_task(self._folder(), name="sendtime-profile-folder"),
+            asyncio.create_task(self._flusher(), name="sendtime-profile-flusher"),
+        ]
+        return len(events)
+
+    async def close(self) -> None:
+        """Fold what was committed, save everything, stop."""
+        await self._rounds.join()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._flush()
+
+    # -- writing ------------------------------------------------------------
+
+    def committed(self, events: list[Event], position: int) -> None:
+        """Called by the store, in commit order, for every round's new events."""
+        self._rounds.put_nowait((events, position))
+
+    async def wait_folded(self, position: int) -> None:
+        if self._folded >= position:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((position, waiter))
+        await waiter
+
+    async def _folder(self) -> None:
+        while True:
+            events, position = await self._rounds.get()
+            try:
+                await self._fold_round(events)
+            except Exception:
+                # The store could not load a profile. The events are durable and
+                # a restart folds them again from the last save, so stop saving
+                # rather than hold every ack hostage.
+                self._saves_stopped = True
+                log.exception(
+                    "folding %d events failed; profiles are no longer saved until a restart", len(events)
+                )
+            else:
+                self._notify(events)
+            finally:
+                self._rounds.task_done()
+            self._folded = max(self._folded, position)
+            self._release_waiters()
+
+    def _notify(self, events: Sequence[Event]) -> None:
+        for listener in self._on_folded:
+            try:
+                listener(events)
+            except Exception:
+                log.exception("a folded-events listener failed")
+
+    def _release_waiters(self) -> None:
+        still = []
+        for position, waiter in self._waiters:
+            if position <= self._folded:
+                if not waiter.done():
+                    waiter.set_result(None)
+            else:
+                still.append((position, waiter))
+        self._waiters = still
+
+    async def _fold_round(self, events: Sequence[Event]) -> None:
+        keys = {event.identity.key for event in events}
+        missing = [key for key in keys if key not in self._profiles]
+        if missing:
+            await self._load(missing)
+        for event in events:
+            key = event.identity.key
+            profile = self._profiles.get(key)
+            if profile is None:
+                profile = self._profiles[key] = Profile()
+            fold(profile, event)
+            self._dirty.add(key)
+        self._evict()
+
+    # -- reading ------------------------------------------------------------
+
+    async def get(self, key: str) -> Profile | None:
+        """The profile as of the last folded round. Callers must not change it."""
+        profile = self._profiles.get(key)
+        if profile is not None:
+            self._profiles.move_to_end(key)
+            return profile
+        await self._load([key])
+        return self._profiles.get(key)
+
+    async def _load(self, keys: Sequence[str]) -> None:
+        """Load profiles not in memory, each key at most once at a time."""
+        waiting = [self._loading[key] for key in keys if key in self._loading]
+        wanted = [key for key in keys if key not in self._loading and key not in self._profiles]
+        if wanted:
+            loop = asyncio.get_running_loop()
+            futures = {key: loop.create_future() for key in wanted}
+            self._loading.update(futures)
+            try:
+                found = await self._store.load_profiles(wanted)
+            except BaseException as exc:
+                for key, future in futures.items():
+                    del self._loading[key]
+                    future.set_exception(exc)
+                    future.exception()  # retrieved here; the raise below reports it
+                raise
+            for key, future in futures.items():
+                del self._loading[key]
+                profile = found.get(key)
+                # a fold may have created it while we waited: keep that one
+                if profile is not None and key not in self._profiles:
+                    self._profiles[key] = profile
+                future.set_result(profile)
+        for future in waiting:
+            await future
+
+    # -- saving -------------------------------------------------------------
+
+    def _evict(self) -> None:
+        excess = len(self._profiles) - self._max_cached
+        if excess <= 0:
+            return
+        for key in list(self._profiles)[: excess * 2]:
+            if excess <= 0:
+                break
+            if key not in self._dirty and key not in self._loading:
+                del self._profiles[key]
+                excess -= 1
+        if excess > 0:
+            self._flush_now.set()  # everything old is dirty: save so it can go
+
+    async def _flusher(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush_now.wait(), self._flush_interval)
+            self._flush_now.clear()
+            try:
+                await self._flush()
+            except Exception:
+                log.exception("saving profiles failed; will retry")
+
+    async def _flush(self) -> None:
+        if not self._dirty or self._saves_stopped:
+            return
+        # Encoded in one synchronous step: exactly the rounds folded so far.
+        keys = list(self._dirty)
+        rows = [(key, _encode(self._profiles[key])) for key in keys]
+        position = self._folded
+        self._dirty.clear()
+        try:
+            await self._store.save_profiles(rows, position)
+        except BaseException:
+            self._dirty.update(keys)
+            raise
+        self._evict()
