@@ -1,0 +1,145 @@
+"""The Liquid dialect sendtime templates are written in.
+
+Two environments share one set of tags and filters: the body is rendered with
+autoescape on (it becomes HTML), subject and preheader with it off (they become
+headers and plain text; the preheader is escaped again when the body outputs it).
+
+What templates cannot do, by construction:
+- load anything: ``include`` and ``render`` are refused at parse time, and no
+  loader is configured, so a template can reach neither files nor the network;
+- unescape data: the ``safe`` filter is removed, so every value that came from
+  the caller is escaped on output, and only literal text in the template is not;
+- run away: loops and output are bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
+from functools import lru_cache
+from typing import ClassVar
+from urllib.parse import urlsplit
+
+from babel import Locale, UnknownLocaleError, numbers
+from liquid import Environment, RenderContext, Undefined
+from liquid.ast import Node
+from liquid.exceptions import LiquidSyntaxError
+from liquid.filter import with_context
+from liquid.stream import TokenStream
+from liquid.tag import Tag
+
+# Names a template sees besides its blocks: the caller's user, the links the
+# relay fills in, the rendered subject and preheader, and the template's own
+# front-matter vars. A block may not take one of these names.
+RESERVED_NAMES = frozenset({"user", "links", "email", "vars"})
+# Loop helpers a static analysis reports as globals when used outside a loop.
+_LOOP_NAMES = frozenset({"forloop", "tablerowloop"})
+ALLOWED_GLOBALS = RESERVED_NAMES | _LOOP_NAMES
+
+SAFE_URL_SCHEMES = frozenset({"http", "https", "mailto"})
+_DEFAULT_LOCALE = Locale.parse("en_US")
+
+
+class _DisabledTag(Tag):
+    """A tag refused at parse time, with a message that says why."""
+
+    block = False
+
+    def parse(self, stream: TokenStream) -> Node:
+        raise LiquidSyntaxError(
+            f"the '{self.name}' tag is not available: sendtime templates cannot load other files",
+            token=stream.current,
+        )
+
+
+class _IncludeTag(_DisabledTag):
+    name = "include"
+
+
+class _RenderTag(_DisabledTag):
+    name = "render"
+
+
+class _BoundedEnvironment(Environment):
+    # Upstream data decides how long loops run; a template gets enough for any
+    # real email and not enough to stall the event loop.
+    loop_iteration_limit: ClassVar[int | None] = 10_000
+    output_stream_limit: ClassVar[int | None] = 4_000_000
+    local_namespace_limit: ClassVar[int | None] = None
+
+
+def make_environment(*, autoescape: bool) -> Environment:
+    env = _BoundedEnvironment(autoescape=autoescape, undefined=Undefined, strict_filters=True)
+    env.add_tag(_IncludeTag)
+    env.add_tag(_RenderTag)
+    del env.filters["safe"]
+    env.add_filter("money", money)
+    env.add_filter("safe_url", safe_url)
+    return env
+
+
+def safe_url(value: object) -> str:
+    """``{{ product.url | safe_url }}``: the URL if it is http(s), mailto or has
+    no scheme at all (an ESP merge tag, a fragment), else ``#``. Escaping stops
+    data from breaking out of an attribute; this stops ``javascript:`` links."""
+    if not isinstance(value, str):
+        return "#"
+    url = value.strip()
+    if not url:
+        return "#"
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError:
+        return "#"
+    if scheme and scheme.lower() not in SAFE_URL_SCHEMES:
+        return "#"
+    return url
+
+
+@with_context
+def money(value: object, currency: object = "", *, context: RenderContext) -> str:
+    """``{{ line.unit_price | money: cart.currency }}``: an amount in major units
+    (number or numeric string) formatted for the user's locale (``user.locale``,
+    BCP 47 or POSIX style). Unusable input renders as an empty string rather than
+    failing the email."""
+    user = context.resolve("user", default=None)
+    locale = user.get("locale") if isinstance(user, Mapping) else None
+    return _format_money(
+        _amount_key(value),
+        currency if isinstance(currency, str) else "",
+        locale if isinstance(locale, str) else "",
+    )
+
+
+def _amount_key(value: object) -> str:
+    if isinstance(value, bool):
+        return ""
+    if isinstance(value, int | float | Decimal | str):
+        return str(value).strip()
+    return ""
+
+
+@lru_cache(maxsize=4096)
+def _format_money(amount: str, currency: str, locale_tag: str) -> str:
+    # babel takes ~30 us per call; an email repeats the same few prices.
+    try:
+        number = Decimal(amount)
+    except InvalidOperation:
+        return ""
+    if not number.is_finite():
+        return ""
+    locale = _locale(locale_tag)
+    code = currency.strip().upper()
+    if not code:
+        return numbers.format_decimal(number, format="#,##0.00", locale=locale)
+    return numbers.format_currency(number, code, locale=locale)
+
+
+@lru_cache(maxsize=256)
+def _locale(tag: str) -> Locale:
+    if not tag:
+        return _DEFAULT_LOCALE
+    try:
+        return Locale.parse(tag.replace("-", "_"))
+    except (UnknownLocaleError, ValueError, TypeError):
+        return _DEFAULT_LOCALE

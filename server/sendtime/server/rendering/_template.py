@@ -1,0 +1,302 @@
+"""One parsed template, and rendering it: Liquid, then MJML, then the text part.
+
+Parsing does all the work that does not depend on the data (TOML, Liquid
+parse, static checks, a trial render with every block at its fallback), so a
+template that loads renders. The hot path is ``Template.render``: a shallow
+copy of the context, three Liquid renders, one MJML compile and the text part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
+from pathlib import Path
+from typing import Any, Final
+
+import mjml
+import msgspec
+from liquid import BoundTemplate, Environment
+from liquid.exceptions import LiquidError
+from liquid.span import Span
+
+from ._errors import TemplateError
+from ._liquid import ALLOWED_GLOBALS, RESERVED_NAMES, make_environment
+from ._spec import BlockSpec, SourceParts, TemplateSpec, TextOptions, split_source
+from ._text import html_to_text
+
+log = logging.getLogger(__name__)
+
+VERSION_HEX_CHARS: Final = 12
+
+DEFAULT_LINKS: Final[Mapping[str, str]] = {
+    "unsubscribe_url": "#",
+    "preferences_url": "#",
+    "view_in_browser_url": "#",
+}
+
+# Header-breaking characters: CR, LF and the rest of C0/C1 controls, plus the
+# Unicode line and paragraph separators some clients also break on.
+_HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+_SPACES = re.compile(r" {2,}")
+_MJML_POSITION = re.compile(r"position (\d+):(\d+)")
+
+
+class RenderedEmail(msgspec.Struct, frozen=True, kw_only=True):
+    """A rendered email. ``fell_back`` names the blocks rendered from the
+    template's fallback: missing or None in the context, not an object, or
+    data the template could not render."""
+
+    template_id: str
+    version: str
+    subject: str
+    preheader: str
+    html: str
+    text: str
+    fell_back: tuple[str, ...] = ()
+
+
+class Dialect:
+    """The two Liquid environments templates are parsed with: HTML-escaping
+    for the body, plain for subject and preheader. Immutable once built; a
+    TemplateStore makes one and parses every template with it."""
+
+    __slots__ = ("html", "plain")
+
+    def __init__(self) -> None:
+        self.html = make_environment(autoescape=True)
+        self.plain = make_environment(autoescape=False)
+
+
+def content_version(source: bytes) -> str:
+    return hashlib.sha256(source).hexdigest()[:VERSION_HEX_CHARS]
+
+
+def _no_include(path: str) -> str:
+    raise ValueError(f"mj-include of {path!r} is not available: sendtime templates cannot load other files")
+
+
+class Template:
+    """A parsed template. Build with ``parse_template`` or ``load_template``."""
+
+    __slots__ = ("_body", "_preheader", "_subject", "blocks", "id", "path", "spec", "version")
+
+    def __init__(
+        self,
+        *,
+        spec: TemplateSpec,
+        path: Path,
+        version: str,
+        subject: BoundTemplate,
+        preheader: BoundTemplate,
+        body: BoundTemplate,
+    ) -> None:
+        self.spec = spec
+        self.id = spec.id
+        self.path = path
+        self.version = version
+        self.blocks: Mapping[str, BlockSpec] = spec.blocks
+        self._subject = subject
+        self._preheader = preheader
+        self._body = body
+
+    @property
+    def text_options(self) -> TextOptions:
+        return self.spec.text
+
+    def __repr__(self) -> str:
+        return f"Template(id={self.id!r}, version={self.version!r}, path={str(self.path)!r})"
+
+    def render(self, context: Mapping[str, Any]) -> RenderedEmail:
+        """Render for one user. ``context`` is ``{"user": {...}, "links": {...},
+        "<block>": data or None, ...}``. Never fails because of the data: a
+        block the template cannot render is replaced by its fallback. Raises
+        TemplateError only if the template fails with its own fallbacks."""
+        scope, fell_back = self._scope(context)
+        try:
+            return self._render(scope, fell_back)
+        except Exception as first_error:  # any failure the data causes degrades to fallbacks
+            return self._render_degraded(scope, fell_back, first_error)
+
+    def _scope(self, context: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        scope = dict(context)
+        user = scope.get("user")
+        scope["user"] = user if isinstance(user, Mapping) else {}
+        links = scope.get("links")
+        if isinstance(links, Mapping):
+            scope["links"] = {**DEFAULT_LINKS, **{k: v for k, v in links.items() if v}}
+        else:
+            scope["links"] = DEFAULT_LINKS
+        scope["vars"] = self.spec.vars
+        fell_back = []
+        for name, block in self.blocks.items():
+            if not isinstance(scope.get(name), Mapping):
+                scope[name] = block.fallback
+                fell_back.append(name)
+        return scope, fell_back
+
+    def _render(self, scope: dict[str, Any], fell_back: list[str]) -> RenderedEmail:
+        subject = header_text(self._subject.render(scope))
+        preheader = header_text(self._preheader.render(scope))
+        scope["email"] = {"subject": subject, "preheader": preheader, "template_id": self.id}
+        markup = self._body.render(scope)
+        html = mjml.mjml2html(markup, disable_comments=True, include_loader=_no_include)
+        return RenderedEmail(
+            template_id=self.id,
+            version=self.version,
+            subject=subject,
+            preheader=preheader,
+            html=html,
+            text=html_to_text(html, self.spec.text),
+            fell_back=tuple(fell_back),
+        )
+
+    def _render_degraded(
+        self, scope: dict[str, Any], fell_back: list[str], first_error: Exception
+    ) -> RenderedEmail:
+        # Replace the blocks that came with data by their fallbacks, one at a
+        # time in declared order, until the email renders.
+        log.warning(
+            "template %s: rendering with the given data failed (%s); trying fallbacks", self.id, first_error
+        )
+        last_error: Exception = first_error
+        for name, block in self.blocks.items():
+            if name in fell_back:
+                continue
+            scope[name] = block.fallback
+            fell_back.append(name)
+            try:
+                return self._render(scope, fell_back)
+            except Exception as err:  # keep degrading
+                last_error = err
+        raise TemplateError(
+            self.path,
+            f"does not render even with every block at its fallback: {_describe(last_error)}",
+            reason="TEMPLATE_RENDER_FAILED",
+        ) from last_error
+
+
+def header_text(value: str) -> str:
+    """Subject and preheader become headers: no CR, LF or other controls."""
+    return _SPACES.sub(" ", _HEADER_UNSAFE.sub(" ", value)).strip()
+
+
+def load_template(path: Path, *, dialect: Dialect | None = None) -> Template:
+    """Read and parse one template file."""
+    try:
+        source = path.read_bytes()
+    except OSError as err:
+        raise TemplateError(path, f"cannot be read: {err.strerror or err}") from None
+    return parse_template(path, source, dialect=dialect)
+
+
+def parse_template(path: Path, source: bytes, *, dialect: Dialect | None = None) -> Template:
+    """Parse a template's bytes; ``path`` names it in errors and gives its id."""
+    try:
+        text = source.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise TemplateError(path, f"is not UTF-8 (byte {err.start})") from None
+    parts = split_source(path, text)
+    spec = parts.spec
+    dialect = dialect or Dialect()
+    known_names = ALLOWED_GLOBALS | spec.blocks.keys()
+    subject = _LiquidSource(path, "subject", spec.subject, parts.key_lines.get("subject"))
+    preheader = _LiquidSource(path, "preheader", spec.preheader, parts.key_lines.get("preheader"))
+    # Padded with the front matter's lines so Liquid's line numbers are the file's.
+    body = _LiquidSource(path, "", "\n" * (parts.body_line - 1) + parts.body, None)
+    template = Template(
+        spec=spec,
+        path=path,
+        version=content_version(source),
+        subject=subject.parse(dialect.plain, known_names),
+        preheader=preheader.parse(dialect.plain, known_names),
+        body=body.parse(dialect.html, known_names),
+    )
+    _trial_render(template, parts)
+    return template
+
+
+class _LiquidSource:
+    """One piece of Liquid in a template file, and where its errors point."""
+
+    def __init__(self, path: Path, field: str, source: str, line: int | None) -> None:
+        self.path = path
+        self.field = field  # "" for the body
+        self.source = source
+        self.line = line  # where a front-matter string is set; None for the body
+
+    def parse(self, env: Environment, known_names: AbstractSet[str]) -> BoundTemplate:
+        try:
+            parsed = env.from_string(self.source, path=str(self.path))
+        except LiquidError as err:
+            raise _liquid_error(self.path, err, field=self.field, line=self.line) from None
+        analysis = parsed.analyze(include_partials=False)
+        for name, spans in analysis.filters.items():
+            if name not in env.filters:
+                hint = " (data is always escaped; there is no way to output it raw)" if name == "safe" else ""
+                raise self.error(f"Liquid: unknown filter {name!r}{hint}", spans[0])
+        for name, variables in analysis.globals.items():
+            if name not in known_names:
+                raise self.error(
+                    f"uses {name!r}, which is neither a declared block ([blocks.{name}] in the front matter)"
+                    f" nor one of {', '.join(sorted(RESERVED_NAMES))}",
+                    variables[0].span,
+                )
+        return parsed
+
+    def error(self, problem: str, span: Span) -> TemplateError:
+        line, column = self.line, None
+        if line is None:
+            line, column = span.line_col(self.source)
+            column += 1
+        return TemplateError(self.path, problem, field=self.field, line=line, column=column)
+
+
+def _trial_render(template: Template, parts: SourceParts) -> None:
+    """Render once with every block at its fallback and an empty user, so that
+    a template that loads is known to render, MJML included."""
+    scope, _ = template._scope({"user": {}})
+    for field, parsed in (("subject", template._subject), ("preheader", template._preheader)):
+        try:
+            parsed.render(scope)
+        except LiquidError as err:
+            raise _liquid_error(template.path, err, field=field, line=parts.key_lines.get(field)) from None
+    scope["email"] = {"subject": "", "preheader": "", "template_id": template.id}
+    try:
+        markup = template._body.render(scope)
+    except LiquidError as err:
+        raise _liquid_error(template.path, err, field="", line=None) from None
+    try:
+        mjml.mjml2html(markup, disable_comments=True, include_loader=_no_include)
+    except ValueError as err:  # mjml2html reports every problem as ValueError
+        raise TemplateError(template.path, f"MJML: {_mjml_problem(str(err), markup)}") from None
+
+
+def _liquid_error(path: Path, err: LiquidError, *, field: str, line: int | None) -> TemplateError:
+    """``line`` is where a front-matter string starts; for the body, Liquid's
+    own position is the file's (the body is parsed padded to its first line)."""
+    column = None
+    context = err.context()
+    if line is None and context is not None:
+        line, column = context[0], context[1] + 1
+    return TemplateError(path, f"Liquid: {err.message}", field=field, line=line, column=column)
+
+
+def _mjml_problem(message: str, markup: str) -> str:
+    """mrml names a span of the Liquid output; quote the line it falls on."""
+    match = _MJML_POSITION.search(message)
+    if match is None:
+        return message
+    start = int(match.group(1))
+    line_start = markup.rfind("\n", 0, start) + 1
+    line_end = markup.find("\n", start)
+    snippet = markup[line_start : line_end if line_end != -1 else len(markup)].strip()
+    return f"{message}, in {snippet[:120]!r}"
+
+
+def _describe(err: Exception) -> str:
+    if isinstance(err, LiquidError):
+        return str(err.message)
+    return f"{type(err).__name__}: {err}"
