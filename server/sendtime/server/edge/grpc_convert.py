@@ -4,7 +4,7 @@ lives in domain.events, this only moves fields across."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Final
 
 import msgspec
@@ -38,9 +38,18 @@ _FIELD_PREFIXES: Final = (
 )
 
 
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _datetime(stamp: Timestamp) -> datetime:
+    # protobuf's ToDatetime is pure Python and costs ~2 us; this is the same
+    # arithmetic, to the microsecond, at a fraction of it.
+    return _EPOCH + timedelta(seconds=stamp.seconds, microseconds=stamp.nanos // 1000)
+
+
 def incoming_event(event: event_pb2.Event) -> IncomingEvent:
     kind = event.WhichOneof("kind")
-    timestamp = event.timestamp.ToDatetime(tzinfo=UTC) if event.HasField("timestamp") else None
+    timestamp = _datetime(event.timestamp) if event.HasField("timestamp") else None
     if kind == "track":
         return IncomingEvent(
             message_id=event.message_id,
