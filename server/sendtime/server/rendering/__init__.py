@@ -19,6 +19,7 @@ from ._errors import TemplateError
 from ._spec import FILE_SUFFIX, BlockSpec, TemplateSpec, TextOptions
 from ._store import TemplateStore
 from ._template import DEFAULT_LINKS, RenderedEmail, Template, load_template, parse_template
+from ._text import html_to_text
 
 
 def render(template: Template, context: Mapping[str, Any]) -> RenderedEmail:
@@ -36,6 +37,7 @@ __all__ = [
     "TemplateSpec",
     "TemplateStore",
     "TextOptions",
+    "html_to_text",
     "load_template",
     "parse_template",
     "render",

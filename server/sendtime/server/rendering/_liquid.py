@@ -62,9 +62,11 @@ class _RenderTag(_DisabledTag):
 
 class _BoundedEnvironment(Environment):
     # Upstream data decides how long loops run; a template gets enough for any
-    # real email and not enough to stall the event loop.
+    # real email and not enough to stall the event loop. (No output limit: the
+    # library enforces it by UTF-8 encoding every write, a cost on every render,
+    # and output is already bounded by the data and the loop limit.)
     loop_iteration_limit: ClassVar[int | None] = 10_000
-    output_stream_limit: ClassVar[int | None] = 4_000_000
+    output_stream_limit: ClassVar[int | None] = None
     local_namespace_limit: ClassVar[int | None] = None
 
 

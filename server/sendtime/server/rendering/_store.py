@@ -62,10 +62,9 @@ class TemplateStore:
         """The current version of a template. Raises NotFound for an unknown id
         and TemplateError for a file that has never parsed."""
         now = self._clock()
-        entry = self._entries.get(template_id)
-        if entry is None and now - self._listed_at >= self._interval:
+        if now - self._listed_at >= self._interval:
             self._scan(now)
-            entry = self._entries.get(template_id)
+        entry = self._entries.get(template_id)
         if entry is None:
             raise NotFound(f"no template {template_id!r} in {self.directory}", reason="TEMPLATE_NOT_FOUND")
         if now - entry.checked_at >= self._interval:

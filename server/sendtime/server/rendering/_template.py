@@ -39,7 +39,10 @@ DEFAULT_LINKS: Final[Mapping[str, str]] = {
 
 # Header-breaking characters: CR, LF and the rest of C0/C1 controls, plus the
 # Unicode line and paragraph separators some clients also break on.
-_HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+_HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff\ufffe\uffff]+")
+# What XML 1.0 (and so MJML's parser) refuses: C0 controls but tab, LF and CR;
+# lone surrogates; U+FFFE and U+FFFF.
+_XML_INVALID = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]+")
 _SPACES = re.compile(r" {2,}")
 _MJML_POSITION = re.compile(r"position (\d+):(\d+)")
 
@@ -141,8 +144,7 @@ class Template:
         subject = header_text(self._subject.render(scope))
         preheader = header_text(self._preheader.render(scope))
         scope["email"] = {"subject": subject, "preheader": preheader, "template_id": self.id}
-        markup = self._body.render(scope)
-        html = mjml.mjml2html(markup, disable_comments=True, include_loader=_no_include)
+        html = compile_mjml(self._body.render(scope))
         return RenderedEmail(
             template_id=self.id,
             version=self.version,
@@ -176,6 +178,18 @@ class Template:
             f"does not render even with every block at its fallback: {_describe(last_error)}",
             reason="TEMPLATE_RENDER_FAILED",
         ) from last_error
+
+
+def compile_mjml(markup: str) -> str:
+    try:
+        return mjml.mjml2html(markup, disable_comments=True, include_loader=_no_include)
+    except ValueError:
+        # Control characters in data are escaped by Liquid but still not XML;
+        # looking for them only after a failure keeps the hot path free of a scan.
+        cleaned = _XML_INVALID.sub("", markup)
+        if cleaned == markup:
+            raise
+        return mjml.mjml2html(cleaned, disable_comments=True, include_loader=_no_include)
 
 
 def header_text(value: str) -> str:
@@ -269,7 +283,7 @@ def _trial_render(template: Template, parts: SourceParts) -> None:
     except LiquidError as err:
         raise _liquid_error(template.path, err, field="", line=None) from None
     try:
-        mjml.mjml2html(markup, disable_comments=True, include_loader=_no_include)
+        compile_mjml(markup)
     except ValueError as err:  # mjml2html reports every problem as ValueError
         raise TemplateError(template.path, f"MJML: {_mjml_problem(str(err), markup)}") from None
 

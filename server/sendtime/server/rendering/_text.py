@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import threading
-from typing import Final
+from typing import Final, cast
 
 from lxml import etree
 
@@ -117,8 +117,11 @@ def html_to_text(html: str, options: TextOptions) -> str:
     if _LINE in html or _PARA in html:
         html = _PRIVATE_MARKERS.sub("", html)
     try:
-        document = etree.fromstring(html, parser)
-    except etree.XMLSyntaxError:  # nothing to parse: an empty document
+        # lxml answers None for a document with no elements (its stubs say otherwise)
+        document = cast("etree._Element | None", etree.fromstring(html, parser))
+    except etree.XMLSyntaxError:
+        return ""
+    if document is None:
         return ""
     flow = str(
         transform(document, links="1" if options.links else "0", images="1" if options.images else "0")
