@@ -24,7 +24,7 @@ from liquid.span import Span
 
 from ._errors import TemplateError
 from ._liquid import ALLOWED_GLOBALS, RESERVED_NAMES, make_environment
-from ._spec import BlockSpec, SourceParts, TemplateSpec, TextOptions, split_source
+from ._spec import BlockSpec, SourceParts, TemplateSpec, split_source
 from ._text import html_to_text
 
 log = logging.getLogger(__name__)
@@ -105,10 +105,6 @@ class Template:
         self._preheader = preheader
         self._body = body
 
-    @property
-    def text_options(self) -> TextOptions:
-        return self.spec.text
-
     def __repr__(self) -> str:
         return f"Template(id={self.id!r}, version={self.version!r}, path={str(self.path)!r})"
 
@@ -179,6 +175,25 @@ class Template:
             reason="TEMPLATE_RENDER_FAILED",
         ) from last_error
 
+    def _trial_render(self, parts: SourceParts) -> None:
+        """Render once with every block at its fallback and an empty user, so
+        that a template that loads is known to render, MJML included."""
+        scope, _ = self._scope({"user": {}})
+        for field, parsed in (("subject", self._subject), ("preheader", self._preheader)):
+            try:
+                parsed.render(scope)
+            except LiquidError as err:
+                raise _liquid_error(self.path, err, field=field, line=parts.key_lines.get(field)) from None
+        scope["email"] = {"subject": "", "preheader": "", "template_id": self.id}
+        try:
+            markup = self._body.render(scope)
+        except LiquidError as err:
+            raise _liquid_error(self.path, err, field="", line=None) from None
+        try:
+            compile_mjml(markup)
+        except ValueError as err:  # mjml2html reports every problem as ValueError
+            raise TemplateError(self.path, f"MJML: {_mjml_problem(str(err), markup)}") from None
+
 
 def compile_mjml(markup: str) -> str:
     try:
@@ -228,7 +243,7 @@ def parse_template(path: Path, source: bytes, *, dialect: Dialect | None = None)
         preheader=preheader.parse(dialect.plain, known_names),
         body=body.parse(dialect.html, known_names),
     )
-    _trial_render(template, parts)
+    template._trial_render(parts)
     return template
 
 
@@ -268,26 +283,6 @@ class _LiquidSource:
         return TemplateError(self.path, problem, field=self.field, line=line, column=column)
 
 
-def _trial_render(template: Template, parts: SourceParts) -> None:
-    """Render once with every block at its fallback and an empty user, so that
-    a template that loads is known to render, MJML included."""
-    scope, _ = template._scope({"user": {}})
-    for field, parsed in (("subject", template._subject), ("preheader", template._preheader)):
-        try:
-            parsed.render(scope)
-        except LiquidError as err:
-            raise _liquid_error(template.path, err, field=field, line=parts.key_lines.get(field)) from None
-    scope["email"] = {"subject": "", "preheader": "", "template_id": template.id}
-    try:
-        markup = template._body.render(scope)
-    except LiquidError as err:
-        raise _liquid_error(template.path, err, field="", line=None) from None
-    try:
-        compile_mjml(markup)
-    except ValueError as err:  # mjml2html reports every problem as ValueError
-        raise TemplateError(template.path, f"MJML: {_mjml_problem(str(err), markup)}") from None
-
-
 def _liquid_error(path: Path, err: LiquidError, *, field: str, line: int | None) -> TemplateError:
     """``line`` is where a front-matter string starts; for the body, Liquid's
     own position is the file's (the body is parsed padded to its first line)."""
@@ -299,11 +294,11 @@ def _liquid_error(path: Path, err: LiquidError, *, field: str, line: int | None)
 
 
 def _mjml_problem(message: str, markup: str) -> str:
-    """mrml names a span of the Liquid output; quote the line it falls on."""
+    """mrml names a span of the Liquid output in bytes; quote the line it falls on."""
     match = _MJML_POSITION.search(message)
     if match is None:
         return message
-    start = int(match.group(1))
+    start = len(markup.encode("utf-8")[: int(match.group(1))].decode("utf-8", "ignore"))
     line_start = markup.rfind("\n", 0, start) + 1
     line_end = markup.find("\n", start)
     snippet = markup[line_start : line_end if line_end != -1 else len(markup)].strip()
