@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -472,3 +474,34 @@ def test_render_is_the_templates_render(store: TemplateStore) -> None:
     email = render(template, full_context())
     assert isinstance(email, RenderedEmail)
     assert email == template.render(full_context())
+
+
+def test_the_package_is_pure_and_its_surface_is_pinned() -> None:
+    code = (
+        "import sys, sendtime.server.rendering as r; "
+        "print(sorted(r.__all__)); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'aiohttp')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    surface, imported = out.splitlines()
+    assert surface == str(
+        sorted(
+            [
+                "DEFAULT_LINKS",
+                "FILE_SUFFIX",
+                "BlockSpec",
+                "RenderedEmail",
+                "Template",
+                "TemplateError",
+                "TemplateSpec",
+                "TemplateStore",
+                "TextOptions",
+                "html_to_text",
+                "load_template",
+                "parse_template",
+                "render",
+            ]
+        )
+    )
+    assert "grpc" not in imported
+    assert "aiohttp" not in imported

@@ -37,7 +37,7 @@ _LOOP_NAMES = frozenset({"forloop", "tablerowloop"})
 ALLOWED_GLOBALS = RESERVED_NAMES | _LOOP_NAMES
 
 SAFE_URL_SCHEMES = frozenset({"http", "https", "mailto"})
-_DEFAULT_LOCALE = Locale.parse("en_US")
+DEFAULT_LOCALE = "en_US"
 
 
 class _DisabledTag(Tag):
@@ -139,9 +139,7 @@ def _format_money(amount: str, currency: str, locale_tag: str) -> str:
 
 @lru_cache(maxsize=256)
 def _locale(tag: str) -> Locale:
-    if not tag:
-        return _DEFAULT_LOCALE
     try:
-        return Locale.parse(tag.replace("-", "_"))
+        return Locale.parse((tag or DEFAULT_LOCALE).replace("-", "_"))
     except (UnknownLocaleError, ValueError, TypeError):
-        return _DEFAULT_LOCALE
+        return _locale(DEFAULT_LOCALE)
