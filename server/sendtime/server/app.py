@@ -5,7 +5,7 @@
 
 ``serve`` is what the ``sendtime serve`` command runs: uvloop, signal handlers,
 and a graceful stop (health NOT_SERVING, streams drain and ack what was
-committed, the store commits what it was handed, then exit).
+committed, profiles are saved, the store commits what it was handed, then exit).
 """
 
 from __future__ import annotations
@@ -18,20 +18,32 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Self
 
+import aiohttp
 import uvloop
 
 from sendtime.server.auth import Authenticator
+from sendtime.server.cache import CacheFetcher, MemoryCache
+from sendtime.server.domain.blocks import OfferRule
+from sendtime.server.domain.catalog import Catalog, CatalogUpdater, load_products
+from sendtime.server.domain.content import ContentPipeline, ContentPolicy
+from sendtime.server.domain.errors import Unavailable
+from sendtime.server.domain.events import known_payload
 from sendtime.server.domain.ingest import Ingestor, utc_now
+from sendtime.server.domain.learning import LEARNED_EVENTS, EventLearner
 from sendtime.server.domain.profiles import ProfileBook
 from sendtime.server.domain.queries import ProfileQueries
+from sendtime.server.domain.recommend import Recommender
 from sendtime.server.edge.grpc_server import GrpcEdge, build_grpc_edge
 from sendtime.server.edge.http_server import HttpEdge, build_http_edge
-from sendtime.server.settings import Settings
+from sendtime.server.rendering import TemplateStore
+from sendtime.server.settings import ContentSettings, Settings
 from sendtime.server.store.sqlite import SqliteStore
+from sendtime.server.upstream import UpstreamProvider
 
 log = logging.getLogger("sendtime")
 
 DB_FILE = "sendtime.sqlite3"
+DEFAULT_CATALOG = ContentSettings().catalog_file
 
 
 class Sendtime:
@@ -40,9 +52,13 @@ class Sendtime:
         self._clock = clock
         self._store: SqliteStore | None = None
         self._profiles: ProfileBook | None = None
+        self._fetcher: CacheFetcher | None = None
+        self._session: aiohttp.ClientSession | None = None
         self._grpc: GrpcEdge | None = None
         self._http: HttpEdge | None = None
         self._serving = False
+        self.catalog = Catalog()
+        self.recommender = Recommender()
 
     @property
     def grpc_port(self) -> int:
@@ -59,55 +75,113 @@ class Sendtime:
         assert self._store is not None, "start() first"
         return self._store
 
+    @property
+    def cache(self) -> CacheFetcher:
+        assert self._fetcher is not None, "start() first"
+        return self._fetcher
+
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+        self._serving = True
+
+    async def _start(self) -> None:
         settings = self.settings
         storage = settings.storage
-        self._store = await SqliteStore.open(
+        content = settings.content
+        self._store = store = await SqliteStore.open(
             storage.data_dir / DB_FILE,
             synchronous="normal" if storage.synchronous == "normal" else "full",
             dedupe_retention=timedelta(seconds=storage.dedupe_retention_s),
             max_queued_events=storage.max_queued_events,
             cache_mib=storage.sqlite_cache_mib,
         )
-        self._profiles = ProfileBook(
-            self._store,
-            max_cached=storage.profile_cache_size,
-            flush_interval_s=storage.profile_flush_interval_s,
+        self._profiles = profiles = ProfileBook(
+            store, max_cached=storage.profile_cache_size, flush_interval_s=storage.profile_flush_interval_s
         )
-        self._store.on_commit = self._profiles.committed
-        ingestor = Ingestor(self._store, self._profiles, self._clock)
-        queries = ProfileQueries(self._profiles)
+        store.on_commit = profiles.committed
+
+        await self._load_catalog(content)
+        learner = EventLearner(self.recommender, lambda key: pipeline.invalidate_user(key))
+        learned = await store.replay_track_events(
+            LEARNED_EVENTS, lambda key, name, body: learner.learn(key, known_payload(name, body))
+        )
+        log.info("recommendations learned from %d stored events", learned)
+
+        self._fetcher = fetcher = CacheFetcher(MemoryCache(max_bytes=content.cache_max_bytes))
+        self._session = aiohttp.ClientSession()
+        allowed = frozenset(content.allowed_upstream_hosts)
+        pipeline = ContentPipeline(
+            profiles=profiles,
+            catalog=self.catalog,
+            recommender=self.recommender,
+            cache=fetcher,
+            upstreams={u.name: UpstreamProvider(u, self._session, allowed) for u in content.upstreams},
+            templates=TemplateStore(content.templates_dir),
+            policy=_policy(content),
+            max_concurrent=content.max_concurrent,
+        )
+        profiles.on_folded.append(learner.learned)
+        await profiles.start()
+
+        ingestor = Ingestor(store, profiles, self._clock)
+        queries = ProfileQueries(profiles)
         authenticator = Authenticator(settings.auth)
-        try:
-            await self._profiles.start()
-            self._grpc = build_grpc_edge(
-                settings.grpc, ingestor=ingestor, queries=queries, authenticator=authenticator
-            )
-            self._http = build_http_edge(
-                settings.http,
-                ingestor=ingestor,
-                queries=queries,
-                authenticator=authenticator,
-                webhooks=settings.webhooks,
-                ready=lambda: self._serving,
-                shutdown_grace_s=settings.shutdown_grace_s,
-                clock=self._clock,
-            )
-            await self._grpc.start()
-            await self._http.start()
-        except BaseException:
-            await self.stop()
-            raise
-        self._serving = True
+        default_deadline_s = content.default_deadline_ms / 1000
+        self._grpc = build_grpc_edge(
+            settings.grpc,
+            ingestor=ingestor,
+            queries=queries,
+            pipeline=pipeline,
+            default_deadline_s=default_deadline_s,
+            authenticator=authenticator,
+        )
+        self._http = build_http_edge(
+            settings.http,
+            ingestor=ingestor,
+            queries=queries,
+            authenticator=authenticator,
+            webhooks=settings.webhooks,
+            pipeline=pipeline,
+            catalog=CatalogUpdater(self.catalog, store.save_products, pipeline.invalidate_catalog),
+            default_deadline_s=default_deadline_s,
+            ready=lambda: self._serving,
+            shutdown_grace_s=settings.shutdown_grace_s,
+            clock=self._clock,
+        )
+        await self._grpc.start()
+        await self._http.start()
+
+    async def _load_catalog(self, content: ContentSettings) -> None:
+        path = content.catalog_file
+        if path is not None:
+            if path.exists():
+                self.catalog.upsert(load_products(path))
+            elif path == DEFAULT_CATALOG:
+                log.warning(
+                    "no catalog at %s: starting with the products stored by the catalog API only", path
+                )
+            else:
+                raise Unavailable(f"content.catalog_file {path} does not exist")
+        # updates made through the API since are newer than the file
+        self.catalog.upsert(await self.store.load_products())
+        log.info("catalog: %d products", len(self.catalog))
 
     async def stop(self) -> None:
-        """Graceful: stop taking work, finish what was taken, then close the store."""
+        """Graceful: stop taking work, finish what was taken, save, then close the store."""
         self._serving = False
         grace = self.settings.shutdown_grace_s
         if self._grpc is not None:
             await self._grpc.stop(grace)
         if self._http is not None:
             await self._http.stop()
+        if self._fetcher is not None:
+            await self._fetcher.aclose()
+        if self._session is not None:
+            await self._session.close()
         if self._profiles is not None:
             await self._profiles.close()
         if self._store is not None:
@@ -121,6 +195,23 @@ class Sendtime:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+
+
+def _policy(content: ContentSettings) -> ContentPolicy:
+    return ContentPolicy(
+        block_ttl_s=content.block_ttl_s,
+        block_stale_ttl_s=content.block_stale_ttl_s,
+        min_fetch_s=content.min_fetch_ms / 1000,
+        cache_results=content.cache_results,
+        recommendations_size=content.recommendations_size,
+        recently_viewed_size=content.recently_viewed_size,
+        drop_out_of_stock=content.drop_out_of_stock,
+        offers=tuple(
+            OfferRule(o.id, o.code, o.text, o.min_cart_total, tuple(o.campaigns)) for o in content.offers
+        ),
+        render_reserve_s=content.render_reserve_ms / 1000,
+        links=dict(content.links),
+    )
 
 
 async def _serve(settings: Settings, on_ready: Callable[[Sendtime], None]) -> None:

@@ -156,6 +156,9 @@ class ContentSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     allowed_upstream_hosts: list[str] = []
     upstreams: list[UpstreamSettings] = []
     offers: list[OfferSettings] = []
+    #: Links every email gets, e.g. unsubscribe_url, preferences_url,
+    #: view_in_browser_url; a template shows "#" for one not set.
+    links: dict[str, str] = {}
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -68,6 +68,10 @@ class _FallbackReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Fallba
     """The remaining deadline was too short to fetch anything."""
     FALLBACK_REASON_OVERLOADED: _FallbackReason.ValueType  # 6
     """The server is shedding load."""
+    FALLBACK_REASON_REVALIDATING: _FallbackReason.ValueType  # 7
+    """Stale on purpose: served at once while one refresh runs in the background."""
+    FALLBACK_REASON_SHUTTING_DOWN: _FallbackReason.ValueType  # 8
+    """The server is shutting down and starts no new fetches."""
 
 class FallbackReason(_FallbackReason, metaclass=_FallbackReasonEnumTypeWrapper): ...
 
@@ -84,6 +88,10 @@ FALLBACK_REASON_DEADLINE_TOO_SHORT: FallbackReason.ValueType  # 5
 """The remaining deadline was too short to fetch anything."""
 FALLBACK_REASON_OVERLOADED: FallbackReason.ValueType  # 6
 """The server is shedding load."""
+FALLBACK_REASON_REVALIDATING: FallbackReason.ValueType  # 7
+"""Stale on purpose: served at once while one refresh runs in the background."""
+FALLBACK_REASON_SHUTTING_DOWN: FallbackReason.ValueType  # 8
+"""The server is shutting down and starts no new fetches."""
 Global___FallbackReason: _TypeAlias = FallbackReason  # noqa: Y015
 
 @_typing.final

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Final
 
@@ -103,3 +103,27 @@ class Catalog:
 
     def __iter__(self) -> Iterator[Product]:
         return iter(self._products.values())
+
+
+class CatalogUpdater:
+    """Catalog updates from the API: validated whole, stored, then applied, so
+    a bad product changes nothing and an applied one survives a restart."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        save: Callable[[Sequence[Product]], Awaitable[None]],
+        on_change: Callable[[], None],
+    ) -> None:
+        self._catalog = catalog
+        self._save = save
+        self._on_change = on_change
+
+    async def upsert(self, body: bytes) -> int:
+        products = parse_products(body)
+        if not products:
+            return 0
+        await self._save(products)
+        count = self._catalog.upsert(products)
+        self._on_change()
+        return count

@@ -13,6 +13,7 @@ fallbacks, at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -44,6 +45,8 @@ class Reason(enum.StrEnum):
     MISSING_DATA = "missing_data"
     DEADLINE_TOO_SHORT = "deadline_too_short"
     OVERLOADED = "overloaded"
+    REVALIDATING = "revalidating"
+    SHUTDOWN = "shutdown"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,16 @@ class ContentAnswer:
     user: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class EmailAnswer:
+    email: RenderedEmail
+    #: The template's blocks as rendered: a block whose data the template could
+    #: not render was replaced by its fallback and says so.
+    blocks: list[Block]
+    content: ContentAnswer
+    elapsed_s: float
+
+
 class Fetched(Protocol):
     """What the block cache answers for one key."""
 
@@ -87,6 +100,9 @@ class Fetched(Protocol):
 
 
 class BlockCache(Protocol):
+    """Single flight, stale-while-revalidate, negative caching and breakers
+    (adapter: sendtime.server.cache.CacheFetcher)."""
+
     def lookup_stale_ok(self, key: str) -> tuple[Any, float, bool] | None:
         """(value, age, fresh) without fetching, or None."""
         ...
@@ -98,12 +114,43 @@ class BlockCache(Protocol):
         *,
         ttl: float,
         stale_ttl: float,
-        budget_s: float,
+        # how long this call waits; the fetch itself may outlive it to fill the cache
+        timeout: float | None,  # noqa: ASYNC109
         tags: Sequence[str],
         breaker_key: str | None,
     ) -> Fetched: ...
 
-    def invalidate_tag(self, tag: str) -> None: ...
+    def invalidate_tag(self, tag: str) -> int: ...
+
+
+class RenderedEmail(Protocol):
+    @property
+    def subject(self) -> str: ...
+    @property
+    def preheader(self) -> str: ...
+    @property
+    def html(self) -> str: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def template_id(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def fell_back(self) -> Sequence[str]: ...
+
+
+class EmailTemplate(Protocol):
+    @property
+    def blocks(self) -> Mapping[str, Any]: ...
+
+    def render(self, context: Mapping[str, Any]) -> RenderedEmail: ...
+
+
+class TemplateSource(Protocol):
+    """Parsed templates by id (adapter: sendtime.server.rendering.TemplateStore)."""
+
+    def get(self, template_id: str) -> EmailTemplate: ...
 
 
 class UpstreamSource(Protocol):
@@ -133,6 +180,10 @@ class ContentPolicy:
     recently_viewed_size: int
     drop_out_of_stock: bool
     offers: tuple[builtin.OfferRule, ...] = ()
+    #: Kept back from a render's budget for Liquid, MJML and answering.
+    render_reserve_s: float = 0.015
+    #: Links every email gets (unsubscribe, preferences, view in browser).
+    links: Mapping[str, str] = field(default_factory=dict)
 
 
 class ContentPipeline:
@@ -144,6 +195,7 @@ class ContentPipeline:
         recommender: Recommender,
         cache: BlockCache,
         upstreams: Mapping[str, UpstreamSource],
+        templates: TemplateSource,
         policy: ContentPolicy,
         max_concurrent: int,
         clock: Callable[[], float] = time.monotonic,
@@ -153,6 +205,7 @@ class ContentPipeline:
         self._recommender = recommender
         self._cache = cache
         self._upstreams = dict(upstreams)
+        self._templates = templates
         self._policy = policy
         self._clock = clock
         self._max_concurrent = max_concurrent
@@ -172,24 +225,66 @@ class ContentPipeline:
         self, identity: Identity, names: Sequence[str], context: ContentContext, budget_s: float
     ) -> ContentAnswer:
         """Every named block (all built-in ones when ``names`` is empty), within ``budget_s``."""
-        started = self._clock()
         wanted = list(dict.fromkeys(names)) or list(builtin.BUILT_IN_BLOCKS)
         if len(wanted) > MAX_BLOCKS:
             raise InvalidInput.field("blocks", f"asks for {len(wanted)} blocks; the limit is {MAX_BLOCKS}")
-        deadline = started + budget_s
-        request = _Request(self, identity, context, deadline)
+        return await self._gather(identity, wanted, context, budget_s, with_user=False)
+
+    async def email(
+        self, template_id: str, identity: Identity, context: ContentContext, budget_s: float
+    ) -> EmailAnswer:
+        """A whole email from a template: its blocks within the budget less the
+        render reserve, then Liquid and MJML with each missing block's fallback."""
+        started = self._clock()
+        template = self._templates.get(template_id)
+        fetch_budget = budget_s - self._policy.render_reserve_s
+        content = await self._gather(identity, list(template.blocks), context, fetch_budget, with_user=True)
+        render_context: dict[str, Any] = {block.name: block.data for block in content.blocks}
+        render_context["user"] = content.user
+        render_context["links"] = dict(self._policy.links)
+        email = template.render(render_context)
+        blocks = [
+            Block(
+                b.name,
+                None,
+                Source.FALLBACK,
+                Reason.UPSTREAM_ERROR,
+                detail="the template could not render its data",
+            )
+            if b.name in email.fell_back and b.source is not Source.FALLBACK
+            else b
+            for b in content.blocks
+        ]
+        return EmailAnswer(email=email, blocks=blocks, content=content, elapsed_s=self._clock() - started)
+
+    async def _gather(
+        self,
+        identity: Identity,
+        names: list[str],
+        context: ContentContext,
+        budget_s: float,
+        *,
+        with_user: bool,
+    ) -> ContentAnswer:
+        started = self._clock()
+        request = _Request(self, identity, context, started + budget_s)
         if self._in_flight >= self._max_concurrent:
-            blocks = [self._without_fetching(request, name, Reason.OVERLOADED) for name in wanted]
+            blocks = [self._without_fetching(request, name, Reason.OVERLOADED) for name in names]
         elif budget_s < self._policy.min_fetch_s:
-            blocks = [self._without_fetching(request, name, Reason.DEADLINE_TOO_SHORT) for name in wanted]
+            blocks = [self._without_fetching(request, name, Reason.DEADLINE_TOO_SHORT) for name in names]
         else:
             self._in_flight += 1
             try:
-                blocks = list(await asyncio.gather(*(self._block(request, name) for name in wanted)))
+                fetches: list[Awaitable[Block | None]] = [self._block(request, name) for name in names]
+                if with_user:
+                    fetches.append(request.user_in_time())
+                results = await asyncio.gather(*fetches)
+                blocks = [r for r in results if r is not None]
             finally:
                 self._in_flight -= 1
-        user = request.user_data()
-        return ContentAnswer(blocks=blocks, budget_s=budget_s, elapsed_s=self._clock() - started, user=user)
+        return ContentAnswer(
+            blocks=blocks, budget_s=budget_s, elapsed_s=self._clock() - started, user=request.user_data()
+        )
 
     # -- one block ------------------------------------------------------------
 
@@ -226,7 +321,7 @@ class ContentPipeline:
             fetch,
             ttl=self._policy.block_ttl_s,
             stale_ttl=self._policy.block_stale_ttl_s,
-            budget_s=request.remaining(),
+            timeout=request.remaining(),
             tags=(request.identity.key, "catalog"),
             breaker_key=None,
         )
@@ -249,7 +344,7 @@ class ContentPipeline:
             fetch,
             ttl=upstream.ttl_s,
             stale_ttl=upstream.stale_ttl_s,
-            budget_s=request.remaining(),
+            timeout=request.remaining(),
             tags=(f"upstream:{name}",),
             breaker_key=upstream.host,
         )
@@ -298,6 +393,12 @@ class _Request:
         if self._profile is None:
             self._profile = asyncio.ensure_future(self._load_profile())
         return await asyncio.shield(self._profile)
+
+    async def user_in_time(self) -> None:
+        """Read the profile for the user's fields, unless the deadline comes first."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(self.remaining(), 0.0)):
+                await self.profile()
 
     async def _load_profile(self) -> ProfileView | None:
         stored = await self.pipeline._profiles.get(self.identity.key)

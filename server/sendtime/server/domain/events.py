@@ -380,3 +380,15 @@ def is_known_timezone(name: str) -> bool:
 def product_key(product: ProductFields) -> str:
     """How a product is told apart in carts and views: its id, else its SKU."""
     return str(product.product_id if product.product_id is not None else product.sku)
+
+
+def known_payload(name: str, properties: bytes) -> KnownPayload | None:
+    """The typed properties of a stored event of a known name, or None."""
+    decoder = _DECODERS.get(name)
+    if decoder is None:
+        return None
+    try:
+        payload: KnownPayload = decoder.decode(properties)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    return payload

@@ -46,7 +46,8 @@ class ProfileBook:
         on_folded: Sequence[FoldedListener] = (),
     ) -> None:
         self._store = store
-        self._on_folded = tuple(on_folded)
+        #: Told of each round once folded; add listeners before start().
+        self.on_folded: list[FoldedListener] = list(on_folded)
         # Set when a round could not be folded: saving then would record a
         # position that includes events missing from the profiles.
         self._saves_stopped = False
@@ -125,7 +126,7 @@ class ProfileBook:
             self._release_waiters()
 
     def _notify(self, events: Sequence[Event]) -> None:
-        for listener in self._on_folded:
+        for listener in self.on_folded:
             try:
                 listener(events)
             except Exception:

@@ -209,6 +209,8 @@ _REASONS: Final = {
     Reason.MISSING_DATA: content_service_pb2.FALLBACK_REASON_MISSING_DATA,
     Reason.DEADLINE_TOO_SHORT: content_service_pb2.FALLBACK_REASON_DEADLINE_TOO_SHORT,
     Reason.OVERLOADED: content_service_pb2.FALLBACK_REASON_OVERLOADED,
+    Reason.REVALIDATING: content_service_pb2.FALLBACK_REASON_REVALIDATING,
+    Reason.SHUTDOWN: content_service_pb2.FALLBACK_REASON_SHUTTING_DOWN,
 }
 _encode_json = msgspec.json.Encoder().encode
 

@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sendtime.server.auth import Authenticator
+from sendtime.server.domain.content import ContentPipeline
 from sendtime.server.domain.errors import (
     FieldViolation,
     InvalidInput,
@@ -27,12 +28,15 @@ from sendtime.server.domain.errors import (
     SendtimeError,
     Unavailable,
 )
+from sendtime.server.domain.events import Identity
 from sendtime.server.domain.ingest import Ack, Ingestor, Outcome
 from sendtime.server.domain.queries import ProfileQueries
 from sendtime.server.edge import grpc_convert as convert
 from sendtime.server.edge.grpc_errors import abort, mapped_errors, status_for
 from sendtime.server.settings import GrpcSettings, Scope
 from sendtime.v1 import (
+    content_service_pb2,
+    content_service_pb2_grpc,
     event_service_pb2,
     event_service_pb2_grpc,
     profile_service_pb2,
@@ -45,12 +49,14 @@ MAX_BATCH_EVENTS: Final = 2500
 SERVICE_NAMES: Final = (
     event_service_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
     profile_service_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name,
+    content_service_pb2.DESCRIPTOR.services_by_name["ContentService"].full_name,
 )
 #: Which scope each of our services needs. Methods of our package that are not
 #: listed here are refused; health and reflection are open, as probes expect.
 SCOPES: Final[Mapping[str, Scope]] = {
     "sendtime.v1.EventService": Scope.INGEST,
     "sendtime.v1.ProfileService": Scope.CONTENT,
+    "sendtime.v1.ContentService": Scope.CONTENT,
 }
 _OUR_PACKAGE: Final = "/sendtime."
 
@@ -234,6 +240,67 @@ class ProfileService(profile_service_pb2_grpc.ProfileServiceServicer):
         return profile_service_pb2.GetProfileResponse(profile=convert.profile(view, extra))
 
 
+class ContentService(content_service_pb2_grpc.ContentServiceServicer):
+    """The caller's remaining deadline is the budget; without one, the default."""
+
+    def __init__(self, pipeline: ContentPipeline, default_deadline_s: float) -> None:
+        self._pipeline = pipeline
+        self._default_deadline_s = default_deadline_s
+
+    def _budget(self, context: Context) -> float:
+        remaining = context.time_remaining()
+        return self._default_deadline_s if remaining is None else remaining
+
+    @mapped_errors
+    async def GetContent(
+        self, request: content_service_pb2.GetContentRequest, context: Context
+    ) -> content_service_pb2.GetContentResponse:
+        budget = self._budget(context)
+        answer = await self._pipeline.content(
+            _identity(request.user_id, request.anonymous_id),
+            list(request.blocks),
+            convert.content_context(request.context),
+            budget,
+        )
+        return content_service_pb2.GetContentResponse(
+            blocks=[convert.content_block(b) for b in answer.blocks],
+            server_time=convert.duration(answer.elapsed_s),
+            budget=convert.duration(budget),
+        )
+
+    @mapped_errors
+    async def RenderEmail(
+        self, request: content_service_pb2.RenderEmailRequest, context: Context
+    ) -> content_service_pb2.RenderEmailResponse:
+        if not request.template_id:
+            raise InvalidInput.field("template_id", "is required")
+        budget = self._budget(context)
+        answer = await self._pipeline.email(
+            request.template_id,
+            _identity(request.user_id, request.anonymous_id),
+            convert.content_context(request.context),
+            budget,
+        )
+        email = answer.email
+        return content_service_pb2.RenderEmailResponse(
+            subject=email.subject,
+            preheader=email.preheader,
+            html=email.html,
+            text=email.text,
+            template_id=email.template_id,
+            template_version=email.version,
+            blocks=[convert.content_block(b) for b in answer.blocks],
+            server_time=convert.duration(answer.elapsed_s),
+            budget=convert.duration(budget),
+        )
+
+
+def _identity(user_id: str, anonymous_id: str) -> Identity:
+    if bool(user_id) == bool(anonymous_id):
+        raise InvalidInput.field("user_id", "give exactly one of user_id and anonymous_id")
+    return Identity(user_id, anonymous_id)
+
+
 @dataclass
 class GrpcEdge:
     server: grpc.aio.Server
@@ -257,6 +324,8 @@ def build_grpc_edge(
     *,
     ingestor: Ingestor,
     queries: ProfileQueries,
+    pipeline: ContentPipeline,
+    default_deadline_s: float,
     authenticator: Authenticator,
 ) -> GrpcEdge:
     server = grpc.aio.server(
@@ -271,6 +340,9 @@ def build_grpc_edge(
     events = EventService(ingestor, settings)
     event_service_pb2_grpc.add_EventServiceServicer_to_server(events, server)
     profile_service_pb2_grpc.add_ProfileServiceServicer_to_server(ProfileService(queries), server)
+    content_service_pb2_grpc.add_ContentServiceServicer_to_server(
+        ContentService(pipeline, default_deadline_s), server
+    )
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

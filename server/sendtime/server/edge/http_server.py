@@ -5,6 +5,10 @@
 - POST /v1/webhooks/{source}: Segment-shaped events from platforms that sign
   the body with a shared secret instead of sending a key.
 - GET /v1/profiles/{user_id} (and ?anonymous_id=): the derived profile.
+- GET /v1/content/{user_id}: send-time content for ESPs that can only call
+  HTTP (Braze Connected Content, Iterable data feeds, Customer.io): blocks
+  and/or a rendered template, within the caller's deadline header.
+- POST /v1/catalog/products: upsert products (admin scope).
 - GET /healthz (alive) and /readyz (serving).
 
 Errors go through http_errors; every JSON error names the field at fault.
@@ -21,12 +25,14 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 from aiohttp import web
 
 from sendtime.server.auth import Authenticator
+from sendtime.server.domain.catalog import CatalogUpdater
+from sendtime.server.domain.content import ContentContext, ContentPipeline
 from sendtime.server.domain.errors import (
     InvalidInput,
     PayloadTooLarge,
@@ -34,7 +40,7 @@ from sendtime.server.domain.errors import (
     Unauthenticated,
     Unavailable,
 )
-from sendtime.server.domain.events import MAX_EVENT_BYTES, EventKind, IncomingEvent
+from sendtime.server.domain.events import MAX_EVENT_BYTES, EventKind, Identity, IncomingEvent
 from sendtime.server.domain.ingest import Ack, Ingestor, Outcome, Undecodable, utc_now
 from sendtime.server.domain.queries import ProfileQueries
 from sendtime.server.edge import segment
@@ -42,6 +48,9 @@ from sendtime.server.edge.http_errors import error_body, error_response
 from sendtime.server.settings import HttpSettings, Scope, WebhookSource
 
 SIGNATURE_HEADER: Final = "Sendtime-Signature"
+#: The caller's time budget in milliseconds (ESPs' HTTP calls carry no deadline).
+DEADLINE_HEADERS: Final = ("Sendtime-Deadline-Ms", "X-Sendtime-Deadline-Ms")
+MAX_CATALOG_BYTES: Final = 8 * 1024 * 1024
 _SINGLE_ROUTES: Final = ("track", "identify", "page", "alias", "group")
 _json = msgspec.json.Encoder()
 
@@ -94,6 +103,9 @@ class _Routes:
     queries: ProfileQueries
     authenticator: Authenticator
     webhooks: dict[str, WebhookSource]
+    pipeline: ContentPipeline
+    catalog: CatalogUpdater
+    default_deadline_s: float
     ready: Callable[[], bool]
     clock: Callable[[], datetime] = utc_now
 
@@ -146,6 +158,71 @@ class _Routes:
 
     async def profile_by_anonymous_id(self, request: web.Request) -> web.Response:
         return await self.profile(request)
+
+    async def content(self, request: web.Request) -> web.Response:
+        self.authenticator.authorize(_api_key(request), Scope.CONTENT)
+        query = request.query
+        user_id = request.match_info["user_id"]
+        identity = (
+            Identity(anonymous_id=user_id) if query.get("anonymous") in ("1", "true") else Identity(user_id)
+        )
+        context = ContentContext(
+            campaign=query.get("campaign", ""),
+            locale=query.get("locale", ""),
+            cart_id=query.get("cart_id", ""),
+        )
+        budget = self._budget(request)
+        template_id = query.get("template", "")
+        body: dict[str, Any] = {"user_id": user_id}
+        if template_id:
+            rendered = await self.pipeline.email(template_id, identity, context, budget)
+            blocks = rendered.blocks
+            email = rendered.email
+            body["email"] = {
+                "template_id": email.template_id,
+                "template_version": email.version,
+                "subject": email.subject,
+                "preheader": email.preheader,
+                "html": email.html,
+                "text": email.text,
+            }
+            elapsed = rendered.elapsed_s
+        else:
+            names = [n for n in query.get("blocks", "").split(",") if n.strip()]
+            answer = await self.pipeline.content(identity, [n.strip() for n in names], context, budget)
+            blocks, elapsed = answer.blocks, answer.elapsed_s
+        body["blocks"] = {
+            b.name: {
+                "data": b.data,
+                "source": b.source.value,
+                "reason": b.reason.value if b.reason else None,
+                "age_ms": round(b.age_s * 1000, 1),
+                "detail": b.detail,
+            }
+            for b in blocks
+        }
+        body["server_time_ms"] = round(elapsed * 1000, 2)
+        body["budget_ms"] = round(budget * 1000, 1)
+        return _json_response(body)
+
+    def _budget(self, request: web.Request) -> float:
+        for header in DEADLINE_HEADERS:
+            raw = request.headers.get(header)
+            if raw is None:
+                continue
+            try:
+                milliseconds = float(raw)
+            except ValueError:
+                raise InvalidInput.field(header, "must be a number of milliseconds") from None
+            if not 0 < milliseconds <= 60_000:
+                raise InvalidInput.field(header, "must be between 0 and 60000 milliseconds")
+            return milliseconds / 1000
+        return self.default_deadline_s
+
+    async def upsert_products(self, request: web.Request) -> web.Response:
+        self.authenticator.authorize(_api_key(request), Scope.ADMIN)
+        count = await self.catalog.upsert(await _read(request, MAX_CATALOG_BYTES))
+        return _json_response({"success": True, "upserted": count})
 
     async def healthz(self, _request: web.Request) -> web.Response:
         return _json_response({"status": "alive"})
@@ -236,20 +313,35 @@ def build_http_edge(
     queries: ProfileQueries,
     authenticator: Authenticator,
     webhooks: Sequence[WebhookSource],
+    pipeline: ContentPipeline,
+    catalog: CatalogUpdater,
+    default_deadline_s: float,
     ready: Callable[[], bool],
     shutdown_grace_s: float,
     clock: Callable[[], datetime] = utc_now,
 ) -> HttpEdge:
-    routes = _Routes(ingestor, queries, authenticator, {w.name: w for w in webhooks}, ready, clock)
+    routes = _Routes(
+        ingestor,
+        queries,
+        authenticator,
+        {w.name: w for w in webhooks},
+        pipeline,
+        catalog,
+        default_deadline_s,
+        ready,
+        clock,
+    )
     # The route handlers apply the exact per-route limits; this only caps what
     # aiohttp will buffer at all.
-    app = web.Application(middlewares=[_errors], client_max_size=segment.MAX_BATCH_BYTES + 1024)
+    app = web.Application(middlewares=[_errors], client_max_size=MAX_CATALOG_BYTES + 1024)
     app.router.add_post("/v1/batch", routes.batch)
     app.router.add_post("/v1/import", routes.batch)  # Segment's older name for batch
     app.router.add_post(r"/v1/{kind:(" + "|".join(_SINGLE_ROUTES) + ")}", routes.single)
     app.router.add_post("/v1/webhooks/{source}", routes.webhook)
     app.router.add_get("/v1/profiles", routes.profile_by_anonymous_id)
     app.router.add_get("/v1/profiles/{user_id}", routes.profile)
+    app.router.add_get("/v1/content/{user_id}", routes.content)
+    app.router.add_post("/v1/catalog/products", routes.upsert_products)
     app.router.add_get("/healthz", routes.healthz)
     app.router.add_get("/readyz", routes.readyz)
     ssl_context = None
