@@ -22,7 +22,7 @@ import aiohttp
 import uvloop
 
 from sendtime.server.auth import Authenticator
-from sendtime.server.cache import CacheFetcher, MemoryCache
+from sendtime.server.cache import CacheFetcher, CircuitBreakers, MemoryCache
 from sendtime.server.domain.blocks import OfferRule
 from sendtime.server.domain.catalog import Catalog, CatalogUpdater, load_products
 from sendtime.server.domain.content import ContentPipeline, ContentPolicy
@@ -111,7 +111,12 @@ class Sendtime:
         )
         log.info("recommendations learned from %d stored events", learned)
 
-        self._fetcher = fetcher = CacheFetcher(MemoryCache(max_bytes=content.cache_max_bytes))
+        breakers = CircuitBreakers(
+            failure_threshold=content.breaker_failures, reset_timeout=content.breaker_reset_s
+        )
+        self._fetcher = fetcher = CacheFetcher(
+            MemoryCache(max_bytes=content.cache_max_bytes), breakers=breakers
+        )
         self._session = aiohttp.ClientSession()
         allowed = frozenset(content.allowed_upstream_hosts)
         pipeline = ContentPipeline(
@@ -209,8 +214,10 @@ def _policy(content: ContentSettings) -> ContentPolicy:
         offers=tuple(
             OfferRule(o.id, o.code, o.text, o.min_cart_total, tuple(o.campaigns)) for o in content.offers
         ),
+        answer_reserve_s=content.answer_reserve_ms / 1000,
         render_reserve_s=content.render_reserve_ms / 1000,
         links=dict(content.links),
+        negative_ttl_s=content.negative_ttl_s,
     )
 
 

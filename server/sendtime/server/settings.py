@@ -135,7 +135,9 @@ class OfferSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class ContentSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: The budget when a caller sets no deadline.
     default_deadline_ms: Annotated[float, msgspec.Meta(gt=0)] = 300.0
-    #: Kept back from the deadline for rendering and answering.
+    #: Kept back from every deadline for encoding and sending the answer.
+    answer_reserve_ms: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    #: Kept back from a whole-email deadline, on top, for Liquid and MJML.
     render_reserve_ms: Annotated[float, msgspec.Meta(ge=0)] = 15.0
     #: Below this much budget nothing is fetched: cached or fallback content at once.
     min_fetch_ms: Annotated[float, msgspec.Meta(ge=0)] = 2.0
@@ -154,6 +156,12 @@ class ContentSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     templates_dir: Path = Path("templates")
     #: Hosts upstream URLs may name (exact host names).
     allowed_upstream_hosts: list[str] = []
+    #: Consecutive failures that open an upstream host's circuit ...
+    breaker_failures: Annotated[int, msgspec.Meta(ge=1)] = 5
+    #: ... and how long it stays open before one probe is let through.
+    breaker_reset_s: Seconds = 30.0
+    #: After a failed fetch, the same key is not fetched again for this long.
+    negative_ttl_s: Annotated[float, msgspec.Meta(ge=0)] = 2.0
     upstreams: list[UpstreamSettings] = []
     offers: list[OfferSettings] = []
     #: Links every email gets, e.g. unsubscribe_url, preferences_url,

@@ -19,6 +19,7 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 import msgspec
+from yarl import URL
 
 from sendtime.server.domain.content import MissingValueError
 from sendtime.server.settings import UpstreamSettings
@@ -51,6 +52,7 @@ class UpstreamProvider:
                 f"upstreams[{settings.name}]: host {literal_host!r} is not in content.allowed_upstream_hosts"
             )
         self.host = literal_host
+        self.timeout_s = settings.timeout_s
         self.ttl_s = settings.ttl_s
         self.stale_ttl_s = settings.stale_ttl_s
 
@@ -71,9 +73,9 @@ class UpstreamProvider:
 
     async def fetch(self, url: str, budget_s: float) -> Any:
         """GET (or POST) ``url`` and decode its JSON, retrying transient failures
-        while the budget lasts."""
+        while the budget lasts: each attempt's timeout is what is left of it."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + min(budget_s, self.settings.timeout_s)
+        deadline = loop.time() + budget_s
         attempt = 0
         while True:
             remaining = deadline - loop.time()
@@ -96,8 +98,14 @@ class UpstreamProvider:
     async def _attempt(self, url: str, timeout_s: float) -> Any:
         settings = self.settings
         timeout = aiohttp.ClientTimeout(total=timeout_s)
+        # encoded=True: send the URL exactly as url_for escaped it (yarl would
+        # otherwise re-normalise the user's fields)
         async with self._session.request(
-            settings.method, url, headers=settings.headers, timeout=timeout, allow_redirects=False
+            settings.method,
+            URL(url, encoded=True),
+            headers=settings.headers,
+            timeout=timeout,
+            allow_redirects=False,
         ) as response:
             if response.status != 200:
                 raise UpstreamFailure(

@@ -117,6 +117,7 @@ class BlockCache(Protocol):
         # how long this call waits; the fetch itself may outlive it to fill the cache
         timeout: float | None,  # noqa: ASYNC109
         tags: Sequence[str],
+        negative_ttl: float,
         breaker_key: str | None,
     ) -> Fetched: ...
 
@@ -158,6 +159,7 @@ class UpstreamSource(Protocol):
 
     name: str
     host: str
+    timeout_s: float
     ttl_s: float
     stale_ttl_s: float
 
@@ -180,10 +182,15 @@ class ContentPolicy:
     recently_viewed_size: int
     drop_out_of_stock: bool
     offers: tuple[builtin.OfferRule, ...] = ()
-    #: Kept back from a render's budget for Liquid, MJML and answering.
+    #: Kept back from every budget for encoding and sending the answer, so it
+    #: arrives before the caller's deadline rather than at it.
+    answer_reserve_s: float = 0.005
+    #: Kept back from a whole-email budget, on top, for Liquid and MJML.
     render_reserve_s: float = 0.015
     #: Links every email gets (unsubscribe, preferences, view in browser).
     links: Mapping[str, str] = field(default_factory=dict)
+    #: After a failed fetch, the same key is not fetched again for this long.
+    negative_ttl_s: float = 2.0
 
 
 class ContentPipeline:
@@ -228,7 +235,9 @@ class ContentPipeline:
         wanted = list(dict.fromkeys(names)) or list(builtin.BUILT_IN_BLOCKS)
         if len(wanted) > MAX_BLOCKS:
             raise InvalidInput.field("blocks", f"asks for {len(wanted)} blocks; the limit is {MAX_BLOCKS}")
-        return await self._gather(identity, wanted, context, budget_s, with_user=False)
+        return await self._gather(
+            identity, wanted, context, budget_s - self._policy.answer_reserve_s, with_user=False
+        )
 
     async def email(
         self, template_id: str, identity: Identity, context: ContentContext, budget_s: float
@@ -237,7 +246,7 @@ class ContentPipeline:
         render reserve, then Liquid and MJML with each missing block's fallback."""
         started = self._clock()
         template = self._templates.get(template_id)
-        fetch_budget = budget_s - self._policy.render_reserve_s
+        fetch_budget = budget_s - self._policy.answer_reserve_s - self._policy.render_reserve_s
         content = await self._gather(identity, list(template.blocks), context, fetch_budget, with_user=True)
         render_context: dict[str, Any] = {block.name: block.data for block in content.blocks}
         render_context["user"] = content.user
@@ -323,6 +332,7 @@ class ContentPipeline:
             stale_ttl=self._policy.block_stale_ttl_s,
             timeout=request.remaining(),
             tags=(request.identity.key, "catalog"),
+            negative_ttl=self._policy.negative_ttl_s,
             breaker_key=None,
         )
         return _from_fetched(name, fetched)
@@ -335,7 +345,11 @@ class ContentPipeline:
             return Block(name, None, Source.FALLBACK, Reason.MISSING_DATA, detail=str(missing))
 
         async def fetch() -> Any:
-            return await upstream.fetch(url, request.remaining())
+            # Bounded by the provider's own timeout, not this caller's budget:
+            # the call is shared by every request for the key (single flight),
+            # and an answer that comes after this caller gave up still fills
+            # the cache for the next send. Each caller waits only its budget.
+            return await upstream.fetch(url, upstream.timeout_s)
 
         if not self._policy.cache_results:
             return await self._uncached(request, name, fetch)
@@ -346,6 +360,7 @@ class ContentPipeline:
             stale_ttl=upstream.stale_ttl_s,
             timeout=request.remaining(),
             tags=(f"upstream:{name}",),
+            negative_ttl=self._policy.negative_ttl_s,
             breaker_key=upstream.host,
         )
         return _from_fetched(name, fetched)
