@@ -29,15 +29,20 @@ from sendtime.v1 import event_pb2
 PUBLIC = [
     "Ack",
     "AsyncClient",
+    "BlockSource",
     "Cancelled",
     "Client",
+    "Content",
+    "ContentBlock",
     "DeadlineExceeded",
     "EventStream",
+    "FallbackReason",
     "FieldViolation",
     "InvalidArgument",
     "NotFound",
     "Outcome",
     "PermissionDenied",
+    "RenderedEmail",
     "ResourceExhausted",
     "RetryPolicy",
     "SendtimeError",
@@ -108,10 +113,33 @@ def test_client_signatures(cls: type[object]) -> None:
     assert _params(cls.ingest) == ["self", "events", "timeout"]  # type: ignore[attr-defined]
     assert _params(cls.get_profile) == ["self", "user_id", "anonymous_id", "timeout"]  # type: ignore[attr-defined]
     assert _params(cls.send_event) == ["self", "event", "timeout"]  # type: ignore[attr-defined]
+    assert _params(cls.get_content) == [  # type: ignore[attr-defined]
+        "self",
+        "user_id",
+        "anonymous_id",
+        "blocks",
+        "campaign",
+        "locale",
+        "cart_id",
+        "timeout",
+    ]
+    assert _params(cls.render_email) == [  # type: ignore[attr-defined]
+        "self",
+        "template_id",
+        "user_id",
+        "anonymous_id",
+        "campaign",
+        "locale",
+        "cart_id",
+        "timeout",
+    ]
 
 
 def test_async_only_parts() -> None:
     assert inspect.iscoroutinefunction(AsyncClient.track)
+    assert inspect.iscoroutinefunction(AsyncClient.get_content)
+    assert inspect.iscoroutinefunction(AsyncClient.render_email)
+    assert not inspect.iscoroutinefunction(Client.render_email)
     assert not inspect.iscoroutinefunction(Client.track)
     assert _params(AsyncClient.stream) == [
         "self",

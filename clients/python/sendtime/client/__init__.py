@@ -9,12 +9,15 @@
             for event in events:
                 await stream.send(event)
         profile = await client.get_profile("u1")
+        content = await client.get_content("u1", blocks=["cart"], timeout=0.2)  # 200 ms budget
+        email = await client.render_email("abandoned_cart", "u1", timeout=0.3)
 
 ``Client`` is the blocking twin of ``AsyncClient`` (unary calls only).
 Everything public is re-exported here; the underscored modules are private.
 """
 
 from sendtime.client._async_client import AsyncClient
+from sendtime.client._content import BlockSource, Content, ContentBlock, FallbackReason, RenderedEmail
 from sendtime.client._errors import (
     Cancelled,
     DeadlineExceeded,
@@ -35,15 +38,20 @@ from sendtime.client._sync_client import Client
 __all__ = [
     "Ack",
     "AsyncClient",
+    "BlockSource",
     "Cancelled",
     "Client",
+    "Content",
+    "ContentBlock",
     "DeadlineExceeded",
     "EventStream",
+    "FallbackReason",
     "FieldViolation",
     "InvalidArgument",
     "NotFound",
     "Outcome",
     "PermissionDenied",
+    "RenderedEmail",
     "ResourceExhausted",
     "RetryPolicy",
     "SendtimeError",

@@ -12,6 +12,14 @@ import grpc
 import grpc.aio
 
 from sendtime.client import _config
+from sendtime.client._content import (
+    Content,
+    RenderedEmail,
+    content_from_proto,
+    content_request,
+    email_from_proto,
+    render_request,
+)
 from sendtime.client._events import Ack, ack_from_proto, identify_event, track_event
 from sendtime.client._retry import RetryPolicy, retry_async
 from sendtime.client._stream import (
@@ -24,6 +32,8 @@ from sendtime.client._stream import (
     StreamCall,
 )
 from sendtime.v1 import (
+    content_service_pb2,
+    content_service_pb2_grpc,
     event_pb2,
     event_service_pb2,
     event_service_pb2_grpc,
@@ -63,6 +73,7 @@ class AsyncClient:
         self._channel: grpc.aio.Channel | None = None
         self._events: event_service_pb2_grpc.EventServiceAsyncStub | None = None
         self._profiles: profile_service_pb2_grpc.ProfileServiceAsyncStub | None = None
+        self._content: content_service_pb2_grpc.ContentServiceAsyncStub | None = None
         self._streams: set[EventStream] = set()
         self._closed = False
 
@@ -89,18 +100,21 @@ class AsyncClient:
     def _stubs(
         self,
     ) -> tuple[
-        event_service_pb2_grpc.EventServiceAsyncStub, profile_service_pb2_grpc.ProfileServiceAsyncStub
+        event_service_pb2_grpc.EventServiceAsyncStub,
+        profile_service_pb2_grpc.ProfileServiceAsyncStub,
+        content_service_pb2_grpc.ContentServiceAsyncStub,
     ]:
         if self._closed:
             raise RuntimeError("the client is closed")
-        if self._events is None or self._profiles is None:
+        if self._events is None or self._profiles is None or self._content is None:
             if self._credentials is None:
                 self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
             else:
                 self._channel = grpc.aio.secure_channel(self.target, self._credentials, options=self._options)
             self._events = event_service_pb2_grpc.EventServiceStub(self._channel)
             self._profiles = profile_service_pb2_grpc.ProfileServiceStub(self._channel)
-        return self._events, self._profiles
+            self._content = content_service_pb2_grpc.ContentServiceStub(self._channel)
+        return self._events, self._profiles, self._content
 
     def _timeout(self, timeout: float | None) -> float:
         return self.default_timeout if timeout is None else _config.check_timeout(timeout)
@@ -251,3 +265,51 @@ class AsyncClient:
 
         response = await retry_async(attempt, self._timeout(timeout), self._retry)
         return response.profile
+
+    # ---------------------------------------------------------------- content
+
+    async def get_content(
+        self,
+        user_id: str | None = None,
+        *,
+        anonymous_id: str | None = None,
+        blocks: Iterable[str] = (),
+        campaign: str | None = None,
+        locale: str | None = None,
+        cart_id: str | None = None,
+        # The deadline is the server's time budget for the blocks: set what the
+        # send can wait (e.g. 0.2), not the client's generous default.
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Content:
+        """Named content blocks for a user (give exactly one of the ids); every
+        built-in block when ``blocks`` is empty. A block the server could not
+        fetch in time comes back stale or as a fallback, never as an error."""
+        stub = self._stubs()[2]
+        request = content_request(user_id, anonymous_id, blocks, campaign, locale, cart_id)
+
+        async def attempt(seconds: float) -> content_service_pb2.GetContentResponse:
+            return await stub.GetContent(request, timeout=seconds, metadata=self._metadata)
+
+        return content_from_proto(await retry_async(attempt, self._timeout(timeout), self._retry))
+
+    async def render_email(
+        self,
+        template_id: str,
+        user_id: str | None = None,
+        *,
+        anonymous_id: str | None = None,
+        campaign: str | None = None,
+        locale: str | None = None,
+        cart_id: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> RenderedEmail:
+        """A whole email for a user from the server's template ``template_id``;
+        the deadline is its budget, as for ``get_content``. Raises ``NotFound``
+        for an unknown template."""
+        stub = self._stubs()[2]
+        request = render_request(template_id, user_id, anonymous_id, campaign, locale, cart_id)
+
+        async def attempt(seconds: float) -> content_service_pb2.RenderEmailResponse:
+            return await stub.RenderEmail(request, timeout=seconds, metadata=self._metadata)
+
+        return email_from_proto(await retry_async(attempt, self._timeout(timeout), self._retry))

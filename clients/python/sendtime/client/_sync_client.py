@@ -11,9 +11,19 @@ from typing import Any, Self
 import grpc
 
 from sendtime.client import _config
+from sendtime.client._content import (
+    Content,
+    RenderedEmail,
+    content_from_proto,
+    content_request,
+    email_from_proto,
+    render_request,
+)
 from sendtime.client._events import Ack, ack_from_proto, identify_event, track_event
 from sendtime.client._retry import RetryPolicy, retry_sync
 from sendtime.v1 import (
+    content_service_pb2,
+    content_service_pb2_grpc,
     event_pb2,
     event_service_pb2,
     event_service_pb2_grpc,
@@ -52,6 +62,7 @@ class Client:
             self._channel = grpc.secure_channel(target, credentials, options=options)
         self._events = event_service_pb2_grpc.EventServiceStub(self._channel)
         self._profiles = profile_service_pb2_grpc.ProfileServiceStub(self._channel)
+        self._content = content_service_pb2_grpc.ContentServiceStub(self._channel)
 
     def __enter__(self) -> Self:
         return self
@@ -151,3 +162,41 @@ class Client:
             return self._profiles.GetProfile(request, timeout=seconds, metadata=self._metadata)
 
         return retry_sync(attempt, self._timeout(timeout), self._retry).profile
+
+    def get_content(
+        self,
+        user_id: str | None = None,
+        *,
+        anonymous_id: str | None = None,
+        blocks: Iterable[str] = (),
+        campaign: str | None = None,
+        locale: str | None = None,
+        cart_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Content:
+        """See ``AsyncClient.get_content``: the deadline is the server's budget."""
+        request = content_request(user_id, anonymous_id, blocks, campaign, locale, cart_id)
+
+        def attempt(seconds: float) -> content_service_pb2.GetContentResponse:
+            return self._content.GetContent(request, timeout=seconds, metadata=self._metadata)
+
+        return content_from_proto(retry_sync(attempt, self._timeout(timeout), self._retry))
+
+    def render_email(
+        self,
+        template_id: str,
+        user_id: str | None = None,
+        *,
+        anonymous_id: str | None = None,
+        campaign: str | None = None,
+        locale: str | None = None,
+        cart_id: str | None = None,
+        timeout: float | None = None,
+    ) -> RenderedEmail:
+        """See ``AsyncClient.render_email``."""
+        request = render_request(template_id, user_id, anonymous_id, campaign, locale, cart_id)
+
+        def attempt(seconds: float) -> content_service_pb2.RenderEmailResponse:
+            return self._content.RenderEmail(request, timeout=seconds, metadata=self._metadata)
+
+        return email_from_proto(retry_sync(attempt, self._timeout(timeout), self._retry))
