@@ -38,7 +38,9 @@ class ServerProcess:
         return self.process.returncode
 
 
-async def start_server(data_dir: Path, *, grpc_port: int = 0, http_port: int = 0) -> ServerProcess:
+async def start_server(
+    data_dir: Path, *, grpc_port: int = 0, http_port: int = 0, config: Path | None = None
+) -> ServerProcess:
     env = {
         **os.environ,
         "SENDTIME_GRPC__PORT": str(grpc_port),
@@ -51,6 +53,7 @@ async def start_server(data_dir: Path, *, grpc_port: int = 0, http_port: int = 0
         "-m",
         "sendtime.server",
         "serve",
+        *(["--config", str(config)] if config is not None else []),
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import signal
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta
 from types import TracebackType
 from typing import Self
 
@@ -23,20 +24,27 @@ import uvloop
 
 from sendtime.server.auth import Authenticator
 from sendtime.server.cache import CacheFetcher, CircuitBreakers, MemoryCache
+from sendtime.server.deliveries import Deliveries, Suppressions
+from sendtime.server.dispatch import Dispatcher, DispatchPolicy
 from sendtime.server.domain.blocks import OfferRule
 from sendtime.server.domain.catalog import Catalog, CatalogUpdater, load_products
 from sendtime.server.domain.content import ContentPipeline, ContentPolicy
 from sendtime.server.domain.errors import Unavailable
 from sendtime.server.domain.events import known_payload
+from sendtime.server.domain.flows import ExitOn, Flow, FlowPlanner, Reentry
 from sendtime.server.domain.ingest import Ingestor, utc_now
 from sendtime.server.domain.learning import LEARNED_EVENTS, EventLearner
 from sendtime.server.domain.profiles import ProfileBook
 from sendtime.server.domain.queries import ProfileQueries
 from sendtime.server.domain.recommend import Recommender
+from sendtime.server.domain.sends import FrequencyCap, QuietHours
+from sendtime.server.domain.unsubscribe import UnsubscribeTokens
 from sendtime.server.edge.grpc_server import GrpcEdge, build_grpc_edge
 from sendtime.server.edge.http_server import HttpEdge, build_http_edge
+from sendtime.server.feedback import PostmarkFeedback, SendGridFeedback
+from sendtime.server.relay import build_retrying_relay
 from sendtime.server.rendering import TemplateStore
-from sendtime.server.settings import ContentSettings, Settings
+from sendtime.server.settings import ContentSettings, DeliverySettings, FlowSettings, Settings
 from sendtime.server.store.sqlite import SqliteStore
 from sendtime.server.upstream import UpstreamProvider
 
@@ -54,6 +62,7 @@ class Sendtime:
         self._profiles: ProfileBook | None = None
         self._fetcher: CacheFetcher | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._dispatcher: Dispatcher | None = None
         self._grpc: GrpcEdge | None = None
         self._http: HttpEdge | None = None
         self._serving = False
@@ -103,6 +112,8 @@ class Sendtime:
             store, max_cached=storage.profile_cache_size, flush_interval_s=storage.profile_flush_interval_s
         )
         store.on_commit = profiles.committed
+        flows = [flow_from_settings(f, settings.delivery.default_sender) for f in settings.flows]
+        store.planner = FlowPlanner(flows)
 
         await self._load_catalog(content)
         learner = EventLearner(self.recommender, lambda key: pipeline.invalidate_user(key))
@@ -119,18 +130,35 @@ class Sendtime:
         )
         self._session = aiohttp.ClientSession()
         allowed = frozenset(content.allowed_upstream_hosts)
+        templates = TemplateStore(content.templates_dir)
         pipeline = ContentPipeline(
             profiles=profiles,
             catalog=self.catalog,
             recommender=self.recommender,
             cache=fetcher,
             upstreams={u.name: UpstreamProvider(u, self._session, allowed) for u in content.upstreams},
-            templates=TemplateStore(content.templates_dir),
+            templates=templates,
             policy=_policy(content),
             max_concurrent=content.max_concurrent,
         )
         profiles.on_folded.append(learner.learned)
         await profiles.start()
+
+        delivery = settings.delivery
+        tokens = UnsubscribeTokens(await self._unsubscribe_secret(delivery))
+        self._dispatcher = dispatcher = Dispatcher(
+            store=store,
+            profiles=profiles,
+            pipeline=pipeline,
+            relay=build_retrying_relay(delivery.relay),
+            tokens=tokens,
+            flows={f.id: f for f in flows},
+            policy=_dispatch_policy(delivery),
+        )
+        store.on_scheduled = dispatcher.wake
+        await dispatcher.start()
+        deliveries = Deliveries(store, flows, templates.get, self._clock)
+        feedback = delivery.feedback
 
         ingestor = Ingestor(store, profiles, self._clock)
         queries = ProfileQueries(profiles)
@@ -142,6 +170,7 @@ class Sendtime:
             queries=queries,
             pipeline=pipeline,
             default_deadline_s=default_deadline_s,
+            deliveries=deliveries,
             authenticator=authenticator,
         )
         self._http = build_http_edge(
@@ -153,12 +182,33 @@ class Sendtime:
             pipeline=pipeline,
             catalog=CatalogUpdater(self.catalog, store.save_products, pipeline.invalidate_catalog),
             default_deadline_s=default_deadline_s,
+            suppressions=Suppressions(store, tokens, self._clock),
+            sendgrid=SendGridFeedback(feedback.sendgrid_public_key) if feedback.sendgrid_public_key else None,
+            postmark=(
+                PostmarkFeedback(feedback.postmark_username, feedback.postmark_password)
+                if feedback.postmark_username
+                else None
+            ),
             ready=lambda: self._serving,
             shutdown_grace_s=settings.shutdown_grace_s,
             clock=self._clock,
         )
         await self._grpc.start()
         await self._http.start()
+
+    async def _unsubscribe_secret(self, delivery: DeliverySettings) -> bytes:
+        """The configured secret, else one made once and kept beside the data."""
+        if delivery.unsubscribe_secret:
+            return delivery.unsubscribe_secret.encode()
+        path = self.settings.storage.data_dir / "unsubscribe.key"
+        if not path.exists():
+            path.write_text(secrets.token_urlsafe(32))
+            path.chmod(0o600)
+            log.warning(
+                "made an unsubscribe secret in %s; set delivery.unsubscribe_secret when running several servers",
+                path,
+            )
+        return path.read_text().strip().encode()
 
     async def _load_catalog(self, content: ContentSettings) -> None:
         path = content.catalog_file
@@ -183,6 +233,8 @@ class Sendtime:
             await self._grpc.stop(grace)
         if self._http is not None:
             await self._http.stop()
+        if self._dispatcher is not None:
+            await self._dispatcher.close(grace)
         if self._fetcher is not None:
             await self._fetcher.aclose()
         if self._session is not None:
@@ -218,6 +270,55 @@ def _policy(content: ContentSettings) -> ContentPolicy:
         render_reserve_s=content.render_reserve_ms / 1000,
         links=dict(content.links),
         negative_ttl_s=content.negative_ttl_s,
+    )
+
+
+def flow_from_settings(flow: FlowSettings, default_sender: str) -> Flow:
+    return Flow(
+        id=flow.id,
+        template=flow.template,
+        entry_event=flow.entry_event,
+        entry_filter=dict(flow.entry_filter),
+        entry_key=flow.entry_key,
+        delay=timedelta(seconds=flow.delay_s),
+        exit_events=tuple(flow.exit_events),
+        exit_on=ExitOn(flow.exit_on),
+        reentry=Reentry(flow.reentry),
+        reentry_period=timedelta(seconds=flow.reentry_period_s),
+        subscription_group=flow.subscription_group,
+        sender=flow.sender or default_sender,
+        reply_to=flow.reply_to,
+        require_blocks=tuple(flow.require_blocks),
+    )
+
+
+def _dispatch_policy(delivery: DeliverySettings) -> DispatchPolicy:
+    quiet = delivery.quiet_hours
+    return DispatchPolicy(
+        default_sender=delivery.default_sender,
+        public_base_url=delivery.public_base_url,
+        unsubscribe_mailto=delivery.unsubscribe_mailto,
+        list_id=delivery.list_id,
+        message_id_domain=delivery.message_id_domain,
+        frequency_cap=(
+            FrequencyCap(delivery.frequency_cap_count, timedelta(seconds=delivery.frequency_cap_period_s))
+            if delivery.frequency_cap_count
+            else None
+        ),
+        quiet_hours=(
+            QuietHours(
+                start=time.fromisoformat(quiet.start),
+                end=time.fromisoformat(quiet.end),
+                default_timezone=quiet.default_timezone,
+                hold=quiet.mode == "hold",
+            )
+            if quiet is not None
+            else None
+        ),
+        render_budget_s=delivery.render_budget_ms / 1000,
+        max_concurrent=delivery.max_concurrent_sends,
+        max_send_attempts=delivery.max_send_attempts,
+        poll_interval_s=delivery.poll_interval_ms / 1000,
     )
 
 

@@ -4,8 +4,9 @@
     sendtime keygen --name N --scopes ingest,content
                                        make an API key and the hash to configure
 
-Client commands (track, identify, profile) talk to a running server; see
-``sendtime --help``.
+Client commands talk to a running server (--target, --api-key; see
+``sendtime COMMAND --help``): track, identify, profile, content, render,
+preview, demo-data.
 """
 
 from __future__ import annotations

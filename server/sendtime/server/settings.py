@@ -18,6 +18,8 @@ from typing import Annotated, Any, Final
 
 import msgspec
 
+from sendtime.server.relay.config import OutboxConfig, RelayConfig
+
 ENV_PREFIX: Final = "SENDTIME_"
 DEV_KEY: Final = "dev-key"
 
@@ -169,12 +171,138 @@ class ContentSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     links: dict[str, str] = {}
 
 
+FlowId = Annotated[str, msgspec.Meta(pattern="^[a-z][a-z0-9_]{0,62}$")]
+Clock = Annotated[str, msgspec.Meta(pattern="^([01][0-9]|2[0-3]):[0-5][0-9]$")]
+
+
+class FlowSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """An event that schedules a templated email, and the events that cancel it."""
+
+    id: FlowId
+    template: str
+    entry_event: str
+    #: Properties the entry event must have, with these values.
+    entry_filter: dict[str, str | int | float | bool] = {}
+    #: The entry event's property that keys the send (e.g. cart_id): one send
+    #: per key; "" keys it by the user alone.
+    entry_key: str = ""
+    delay_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    exit_events: list[str] = []
+    #: "same_key": the exit event must carry the same entry key (an order for
+    #: that cart); "any": any exit event after the entry.
+    exit_on: str = "same_key"
+    #: "once_per_key", or "once_per_period" (once per key per reentry_period_s).
+    reentry: str = "once_per_key"
+    reentry_period_s: Seconds = 86400.0
+    #: Consent group the send needs; "" makes the flow transactional (no
+    #: consent, caps, quiet hours or suppression by group).
+    subscription_group: str = "marketing"
+    #: Blocks that must have data, else the send is skipped (an abandoned-cart
+    #: email with an empty cart helps nobody).
+    require_blocks: list[str] = []
+    sender: str = ""
+    reply_to: str = ""
+
+    def __post_init__(self) -> None:
+        if self.exit_on not in ("same_key", "any"):
+            raise ValueError(f"flows[{self.id}].exit_on must be 'same_key' or 'any'")
+        if self.reentry not in ("once_per_key", "once_per_period"):
+            raise ValueError(f"flows[{self.id}].reentry must be 'once_per_key' or 'once_per_period'")
+
+
+class QuietHoursSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    start: Clock = "21:00"
+    end: Clock = "08:00"
+    #: For users whose profile names no time zone.
+    default_timezone: str = "UTC"
+    #: "hold" until the quiet hours end, or "skip" the send.
+    mode: str = "hold"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("hold", "skip"):
+            raise ValueError("delivery.quiet_hours.mode must be 'hold' or 'skip'")
+
+
+class FeedbackSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """ESP feedback webhooks; each is off until configured."""
+
+    #: The Event Webhook's verification key SendGrid shows (base64 DER, ECDSA).
+    sendgrid_public_key: str = ""
+    #: Basic credentials the Postmark webhook URL carries (Postmark does not sign).
+    postmark_username: str = ""
+    postmark_password: str = ""
+
+
+class DeliverySettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    #: How emails reach the ESP (kind = "smtp", "sendgrid", "postmark",
+    #: "mailgun", "resend", "ses" or "outbox"); the default writes .eml files.
+    relay: RelayConfig = msgspec.field(default_factory=OutboxConfig)
+    #: A send that still fails transiently is tried again later, this many times in all.
+    max_send_attempts: Annotated[int, msgspec.Meta(ge=1)] = 6
+    default_sender: str = "Sendtime Shop <shop@example.com>"
+    #: Where one-click unsubscribe links point: this server's public HTTPS address.
+    public_base_url: str = "http://127.0.0.1:8080"
+    unsubscribe_mailto: str = ""
+    #: Signs unsubscribe links. Empty: one is made and kept in the data folder
+    #: (fine for one server; give every server the same one in production).
+    unsubscribe_secret: str = ""
+    list_id: str = "sendtime.local"
+    message_id_domain: str = "sendtime.local"
+    #: Marketing sends per user per period (count 0: no cap).
+    frequency_cap_count: Annotated[int, msgspec.Meta(ge=0)] = 3
+    frequency_cap_period_s: Seconds = 86400.0
+    quiet_hours: QuietHoursSettings | None = None
+    #: The budget for fetching and rendering a flow's email.
+    render_budget_ms: Annotated[float, msgspec.Meta(gt=0)] = 2000.0
+    max_concurrent_sends: Annotated[int, msgspec.Meta(ge=1)] = 32
+    #: How often the scheduler looks for due sends when nothing wakes it sooner.
+    poll_interval_ms: Annotated[float, msgspec.Meta(gt=0)] = 500.0
+    feedback: FeedbackSettings = msgspec.field(default_factory=FeedbackSettings)
+
+
+def _default_flows() -> list[FlowSettings]:
+    """The three flows for the three shipped templates."""
+    return [
+        FlowSettings(
+            id="abandoned_cart",
+            template="abandoned_cart",
+            entry_event="Product Added",
+            entry_key="cart_id",
+            delay_s=1800.0,
+            exit_events=["Order Completed"],
+            require_blocks=["cart"],
+        ),
+        FlowSettings(
+            id="browse_abandonment",
+            template="browse_abandonment",
+            entry_event="Product Viewed",
+            delay_s=3600.0,
+            exit_events=["Product Added", "Order Completed"],
+            exit_on="any",
+            reentry="once_per_period",
+            reentry_period_s=7 * 86400.0,
+            require_blocks=["recently_viewed"],
+        ),
+        FlowSettings(
+            id="post_purchase",
+            template="post_purchase",
+            entry_event="Order Completed",
+            entry_key="order_id",
+            delay_s=3 * 86400.0,
+            exit_events=["Order Refunded"],
+            require_blocks=["last_order"],
+        ),
+    ]
+
+
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     grpc: GrpcSettings = msgspec.field(default_factory=GrpcSettings)
     http: HttpSettings = msgspec.field(default_factory=HttpSettings)
     storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
     content: ContentSettings = msgspec.field(default_factory=ContentSettings)
+    delivery: DeliverySettings = msgspec.field(default_factory=DeliverySettings)
+    flows: list[FlowSettings] = msgspec.field(default_factory=_default_flows)
     webhooks: list[WebhookSource] = []
     #: How long shutdown waits for streams and requests to finish.
     shutdown_grace_s: Seconds = 10.0

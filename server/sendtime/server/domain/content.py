@@ -46,7 +46,7 @@ class Reason(enum.StrEnum):
     DEADLINE_TOO_SHORT = "deadline_too_short"
     OVERLOADED = "overloaded"
     REVALIDATING = "revalidating"
-    SHUTDOWN = "shutdown"
+    SHUTDOWN = "shutting_down"
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +236,7 @@ class ContentPipeline:
         if len(wanted) > MAX_BLOCKS:
             raise InvalidInput.field("blocks", f"asks for {len(wanted)} blocks; the limit is {MAX_BLOCKS}")
         return await self._gather(
-            identity, wanted, context, budget_s - self._policy.answer_reserve_s, with_user=False
+            identity, wanted, context, budget_s - self._answer_reserve(budget_s), with_user=False
         )
 
     async def email(
@@ -246,7 +246,7 @@ class ContentPipeline:
         render reserve, then Liquid and MJML with each missing block's fallback."""
         started = self._clock()
         template = self._templates.get(template_id)
-        fetch_budget = budget_s - self._policy.answer_reserve_s - self._policy.render_reserve_s
+        fetch_budget = budget_s - self._answer_reserve(budget_s) - self._policy.render_reserve_s
         content = await self._gather(identity, list(template.blocks), context, fetch_budget, with_user=True)
         render_context: dict[str, Any] = {block.name: block.data for block in content.blocks}
         render_context["user"] = content.user
@@ -265,6 +265,11 @@ class ContentPipeline:
             for b in content.blocks
         ]
         return EmailAnswer(email=email, blocks=blocks, content=content, elapsed_s=self._clock() - started)
+
+    def _answer_reserve(self, budget_s: float) -> float:
+        # gRPC rounds a deadline up when it sends it (by up to ~1% of it), so a
+        # long budget needs a proportionally longer reserve
+        return max(self._policy.answer_reserve_s, budget_s * 0.01)
 
     async def _gather(
         self,
@@ -378,15 +383,24 @@ class ContentPipeline:
         return Block(name, data, Source.FRESH)
 
 
+_CACHE_REASONS: Final = {"shutdown": Reason.SHUTDOWN}
+
+
 def _from_fetched(name: str, fetched: Fetched) -> Block:
     source = Source(fetched.source)
-    reason = Reason(fetched.reason) if fetched.reason else None
+    reason = (_CACHE_REASONS.get(fetched.reason) or Reason(fetched.reason)) if fetched.reason else None
+    if source is Source.FRESH:
+        return Block(name, fetched.value, source) if fetched.value is not None else _missing(name)
     if fetched.value is None and source is not Source.FALLBACK:
-        # a fresh answer of "nothing to show" (an empty cart) is a fallback to the caller
-        return Block(name, None, Source.FALLBACK, Reason.MISSING_DATA, fetched.age)
+        # an answer of "nothing to show" (an empty cart) is a fallback to the caller
+        return _missing(name)
     if source is Source.FALLBACK and reason is None:
         reason = Reason.MISSING_DATA
     return Block(name, fetched.value, source, reason, fetched.age, fetched.detail)
+
+
+def _missing(name: str) -> Block:
+    return Block(name, None, Source.FALLBACK, Reason.MISSING_DATA)
 
 
 class _Request:

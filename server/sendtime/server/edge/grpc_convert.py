@@ -3,7 +3,7 @@ lives in domain.events, this only moves fields across."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
@@ -14,9 +14,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sendtime.server.domain.content import Block, ContentContext, Reason, Source
 from sendtime.server.domain.errors import FieldViolation
 from sendtime.server.domain.events import ConsentState, EventKind, IncomingEvent, TraitsUpdate
+from sendtime.server.domain.flows import Flow
 from sendtime.server.domain.ingest import Ack, Outcome
 from sendtime.server.domain.profile import Line, ProfileView
-from sendtime.v1 import content_service_pb2, event_pb2, profile_service_pb2
+from sendtime.server.domain.sends import SendRecord, SendStatus
+from sendtime.v1 import content_service_pb2, delivery_service_pb2, event_pb2, profile_service_pb2
 
 _OUTCOMES: Final = {
     Outcome.ACCEPTED: event_pb2.EVENT_OUTCOME_ACCEPTED,
@@ -233,4 +235,58 @@ def content_block(block: Block) -> content_service_pb2.ContentBlock:
         reason=_REASONS[block.reason] if block.reason else content_service_pb2.FALLBACK_REASON_UNSPECIFIED,
         age=duration(block.age_s),
         detail=block.detail,
+    )
+
+
+# -- deliveries -----------------------------------------------------------------
+
+_DELIVERY_STATUSES: Final = {
+    SendStatus.SCHEDULED: delivery_service_pb2.DELIVERY_STATUS_SCHEDULED,
+    SendStatus.SENDING: delivery_service_pb2.DELIVERY_STATUS_SENDING,
+    SendStatus.RELAYING: delivery_service_pb2.DELIVERY_STATUS_RELAYING,
+    SendStatus.SENT: delivery_service_pb2.DELIVERY_STATUS_SENT,
+    SendStatus.FAILED: delivery_service_pb2.DELIVERY_STATUS_FAILED,
+    SendStatus.CANCELLED: delivery_service_pb2.DELIVERY_STATUS_CANCELLED,
+    SendStatus.SKIPPED: delivery_service_pb2.DELIVERY_STATUS_SKIPPED,
+    SendStatus.UNCERTAIN: delivery_service_pb2.DELIVERY_STATUS_UNCERTAIN,
+}
+
+
+def delivery(record: SendRecord) -> delivery_service_pb2.Delivery:
+    latency = record.latency
+    return delivery_service_pb2.Delivery(
+        id=record.id,
+        idempotency_key=record.send_key,
+        flow_id=record.flow_id,
+        template_id=record.template_id,
+        template_version=record.template_version,
+        user_id=record.user_id,
+        anonymous_id=record.anonymous_id,
+        entry_key=record.entry_key,
+        status=_DELIVERY_STATUSES[record.status],
+        reason=record.reason,
+        attempts=record.attempts,
+        relay=record.relay,
+        esp_message_id=record.esp_message_id,
+        trigger_time=_timestamp(record.entry_time),
+        receive_time=_timestamp(record.received_at),
+        due_time=_timestamp(record.due_at),
+        accept_time=_timestamp(record.accepted_at),
+        latency=duration(latency.total_seconds()) if latency is not None else None,
+        create_time=_timestamp(record.created_at),
+        update_time=_timestamp(record.updated_at),
+    )
+
+
+def flow_summary(flow: Flow, counts: Mapping[str, int]) -> delivery_service_pb2.FlowSummary:
+    named = ("scheduled", "sent", "cancelled", "skipped", "failed")
+    return delivery_service_pb2.FlowSummary(
+        id=flow.id,
+        template_id=flow.template,
+        entry_event=flow.entry_event,
+        delay=duration(flow.delay.total_seconds()),
+        exit_events=list(flow.exit_events),
+        subscription_group=flow.subscription_group,
+        **{name: counts.get(name, 0) for name in named},
+        other=sum(count for status, count in counts.items() if status not in named),
     )

@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sendtime.server.auth import Authenticator
+from sendtime.server.deliveries import Deliveries
 from sendtime.server.domain.content import ContentPipeline
 from sendtime.server.domain.errors import (
     FieldViolation,
@@ -37,6 +38,8 @@ from sendtime.server.settings import GrpcSettings, Scope
 from sendtime.v1 import (
     content_service_pb2,
     content_service_pb2_grpc,
+    delivery_service_pb2,
+    delivery_service_pb2_grpc,
     event_service_pb2,
     event_service_pb2_grpc,
     profile_service_pb2,
@@ -50,6 +53,7 @@ SERVICE_NAMES: Final = (
     event_service_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
     profile_service_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name,
     content_service_pb2.DESCRIPTOR.services_by_name["ContentService"].full_name,
+    delivery_service_pb2.DESCRIPTOR.services_by_name["DeliveryService"].full_name,
 )
 #: Which scope each of our services needs. Methods of our package that are not
 #: listed here are refused; health and reflection are open, as probes expect.
@@ -57,6 +61,7 @@ SCOPES: Final[Mapping[str, Scope]] = {
     "sendtime.v1.EventService": Scope.INGEST,
     "sendtime.v1.ProfileService": Scope.CONTENT,
     "sendtime.v1.ContentService": Scope.CONTENT,
+    "sendtime.v1.DeliveryService": Scope.SEND,
 }
 _OUR_PACKAGE: Final = "/sendtime."
 
@@ -295,6 +300,54 @@ class ContentService(content_service_pb2_grpc.ContentServiceServicer):
         )
 
 
+class DeliveryService(delivery_service_pb2_grpc.DeliveryServiceServicer):
+    def __init__(self, deliveries: Deliveries) -> None:
+        self._deliveries = deliveries
+
+    @mapped_errors
+    async def SendEmail(
+        self, request: delivery_service_pb2.SendEmailRequest, context: Context
+    ) -> delivery_service_pb2.SendEmailResponse:
+        record = await self._deliveries.send_now(
+            template_id=request.template_id,
+            identity=_identity(request.user_id, request.anonymous_id),
+            idempotency_key=request.idempotency_key,
+            transactional=request.transactional,
+            subscription_group=request.subscription_group,
+        )
+        return delivery_service_pb2.SendEmailResponse(delivery=convert.delivery(record))
+
+    @mapped_errors
+    async def GetDelivery(
+        self, request: delivery_service_pb2.GetDeliveryRequest, context: Context
+    ) -> delivery_service_pb2.GetDeliveryResponse:
+        record = await self._deliveries.get(send_id=request.id, idempotency_key=request.idempotency_key)
+        return delivery_service_pb2.GetDeliveryResponse(delivery=convert.delivery(record))
+
+    @mapped_errors
+    async def ListDeliveries(
+        self, request: delivery_service_pb2.ListDeliveriesRequest, context: Context
+    ) -> delivery_service_pb2.ListDeliveriesResponse:
+        records, token = await self._deliveries.list_deliveries(
+            identity=Identity(request.user_id) if request.user_id else None,
+            flow_id=request.flow_id,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return delivery_service_pb2.ListDeliveriesResponse(
+            deliveries=[convert.delivery(r) for r in records], next_page_token=token
+        )
+
+    @mapped_errors
+    async def ListFlows(
+        self, request: delivery_service_pb2.ListFlowsRequest, context: Context
+    ) -> delivery_service_pb2.ListFlowsResponse:
+        flows = await self._deliveries.flows()
+        return delivery_service_pb2.ListFlowsResponse(
+            flows=[convert.flow_summary(f.flow, f.counts) for f in flows]
+        )
+
+
 def _identity(user_id: str, anonymous_id: str) -> Identity:
     if bool(user_id) == bool(anonymous_id):
         raise InvalidInput.field("user_id", "give exactly one of user_id and anonymous_id")
@@ -326,6 +379,7 @@ def build_grpc_edge(
     queries: ProfileQueries,
     pipeline: ContentPipeline,
     default_deadline_s: float,
+    deliveries: Deliveries,
     authenticator: Authenticator,
 ) -> GrpcEdge:
     server = grpc.aio.server(
@@ -343,6 +397,7 @@ def build_grpc_edge(
     content_service_pb2_grpc.add_ContentServiceServicer_to_server(
         ContentService(pipeline, default_deadline_s), server
     )
+    delivery_service_pb2_grpc.add_DeliveryServiceServicer_to_server(DeliveryService(deliveries), server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -9,6 +9,10 @@
   HTTP (Braze Connected Content, Iterable data feeds, Customer.io): blocks
   and/or a rendered template, within the caller's deadline header.
 - POST /v1/catalog/products: upsert products (admin scope).
+- GET and POST /v1/unsubscribe/{token}: RFC 8058 one-click unsubscribe (the
+  POST mailbox providers make) and a confirmation page for people.
+- POST /v1/feedback/sendgrid, /v1/feedback/postmark: ESP bounce and complaint
+  webhooks into the suppression list.
 - GET /healthz (alive) and /readyz (serving).
 
 Errors go through http_errors; every JSON error names the field at fault.
@@ -20,6 +24,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import html
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -31,10 +36,12 @@ import msgspec
 from aiohttp import web
 
 from sendtime.server.auth import Authenticator
+from sendtime.server.deliveries import Suppressions
 from sendtime.server.domain.catalog import CatalogUpdater
 from sendtime.server.domain.content import ContentContext, ContentPipeline
 from sendtime.server.domain.errors import (
     InvalidInput,
+    NotFound,
     PayloadTooLarge,
     SendtimeError,
     Unauthenticated,
@@ -45,6 +52,7 @@ from sendtime.server.domain.ingest import Ack, Ingestor, Outcome, Undecodable, u
 from sendtime.server.domain.queries import ProfileQueries
 from sendtime.server.edge import segment
 from sendtime.server.edge.http_errors import error_body, error_response
+from sendtime.server.feedback import PostmarkFeedback, SendGridFeedback
 from sendtime.server.settings import HttpSettings, Scope, WebhookSource
 
 SIGNATURE_HEADER: Final = "Sendtime-Signature"
@@ -106,6 +114,9 @@ class _Routes:
     pipeline: ContentPipeline
     catalog: CatalogUpdater
     default_deadline_s: float
+    suppressions: Suppressions
+    sendgrid: SendGridFeedback | None
+    postmark: PostmarkFeedback | None
     ready: Callable[[], bool]
     clock: Callable[[], datetime] = utc_now
 
@@ -224,6 +235,58 @@ class _Routes:
         count = await self.catalog.upsert(await _read(request, MAX_CATALOG_BYTES))
         return _json_response({"success": True, "upserted": count})
 
+    async def unsubscribe_page(self, request: web.Request) -> web.Response:
+        """The link a person clicks: says what it will do, and asks to confirm
+        (a GET must not unsubscribe: link scanners follow every link)."""
+        token = request.match_info["token"]
+        try:
+            what = self.suppressions.check(token)
+        except SendtimeError as error:
+            return _page(error_response(error).status, "This link does not work", error.message)
+        return _page(
+            200,
+            "Unsubscribe?",
+            f"You will get no more {what.group} emails from us.",
+            form_action=f"/v1/unsubscribe/{token}",
+        )
+
+    async def unsubscribe(self, request: web.Request) -> web.Response:
+        """RFC 8058: mailbox providers POST "List-Unsubscribe=One-Click"; the
+        confirmation page POSTs its form. Both unsubscribe at once."""
+        body = await _read(request, 4096)
+        one_click = b"List-Unsubscribe=One-Click" in body
+        try:
+            what = await self.suppressions.unsubscribe(
+                request.match_info["token"], source="one-click" if one_click else "page"
+            )
+        except SendtimeError as error:
+            if one_click:
+                raise
+            return _page(error_response(error).status, "This link does not work", error.message)
+        if one_click:
+            return _json_response({"success": True})
+        return _page(200, "You are unsubscribed", f"You will get no more {what.group} emails from us.")
+
+    async def sendgrid_feedback(self, request: web.Request) -> web.Response:
+        if self.sendgrid is None:
+            raise NotFound("the SendGrid feedback webhook is not configured")
+        body = await _read(request, MAX_CATALOG_BYTES)
+        self.sendgrid.verify(
+            body,
+            request.headers.get("X-Twilio-Email-Event-Webhook-Signature"),
+            request.headers.get("X-Twilio-Email-Event-Webhook-Timestamp"),
+        )
+        added = await self.suppressions.from_feedback(self.sendgrid.suppressions(body))
+        return _json_response({"success": True, "suppressed": added})
+
+    async def postmark_feedback(self, request: web.Request) -> web.Response:
+        if self.postmark is None:
+            raise NotFound("the Postmark feedback webhook is not configured")
+        self.postmark.verify(request.headers.get("Authorization"))
+        body = await _read(request, segment.MAX_BATCH_BYTES)
+        added = await self.suppressions.from_feedback(self.postmark.suppressions(body))
+        return _json_response({"success": True, "suppressed": added})
+
     async def healthz(self, _request: web.Request) -> web.Response:
         return _json_response({"status": "alive"})
 
@@ -231,6 +294,22 @@ class _Routes:
         if not self.ready():
             raise Unavailable("not serving")
         return _json_response({"status": "serving"})
+
+
+def _page(status: int, title: str, message: str, *, form_action: str = "") -> web.Response:
+    form = (
+        f'<form method="post" action="{html.escape(form_action)}"><button type="submit">Unsubscribe</button></form>'
+        if form_action
+        else ""
+    )
+    body = (
+        "<!doctype html><html lang=en><meta charset=utf-8>"
+        '<meta name=viewport content="width=device-width,initial-scale=1">'
+        f"<title>{html.escape(title)}</title>"
+        '<body style="font-family:system-ui,sans-serif;max-width:32rem;margin:4rem auto;padding:0 1rem">'
+        f"<h1>{html.escape(title)}</h1><p>{html.escape(message)}</p>{form}</body></html>"
+    )
+    return web.Response(status=status, text=body, content_type="text/html")
 
 
 def _kind(incoming: IncomingEvent | Undecodable) -> EventKind | None:
@@ -316,6 +395,9 @@ def build_http_edge(
     pipeline: ContentPipeline,
     catalog: CatalogUpdater,
     default_deadline_s: float,
+    suppressions: Suppressions,
+    sendgrid: SendGridFeedback | None,
+    postmark: PostmarkFeedback | None,
     ready: Callable[[], bool],
     shutdown_grace_s: float,
     clock: Callable[[], datetime] = utc_now,
@@ -328,6 +410,9 @@ def build_http_edge(
         pipeline,
         catalog,
         default_deadline_s,
+        suppressions,
+        sendgrid,
+        postmark,
         ready,
         clock,
     )
@@ -342,6 +427,10 @@ def build_http_edge(
     app.router.add_get("/v1/profiles/{user_id}", routes.profile)
     app.router.add_get("/v1/content/{user_id}", routes.content)
     app.router.add_post("/v1/catalog/products", routes.upsert_products)
+    app.router.add_get("/v1/unsubscribe/{token}", routes.unsubscribe_page)
+    app.router.add_post("/v1/unsubscribe/{token}", routes.unsubscribe)
+    app.router.add_post("/v1/feedback/sendgrid", routes.sendgrid_feedback)
+    app.router.add_post("/v1/feedback/postmark", routes.postmark_feedback)
     app.router.add_get("/healthz", routes.healthz)
     app.router.add_get("/readyz", routes.readyz)
     ssl_context = None

@@ -35,8 +35,10 @@ import msgspec
 from sendtime.server.domain.catalog import Product
 from sendtime.server.domain.errors import Overloaded, Unavailable
 from sendtime.server.domain.events import Event, EventKind, IncomingEvent, TraitsUpdate, validate
+from sendtime.server.domain.flows import FlowPlanner, PlannedExit, PlannedSend
 from sendtime.server.domain.ports import Appended
 from sendtime.server.domain.profile import Profile
+from sendtime.server.domain.sends import SendRecord, SendStatus
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,61 @@ CREATE TABLE IF NOT EXISTS meta (
 CREATE TABLE IF NOT EXISTS catalog (
     product_id TEXT PRIMARY KEY,
     doc        BLOB NOT NULL        -- JSON of domain.catalog.Product
+) WITHOUT ROWID;
+-- The delivery ledger: one row per send, keyed by its idempotency key.
+CREATE TABLE IF NOT EXISTS sends (
+    id                 INTEGER PRIMARY KEY AUTOINCREMENT,
+    send_key           TEXT NOT NULL UNIQUE,
+    flow_id            TEXT NOT NULL,
+    template_id        TEXT NOT NULL,
+    profile_key        TEXT NOT NULL,
+    user_id            TEXT NOT NULL,
+    anonymous_id       TEXT NOT NULL,
+    entry_key          TEXT NOT NULL,
+    entry_message_id   TEXT NOT NULL,
+    entry_time         INTEGER NOT NULL,
+    received_at        INTEGER NOT NULL,
+    due_at             INTEGER NOT NULL,
+    status             TEXT NOT NULL,
+    reason             TEXT NOT NULL DEFAULT '',
+    attempts           INTEGER NOT NULL DEFAULT 0,
+    relay              TEXT NOT NULL DEFAULT '',
+    esp_message_id     TEXT NOT NULL DEFAULT '',
+    template_version   TEXT NOT NULL DEFAULT '',
+    subscription_group TEXT NOT NULL,
+    created_at         INTEGER NOT NULL,
+    updated_at         INTEGER NOT NULL,
+    accepted_at        INTEGER
+);
+CREATE INDEX IF NOT EXISTS sends_due ON sends (status, due_at);
+CREATE INDEX IF NOT EXISTS sends_by_profile ON sends (profile_key, flow_id);
+CREATE INDEX IF NOT EXISTS sends_by_flow ON sends (flow_id, id);
+-- Every relay attempt, as it happened.
+CREATE TABLE IF NOT EXISTS send_attempts (
+    send_id     INTEGER NOT NULL,
+    attempt     INTEGER NOT NULL,
+    at          INTEGER NOT NULL,
+    outcome     TEXT NOT NULL,
+    detail      TEXT NOT NULL,
+    PRIMARY KEY (send_id, attempt, outcome)
+) WITHOUT ROWID;
+-- Exit events, for the last check before relay.
+CREATE TABLE IF NOT EXISTS flow_exits (
+    profile_key TEXT NOT NULL,
+    flow_id     TEXT NOT NULL,
+    entry_key   TEXT NOT NULL,  -- '*': every entry of the flow
+    event_time  INTEGER NOT NULL,
+    event_name  TEXT NOT NULL,
+    PRIMARY KEY (profile_key, flow_id, entry_key, event_time)
+) WITHOUT ROWID;
+-- Who gets no more marketing: subject is "u:<id>", "a:<id>" or "email:<address>".
+CREATE TABLE IF NOT EXISTS suppressions (
+    subject     TEXT NOT NULL,
+    grp         TEXT NOT NULL,  -- a subscription group, or '*' for every one
+    reason      TEXT NOT NULL,
+    source      TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    PRIMARY KEY (subject, grp)
 ) WITHOUT ROWID;
 """
 _EVENT_COLUMNS: Final = (
@@ -162,6 +219,11 @@ class SqliteStore:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._position = 0  # the writer's: last position assigned
         self.on_commit: CommitListener | None = None
+        #: Plans flow sends and exits for each round's new events, in its transaction.
+        self.planner: FlowPlanner | None = None
+        #: Told (on the loop) of the earliest due time a round scheduled.
+        self.on_scheduled: Callable[[datetime], None] | None = None
+        self._earliest_due: datetime | None = None  # the writer's, per round
 
     @classmethod
     async def open(
@@ -257,6 +319,165 @@ class SqliteStore:
         event with one of ``names``, oldest first, in a worker thread. Only for
         start-up, before anything else uses what ``consume`` feeds."""
         return await asyncio.to_thread(self._replay_track, list(names), consume)
+
+    # -- the delivery ledger ---------------------------------------------------
+
+    async def claim_due(self, now: datetime, limit: int) -> list[SendRecord]:
+        """Mark up to ``limit`` due sends as being sent (durably) and return them."""
+        at = _micros(now)
+
+        def claim(conn: sqlite3.Connection) -> list[SendRecord]:
+            with _transaction(conn):
+                rows = conn.execute(
+                    f"UPDATE sends SET status = 'sending', attempts = attempts + 1, updated_at = ?"  # noqa: S608
+                    f" WHERE id IN (SELECT id FROM sends WHERE status = 'scheduled' AND due_at <= ?"
+                    f" ORDER BY due_at LIMIT ?) RETURNING {_SEND_COLUMNS}",
+                    (at, at, limit),
+                ).fetchall()
+            return [_send(row) for row in rows]
+
+        return await self._submit(claim)
+
+    async def update_send(
+        self,
+        send_id: int,
+        status: SendStatus,
+        *,
+        expect: SendStatus,
+        reason: str = "",
+        due_at: datetime | None = None,
+        relay: str | None = None,
+        esp_message_id: str | None = None,
+        template_version: str | None = None,
+        accepted_at: datetime | None = None,
+        attempt: tuple[int, str, str] | None = None,
+    ) -> bool:
+        """Move a send from ``expect`` to ``status`` (False if it was not in
+        ``expect`` any more, e.g. an exit cancelled it), with an attempt row."""
+        now = _micros(datetime.now(UTC))
+        sets = ["status = ?", "reason = ?", "updated_at = ?"]
+        values: list[Any] = [status.value, reason, now]
+        for column, value in (
+            ("due_at", None if due_at is None else _micros(due_at)),
+            ("relay", relay),
+            ("esp_message_id", esp_message_id),
+            ("template_version", template_version),
+            ("accepted_at", None if accepted_at is None else _micros(accepted_at)),
+        ):
+            if value is not None:
+                sets.append(f"{column} = ?")
+                values.append(value)
+
+        def update(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                changed = conn.execute(
+                    f"UPDATE sends SET {', '.join(sets)} WHERE id = ? AND status = ?",  # noqa: S608 (fixed names)
+                    (*values, send_id, expect.value),
+                ).rowcount
+                if changed and attempt is not None:
+                    conn.execute(
+                        "INSERT OR REPLACE INTO send_attempts VALUES (?, ?, ?, ?, ?)",
+                        (send_id, *attempt[:1], now, *attempt[1:]),
+                    )
+            return bool(changed)
+
+        return await self._submit(update)
+
+    async def recover_interrupted(self, *, relay_idempotent: bool) -> tuple[int, int]:
+        """After a crash: sends claimed but never handed to the ESP go back to
+        scheduled; those that may have reached it are retried only when the ESP
+        de-duplicates by our key, else marked uncertain. Returns (rescheduled, uncertain)."""
+        now = _micros(datetime.now(UTC))
+
+        def recover(conn: sqlite3.Connection) -> tuple[int, int]:
+            with _transaction(conn):
+                again = conn.execute(
+                    "UPDATE sends SET status = 'scheduled', reason = 'interrupted before relay', updated_at = ?"
+                    " WHERE status = 'sending'",
+                    (now,),
+                ).rowcount
+                if relay_idempotent:
+                    again += conn.execute(
+                        "UPDATE sends SET status = 'scheduled', reason = 'interrupted during relay; the ESP"
+                        " de-duplicates by key', updated_at = ? WHERE status = 'relaying'",
+                        (now,),
+                    ).rowcount
+                    unsure = 0
+                else:
+                    unsure = conn.execute(
+                        "UPDATE sends SET status = 'uncertain', reason = 'interrupted while the ESP had it;"
+                        " not resent, to never send twice', updated_at = ? WHERE status = 'relaying'",
+                        (now,),
+                    ).rowcount
+            return again, unsure
+
+        return await self._submit(recover)
+
+    async def schedule_send(self, planned: PlannedSend) -> SendRecord:
+        """A send asked for through the API: scheduled once per key."""
+
+        def schedule(conn: sqlite3.Connection) -> SendRecord:
+            with _transaction(conn):
+                self._apply_plan(conn, [planned], [])
+                row = conn.execute(
+                    f"SELECT {_SEND_COLUMNS} FROM sends WHERE send_key = ?",  # noqa: S608
+                    (planned.send_key,),
+                ).fetchone()
+            return _send(row)
+
+        record = await self._submit(schedule)
+        earliest, self._earliest_due = self._earliest_due, None
+        if earliest is not None and self.on_scheduled is not None:
+            self.on_scheduled(earliest)
+        return record
+
+    async def suppress(self, subject: str, group: str, reason: str, source: str) -> bool:
+        """Add a suppression; False when it was already there."""
+
+        def add(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                return bool(
+                    conn.execute(
+                        "INSERT OR IGNORE INTO suppressions VALUES (?, ?, ?, ?, ?)",
+                        (subject, group, reason, source, _micros(datetime.now(UTC))),
+                    ).rowcount
+                )
+
+        return await self._submit(add)
+
+    async def exit_since(self, profile_key: str, flow_id: str, entry_key: str, since: datetime) -> str | None:
+        """The name of an exit event for this entry at or after ``since``, if any."""
+        return await asyncio.to_thread(
+            self._with_reader, _select_exit, (profile_key, flow_id, entry_key, _micros(since))
+        )
+
+    async def is_suppressed(self, subjects: Sequence[str], group: str) -> bool:
+        return await asyncio.to_thread(self._with_reader, _select_suppressed, (list(subjects), group))
+
+    async def sent_since(self, profile_key: str, since: datetime) -> int:
+        """Marketing sends accepted for this user since ``since`` (for frequency caps)."""
+        return await asyncio.to_thread(self._with_reader, _select_sent_since, (profile_key, _micros(since)))
+
+    async def get_send(self, *, send_id: int | None = None, send_key: str | None = None) -> SendRecord | None:
+        return await asyncio.to_thread(self._with_reader, _select_send, (send_id, send_key))
+
+    async def list_sends(
+        self,
+        *,
+        profile_key: str | None = None,
+        flow_id: str | None = None,
+        limit: int = 50,
+        before_id: int | None = None,
+    ) -> list[SendRecord]:
+        return await asyncio.to_thread(
+            self._with_reader, _select_sends, (profile_key, flow_id, limit, before_id)
+        )
+
+    async def flow_counts(self) -> dict[str, dict[str, int]]:
+        return await asyncio.to_thread(self._with_reader, _select_flow_counts, None)
+
+    async def next_due(self) -> datetime | None:
+        return await asyncio.to_thread(self._with_reader, _select_next_due, None)
 
     async def close(self) -> None:
         """Commit everything queued so far, then close."""
@@ -359,6 +580,7 @@ class SqliteStore:
         try:
             is_new = self._write(conn, events)
         except BaseException as exc:
+            self._earliest_due = None
             log.exception("commit of %d events failed", len(events))
             for item in appends:
                 self._call_soon(_fail, item.done, exc)
@@ -366,23 +588,30 @@ class SqliteStore:
         self._stats.commits += 1
         self._stats.events += len(events)
         new_events = [event for event, new in zip(events, is_new, strict=True) if new]
+        earliest_due, self._earliest_due = self._earliest_due, None
         results = []
         start = 0
         for item in appends:
             end = start + len(item.events)
             results.append((item.done, Appended(is_new[start:end], self._position)))
             start = end
-        self._call_soon(self._round_done, new_events, self._position, results)
+        self._call_soon(self._round_done, new_events, self._position, results, earliest_due)
 
     def _round_done(
-        self, new_events: list[Event], position: int, results: list[tuple[asyncio.Future[Appended], Appended]]
+        self,
+        new_events: list[Event],
+        position: int,
+        results: list[tuple[asyncio.Future[Appended], Appended]],
+        earliest_due: datetime | None,
     ) -> None:
-        """On the loop, in commit order: tell the listener, then answer the appends."""
+        """On the loop, in commit order: tell the listeners, then answer the appends."""
         if new_events and self.on_commit is not None:
             try:
                 self.on_commit(new_events, position)
             except Exception:
                 log.exception("the commit listener failed")
+        if earliest_due is not None and self.on_scheduled is not None:
+            self.on_scheduled(earliest_due)
         for done, appended in results:
             _resolve(done, appended)
 
@@ -413,17 +642,79 @@ class SqliteStore:
             inserted = dict(
                 conn.execute("SELECT message_id, position FROM events WHERE position > ?", (before,))
             )
+            last = max(inserted.values(), default=before)
+            # the first occurrence in the round is the one that was inserted
+            unclaimed = set(inserted)
+            is_new = []
+            for event in events:
+                new = event.message_id in unclaimed
+                unclaimed.discard(event.message_id)
+                is_new.append(new)
             if inserted:
-                last = max(inserted.values())
                 conn.execute(
                     "INSERT INTO received_marks VALUES (?, ?)"
                     " ON CONFLICT (minute) DO UPDATE SET max_position = excluded.max_position",
                     (minute, last),
                 )
-        if inserted:
-            self._position = max(inserted.values())
-        # the first occurrence in the round is the one that was inserted
-        return [inserted.pop(event.message_id, None) is not None for event in events]
+                if self.planner is not None:
+                    new_events = [e for e, new in zip(events, is_new, strict=True) if new]
+                    self._apply_plan(conn, *self.planner.plan(new_events))
+        self._position = last
+        return is_new
+
+    def _apply_plan(
+        self, conn: sqlite3.Connection, sends: list[PlannedSend], exits: list[PlannedExit]
+    ) -> None:
+        """Schedule and cancel in the transaction of the events that caused it."""
+        now = _micros(datetime.now(UTC))
+        if sends:
+            conn.executemany(
+                "INSERT OR IGNORE INTO sends (send_key, flow_id, template_id, profile_key, user_id, anonymous_id,"
+                " entry_key, entry_message_id, entry_time, received_at, due_at, status, subscription_group,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'scheduled', ?, ?, ?)",
+                [
+                    (
+                        p.send_key,
+                        p.flow_id,
+                        p.template_id,
+                        p.profile_key,
+                        p.user_id,
+                        p.anonymous_id,
+                        p.entry_key,
+                        p.entry_message_id,
+                        _micros(p.entry_time),
+                        _micros(p.received_at),
+                        _micros(p.due_at),
+                        p.subscription_group,
+                        now,
+                        now,
+                    )
+                    for p in sends
+                ],
+            )
+            earliest = min(p.due_at for p in sends)
+            if self._earliest_due is None or earliest < self._earliest_due:
+                self._earliest_due = earliest
+        for exit_ in exits:
+            event_time = _micros(exit_.event_time)
+            conn.execute(
+                "INSERT OR IGNORE INTO flow_exits VALUES (?, ?, ?, ?, ?)",
+                (exit_.profile_key, exit_.flow_id, exit_.entry_key, event_time, exit_.event_name),
+            )
+            conn.execute(
+                "UPDATE sends SET status = 'cancelled', reason = ?, updated_at = ?"
+                " WHERE profile_key = ? AND flow_id = ? AND status = 'scheduled' AND entry_time <= ?"
+                " AND (? = '*' OR entry_key = ?)",
+                (
+                    f"exit: {exit_.event_name}",
+                    now,
+                    exit_.profile_key,
+                    exit_.flow_id,
+                    event_time,
+                    exit_.entry_key,
+                    exit_.entry_key,
+                ),
+            )
 
     def _maybe_purge(self, conn: sqlite3.Connection) -> None:
         """Forget events older than the dedupe retention, once a minute. Never
@@ -526,6 +817,129 @@ def _select_profiles(conn: sqlite3.Connection, keys: list[str]) -> dict[str, Pro
 def _select_meta(conn: sqlite3.Connection, key: str) -> int:
     row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     return int(row[0]) if row else 0
+
+
+_SEND_COLUMNS: Final = (
+    "id, send_key, flow_id, template_id, profile_key, user_id, anonymous_id, entry_key, entry_message_id,"
+    " entry_time, received_at, due_at, status, reason, attempts, relay, esp_message_id, template_version,"
+    " subscription_group, created_at, updated_at, accepted_at"
+)
+
+
+def _send(row: tuple[Any, ...]) -> SendRecord:
+    (
+        id_,
+        key,
+        flow_id,
+        template_id,
+        profile_key,
+        user_id,
+        anonymous_id,
+        entry_key,
+        entry_message_id,
+        entry_time,
+        received_at,
+        due_at,
+        status,
+        reason,
+        attempts,
+        relay,
+        esp_message_id,
+        template_version,
+        group,
+        created_at,
+        updated_at,
+        accepted_at,
+    ) = row
+    return SendRecord(
+        id=id_,
+        send_key=key,
+        flow_id=flow_id,
+        template_id=template_id,
+        profile_key=profile_key,
+        user_id=user_id,
+        anonymous_id=anonymous_id,
+        entry_key=entry_key,
+        entry_message_id=entry_message_id,
+        entry_time=_from_micros(entry_time),
+        received_at=_from_micros(received_at),
+        due_at=_from_micros(due_at),
+        status=SendStatus(status),
+        reason=reason,
+        attempts=attempts,
+        relay=relay,
+        esp_message_id=esp_message_id,
+        template_version=template_version,
+        subscription_group=group,
+        created_at=_from_micros(created_at),
+        updated_at=_from_micros(updated_at),
+        accepted_at=None if accepted_at is None else _from_micros(accepted_at),
+    )
+
+
+def _select_exit(conn: sqlite3.Connection, args: tuple[str, str, str, int]) -> str | None:
+    profile_key, flow_id, entry_key, since = args
+    row = conn.execute(
+        "SELECT event_name FROM flow_exits WHERE profile_key = ? AND flow_id = ? AND event_time >= ?"
+        " AND entry_key IN (?, '*') LIMIT 1",
+        (profile_key, flow_id, since, entry_key),
+    ).fetchone()
+    return row[0] if row else None
+
+
+def _select_suppressed(conn: sqlite3.Connection, args: tuple[list[str], str]) -> bool:
+    subjects, group = args
+    marks = ",".join("?" * len(subjects))
+    row = conn.execute(
+        f"SELECT 1 FROM suppressions WHERE subject IN ({marks}) AND grp IN (?, '*') LIMIT 1",  # noqa: S608
+        (*subjects, group),
+    ).fetchone()
+    return row is not None
+
+
+def _select_sent_since(conn: sqlite3.Connection, args: tuple[str, int]) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM sends WHERE profile_key = ? AND status = 'sent' AND subscription_group != ''"
+        " AND accepted_at >= ?",
+        args,
+    ).fetchone()
+    return int(row[0])
+
+
+def _select_send(conn: sqlite3.Connection, args: tuple[int | None, str | None]) -> SendRecord | None:
+    send_id, send_key = args
+    column, value = ("id", send_id) if send_id is not None else ("send_key", send_key)
+    row = conn.execute(f"SELECT {_SEND_COLUMNS} FROM sends WHERE {column} = ?", (value,)).fetchone()  # noqa: S608
+    return _send(row) if row else None
+
+
+def _select_sends(
+    conn: sqlite3.Connection, args: tuple[str | None, str | None, int, int | None]
+) -> list[SendRecord]:
+    profile_key, flow_id, limit, before_id = args
+    where: list[str] = ["1 = 1"]
+    values: list[Any] = []
+    for column, value in (("profile_key", profile_key), ("flow_id", flow_id)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            values.append(value)
+    if before_id is not None:
+        where.append("id < ?")
+        values.append(before_id)
+    sql = f"SELECT {_SEND_COLUMNS} FROM sends WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?"  # noqa: S608
+    return [_send(row) for row in conn.execute(sql, (*values, limit))]
+
+
+def _select_flow_counts(conn: sqlite3.Connection, _arg: object) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for flow_id, status, count in conn.execute("SELECT flow_id, status, count(*) FROM sends GROUP BY 1, 2"):
+        counts.setdefault(flow_id, {})[status] = count
+    return counts
+
+
+def _select_next_due(conn: sqlite3.Connection, _arg: object) -> datetime | None:
+    row = conn.execute("SELECT min(due_at) FROM sends WHERE status = 'scheduled'").fetchone()
+    return None if row[0] is None else _from_micros(row[0])
 
 
 def _select_catalog(conn: sqlite3.Connection, _arg: object) -> list[tuple[bytes]]:

@@ -1,0 +1,166 @@
+"""The delivery API's use cases: send now, read the ledger, summarise flows.
+
+A send asked for through the API is scheduled like a flow's, due now, under
+``send_key("api", ...)`` of the caller's idempotency key: asking twice returns
+the first delivery, whatever happened to it since.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final
+
+from sendtime.server.domain.errors import InvalidInput, NotFound
+from sendtime.server.domain.events import MAX_ID_CHARS, Identity
+from sendtime.server.domain.flows import Flow, PlannedSend, send_key
+from sendtime.server.domain.ingest import utc_now
+from sendtime.server.domain.sends import SendRecord
+from sendtime.server.domain.unsubscribe import Unsubscribe, UnsubscribeTokens
+from sendtime.server.feedback import Suppression, dedupe
+from sendtime.server.store.sqlite import SqliteStore
+
+API_FLOW: Final = ""
+MAX_PAGE: Final = 500
+DEFAULT_PAGE: Final = 50
+
+
+@dataclass(frozen=True, slots=True)
+class FlowCounts:
+    flow: Flow
+    counts: dict[str, int]
+
+
+class Deliveries:
+    def __init__(
+        self,
+        store: SqliteStore,
+        flows: Sequence[Flow],
+        templates: Callable[[str], object],
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self._store = store
+        self._flows = tuple(flows)
+        self._check_template = templates
+        self._clock = clock
+
+    async def send_now(
+        self,
+        *,
+        template_id: str,
+        identity: Identity,
+        idempotency_key: str,
+        transactional: bool,
+        subscription_group: str,
+    ) -> SendRecord:
+        if not template_id:
+            raise InvalidInput.field("template_id", "is required")
+        if not idempotency_key:
+            raise InvalidInput.field("idempotency_key", "is required: the same key is the same send")
+        if len(idempotency_key) > 100:
+            raise InvalidInput.field("idempotency_key", "is longer than 100 characters")
+        _check_identity(identity)
+        self._check_template(template_id)  # NotFound or TemplateError now, not at send time
+        group = "" if transactional else (subscription_group or "marketing")
+        now = self._clock()
+        planned = PlannedSend(
+            send_key=send_key("api", 1, "", idempotency_key),
+            flow_id=API_FLOW,
+            template_id=template_id,
+            profile_key=identity.key,
+            user_id=identity.user_id,
+            anonymous_id=identity.anonymous_id,
+            entry_key=idempotency_key,
+            entry_message_id="",
+            entry_time=now,
+            received_at=now,
+            due_at=now,
+            subscription_group=group,
+        )
+        return await self._store.schedule_send(planned)
+
+    async def get(self, *, send_id: int = 0, idempotency_key: str = "") -> SendRecord:
+        if bool(send_id) == bool(idempotency_key):
+            raise InvalidInput.field("id", "give exactly one of id and idempotency_key")
+        if send_id:
+            record = await self._store.get_send(send_id=send_id)
+        else:
+            # an API key, or a flow send's own key as the ledger shows it
+            record = await self._store.get_send(send_key=send_key("api", 1, "", idempotency_key))
+            if record is None:
+                record = await self._store.get_send(send_key=idempotency_key)
+        if record is None:
+            raise NotFound("no delivery has that id" if send_id else "no delivery has that idempotency key")
+        return record
+
+    async def list_deliveries(
+        self, *, identity: Identity | None, flow_id: str, page_size: int, page_token: str
+    ) -> tuple[list[SendRecord], str]:
+        if page_size < 0 or page_size > MAX_PAGE:
+            raise InvalidInput.field("page_size", f"must be between 0 and {MAX_PAGE}")
+        size = page_size or DEFAULT_PAGE
+        before = _decode_token(page_token) if page_token else None
+        records = await self._store.list_sends(
+            profile_key=identity.key if identity is not None else None,
+            flow_id=flow_id or None,
+            limit=size + 1,
+            before_id=before,
+        )
+        more = len(records) > size
+        records = records[:size]
+        token = _encode_token(records[-1].id) if more and records else ""
+        return records, token
+
+    async def flows(self) -> list[FlowCounts]:
+        counts = await self._store.flow_counts()
+        return [FlowCounts(flow, counts.get(flow.id, {})) for flow in self._flows]
+
+
+def _check_identity(identity: Identity) -> None:
+    if bool(identity.user_id) == bool(identity.anonymous_id):
+        raise InvalidInput.field("user_id", "give exactly one of user_id and anonymous_id")
+    if len(identity.user_id or identity.anonymous_id) > MAX_ID_CHARS:
+        raise InvalidInput.field("user_id", f"is longer than {MAX_ID_CHARS} characters")
+
+
+def _encode_token(last_id: int) -> str:
+    return base64.urlsafe_b64encode(f"before:{last_id}".encode()).decode()
+
+
+def _decode_token(token: str) -> int:
+    try:
+        kind, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+        if kind != "before":
+            raise ValueError(kind)
+        return int(value)
+    except ValueError:
+        raise InvalidInput.field("page_token", "is not a token from a previous page") from None
+
+
+class Suppressions:
+    """One-click unsubscribes and ESP feedback, into the suppression list."""
+
+    def __init__(
+        self, store: SqliteStore, tokens: UnsubscribeTokens, clock: Callable[[], datetime] = utc_now
+    ) -> None:
+        self._store = store
+        self._tokens = tokens
+        self._clock = clock
+
+    def check(self, token: str) -> Unsubscribe:
+        """What the token unsubscribes; refuses forged, altered or expired ones."""
+        return self._tokens.verify(token, self._clock())
+
+    async def unsubscribe(self, token: str, *, source: str) -> Unsubscribe:
+        request = self.check(token)
+        await self._store.suppress(request.profile_key, request.group, "unsubscribed", source)
+        return request
+
+    async def from_feedback(self, suppressions: Sequence[Suppression]) -> int:
+        """Suppress each reported address; returns how many were new."""
+        added = 0
+        for item in dedupe(suppressions):
+            added += await self._store.suppress(item.subject, item.group, item.reason, item.source)
+        return added

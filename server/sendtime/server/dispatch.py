@@ -1,0 +1,359 @@
+"""The dispatcher: turns due sends into emails at the ESP, exactly once.
+
+For each due send, claimed durably (status "sending"):
+
+1. checks the rules as of now: an email address, consent for the send's
+   group, the suppression list, the frequency cap, quiet hours (hold or skip),
+   and exit events since the entry;
+2. renders the template with live content (the same pipeline as GetContent);
+3. checks exits once more, right before relay, so an order that landed while
+   the email rendered still cancels it;
+4. writes "relaying" durably, hands the message to the relay (retries with
+   backoff there), and writes the outcome: sent with the ESP's message id,
+   failed with its reason, or scheduled again later for a transient failure.
+
+The scheduler loop wakes when a commit schedules something sooner than it
+planned to look, so a flow with no delay sends within milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Final
+
+from sendtime.server.domain.content import ContentContext, ContentPipeline, Source
+from sendtime.server.domain.errors import SendtimeError
+from sendtime.server.domain.events import Identity
+from sendtime.server.domain.flows import Flow
+from sendtime.server.domain.ingest import utc_now
+from sendtime.server.domain.profile import ProfileView, view
+from sendtime.server.domain.profiles import ProfileBook
+from sendtime.server.domain.sends import FrequencyCap, QuietHours, SendRecord, SendStatus
+from sendtime.server.domain.unsubscribe import UnsubscribeTokens
+from sendtime.server.relay import message as mime
+from sendtime.server.relay.base import PermanentFailure, RetryingRelay, TransientFailure
+from sendtime.server.store.sqlite import SqliteStore
+
+log = logging.getLogger(__name__)
+
+_RETRY_LATER_BASE: Final = timedelta(seconds=30)
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchPolicy:
+    default_sender: str
+    public_base_url: str
+    unsubscribe_mailto: str
+    list_id: str
+    message_id_domain: str
+    frequency_cap: FrequencyCap | None
+    quiet_hours: QuietHours | None
+    render_budget_s: float
+    max_concurrent: int
+    max_send_attempts: int
+    poll_interval_s: float
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        store: SqliteStore,
+        profiles: ProfileBook,
+        pipeline: ContentPipeline,
+        relay: RetryingRelay,
+        tokens: UnsubscribeTokens,
+        flows: Mapping[str, Flow],
+        policy: DispatchPolicy,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self._store = store
+        self._profiles = profiles
+        self._pipeline = pipeline
+        self._relay = relay
+        self._tokens = tokens
+        self._flows = dict(flows)
+        self._policy = policy
+        self._clock = clock
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._loop_task: asyncio.Task[None] | None = None
+        self._sends: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(policy.max_concurrent)
+
+    @property
+    def relay_name(self) -> str:
+        return self._relay.name
+
+    async def start(self) -> None:
+        again, unsure = await self._store.recover_interrupted(relay_idempotent=self._relay.idempotent)
+        if again or unsure:
+            log.warning(
+                "after a restart: %d interrupted sends scheduled again, %d marked uncertain (not resent)",
+                again,
+                unsure,
+            )
+        self._loop_task = asyncio.create_task(self._run(), name="sendtime-dispatcher")
+
+    def wake(self, _due_at: datetime | None = None) -> None:
+        """Something may be due sooner than the loop planned to look."""
+        self._wake.set()
+
+    async def close(self, grace_s: float) -> None:
+        """Stop claiming; let sends in flight finish within the grace period.
+        One cut short stays "sending"/"relaying" and is recovered at the next start."""
+        self._stopping = True
+        self._wake.set()
+        if self._loop_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        if self._sends:
+            _, pending = await asyncio.wait(self._sends, timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await self._relay.close()
+
+    # -- the loop -------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                claimed = await self._claim()
+            except Exception:
+                log.exception("claiming due sends failed; retrying shortly")
+                claimed = 0
+            if claimed:
+                continue  # there may be more due right away
+            await self._sleep()
+
+    async def _claim(self) -> int:
+        free = self._policy.max_concurrent - len(self._sends)
+        if free <= 0:
+            return 0
+        due = await self._store.claim_due(self._clock(), free)
+        for record in due:
+            task = asyncio.create_task(self._send_guarded(record), name=f"send-{record.id}")
+            self._sends.add(task)
+            task.add_done_callback(self._sends.discard)
+        return len(due)
+
+    async def _sleep(self) -> None:
+        timeout = self._policy.poll_interval_s
+        if len(self._sends) < self._policy.max_concurrent:
+            next_due = await self._store.next_due()
+            if next_due is not None:
+                timeout = min(timeout, max((next_due - self._clock()).total_seconds(), 0.0))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    # -- one send -------------------------------------------------------------
+
+    async def _send_guarded(self, record: SendRecord) -> None:
+        try:
+            await self._send(record)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            log.exception("send %s failed unexpectedly", record.id)
+            await self._finish(
+                record, SendStatus.FAILED, f"internal error: {error}", expect=SendStatus.SENDING
+            )
+        finally:
+            # a slot freed: the loop may claim more
+            self._wake.set()
+
+    async def _send(self, record: SendRecord) -> None:
+        flow = self._flows.get(record.flow_id)
+        profile = await self._profiles.get(record.profile_key)
+        shown = view(profile) if profile is not None else None
+        email = _text(shown, "email")
+        if not email:
+            await self._finish(record, SendStatus.SKIPPED, "the profile has no email address")
+            return
+        now = self._clock()
+        refusal = await self._refusal(record, shown, email, now)
+        if refusal is not None:
+            status, reason, hold_until = refusal
+            if hold_until is not None:
+                await self._store.update_send(
+                    record.id,
+                    SendStatus.SCHEDULED,
+                    expect=SendStatus.SENDING,
+                    reason=reason,
+                    due_at=hold_until,
+                )
+            else:
+                await self._finish(record, status, reason)
+            return
+        if await self._exited(record):
+            return
+
+        identity = Identity(record.user_id, record.anonymous_id)
+        context = ContentContext(
+            campaign=record.flow_id,
+            cart_id=record.entry_key if flow is not None and flow.entry_key == "cart_id" else "",
+        )
+        try:
+            answer = await self._pipeline.email(
+                record.template_id, identity, context, self._policy.render_budget_s
+            )
+        except SendtimeError as error:
+            await self._finish(
+                record, SendStatus.FAILED, f"cannot render {record.template_id}: {error.message}"
+            )
+            return
+        required = flow.require_blocks if flow is not None else ()
+        missing = [b.name for b in answer.blocks if b.name in required and b.source is Source.FALLBACK]
+        if missing:
+            await self._finish(record, SendStatus.SKIPPED, f"nothing to show: no {', '.join(missing)}")
+            return
+
+        rendered = answer.email
+        group = record.subscription_group
+        unsubscribe_url = ""
+        if group:
+            token = self._tokens.issue(record.profile_key, group, now)
+            unsubscribe_url = f"{self._policy.public_base_url.rstrip('/')}/v1/unsubscribe/{token}"
+        try:
+            outgoing = mime.build(
+                send_key=record.send_key,
+                message_id_domain=self._policy.message_id_domain,
+                sender=(flow.sender if flow is not None and flow.sender else self._policy.default_sender),
+                recipient_email=email,
+                recipient_name=" ".join(
+                    filter(None, (_text(shown, "first_name"), _text(shown, "last_name")))
+                ),
+                reply_to=flow.reply_to if flow is not None else "",
+                subject=rendered.subject,
+                html=rendered.html,
+                text=rendered.text,
+                date=now,
+                list_id=self._policy.list_id if group else "",
+                unsubscribe_url=unsubscribe_url,
+                unsubscribe_mailto=self._policy.unsubscribe_mailto if group else "",
+            )
+        except ValueError as error:
+            await self._finish(record, SendStatus.SKIPPED, f"cannot address the email: {error}")
+            return
+
+        # The last look, right before the message leaves: an exit event stored
+        # while the email rendered still cancels it.
+        if await self._exited(record):
+            return
+        handed_over = await self._store.update_send(
+            record.id,
+            SendStatus.RELAYING,
+            expect=SendStatus.SENDING,
+            relay=self._relay.name,
+            template_version=rendered.version,
+        )
+        if not handed_over:
+            return  # cancelled between the check and now
+        try:
+            accepted = await self._relay.send(outgoing)
+        except PermanentFailure as failure:
+            await self._finish(
+                record,
+                SendStatus.FAILED,
+                failure.reason,
+                expect=SendStatus.RELAYING,
+                attempt=(record.attempts, "refused", f"{failure.reason} (after {failure.attempts} tries)"),
+            )
+            return
+        except TransientFailure as failure:
+            await self._retry_later(record, failure)
+            return
+        await self._store.update_send(
+            record.id,
+            SendStatus.SENT,
+            expect=SendStatus.RELAYING,
+            esp_message_id=accepted.esp_message_id,
+            accepted_at=self._clock(),
+            attempt=(
+                record.attempts,
+                "accepted",
+                f"{accepted.esp_message_id} (after {accepted.attempts} tries)",
+            ),
+        )
+
+    async def _refusal(
+        self, record: SendRecord, shown: ProfileView | None, email: str, now: datetime
+    ) -> tuple[SendStatus, str, datetime | None] | None:
+        """Why not to send now: (status, reason, hold until) or None."""
+        group = record.subscription_group
+        if not group:
+            return None  # transactional: no consent, suppression, caps or quiet hours
+        if shown is not None and shown.consent.get(group) == "opted_out":
+            return SendStatus.SKIPPED, f"opted out of {group}", None
+        if await self._store.is_suppressed([record.profile_key, f"email:{email.lower()}"], group):
+            return SendStatus.SKIPPED, f"suppressed for {group}", None
+        cap = self._policy.frequency_cap
+        if cap is not None and cap.count > 0:
+            sent = await self._store.sent_since(record.profile_key, now - cap.period)
+            if sent >= cap.count:
+                return SendStatus.SKIPPED, f"frequency cap: {sent} sends in the last {cap.period}", None
+        quiet = self._policy.quiet_hours
+        if quiet is not None:
+            until = quiet.next_allowed(now, _text(shown, "timezone"))
+            if until is not None:
+                if quiet.hold:
+                    return SendStatus.SCHEDULED, f"held for quiet hours until {until.isoformat()}", until
+                return SendStatus.SKIPPED, "quiet hours", None
+        return None
+
+    async def _exited(self, record: SendRecord) -> bool:
+        if not record.flow_id:
+            return False
+        exit_event = await self._store.exit_since(
+            record.profile_key, record.flow_id, record.entry_key, record.entry_time
+        )
+        if exit_event is None:
+            return False
+        await self._finish(record, SendStatus.CANCELLED, f"exit: {exit_event}")
+        return True
+
+    async def _retry_later(self, record: SendRecord, failure: TransientFailure) -> None:
+        detail = f"{failure.reason} (after {failure.attempts} tries)"
+        if record.attempts >= self._policy.max_send_attempts:
+            await self._finish(
+                record,
+                SendStatus.FAILED,
+                f"gave up after {record.attempts} rounds: {failure.reason}",
+                expect=SendStatus.RELAYING,
+                attempt=(record.attempts, "failed", detail),
+            )
+            return
+        due = self._clock() + _RETRY_LATER_BASE * (2 ** (record.attempts - 1))
+        await self._store.update_send(
+            record.id,
+            SendStatus.SCHEDULED,
+            expect=SendStatus.RELAYING,
+            reason=f"will retry: {failure.reason}",
+            due_at=due,
+            attempt=(record.attempts, "failed", detail),
+        )
+
+    async def _finish(
+        self,
+        record: SendRecord,
+        status: SendStatus,
+        reason: str,
+        *,
+        expect: SendStatus = SendStatus.SENDING,
+        attempt: tuple[int, str, str] | None = None,
+    ) -> None:
+        await self._store.update_send(record.id, status, expect=expect, reason=reason, attempt=attempt)
+
+
+def _text(shown: ProfileView | None, trait: str) -> str:
+    if shown is None:
+        return ""
+    value = shown.traits.get(trait)
+    return value if isinstance(value, str) else ""

@@ -1,0 +1,185 @@
+"""Triggered flows: which events schedule a send, and which cancel one.
+
+``FlowPlanner.plan`` is a pure function of a batch of newly stored events: the
+store runs it inside the transaction that stores them, so a scheduled send or
+a cancellation is exactly as durable as the event that caused it, and a
+restart can neither lose nor repeat one.
+
+One idempotency key per send, ``send_key(flow, step, user, entry key)``: the
+store keeps one send per key, which is how re-entry rules hold (once per key;
+once per period puts the period's number in the key) and how a duplicate
+trigger can never become a second email.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+import msgspec
+
+from sendtime.server.domain.events import Event, EventKind
+
+_OBJECT: Final = msgspec.json.Decoder(dict[str, Any])
+#: Exit rows for "any exit event" use this entry key.
+ANY_ENTRY: Final = "*"
+#: The entry key of flows keyed by the user alone.
+USER_ENTRY: Final = "user"
+
+
+class ExitOn(enum.StrEnum):
+    #: The exit event's property named by the flow's entry_key equals the entry's key.
+    SAME_KEY = "same_key"
+    #: Any exit event after the entry.
+    ANY = "any"
+
+
+class Reentry(enum.StrEnum):
+    ONCE_PER_KEY = "once_per_key"
+    ONCE_PER_PERIOD = "once_per_period"
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    id: str
+    template: str
+    entry_event: str
+    #: Property equals value, all of them, for an event to enter.
+    entry_filter: Mapping[str, Any]
+    #: The entry event's property that keys the send (e.g. cart_id); "" keys
+    #: it by the user alone (one per user, or per user per period).
+    entry_key: str
+    delay: timedelta
+    exit_events: tuple[str, ...]
+    exit_on: ExitOn
+    reentry: Reentry
+    reentry_period: timedelta
+    #: "" for transactional sends (no consent, caps or suppression by group).
+    subscription_group: str
+    sender: str
+    reply_to: str = ""
+    #: Blocks that must have data, else the send is skipped.
+    require_blocks: tuple[str, ...] = ()
+
+    @property
+    def transactional(self) -> bool:
+        return not self.subscription_group
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedSend:
+    send_key: str
+    flow_id: str
+    template_id: str
+    profile_key: str
+    user_id: str
+    anonymous_id: str
+    entry_key: str
+    entry_message_id: str
+    entry_time: datetime
+    received_at: datetime
+    due_at: datetime
+    subscription_group: str
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedExit:
+    profile_key: str
+    flow_id: str
+    #: ANY_ENTRY when the exit applies to every entry of the flow.
+    entry_key: str
+    event_time: datetime
+    event_name: str
+
+
+def send_key(flow_id: str, step: int, profile_key: str, entry_key: str) -> str:
+    """The idempotency key of one send: the same inputs always give the same key."""
+    raw = f"{flow_id}\x1f{step}\x1f{profile_key}\x1f{entry_key}".encode()
+    return "snd_" + hashlib.sha256(raw).hexdigest()[:32]
+
+
+class FlowPlanner:
+    def __init__(self, flows: Sequence[Flow]) -> None:
+        self.flows = tuple(flows)
+        self._by_entry: dict[str, list[Flow]] = {}
+        self._by_exit: dict[str, list[Flow]] = {}
+        for flow in self.flows:
+            self._by_entry.setdefault(flow.entry_event, []).append(flow)
+            for name in flow.exit_events:
+                self._by_exit.setdefault(name, []).append(flow)
+
+    def plan(self, events: Sequence[Event]) -> tuple[list[PlannedSend], list[PlannedExit]]:
+        sends: list[PlannedSend] = []
+        exits: list[PlannedExit] = []
+        for event in events:
+            if event.kind is not EventKind.TRACK:
+                continue
+            entering = self._by_entry.get(event.name)
+            exiting = self._by_exit.get(event.name)
+            if entering is None and exiting is None:
+                continue  # the common case: no JSON is decoded
+            properties = _properties(event)
+            for flow in entering or ():
+                planned = _entry(flow, event, properties)
+                if planned is not None:
+                    sends.append(planned)
+            exits.extend(_exit(flow, event, properties) for flow in exiting or ())
+        return sends, exits
+
+
+def _properties(event: Event) -> dict[str, Any]:
+    try:
+        return _OBJECT.decode(event.properties or b"{}")
+    except (msgspec.ValidationError, msgspec.DecodeError):  # validated at ingest; never here
+        return {}
+
+
+def _entry(flow: Flow, event: Event, properties: Mapping[str, Any]) -> PlannedSend | None:
+    if any(properties.get(name) != value for name, value in flow.entry_filter.items()):
+        return None
+    if flow.entry_key:
+        value = properties.get(flow.entry_key)
+        if value is None or value == "":
+            return None  # nothing to key the send by: e.g. a cart event with no cart_id
+        entry_key = str(value)
+    else:
+        entry_key = USER_ENTRY
+    key_part = entry_key
+    if flow.reentry is Reentry.ONCE_PER_PERIOD:
+        period = int(event.timestamp.timestamp() // flow.reentry_period.total_seconds())
+        key_part = f"{entry_key}@{period}"
+    profile_key = event.identity.key
+    return PlannedSend(
+        send_key=send_key(flow.id, 1, profile_key, key_part),
+        flow_id=flow.id,
+        template_id=flow.template,
+        profile_key=profile_key,
+        user_id=event.identity.user_id,
+        anonymous_id=event.identity.anonymous_id,
+        entry_key=entry_key,
+        entry_message_id=event.message_id,
+        entry_time=event.timestamp,
+        received_at=event.received_at,
+        # from when the event happened, but never in the past of its arrival
+        # by more than the delay (a late event still gets its reminder)
+        due_at=max(event.timestamp, event.received_at - flow.delay) + flow.delay,
+        subscription_group=flow.subscription_group,
+    )
+
+
+def _exit(flow: Flow, event: Event, properties: Mapping[str, Any]) -> PlannedExit:
+    entry_key = ANY_ENTRY
+    if flow.exit_on is ExitOn.SAME_KEY and flow.entry_key:
+        value = properties.get(flow.entry_key)
+        entry_key = str(value) if value not in (None, "") else ANY_ENTRY
+    return PlannedExit(
+        profile_key=event.identity.key,
+        flow_id=flow.id,
+        entry_key=entry_key,
+        event_time=event.timestamp,
+        event_name=event.name,
+    )

@@ -1,0 +1,151 @@
+"""What every relay to an ESP shares: the message handed over, the two kinds of
+failure, and the retry and rate-limit policy around one attempt.
+
+An adapter implements one attempt (``Relay.attempt``) and says whether a
+failure is worth retrying; ``RetryingRelay`` retries transient failures with
+exponential backoff and jitter, honours Retry-After, never retries permanent
+failures, and keeps each adapter under its configured rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+from aiolimiter import AsyncLimiter
+
+_MAX_BACKOFF_S: Final = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingEmail:
+    """A finished email. ``mime`` is the whole RFC 5322 message (SMTP, the
+    outbox and raw APIs send it as is); the fields beside it are for ESP APIs
+    that take JSON."""
+
+    #: One per send (user, flow, step, entry key): ESPs that accept an
+    #: idempotency key get it, so a retry can never become a second email.
+    idempotency_key: str
+    message_id: str
+    sender: str
+    recipient: str
+    reply_to: str
+    subject: str
+    html: str
+    text: str
+    #: Extra headers the ESP must keep: List-Unsubscribe, List-Unsubscribe-Post, List-ID.
+    headers: dict[str, str]
+    mime: bytes
+    #: The sender's and recipient's bare addresses (for SMTP's envelope).
+    envelope_from: str = ""
+    envelope_to: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The ESP took the message."""
+
+    esp_message_id: str
+    attempts: int = 1
+
+
+class RelayFailure(Exception):
+    def __init__(self, reason: str, *, attempts: int = 1) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.attempts = attempts
+
+
+class PermanentFailure(RelayFailure):
+    """The ESP refused the message for good (bad address, rejected content,
+    bad credentials): retrying would not help."""
+
+
+class TransientFailure(RelayFailure):
+    """Worth trying again (429, 5xx, SMTP 4xx, connection errors)."""
+
+    def __init__(self, reason: str, *, retry_after_s: float | None = None, attempts: int = 1) -> None:
+        super().__init__(reason, attempts=attempts)
+        self.retry_after_s = retry_after_s
+
+
+class Relay(Protocol):
+    #: The adapter's name, recorded in the delivery ledger ("smtp", "sendgrid", ...).
+    name: str
+    #: True when the ESP de-duplicates by our idempotency key itself.
+    idempotent: bool
+
+    async def attempt(self, email: OutgoingEmail) -> str:
+        """One try: the ESP's message id, or PermanentFailure/TransientFailure."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class RetryPolicy:
+    attempts: int = 4
+    base_delay_s: float = 0.2
+    max_delay_s: float = 10.0
+
+    def delay(self, attempt: int, retry_after_s: float | None) -> float:
+        if retry_after_s is not None:
+            return min(retry_after_s, _MAX_BACKOFF_S)
+        backoff: float = min(self.base_delay_s * 2.0 ** (attempt - 1), self.max_delay_s)
+        return backoff * random.uniform(0.5, 1.0)  # "equal jitter": spread, but never near zero
+
+
+@dataclass
+class RetryingRelay:
+    """Retries and rate limit around one adapter."""
+
+    relay: Relay
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    #: Messages per second this adapter may hand over (None: no limit).
+    rate_per_s: float | None = None
+    _limiter: AsyncLimiter | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.rate_per_s:
+            # one second's worth of burst; beyond it, callers wait their turn
+            self._limiter = AsyncLimiter(max_rate=self.rate_per_s, time_period=1.0)
+
+    @property
+    def name(self) -> str:
+        return self.relay.name
+
+    @property
+    def idempotent(self) -> bool:
+        return self.relay.idempotent
+
+    async def send(self, email: OutgoingEmail) -> Accepted:
+        attempt = 0
+        while True:
+            attempt += 1
+            if self._limiter is not None:
+                await self._limiter.acquire()
+            try:
+                return Accepted(await self.relay.attempt(email), attempts=attempt)
+            except PermanentFailure as failure:
+                failure.attempts = attempt
+                raise
+            except TransientFailure as failure:
+                failure.attempts = attempt
+                if attempt >= self.policy.attempts:
+                    raise
+                await asyncio.sleep(self.policy.delay(attempt, failure.retry_after_s))
+
+    async def close(self) -> None:
+        await self.relay.close()
+
+
+def retry_after(header: str | None) -> float | None:
+    """Retry-After in seconds (the delta form; an HTTP date is treated as unknown)."""
+    if not header:
+        return None
+    try:
+        return max(float(header), 0.0)
+    except ValueError:
+        return None
