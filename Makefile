@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all run test lint gen check-gen bench install clean
+.PHONY: all run demo test lint gen check-gen bench install clean
 
 all: lint test
 
@@ -18,6 +18,10 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/sendtime serve
+
+# The same server with demo flows that fire in seconds (demo/sendtime.toml).
+demo: $(STAMP)
+	$(BIN)/sendtime serve --config demo/sendtime.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -35,6 +39,9 @@ gen: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.ingest --json
+	$(BIN)/python -m benchmarks.cache --json
+	$(BIN)/python -m benchmarks.content --json
+	$(BIN)/python -m benchmarks.relay --json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
