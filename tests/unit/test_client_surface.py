@@ -17,6 +17,7 @@ import sendtime.client
 from sendtime.client import (
     AsyncClient,
     Client,
+    DeliveryStatus,
     EventStream,
     InvalidArgument,
     RetryPolicy,
@@ -24,7 +25,8 @@ from sendtime.client import (
     identify_event,
     track_event,
 )
-from sendtime.v1 import event_pb2
+from sendtime.client._delivery import delivery_from_proto
+from sendtime.v1 import delivery_service_pb2, event_pb2
 
 PUBLIC = [
     "Ack",
@@ -35,9 +37,13 @@ PUBLIC = [
     "Content",
     "ContentBlock",
     "DeadlineExceeded",
+    "Delivery",
+    "DeliveryPage",
+    "DeliveryStatus",
     "EventStream",
     "FallbackReason",
     "FieldViolation",
+    "FlowSummary",
     "InvalidArgument",
     "NotFound",
     "Outcome",
@@ -133,6 +139,29 @@ def test_client_signatures(cls: type[object]) -> None:
         "cart_id",
         "timeout",
     ]
+    assert _params(cls.send_email) == [  # type: ignore[attr-defined]
+        "self",
+        "template_id",
+        "user_id",
+        "anonymous_id",
+        "idempotency_key",
+        "transactional",
+        "subscription_group",
+        "timeout",
+    ]
+    send = inspect.signature(cls.send_email).parameters  # type: ignore[attr-defined]
+    assert send["idempotency_key"].default is inspect.Parameter.empty  # no send without a key
+    assert all(send[name].kind is inspect.Parameter.KEYWORD_ONLY for name in list(send)[2:])
+    assert _params(cls.get_delivery) == ["self", "id", "idempotency_key", "timeout"]  # type: ignore[attr-defined]
+    assert _params(cls.list_deliveries) == [  # type: ignore[attr-defined]
+        "self",
+        "user_id",
+        "flow_id",
+        "page_size",
+        "page_token",
+        "timeout",
+    ]
+    assert _params(cls.list_flows) == ["self", "timeout"]  # type: ignore[attr-defined]
 
 
 def test_async_only_parts() -> None:
@@ -141,6 +170,9 @@ def test_async_only_parts() -> None:
     assert inspect.iscoroutinefunction(AsyncClient.render_email)
     assert not inspect.iscoroutinefunction(Client.render_email)
     assert not inspect.iscoroutinefunction(Client.track)
+    for method in ("send_email", "get_delivery", "list_deliveries", "list_flows"):
+        assert inspect.iscoroutinefunction(getattr(AsyncClient, method)), method
+        assert not inspect.iscoroutinefunction(getattr(Client, method)), method
     assert _params(AsyncClient.stream) == [
         "self",
         "max_in_flight",
@@ -207,6 +239,41 @@ def test_identify_event_maps_consent_and_extra_traits() -> None:
         "sms": event_pb2.CONSENT_STATE_OPTED_OUT,
     }
     assert json.loads(event.identify.extra_traits_json) == {"plan": "pro"}
+
+
+def test_delivery_status_is_a_str_enum_whose_last_five_are_final() -> None:
+    assert isinstance(DeliveryStatus.SENT, str)
+    assert json.dumps([DeliveryStatus.SENT]) == '["sent"]'
+    assert DeliveryStatus("skipped") is DeliveryStatus.SKIPPED
+    assert [s.value for s in DeliveryStatus if s.final] == [
+        "sent",
+        "failed",
+        "cancelled",
+        "skipped",
+        "uncertain",
+    ]
+    assert not DeliveryStatus.UNKNOWN.final
+
+
+def test_a_delivery_reads_times_latency_and_unknown_statuses() -> None:
+    created = dt.datetime(2024, 5, 1, 10, 0, tzinfo=dt.UTC)
+    proto = delivery_service_pb2.Delivery(id=7, status=delivery_service_pb2.DELIVERY_STATUS_RELAYING)
+    proto.create_time.FromDatetime(created)
+    delivery = delivery_from_proto(proto)
+    assert (delivery.id, delivery.status, delivery.final) == (7, DeliveryStatus.RELAYING, False)
+    assert delivery.create_time == created
+    assert delivery.create_time.tzinfo is dt.UTC
+    assert (delivery.accept_time, delivery.latency) == (None, None)  # unset: not yet accepted
+
+    proto.status = delivery_service_pb2.DELIVERY_STATUS_SENT
+    proto.latency.FromMilliseconds(1500)
+    proto.accept_time.FromDatetime(created + dt.timedelta(seconds=2))
+    sent = delivery_from_proto(proto)
+    assert (sent.status, sent.final, sent.latency) == ("sent", True, dt.timedelta(milliseconds=1500))
+    assert sent.accept_time == created + dt.timedelta(seconds=2)
+
+    proto.status = 99  # type: ignore[assignment]  # a status from a newer server
+    assert delivery_from_proto(proto).status is DeliveryStatus.UNKNOWN
 
 
 def test_retry_policy_backs_off_exponentially_with_jitter() -> None:

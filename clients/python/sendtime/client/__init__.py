@@ -11,6 +11,10 @@
         profile = await client.get_profile("u1")
         content = await client.get_content("u1", blocks=["cart"], timeout=0.2)  # 200 ms budget
         email = await client.render_email("abandoned_cart", "u1", timeout=0.3)
+        # one key, one email: asking again with "u1-order-42" returns this delivery
+        sent = await client.send_email("post_purchase", user_id="u1", idempotency_key="u1-order-42")
+        sent = await client.get_delivery(sent.id)           # sent.status: a DeliveryStatus
+        page = await client.list_deliveries(user_id="u1")   # newest first; page.next_page_token
 
 ``Client`` is the blocking twin of ``AsyncClient`` (unary calls only).
 Everything public is re-exported here; the underscored modules are private.
@@ -18,6 +22,7 @@ Everything public is re-exported here; the underscored modules are private.
 
 from sendtime.client._async_client import AsyncClient
 from sendtime.client._content import BlockSource, Content, ContentBlock, FallbackReason, RenderedEmail
+from sendtime.client._delivery import Delivery, DeliveryPage, DeliveryStatus, FlowSummary
 from sendtime.client._errors import (
     Cancelled,
     DeadlineExceeded,
@@ -44,9 +49,13 @@ __all__ = [
     "Content",
     "ContentBlock",
     "DeadlineExceeded",
+    "Delivery",
+    "DeliveryPage",
+    "DeliveryStatus",
     "EventStream",
     "FallbackReason",
     "FieldViolation",
+    "FlowSummary",
     "InvalidArgument",
     "NotFound",
     "Outcome",

@@ -20,6 +20,17 @@ from sendtime.client._content import (
     email_from_proto,
     render_request,
 )
+from sendtime.client._delivery import (
+    Delivery,
+    DeliveryPage,
+    FlowSummary,
+    delivery_from_proto,
+    flow_from_proto,
+    get_request,
+    list_request,
+    page_from_proto,
+    send_request,
+)
 from sendtime.client._events import Ack, ack_from_proto, identify_event, track_event
 from sendtime.client._retry import RetryPolicy, retry_async
 from sendtime.client._stream import (
@@ -34,6 +45,8 @@ from sendtime.client._stream import (
 from sendtime.v1 import (
     content_service_pb2,
     content_service_pb2_grpc,
+    delivery_service_pb2,
+    delivery_service_pb2_grpc,
     event_pb2,
     event_service_pb2,
     event_service_pb2_grpc,
@@ -74,6 +87,7 @@ class AsyncClient:
         self._events: event_service_pb2_grpc.EventServiceAsyncStub | None = None
         self._profiles: profile_service_pb2_grpc.ProfileServiceAsyncStub | None = None
         self._content: content_service_pb2_grpc.ContentServiceAsyncStub | None = None
+        self._deliveries: delivery_service_pb2_grpc.DeliveryServiceAsyncStub | None = None
         self._streams: set[EventStream] = set()
         self._closed = False
 
@@ -103,10 +117,16 @@ class AsyncClient:
         event_service_pb2_grpc.EventServiceAsyncStub,
         profile_service_pb2_grpc.ProfileServiceAsyncStub,
         content_service_pb2_grpc.ContentServiceAsyncStub,
+        delivery_service_pb2_grpc.DeliveryServiceAsyncStub,
     ]:
         if self._closed:
             raise RuntimeError("the client is closed")
-        if self._events is None or self._profiles is None or self._content is None:
+        if (
+            self._events is None
+            or self._profiles is None
+            or self._content is None
+            or self._deliveries is None
+        ):
             if self._credentials is None:
                 self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
             else:
@@ -114,7 +134,8 @@ class AsyncClient:
             self._events = event_service_pb2_grpc.EventServiceStub(self._channel)
             self._profiles = profile_service_pb2_grpc.ProfileServiceStub(self._channel)
             self._content = content_service_pb2_grpc.ContentServiceStub(self._channel)
-        return self._events, self._profiles, self._content
+            self._deliveries = delivery_service_pb2_grpc.DeliveryServiceStub(self._channel)
+        return self._events, self._profiles, self._content, self._deliveries
 
     def _timeout(self, timeout: float | None) -> float:
         return self.default_timeout if timeout is None else _config.check_timeout(timeout)
@@ -313,3 +334,89 @@ class AsyncClient:
             return await stub.RenderEmail(request, timeout=seconds, metadata=self._metadata)
 
         return email_from_proto(await retry_async(attempt, self._timeout(timeout), self._retry))
+
+    # ------------------------------------------------------------- deliveries
+
+    async def send_email(
+        self,
+        template_id: str,
+        *,
+        user_id: str | None = None,
+        anonymous_id: str | None = None,
+        idempotency_key: str,
+        transactional: bool = False,
+        subscription_group: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Delivery:
+        """Send the server's template ``template_id`` to a user now (give
+        exactly one of the ids); needs the "send" scope. The delivery comes
+        back scheduled: follow it with ``get_delivery``. The same
+        ``idempotency_key`` (at most 100 characters) is the same send: asking
+        again returns the first delivery and never sends twice, which is also
+        why retrying this call is safe. Marketing sends need consent for
+        ``subscription_group`` (default "marketing"); transactional ones skip
+        consent, suppression, caps and quiet hours. Raises ``NotFound`` for an
+        unknown template."""
+        stub = self._stubs()[3]
+        request = send_request(
+            template_id, user_id, anonymous_id, idempotency_key, transactional, subscription_group
+        )
+
+        async def attempt(seconds: float) -> delivery_service_pb2.SendEmailResponse:
+            return await stub.SendEmail(request, timeout=seconds, metadata=self._metadata)
+
+        response = await retry_async(attempt, self._timeout(timeout), self._retry)
+        return delivery_from_proto(response.delivery)
+
+    async def get_delivery(
+        self,
+        id: int | None = None,
+        *,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Delivery:
+        """One delivery by its id or its idempotency key (give exactly one):
+        the key given to ``send_email``, or a ledger key. Raises ``NotFound``."""
+        stub = self._stubs()[3]
+        request = get_request(id, idempotency_key)
+
+        async def attempt(seconds: float) -> delivery_service_pb2.GetDeliveryResponse:
+            return await stub.GetDelivery(request, timeout=seconds, metadata=self._metadata)
+
+        response = await retry_async(attempt, self._timeout(timeout), self._retry)
+        return delivery_from_proto(response.delivery)
+
+    async def list_deliveries(
+        self,
+        *,
+        user_id: str | None = None,
+        flow_id: str | None = None,
+        page_size: int | None = None,
+        page_token: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> DeliveryPage:
+        """One page of deliveries, newest first, for a user, a flow, both or
+        all; ``page_size`` at most 500 (default: the server's, 50). Pass the
+        page's ``next_page_token`` as ``page_token`` for the next one."""
+        stub = self._stubs()[3]
+        request = list_request(user_id, flow_id, page_size, page_token)
+
+        async def attempt(seconds: float) -> delivery_service_pb2.ListDeliveriesResponse:
+            return await stub.ListDeliveries(request, timeout=seconds, metadata=self._metadata)
+
+        return page_from_proto(await retry_async(attempt, self._timeout(timeout), self._retry))
+
+    async def list_flows(
+        self,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> list[FlowSummary]:
+        """The server's configured flows with their deliveries counted by status."""
+        stub = self._stubs()[3]
+        request = delivery_service_pb2.ListFlowsRequest()
+
+        async def attempt(seconds: float) -> delivery_service_pb2.ListFlowsResponse:
+            return await stub.ListFlows(request, timeout=seconds, metadata=self._metadata)
+
+        response = await retry_async(attempt, self._timeout(timeout), self._retry)
+        return [flow_from_proto(flow) for flow in response.flows]

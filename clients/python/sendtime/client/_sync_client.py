@@ -19,11 +19,24 @@ from sendtime.client._content import (
     email_from_proto,
     render_request,
 )
+from sendtime.client._delivery import (
+    Delivery,
+    DeliveryPage,
+    FlowSummary,
+    delivery_from_proto,
+    flow_from_proto,
+    get_request,
+    list_request,
+    page_from_proto,
+    send_request,
+)
 from sendtime.client._events import Ack, ack_from_proto, identify_event, track_event
 from sendtime.client._retry import RetryPolicy, retry_sync
 from sendtime.v1 import (
     content_service_pb2,
     content_service_pb2_grpc,
+    delivery_service_pb2,
+    delivery_service_pb2_grpc,
     event_pb2,
     event_service_pb2,
     event_service_pb2_grpc,
@@ -63,6 +76,7 @@ class Client:
         self._events = event_service_pb2_grpc.EventServiceStub(self._channel)
         self._profiles = profile_service_pb2_grpc.ProfileServiceStub(self._channel)
         self._content = content_service_pb2_grpc.ContentServiceStub(self._channel)
+        self._deliveries = delivery_service_pb2_grpc.DeliveryServiceStub(self._channel)
 
     def __enter__(self) -> Self:
         return self
@@ -200,3 +214,65 @@ class Client:
             return self._content.RenderEmail(request, timeout=seconds, metadata=self._metadata)
 
         return email_from_proto(retry_sync(attempt, self._timeout(timeout), self._retry))
+
+    def send_email(
+        self,
+        template_id: str,
+        *,
+        user_id: str | None = None,
+        anonymous_id: str | None = None,
+        idempotency_key: str,
+        transactional: bool = False,
+        subscription_group: str | None = None,
+        timeout: float | None = None,
+    ) -> Delivery:
+        """See ``AsyncClient.send_email``: the same key is the same send."""
+        request = send_request(
+            template_id, user_id, anonymous_id, idempotency_key, transactional, subscription_group
+        )
+
+        def attempt(seconds: float) -> delivery_service_pb2.SendEmailResponse:
+            return self._deliveries.SendEmail(request, timeout=seconds, metadata=self._metadata)
+
+        return delivery_from_proto(retry_sync(attempt, self._timeout(timeout), self._retry).delivery)
+
+    def get_delivery(
+        self,
+        id: int | None = None,
+        *,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> Delivery:
+        """See ``AsyncClient.get_delivery``."""
+        request = get_request(id, idempotency_key)
+
+        def attempt(seconds: float) -> delivery_service_pb2.GetDeliveryResponse:
+            return self._deliveries.GetDelivery(request, timeout=seconds, metadata=self._metadata)
+
+        return delivery_from_proto(retry_sync(attempt, self._timeout(timeout), self._retry).delivery)
+
+    def list_deliveries(
+        self,
+        *,
+        user_id: str | None = None,
+        flow_id: str | None = None,
+        page_size: int | None = None,
+        page_token: str | None = None,
+        timeout: float | None = None,
+    ) -> DeliveryPage:
+        """See ``AsyncClient.list_deliveries``: newest first, one page."""
+        request = list_request(user_id, flow_id, page_size, page_token)
+
+        def attempt(seconds: float) -> delivery_service_pb2.ListDeliveriesResponse:
+            return self._deliveries.ListDeliveries(request, timeout=seconds, metadata=self._metadata)
+
+        return page_from_proto(retry_sync(attempt, self._timeout(timeout), self._retry))
+
+    def list_flows(self, *, timeout: float | None = None) -> list[FlowSummary]:
+        """See ``AsyncClient.list_flows``."""
+        request = delivery_service_pb2.ListFlowsRequest()
+
+        def attempt(seconds: float) -> delivery_service_pb2.ListFlowsResponse:
+            return self._deliveries.ListFlows(request, timeout=seconds, metadata=self._metadata)
+
+        return [flow_from_proto(f) for f in retry_sync(attempt, self._timeout(timeout), self._retry).flows]
