@@ -6,7 +6,7 @@
 
 Client commands talk to a running server (--target, --api-key; see
 ``sendtime COMMAND --help``): track, identify, profile, content, render,
-preview, demo-data.
+preview, demo-data, send, deliveries, flows.
 """
 
 from __future__ import annotations

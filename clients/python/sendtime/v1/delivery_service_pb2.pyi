@@ -117,7 +117,9 @@ class GetDeliveryRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     id: _builtins.int
-    """Exactly one of the two."""
+    """Exactly one of the two. idempotency_key is the key given to SendEmail, or
+    the key a flow's delivery shows.
+    """
     idempotency_key: _builtins.str
     def __init__(
         self,
@@ -323,6 +325,9 @@ class Delivery(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     idempotency_key: _builtins.str
+    """The key given to SendEmail; for a flow's send, the key sendtime made from
+    (flow, step, user, entry key).
+    """
     flow_id: _builtins.str
     """Empty for a send asked for through SendEmail."""
     template_id: _builtins.str

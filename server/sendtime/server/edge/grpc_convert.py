@@ -256,7 +256,8 @@ def delivery(record: SendRecord) -> delivery_service_pb2.Delivery:
     latency = record.latency
     return delivery_service_pb2.Delivery(
         id=record.id,
-        idempotency_key=record.send_key,
+        # an API send shows the caller's own key; a flow's send, the key it was made under
+        idempotency_key=record.send_key if record.flow_id else record.entry_key,
         flow_id=record.flow_id,
         template_id=record.template_id,
         template_version=record.template_version,
