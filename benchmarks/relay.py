@@ -38,14 +38,16 @@ emails/s this machine's SMTP path takes without sendtime (once before the
 steps, once after; smtp_baseline_emails_per_s is their mean). Then
 max_emails_per_s: short runs (--step-duration, 5 s) at rising rates
 (--step-rates: from 50/s, finer at the bottom so a slow server still gets a
-figure) on a fresh server each, until one has p99 over --max-p99-ms
-(1000), loses or duplicates an email, or its generator could not keep the
-rate; max_emails_per_s is the highest rate sustained before that (a step's
-emails/s is the offered rate; each step also reports the rate measured at the
-SMTP server).
+figure) on a fresh server each, until one has p99 over --max-p99-ms (1000),
+loses or duplicates an email, or its generator could not keep the rate, and
+fails again when run once more (--step-retries 1: the machine is shared, and
+one bad moment should not end the search). max_emails_per_s is the highest
+rate sustained before that (the offered rate; each step also reports the
+rate measured at the SMTP server). Compare it with the SMTP baseline: a
+figure near the baseline means the SMTP server, not sendtime, set it.
 
     python -m benchmarks.relay [--json] [--duration S] [--rate R]
-        [--step-duration S] [--step-rates 200,400,...] [--no-steps]
+        [--step-duration S] [--step-rates 50,100,...] [--step-retries N] [--no-steps]
         [--drain S] [--baseline-duration S] [--py-spy DIR] [--keep DIR]
 
 Progress goes to stderr. With --json the last stdout line is one JSON object:
@@ -98,7 +100,7 @@ TARGETS: Final[dict[str, float]] = {
     "duplicates": 0,
     "max_emails_per_s": 500.0,
 }
-DEFAULT_STEPS: Final = "50,100,150,200,300,400,500,600,800,1000,1200,1500,2000"
+DEFAULT_STEPS: Final = "50,100,150,200,300,400,500,600,800,1000,1500,2000"
 _SINK_READY: Final = re.compile(r"relay smtp sink serving on (?P<host>\S+):(?P<port>\d+)")
 _LOG_PROBLEM: Final = re.compile(r"\b(WARNING|ERROR|CRITICAL|Traceback)\b")
 #: Said at every start of a server configured as this benchmark's is: not a problem.
@@ -508,13 +510,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.no_steps:
             stopped_by = "every step sustained"
             for rate in (float(r) for r in args.step_rates.split(",") if r.strip()):
-                step = run_once(args, f"step{rate:g}-{stamp}", rate, args.step_duration, work)
-                ok, why = sustained(step, rate, args.max_p99_ms)
-                step["rate_per_s"] = rate
-                step["sustained"] = ok
-                step["verdict"] = why
-                steps.append(step)
-                progress(_brief(f"step {rate:g}/s", step) + f": {why}")
+                ok = False
+                for attempt in range(1 + args.step_retries):
+                    label = f"step{rate:g}-{stamp}" + (f"-again{attempt}" if attempt else "")
+                    step = run_once(args, label, rate, args.step_duration, work)
+                    ok, why = sustained(step, rate, args.max_p99_ms)
+                    step["rate_per_s"] = rate
+                    step["sustained"] = ok
+                    step["verdict"] = why
+                    steps.append(step)
+                    progress(_brief(f"step {rate:g}/s", step) + f": {why}")
+                    if ok:
+                        break
                 if not ok:
                     stopped_by = f"{rate:g}/s: {why}"
                     break
@@ -557,8 +564,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "cpu_pct_of_one_core",
                     "generator",
                     "ledger",
+                    "lost_by_ledger_status",
                     "server_log_problems",
                     "server_log_samples",
+                    "run_s",
                 )
             }
             for s in steps
@@ -566,6 +575,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {
             "step_duration_s": args.step_duration,
             "step_rates": args.step_rates,
+            "step_retries": args.step_retries,
             "max_p99_ms": args.max_p99_ms,
             "drain_s": args.drain,
             "warmup_users": args.warmup_users,
@@ -607,6 +617,9 @@ def main() -> None:
     parser.add_argument("--step-duration", type=float, default=5.0, help="seconds of each step")
     parser.add_argument("--step-rates", default=DEFAULT_STEPS, help="comma-separated events/s to try")
     parser.add_argument("--no-steps", action="store_true", help="skip the search for max_emails_per_s")
+    parser.add_argument(
+        "--step-retries", type=int, default=1, help="runs more of a failed step before the search stops"
+    )
     parser.add_argument("--max-p99-ms", type=float, default=1000.0, help="a step's p99 bound")
     parser.add_argument("--drain", type=float, default=10.0, help="seconds to wait after the last event")
     parser.add_argument("--warmup-users", type=int, default=20, help="unmeasured events first")
