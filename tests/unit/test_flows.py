@@ -146,6 +146,21 @@ def test_quiet_hours_in_the_users_zone() -> None:
     assert quiet.next_allowed(datetime(2026, 11, 2, 12, 0, tzinfo=UTC), "Not/AZone") is None
 
 
+_BASE: dict[str, object] = {
+    "send_key": "snd_3",
+    "message_id_domain": "d.example",
+    "sender": "s@example.com",
+    "recipient_email": "r@example.com",
+    "recipient_name": "",
+    "reply_to": "",
+    "subject": "s",
+    "html": "h",
+    "text": "t",
+    "date": T0,
+    "list_id": "",
+}
+
+
 def test_message_has_the_headers_providers_require_and_resists_injection() -> None:
     outgoing = build(
         send_key="snd_1",
@@ -162,6 +177,10 @@ def test_message_has_the_headers_providers_require_and_resists_injection() -> No
         unsubscribe_url="https://mail.example.com/v1/unsubscribe/tok",
         unsubscribe_mailto="mailto:unsubscribe@example.com",
     )
+    raw = outgoing.mime.decode("ascii")
+    # the header is plain text on the wire (not an RFC 2047 encoded word), one line
+    assert "\r\nList-Unsubscribe: <https://mail.example.com/v1/unsubscribe/tok>, <mailto:" in raw
+    assert all(len(line) <= 998 for line in raw.split("\r\n"))
     parsed = email.message_from_bytes(outgoing.mime, policy=email.policy.default)
     assert parsed["Message-ID"] == "<snd_1@mail.example.com>"
     assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
@@ -174,3 +193,33 @@ def test_message_has_the_headers_providers_require_and_resists_injection() -> No
     assert parsed.get_content_type() == "multipart/alternative"
     assert [part.get_content_type() for part in parsed.iter_parts()] == ["text/plain", "text/html"]
     assert outgoing.envelope_to == "ada@example.com"
+
+
+def test_long_unsubscribe_urls_and_non_ascii_names_survive_the_wire() -> None:
+    url = "https://mail.example.com/v1/unsubscribe/" + "A" * 160 + ".sig"
+    outgoing = build(
+        send_key="snd_2",
+        message_id_domain="mail.example.com",
+        sender="Boutique Émile <shop@example.com>",
+        recipient_email="zoe@example.com",
+        recipient_name="Zoë Ångström",
+        reply_to="",
+        subject="Ton panier t'attend, Zoë",
+        html="<p>Café crème = 3 €</p>",
+        text="Café crème = 3 €\n" + "x" * 200,
+        date=T0,
+        list_id="shop.example.com",
+        unsubscribe_url=url,
+    )
+    raw = outgoing.mime
+    assert f"List-Unsubscribe: <{url}>".encode() in raw
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    assert str(parsed["Subject"]) == "Ton panier t'attend, Zoë"
+    assert parsed["To"].addresses[0].display_name == "Zoë Ångström"
+    assert parsed["From"].addresses[0].display_name == "Boutique Émile"
+    # (the stdlib parser keeps the CRLF line ends of a quoted-printable part)
+    text, html = (part.get_content().replace("\r\n", "\n") for part in parsed.iter_parts())
+    assert text == "Café crème = 3 €\n" + "x" * 200
+    assert html == "<p>Café crème = 3 €</p>"
+    with pytest.raises(ValueError, match="not an email address"):
+        build(**{**_BASE, "recipient_email": "nobody"})

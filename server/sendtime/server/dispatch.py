@@ -192,8 +192,6 @@ class Dispatcher:
             else:
                 await self._finish(record, status, reason)
             return
-        if await self._exited(record):
-            return
 
         identity = Identity(record.user_id, record.anonymous_id)
         context = ContentContext(
@@ -286,19 +284,29 @@ class Dispatcher:
     async def _refusal(
         self, record: SendRecord, shown: ProfileView | None, email: str, now: datetime
     ) -> tuple[SendStatus, str, datetime | None] | None:
-        """Why not to send now: (status, reason, hold until) or None."""
+        """Why not to send now: (status, reason, hold until) or None. One read
+        of the store answers suppression, the cap and exits at once."""
         group = record.subscription_group
+        cap = self._policy.frequency_cap if group else None
+        checks = await self._store.preflight(
+            profile_key=record.profile_key,
+            subjects=[record.profile_key, f"email:{email.lower()}"],
+            group=group,
+            cap_since=now - cap.period if cap is not None and cap.count > 0 else None,
+            flow_id=record.flow_id,
+            entry_key=record.entry_key,
+            entry_time=record.entry_time,
+        )
+        if checks.exit_event is not None:
+            return SendStatus.CANCELLED, f"exit: {checks.exit_event}", None
         if not group:
             return None  # transactional: no consent, suppression, caps or quiet hours
         if shown is not None and shown.consent.get(group) == "opted_out":
             return SendStatus.SKIPPED, f"opted out of {group}", None
-        if await self._store.is_suppressed([record.profile_key, f"email:{email.lower()}"], group):
+        if checks.suppressed:
             return SendStatus.SKIPPED, f"suppressed for {group}", None
-        cap = self._policy.frequency_cap
-        if cap is not None and cap.count > 0:
-            sent = await self._store.sent_since(record.profile_key, now - cap.period)
-            if sent >= cap.count:
-                return SendStatus.SKIPPED, f"frequency cap: {sent} sends in the last {cap.period}", None
+        if cap is not None and cap.count > 0 and checks.sent >= cap.count:
+            return SendStatus.SKIPPED, f"frequency cap: {checks.sent} sends in the last {cap.period}", None
         quiet = self._policy.quiet_hours
         if quiet is not None:
             until = quiet.next_allowed(now, _text(shown, "timezone"))

@@ -170,7 +170,9 @@ class _Append:
 
 @dataclass(slots=True)
 class _Work:
-    """Any other write, run in the writer thread between rounds."""
+    """Any other write, run in the writer thread between rounds. ``run`` must
+    not open a transaction: consecutive works share one (group commit), each
+    in a savepoint of its own so one failing does not undo the others."""
 
     run: Callable[[sqlite3.Connection], Any]
     done: asyncio.Future[Any]
@@ -273,15 +275,14 @@ class SqliteStore:
         """Write folded profiles and the position they include, in one transaction."""
 
         def save(conn: sqlite3.Connection) -> None:
-            with _transaction(conn):
-                conn.executemany(
-                    "INSERT INTO profiles VALUES (?, ?) ON CONFLICT (profile_key) DO UPDATE SET doc = excluded.doc",
-                    rows,
-                )
-                conn.execute(
-                    "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    (_PROFILES_POSITION, position),
-                )
+            conn.executemany(
+                "INSERT INTO profiles VALUES (?, ?) ON CONFLICT (profile_key) DO UPDATE SET doc = excluded.doc",
+                rows,
+            )
+            conn.execute(
+                "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (_PROFILES_POSITION, position),
+            )
 
         await self._submit(save)
 
@@ -300,11 +301,10 @@ class SqliteStore:
         rows = [(p.id, _encode_json(p)) for p in products]
 
         def save(conn: sqlite3.Connection) -> None:
-            with _transaction(conn):
-                conn.executemany(
-                    "INSERT INTO catalog VALUES (?, ?) ON CONFLICT (product_id) DO UPDATE SET doc = excluded.doc",
-                    rows,
-                )
+            conn.executemany(
+                "INSERT INTO catalog VALUES (?, ?) ON CONFLICT (product_id) DO UPDATE SET doc = excluded.doc",
+                rows,
+            )
 
         await self._submit(save)
 
@@ -327,13 +327,12 @@ class SqliteStore:
         at = _micros(now)
 
         def claim(conn: sqlite3.Connection) -> list[SendRecord]:
-            with _transaction(conn):
-                rows = conn.execute(
-                    f"UPDATE sends SET status = 'sending', attempts = attempts + 1, updated_at = ?"  # noqa: S608
-                    f" WHERE id IN (SELECT id FROM sends WHERE status = 'scheduled' AND due_at <= ?"
-                    f" ORDER BY due_at LIMIT ?) RETURNING {_SEND_COLUMNS}",
-                    (at, at, limit),
-                ).fetchall()
+            rows = conn.execute(
+                f"UPDATE sends SET status = 'sending', attempts = attempts + 1, updated_at = ?"  # noqa: S608
+                f" WHERE id IN (SELECT id FROM sends WHERE status = 'scheduled' AND due_at <= ?"
+                f" ORDER BY due_at LIMIT ?) RETURNING {_SEND_COLUMNS}",
+                (at, at, limit),
+            ).fetchall()
             return [_send(row) for row in rows]
 
         return await self._submit(claim)
@@ -369,16 +368,15 @@ class SqliteStore:
                 values.append(value)
 
         def update(conn: sqlite3.Connection) -> bool:
-            with _transaction(conn):
-                changed = conn.execute(
-                    f"UPDATE sends SET {', '.join(sets)} WHERE id = ? AND status = ?",  # noqa: S608 (fixed names)
-                    (*values, send_id, expect.value),
-                ).rowcount
-                if changed and attempt is not None:
-                    conn.execute(
-                        "INSERT OR REPLACE INTO send_attempts VALUES (?, ?, ?, ?, ?)",
-                        (send_id, *attempt[:1], now, *attempt[1:]),
-                    )
+            changed = conn.execute(
+                f"UPDATE sends SET {', '.join(sets)} WHERE id = ? AND status = ?",  # noqa: S608 (fixed names)
+                (*values, send_id, expect.value),
+            ).rowcount
+            if changed and attempt is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO send_attempts VALUES (?, ?, ?, ?, ?)",
+                    (send_id, *attempt[:1], now, *attempt[1:]),
+                )
             return bool(changed)
 
         return await self._submit(update)
@@ -390,25 +388,24 @@ class SqliteStore:
         now = _micros(datetime.now(UTC))
 
         def recover(conn: sqlite3.Connection) -> tuple[int, int]:
-            with _transaction(conn):
-                again = conn.execute(
-                    "UPDATE sends SET status = 'scheduled', reason = 'interrupted before relay', updated_at = ?"
-                    " WHERE status = 'sending'",
+            again = conn.execute(
+                "UPDATE sends SET status = 'scheduled', reason = 'interrupted before relay', updated_at = ?"
+                " WHERE status = 'sending'",
+                (now,),
+            ).rowcount
+            if relay_idempotent:
+                again += conn.execute(
+                    "UPDATE sends SET status = 'scheduled', reason = 'interrupted during relay; the ESP"
+                    " de-duplicates by key', updated_at = ? WHERE status = 'relaying'",
                     (now,),
                 ).rowcount
-                if relay_idempotent:
-                    again += conn.execute(
-                        "UPDATE sends SET status = 'scheduled', reason = 'interrupted during relay; the ESP"
-                        " de-duplicates by key', updated_at = ? WHERE status = 'relaying'",
-                        (now,),
-                    ).rowcount
-                    unsure = 0
-                else:
-                    unsure = conn.execute(
-                        "UPDATE sends SET status = 'uncertain', reason = 'interrupted while the ESP had it;"
-                        " not resent, to never send twice', updated_at = ? WHERE status = 'relaying'",
-                        (now,),
-                    ).rowcount
+                unsure = 0
+            else:
+                unsure = conn.execute(
+                    "UPDATE sends SET status = 'uncertain', reason = 'interrupted while the ESP had it;"
+                    " not resent, to never send twice', updated_at = ? WHERE status = 'relaying'",
+                    (now,),
+                ).rowcount
             return again, unsure
 
         return await self._submit(recover)
@@ -417,33 +414,57 @@ class SqliteStore:
         """A send asked for through the API: scheduled once per key."""
 
         def schedule(conn: sqlite3.Connection) -> SendRecord:
-            with _transaction(conn):
-                self._apply_plan(conn, [planned], [])
-                row = conn.execute(
-                    f"SELECT {_SEND_COLUMNS} FROM sends WHERE send_key = ?",  # noqa: S608
-                    (planned.send_key,),
-                ).fetchone()
+            self._apply_plan(conn, [planned], [])
+            row = conn.execute(
+                f"SELECT {_SEND_COLUMNS} FROM sends WHERE send_key = ?",  # noqa: S608
+                (planned.send_key,),
+            ).fetchone()
             return _send(row)
 
         record = await self._submit(schedule)
-        earliest, self._earliest_due = self._earliest_due, None
-        if earliest is not None and self.on_scheduled is not None:
-            self.on_scheduled(earliest)
+        if self.on_scheduled is not None:
+            self.on_scheduled(planned.due_at)
         return record
 
     async def suppress(self, subject: str, group: str, reason: str, source: str) -> bool:
         """Add a suppression; False when it was already there."""
 
         def add(conn: sqlite3.Connection) -> bool:
-            with _transaction(conn):
-                return bool(
-                    conn.execute(
-                        "INSERT OR IGNORE INTO suppressions VALUES (?, ?, ?, ?, ?)",
-                        (subject, group, reason, source, _micros(datetime.now(UTC))),
-                    ).rowcount
-                )
+            return bool(
+                conn.execute(
+                    "INSERT OR IGNORE INTO suppressions VALUES (?, ?, ?, ?, ?)",
+                    (subject, group, reason, source, _micros(datetime.now(UTC))),
+                ).rowcount
+            )
 
         return await self._submit(add)
+
+    async def preflight(
+        self,
+        *,
+        profile_key: str,
+        subjects: Sequence[str],
+        group: str,
+        cap_since: datetime | None,
+        flow_id: str,
+        entry_key: str,
+        entry_time: datetime,
+    ) -> Preflight:
+        """Everything a send checks before rendering, in one read: whether any
+        of ``subjects`` is suppressed for ``group`` (when one is given), the
+        marketing sends since ``cap_since``, and an exit event since the entry."""
+
+        def read(conn: sqlite3.Connection, _arg: object) -> Preflight:
+            suppressed = bool(group) and _select_suppressed(conn, (list(subjects), group))
+            sent = _select_sent_since(conn, (profile_key, _micros(cap_since))) if cap_since else 0
+            exit_event = (
+                _select_exit(conn, (profile_key, flow_id, entry_key, _micros(entry_time)))
+                if flow_id
+                else None
+            )
+            return Preflight(suppressed=suppressed, sent=sent, exit_event=exit_event)
+
+        return await asyncio.to_thread(self._with_reader, read, None)
 
     async def exit_since(self, profile_key: str, flow_id: str, entry_key: str, since: datetime) -> str | None:
         """The name of an exit event for this entry at or after ``since``, if any."""
@@ -541,18 +562,24 @@ class SqliteStore:
                 self._maybe_purge(conn)
                 continue
             appends: list[_Append] = []
+            works: list[_Work] = []
             for item in self._drain(first):
                 if item is _STOP:
                     stopping = True  # finish this round first
                 elif isinstance(item, _Append):
+                    if works:  # keep the order the loop asked in
+                        self._run_works(conn, works)
+                        works = []
                     appends.append(item)
                 elif isinstance(item, _Work):
-                    if appends:  # keep the order the loop asked in
+                    if appends:
                         self._commit_round(conn, appends)
                         appends = []
-                    self._run_work(conn, item)
+                    works.append(item)
             if appends:
                 self._commit_round(conn, appends)
+            if works:
+                self._run_works(conn, works)
             self._maybe_purge(conn)
 
     def _drain(self, first: _Append | _Work | object) -> list[_Append | _Work | object]:
@@ -562,14 +589,34 @@ class SqliteStore:
                 items.append(self._queue.get_nowait())
         return items
 
-    def _run_work(self, conn: sqlite3.Connection, work: _Work) -> None:
+    def _run_works(self, conn: sqlite3.Connection, works: list[_Work]) -> None:
+        """Consecutive writes in one transaction (one fsync), each in a savepoint;
+        their callers hear back only after the commit."""
+        outcomes: list[tuple[_Work, Any, BaseException | None]] = []
         try:
-            result = work.run(conn)
+            with _transaction(conn):
+                for work in works:
+                    conn.execute("SAVEPOINT work")
+                    try:
+                        result = work.run(conn)
+                    except Exception as exc:
+                        conn.execute("ROLLBACK TO work")
+                        conn.execute("RELEASE work")
+                        log.exception("a store write failed")
+                        outcomes.append((work, None, exc))
+                    else:
+                        conn.execute("RELEASE work")
+                        outcomes.append((work, result, None))
         except BaseException as exc:
-            log.exception("a store write failed")
-            self._call_soon(_fail, work.done, exc)
-        else:
-            self._call_soon(_resolve, work.done, result)
+            log.exception("committing %d store writes failed", len(works))
+            for work in works:
+                self._call_soon(_fail, work.done, exc)
+            return
+        for work, result, error in outcomes:
+            if error is not None:
+                self._call_soon(_fail, work.done, error)
+            else:
+                self._call_soon(_resolve, work.done, result)
 
     def _call_soon(self, callback: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None
@@ -817,6 +864,13 @@ def _select_profiles(conn: sqlite3.Connection, keys: list[str]) -> dict[str, Pro
 def _select_meta(conn: sqlite3.Connection, key: str) -> int:
     row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     return int(row[0]) if row else 0
+
+
+@dataclass(frozen=True, slots=True)
+class Preflight:
+    suppressed: bool
+    sent: int
+    exit_event: str | None
 
 
 _SEND_COLUMNS: Final = (
