@@ -128,7 +128,9 @@ class Sendtime:
         self._fetcher = fetcher = CacheFetcher(
             MemoryCache(max_bytes=content.cache_max_bytes), breakers=breakers
         )
-        self._session = aiohttp.ClientSession()
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=content.upstream_connections_per_host)
+        )
         allowed = frozenset(content.allowed_upstream_hosts)
         templates = TemplateStore(content.templates_dir)
         pipeline = ContentPipeline(
@@ -267,6 +269,7 @@ def _policy(content: ContentSettings) -> ContentPolicy:
             OfferRule(o.id, o.code, o.text, o.min_cart_total, tuple(o.campaigns)) for o in content.offers
         ),
         answer_reserve_s=content.answer_reserve_ms / 1000,
+        answer_reserve_share=content.answer_reserve_share,
         render_reserve_s=content.render_reserve_ms / 1000,
         links=dict(content.links),
         negative_ttl_s=content.negative_ttl_s,

@@ -137,8 +137,11 @@ class OfferSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class ContentSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: The budget when a caller sets no deadline.
     default_deadline_ms: Annotated[float, msgspec.Meta(gt=0)] = 300.0
-    #: Kept back from every deadline for encoding and sending the answer.
+    #: Kept back from every deadline for encoding and sending the answer ...
     answer_reserve_ms: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    #: ... or this share of it, whichever is more (under load an answer waits
+    #: in the event loop and the transport before it reaches the caller).
+    answer_reserve_share: Annotated[float, msgspec.Meta(ge=0, lt=0.9)] = 0.1
     #: Kept back from a whole-email deadline, on top, for Liquid and MJML.
     render_reserve_ms: Annotated[float, msgspec.Meta(ge=0)] = 15.0
     #: Below this much budget nothing is fetched: cached or fallback content at once.
@@ -158,6 +161,9 @@ class ContentSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     templates_dir: Path = Path("templates")
     #: Hosts upstream URLs may name (exact host names).
     allowed_upstream_hosts: list[str] = []
+    #: Connections open to upstreams at once, per host (a miss for many users
+    #: at once must not queue behind a small pool and look like a failure).
+    upstream_connections_per_host: Annotated[int, msgspec.Meta(ge=1)] = 256
     #: Consecutive failures that open an upstream host's circuit ...
     breaker_failures: Annotated[int, msgspec.Meta(ge=1)] = 5
     #: ... and how long it stays open before one probe is let through.

@@ -185,6 +185,8 @@ class ContentPolicy:
     #: Kept back from every budget for encoding and sending the answer, so it
     #: arrives before the caller's deadline rather than at it.
     answer_reserve_s: float = 0.005
+    #: ... or this share of the budget, whichever is more.
+    answer_reserve_share: float = 0.1
     #: Kept back from a whole-email budget, on top, for Liquid and MJML.
     render_reserve_s: float = 0.015
     #: Links every email gets (unsubscribe, preferences, view in browser).
@@ -267,9 +269,10 @@ class ContentPipeline:
         return EmailAnswer(email=email, blocks=blocks, content=content, elapsed_s=self._clock() - started)
 
     def _answer_reserve(self, budget_s: float) -> float:
-        # gRPC rounds a deadline up when it sends it (by up to ~1% of it), so a
-        # long budget needs a proportionally longer reserve
-        return max(self._policy.answer_reserve_s, budget_s * 0.01)
+        # Under load the answer spends a while in the event loop and the
+        # transport before it reaches the caller, and gRPC rounds a deadline
+        # up when it sends it: keep a share of the budget, not only a constant.
+        return max(self._policy.answer_reserve_s, budget_s * self._policy.answer_reserve_share)
 
     async def _gather(
         self,
@@ -289,11 +292,18 @@ class ContentPipeline:
         else:
             self._in_flight += 1
             try:
-                fetches: list[Awaitable[Block | None]] = [self._block(request, name) for name in names]
+                # Fresh cached built-in blocks are answered here, with no task
+                # each: the warm path is mostly cache hits.
+                ready = [self._cached_block(request, name) for name in names]
+                fetches: list[Awaitable[Block | None]] = [
+                    self._block(request, name)
+                    for name, block in zip(names, ready, strict=True)
+                    if block is None
+                ]
                 if with_user:
                     fetches.append(request.user_in_time())
-                results = await asyncio.gather(*fetches)
-                blocks = [r for r in results if r is not None]
+                fetched = iter(await asyncio.gather(*fetches)) if fetches else iter(())
+                blocks = [block if block is not None else _not_none(next(fetched)) for block in ready]
             finally:
                 self._in_flight -= 1
         return ContentAnswer(
@@ -305,6 +315,15 @@ class ContentPipeline:
     def _cache_key(self, request: _Request, name: str) -> str:
         context = request.context
         return f"{name}|{request.identity.key}|{context.campaign}|{context.cart_id}"
+
+    def _cached_block(self, request: _Request, name: str) -> Block | None:
+        if not self._policy.cache_results or name not in _BUILT_IN:
+            return None
+        found = self._cache.lookup_stale_ok(self._cache_key(request, name))
+        if found is None or not found[2]:
+            return None  # a miss or a stale entry: get_or_fetch decides
+        value, age, _fresh = found
+        return Block(name, value, Source.CACHED, None, age) if value is not None else _missing(name)
 
     def _without_fetching(self, request: _Request, name: str, reason: Reason) -> Block:
         found = self._cache.lookup_stale_ok(self._cache_key(request, name))
@@ -397,6 +416,11 @@ def _from_fetched(name: str, fetched: Fetched) -> Block:
     if source is Source.FALLBACK and reason is None:
         reason = Reason.MISSING_DATA
     return Block(name, fetched.value, source, reason, fetched.age, fetched.detail)
+
+
+def _not_none(block: Block | None) -> Block:
+    assert block is not None  # only user_in_time answers None, and it comes last
+    return block
 
 
 def _missing(name: str) -> Block:
