@@ -16,10 +16,12 @@ import secrets
 import signal
 from collections.abc import Callable
 from datetime import datetime, time, timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 import aiohttp
+import msgspec
 import uvloop
 
 from sendtime.server.auth import Authenticator
@@ -42,7 +44,7 @@ from sendtime.server.domain.unsubscribe import UnsubscribeTokens
 from sendtime.server.edge.grpc_server import GrpcEdge, build_grpc_edge
 from sendtime.server.edge.http_server import HttpEdge, build_http_edge
 from sendtime.server.feedback import PostmarkFeedback, SendGridFeedback
-from sendtime.server.relay import build_retrying_relay
+from sendtime.server.relay import OutboxConfig, RelayConfig, build_retrying_relay
 from sendtime.server.rendering import TemplateStore
 from sendtime.server.settings import ContentSettings, DeliverySettings, FlowSettings, Settings
 from sendtime.server.store.sqlite import SqliteStore
@@ -152,7 +154,7 @@ class Sendtime:
             store=store,
             profiles=profiles,
             pipeline=pipeline,
-            relay=build_retrying_relay(delivery.relay),
+            relay=build_retrying_relay(_in_data_dir(delivery.relay, storage.data_dir)),
             tokens=tokens,
             flows={f.id: f for f in flows},
             policy=_dispatch_policy(delivery),
@@ -274,6 +276,13 @@ def _policy(content: ContentSettings) -> ContentPolicy:
         links=dict(content.links),
         negative_ttl_s=content.negative_ttl_s,
     )
+
+
+def _in_data_dir(relay: RelayConfig, data_dir: Path) -> RelayConfig:
+    """An outbox folder given as a relative path lives beside the data."""
+    if isinstance(relay, OutboxConfig) and not relay.directory.is_absolute():
+        return msgspec.structs.replace(relay, directory=data_dir / relay.directory)
+    return relay
 
 
 def flow_from_settings(flow: FlowSettings, default_sender: str) -> Flow:

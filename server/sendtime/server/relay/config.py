@@ -108,8 +108,9 @@ class SesConfig(_RelayConfigBase, tag="ses"):
 
 
 class OutboxConfig(_RelayConfigBase, tag="outbox"):
-    #: Each email lands here as <idempotency key>.eml.
-    directory: Path = Path(".sendtime/outbox")
+    #: Each email lands here as <idempotency key>.eml; a relative folder is
+    #: inside storage.data_dir.
+    directory: Path = Path("outbox")
 
 
 RelayConfig = (

@@ -26,7 +26,9 @@ from typing import Final
 from sendtime.server.relay.base import OutgoingEmail
 
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]+")
-_ADDR_SPEC: Final = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
+_ADDR_SPEC: Final = re.compile(
+    r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$"
+)
 _MAX_LINE: Final = 998
 
 
