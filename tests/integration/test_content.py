@@ -253,7 +253,12 @@ async def test_a_hundred_concurrent_misses_make_one_upstream_call(
     async with await open_channel(content_server) as channel:
         await ingest(channel, identify("i1", email="ada@example.com"))
         answers = await asyncio.gather(*(get_content(channel, ["loyalty"], timeout=1.0) for _ in range(100)))
-    assert {state(blocks["loyalty"])[0] for blocks, _ in answers} == {"BLOCK_SOURCE_FRESH"}
+    # every caller got the data: those that came while the call was in flight
+    # joined it (fresh), any that came after it found it cached
+    sources = [state(blocks["loyalty"])[0] for blocks, _ in answers]
+    assert set(sources) <= {"BLOCK_SOURCE_FRESH", "BLOCK_SOURCE_CACHED"}
+    assert sources.count("BLOCK_SOURCE_FRESH") >= 50
+    assert all(json.loads(blocks["loyalty"].data_json)["tier"] == "gold" for blocks, _ in answers)
     assert len(upstream.paths) == 1
 
 
