@@ -37,11 +37,9 @@ gen: $(STAMP)
 	$(BIN)/python tools/gen_protos.py
 	$(BIN)/buf lint
 
+# Every benchmark, then benchmarks/report/: JSON results, PNG plots, README.md (several minutes).
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.ingest --json
-	$(BIN)/python -m benchmarks.cache --json
-	$(BIN)/python -m benchmarks.content --json
-	$(BIN)/python -m benchmarks.relay --json
+	$(BIN)/python -m benchmarks.report --run
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
