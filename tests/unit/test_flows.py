@@ -146,21 +146,6 @@ def test_quiet_hours_in_the_users_zone() -> None:
     assert quiet.next_allowed(datetime(2026, 11, 2, 12, 0, tzinfo=UTC), "Not/AZone") is None
 
 
-_BASE: dict[str, object] = {
-    "send_key": "snd_3",
-    "message_id_domain": "d.example",
-    "sender": "s@example.com",
-    "recipient_email": "r@example.com",
-    "recipient_name": "",
-    "reply_to": "",
-    "subject": "s",
-    "html": "h",
-    "text": "t",
-    "date": T0,
-    "list_id": "",
-}
-
-
 def test_message_has_the_headers_providers_require_and_resists_injection() -> None:
     outgoing = build(
         send_key="snd_1",
@@ -222,4 +207,16 @@ def test_long_unsubscribe_urls_and_non_ascii_names_survive_the_wire() -> None:
     assert text == "Café crème = 3 €\n" + "x" * 200
     assert html == "<p>Café crème = 3 €</p>"
     with pytest.raises(ValueError, match="not an email address"):
-        build(**{**_BASE, "recipient_email": "nobody"})
+        build(
+            send_key="snd_3",
+            message_id_domain="d.example",
+            sender="s@example.com",
+            recipient_email="nobody",
+            recipient_name="",
+            reply_to="",
+            subject="s",
+            html="h",
+            text="t",
+            date=T0,
+            list_id="",
+        )
