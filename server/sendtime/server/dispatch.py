@@ -21,10 +21,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Final
+from typing import Final, Protocol
+
+from opentelemetry.trace import Span, Tracer
 
 from sendtime.server.domain.content import ContentContext, ContentPipeline, Source
 from sendtime.server.domain.errors import SendtimeError
@@ -42,6 +45,32 @@ from sendtime.server.store.sqlite import SqliteStore
 log = logging.getLogger(__name__)
 
 _RETRY_LATER_BASE: Final = timedelta(seconds=30)
+
+
+@dataclass(slots=True)
+class Attempt:
+    """What one go at a claimed send came to: for metrics and the log line."""
+
+    #: "sent", "failed", "retry" (a transient failure: scheduled again later),
+    #: "skipped", "cancelled" or "held" (quiet hours: scheduled again later).
+    outcome: str
+    #: Why, as a class: no_email, opted_out, suppressed, frequency_cap,
+    #: quiet_hours, nothing_to_show, bad_address, exit, render_error, refused,
+    #: transient, gave_up, internal; "" when sent.
+    reason: str = ""
+    #: The ESP's or the renderer's own words, for a failure.
+    detail: str = ""
+    relay_tries: int = 0
+    render_s: float = 0.0
+    relay_s: float = 0.0
+    #: From the triggering event's arrival to the ESP's acceptance (sent only).
+    latency_s: float | None = None
+
+
+class SendObserver(Protocol):
+    def attempted(self, record: SendRecord, attempt: Attempt, relay: str, elapsed_s: float) -> None:
+        """Told once per claimed send, after its outcome was written."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +100,11 @@ class Dispatcher:
         flows: Mapping[str, Flow],
         policy: DispatchPolicy,
         clock: Callable[[], datetime] = utc_now,
+        observer: SendObserver | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
+        self._observer = observer
+        self._tracer = tracer
         self._store = store
         self._profiles = profiles
         self._pipeline = pipeline
@@ -89,6 +122,11 @@ class Dispatcher:
     @property
     def relay_name(self) -> str:
         return self._relay.name
+
+    @property
+    def in_flight(self) -> int:
+        """Sends claimed and not finished."""
+        return len(self._sends)
 
     async def start(self) -> None:
         again, unsure = await self._store.recover_interrupted(relay_idempotent=self._relay.idempotent)
@@ -156,31 +194,46 @@ class Dispatcher:
     # -- one send -------------------------------------------------------------
 
     async def _send_guarded(self, record: SendRecord) -> None:
+        started = time.perf_counter()
         try:
-            await self._send(record)
+            if self._tracer is None:
+                attempt = await self._send(record)
+            else:
+                with self._tracer.start_as_current_span(
+                    "sendtime.send",
+                    attributes={
+                        "sendtime.send.id": record.id,
+                        "sendtime.flow": record.flow_id or "api",
+                        "sendtime.template": record.template_id,
+                        "sendtime.send.round": record.attempts,
+                    },
+                ) as span:
+                    attempt = await self._send(record)
+                    _describe(span, attempt)
         except asyncio.CancelledError:
             raise
         except Exception as error:
             log.exception("send %s failed unexpectedly", record.id)
-            await self._finish(
-                record, SendStatus.FAILED, f"internal error: {error}", expect=SendStatus.SENDING
-            )
+            attempt = Attempt("failed", "internal", f"internal error: {error}")
+            await self._finish(record, SendStatus.FAILED, attempt.detail, expect=SendStatus.SENDING)
         finally:
             # a slot freed: the loop may claim more
             self._wake.set()
+        if self._observer is not None:
+            self._observer.attempted(record, attempt, self._relay.name, time.perf_counter() - started)
 
-    async def _send(self, record: SendRecord) -> None:
+    async def _send(self, record: SendRecord) -> Attempt:
         flow = self._flows.get(record.flow_id)
         profile = await self._profiles.get(record.profile_key)
         shown = view(profile) if profile is not None else None
         email = _text(shown, "email")
         if not email:
             await self._finish(record, SendStatus.SKIPPED, "the profile has no email address")
-            return
+            return Attempt("skipped", "no_email")
         now = self._clock()
         refusal = await self._refusal(record, shown, email, now)
         if refusal is not None:
-            status, reason, hold_until = refusal
+            status, reason, hold_until, reason_class = refusal
             if hold_until is not None:
                 await self._store.update_send(
                     record.id,
@@ -189,29 +242,30 @@ class Dispatcher:
                     reason=reason,
                     due_at=hold_until,
                 )
-            else:
-                await self._finish(record, status, reason)
-            return
+                return Attempt("held", reason_class)
+            await self._finish(record, status, reason)
+            return Attempt(status.value, reason_class)
 
         identity = Identity(record.user_id, record.anonymous_id)
         context = ContentContext(
             campaign=record.flow_id,
             cart_id=record.entry_key if flow is not None and flow.entry_key == "cart_id" else "",
         )
+        render_started = time.perf_counter()
         try:
             answer = await self._pipeline.email(
                 record.template_id, identity, context, self._policy.render_budget_s
             )
         except SendtimeError as error:
-            await self._finish(
-                record, SendStatus.FAILED, f"cannot render {record.template_id}: {error.message}"
-            )
-            return
+            detail = f"cannot render {record.template_id}: {error.message}"
+            await self._finish(record, SendStatus.FAILED, detail)
+            return Attempt("failed", "render_error", detail, render_s=time.perf_counter() - render_started)
+        render_s = time.perf_counter() - render_started
         required = flow.require_blocks if flow is not None else ()
         missing = [b.name for b in answer.blocks if b.name in required and b.source is Source.FALLBACK]
         if missing:
             await self._finish(record, SendStatus.SKIPPED, f"nothing to show: no {', '.join(missing)}")
-            return
+            return Attempt("skipped", "nothing_to_show", render_s=render_s)
 
         rendered = answer.email
         group = record.subscription_group
@@ -239,12 +293,12 @@ class Dispatcher:
             )
         except ValueError as error:
             await self._finish(record, SendStatus.SKIPPED, f"cannot address the email: {error}")
-            return
+            return Attempt("skipped", "bad_address", render_s=render_s)
 
         # The last look, right before the message leaves: an exit event stored
         # while the email rendered still cancels it.
         if await self._exited(record):
-            return
+            return Attempt("cancelled", "exit", render_s=render_s)
         handed_over = await self._store.update_send(
             record.id,
             SendStatus.RELAYING,
@@ -253,10 +307,12 @@ class Dispatcher:
             template_version=rendered.version,
         )
         if not handed_over:
-            return  # cancelled between the check and now
+            return Attempt("cancelled", "exit", render_s=render_s)  # cancelled between the check and now
+        relay_started = time.perf_counter()
         try:
             accepted = await self._relay.send(outgoing)
         except PermanentFailure as failure:
+            relay_s = time.perf_counter() - relay_started
             await self._finish(
                 record,
                 SendStatus.FAILED,
@@ -264,28 +320,45 @@ class Dispatcher:
                 expect=SendStatus.RELAYING,
                 attempt=(record.attempts, "refused", f"{failure.reason} (after {failure.attempts} tries)"),
             )
-            return
+            return Attempt("failed", "refused", failure.reason, failure.attempts, render_s, relay_s)
         except TransientFailure as failure:
-            await self._retry_later(record, failure)
-            return
+            relay_s = time.perf_counter() - relay_started
+            gave_up = await self._retry_later(record, failure)
+            return Attempt(
+                "failed" if gave_up else "retry",
+                "gave_up" if gave_up else "transient",
+                failure.reason,
+                failure.attempts,
+                render_s,
+                relay_s,
+            )
+        relay_s = time.perf_counter() - relay_started
+        accepted_at = self._clock()
         await self._store.update_send(
             record.id,
             SendStatus.SENT,
             expect=SendStatus.RELAYING,
             esp_message_id=accepted.esp_message_id,
-            accepted_at=self._clock(),
+            accepted_at=accepted_at,
             attempt=(
                 record.attempts,
                 "accepted",
                 f"{accepted.esp_message_id} (after {accepted.attempts} tries)",
             ),
         )
+        return Attempt(
+            "sent",
+            relay_tries=accepted.attempts,
+            render_s=render_s,
+            relay_s=relay_s,
+            latency_s=(accepted_at - record.received_at).total_seconds(),
+        )
 
     async def _refusal(
         self, record: SendRecord, shown: ProfileView | None, email: str, now: datetime
-    ) -> tuple[SendStatus, str, datetime | None] | None:
-        """Why not to send now: (status, reason, hold until) or None. One read
-        of the store answers suppression, the cap and exits at once."""
+    ) -> tuple[SendStatus, str, datetime | None, str] | None:
+        """Why not to send now: (status, reason, hold until, reason class) or
+        None. One read of the store answers suppression, the cap and exits at once."""
         group = record.subscription_group
         cap = self._policy.frequency_cap if group else None
         checks = await self._store.preflight(
@@ -298,22 +371,32 @@ class Dispatcher:
             entry_time=record.entry_time,
         )
         if checks.exit_event is not None:
-            return SendStatus.CANCELLED, f"exit: {checks.exit_event}", None
+            return SendStatus.CANCELLED, f"exit: {checks.exit_event}", None, "exit"
         if not group:
             return None  # transactional: no consent, suppression, caps or quiet hours
         if shown is not None and shown.consent.get(group) == "opted_out":
-            return SendStatus.SKIPPED, f"opted out of {group}", None
+            return SendStatus.SKIPPED, f"opted out of {group}", None, "opted_out"
         if checks.suppressed:
-            return SendStatus.SKIPPED, f"suppressed for {group}", None
+            return SendStatus.SKIPPED, f"suppressed for {group}", None, "suppressed"
         if cap is not None and cap.count > 0 and checks.sent >= cap.count:
-            return SendStatus.SKIPPED, f"frequency cap: {checks.sent} sends in the last {cap.period}", None
+            return (
+                SendStatus.SKIPPED,
+                f"frequency cap: {checks.sent} sends in the last {cap.period}",
+                None,
+                "frequency_cap",
+            )
         quiet = self._policy.quiet_hours
         if quiet is not None:
             until = quiet.next_allowed(now, _text(shown, "timezone"))
             if until is not None:
                 if quiet.hold:
-                    return SendStatus.SCHEDULED, f"held for quiet hours until {until.isoformat()}", until
-                return SendStatus.SKIPPED, "quiet hours", None
+                    return (
+                        SendStatus.SCHEDULED,
+                        f"held for quiet hours until {until.isoformat()}",
+                        until,
+                        "quiet_hours",
+                    )
+                return SendStatus.SKIPPED, "quiet hours", None, "quiet_hours"
         return None
 
     async def _exited(self, record: SendRecord) -> bool:
@@ -327,7 +410,8 @@ class Dispatcher:
         await self._finish(record, SendStatus.CANCELLED, f"exit: {exit_event}")
         return True
 
-    async def _retry_later(self, record: SendRecord, failure: TransientFailure) -> None:
+    async def _retry_later(self, record: SendRecord, failure: TransientFailure) -> bool:
+        """Schedule the send again later; True when it has had its last round."""
         detail = f"{failure.reason} (after {failure.attempts} tries)"
         if record.attempts >= self._policy.max_send_attempts:
             await self._finish(
@@ -337,7 +421,7 @@ class Dispatcher:
                 expect=SendStatus.RELAYING,
                 attempt=(record.attempts, "failed", detail),
             )
-            return
+            return True
         due = self._clock() + _RETRY_LATER_BASE * (2 ** (record.attempts - 1))
         await self._store.update_send(
             record.id,
@@ -347,6 +431,7 @@ class Dispatcher:
             due_at=due,
             attempt=(record.attempts, "failed", detail),
         )
+        return False
 
     async def _finish(
         self,
@@ -358,6 +443,14 @@ class Dispatcher:
         attempt: tuple[int, str, str] | None = None,
     ) -> None:
         await self._store.update_send(record.id, status, expect=expect, reason=reason, attempt=attempt)
+
+
+def _describe(span: Span, attempt: Attempt) -> None:
+    span.set_attribute("sendtime.send.outcome", attempt.outcome)
+    if attempt.reason:
+        span.set_attribute("sendtime.send.reason", attempt.reason)
+    if attempt.relay_tries:
+        span.set_attribute("sendtime.relay.tries", attempt.relay_tries)
 
 
 def _text(shown: ProfileView | None, trait: str) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Generic, TypeVar, cast
@@ -285,10 +286,10 @@ class CacheFetcher:
         except TimeoutError as exc:
             # asyncio.timeout's, or the fetch's own (an HTTP client's read timeout)
             failure = _Failure(Reason.TIMEOUT, _describe(exc) or f"no answer within {self._max_fetch_s:g} s")
-            logger.warning("fetch for cache key %r timed out: %s", key, failure.detail)
+            logger.warning("fetch for cache key %s timed out: %s", _loggable(key), failure.detail)
         except Exception as exc:
             failure = _Failure(Reason.UPSTREAM_ERROR, _describe(exc) or type(exc).__name__)
-            logger.warning("fetch for cache key %r failed: %s", key, failure.detail)
+            logger.warning("fetch for cache key %s failed: %s", _loggable(key), failure.detail)
         else:
             self._negative.pop(key, None)
             if breaker is not None:
@@ -308,7 +309,7 @@ class CacheFetcher:
         if self._flights.get(key) is flight:
             del self._flights[key]
         if not task.cancelled() and (exc := task.exception()) is not None:
-            logger.error("cache fill task for %r crashed", key, exc_info=exc)
+            logger.error("cache fill task for %s crashed", _loggable(key), exc_info=exc)
 
     async def _wait(
         self,
@@ -369,3 +370,11 @@ class CacheFetcher:
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else ""
+
+
+def _loggable(key: str) -> str:
+    """A key as logs show it: keys hold user ids and filled-in URLs, so only
+    their first part (the block or source) and a digest to tell them apart."""
+    head, sep, _ = key.partition("|")
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return f"{head}|#{digest}" if sep else f"#{digest}"

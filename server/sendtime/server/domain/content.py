@@ -20,6 +20,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
+from opentelemetry.trace import Tracer
+
 from sendtime.server.domain import blocks as builtin
 from sendtime.server.domain.catalog import Catalog
 from sendtime.server.domain.errors import InvalidInput
@@ -168,6 +170,14 @@ class UpstreamSource(Protocol):
     async def fetch(self, url: str, budget_s: float) -> Any: ...
 
 
+class ContentObserver(Protocol):
+    """Told of every answer (metrics); the blocks as the caller gets them."""
+
+    def answered(self, call: str, blocks: Sequence[Block], budget_s: float, elapsed_s: float) -> None:
+        """``call`` is "content" or "email"; ``budget_s`` the caller's whole budget."""
+        ...
+
+
 class MissingValueError(Exception):
     """The block needs a user field the profile lacks (raised by UpstreamSource.url_for)."""
 
@@ -208,7 +218,13 @@ class ContentPipeline:
         policy: ContentPolicy,
         max_concurrent: int,
         clock: Callable[[], float] = time.monotonic,
+        observer: ContentObserver | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
+        self._observer = observer
+        #: Spans for block fetches and renders (OpenTelemetry's API: a no-op
+        #: unless the server was configured to trace). None: no spans at all.
+        self._tracer = tracer
         self._profiles = profiles
         self._catalog = catalog
         self._recommender = recommender
@@ -224,6 +240,11 @@ class ContentPipeline:
     def block_names(self) -> list[str]:
         return [*builtin.BUILT_IN_BLOCKS, *self._upstreams]
 
+    @property
+    def in_flight(self) -> int:
+        """Requests being answered now."""
+        return self._in_flight
+
     def invalidate_user(self, profile_key: str) -> None:
         self._cache.invalidate_tag(profile_key)
 
@@ -237,9 +258,12 @@ class ContentPipeline:
         wanted = list(dict.fromkeys(names)) or list(builtin.BUILT_IN_BLOCKS)
         if len(wanted) > MAX_BLOCKS:
             raise InvalidInput.field("blocks", f"asks for {len(wanted)} blocks; the limit is {MAX_BLOCKS}")
-        return await self._gather(
+        answer = await self._gather(
             identity, wanted, context, budget_s - self._answer_reserve(budget_s), with_user=False
         )
+        if self._observer is not None:
+            self._observer.answered("content", answer.blocks, budget_s, answer.elapsed_s)
+        return answer
 
     async def email(
         self, template_id: str, identity: Identity, context: ContentContext, budget_s: float
@@ -253,7 +277,14 @@ class ContentPipeline:
         render_context: dict[str, Any] = {block.name: block.data for block in content.blocks}
         render_context["user"] = content.user
         render_context["links"] = dict(self._policy.links)
-        email = template.render(render_context)
+        if self._tracer is None:
+            email = template.render(render_context)
+        else:
+            with self._tracer.start_as_current_span(
+                "sendtime.render", attributes={"sendtime.template": template_id}
+            ) as span:
+                email = template.render(render_context)
+                span.set_attribute("sendtime.template.version", email.version)
         blocks = [
             Block(
                 b.name,
@@ -266,7 +297,10 @@ class ContentPipeline:
             else b
             for b in content.blocks
         ]
-        return EmailAnswer(email=email, blocks=blocks, content=content, elapsed_s=self._clock() - started)
+        elapsed_s = self._clock() - started
+        if self._observer is not None:
+            self._observer.answered("email", blocks, budget_s, elapsed_s)
+        return EmailAnswer(email=email, blocks=blocks, content=content, elapsed_s=elapsed_s)
 
     def _answer_reserve(self, budget_s: float) -> float:
         # Under load the answer spends a while in the event loop and the
@@ -335,6 +369,18 @@ class ContentPipeline:
         return Block(name, None, Source.FALLBACK, reason)
 
     async def _block(self, request: _Request, name: str) -> Block:
+        if self._tracer is None:
+            return await self._fetch_block(request, name)
+        with self._tracer.start_as_current_span(
+            "sendtime.block", attributes={"sendtime.block": name}
+        ) as span:
+            block = await self._fetch_block(request, name)
+            span.set_attribute("sendtime.block.source", block.source.value)
+            if block.reason is not None:
+                span.set_attribute("sendtime.block.reason", block.reason.value)
+            return block
+
+    async def _fetch_block(self, request: _Request, name: str) -> Block:
         upstream = self._upstreams.get(name)
         if upstream is not None:
             return await self._upstream_block(request, upstream)

@@ -11,8 +11,9 @@ import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol
 
-from sendtime.server.domain.errors import InvalidInput
+from sendtime.server.domain.errors import InvalidInput, SendtimeError
 from sendtime.server.domain.events import Event, IncomingEvent, validate
 from sendtime.server.domain.ports import EventStore
 from sendtime.server.domain.profiles import ProfileBook
@@ -41,14 +42,31 @@ class Undecodable:
     error: InvalidInput
 
 
+class IngestObserver(Protocol):
+    """Told of every batch's outcome (metrics)."""
+
+    def acked(self, acks: Sequence[Ack], stored: Sequence[Event], acked_at: datetime) -> None:
+        """``stored``: the events stored for the first time, durable at ``acked_at``."""
+        ...
+
+    def refused(self, count: int, reason: str) -> None:
+        """``count`` valid events refused whole (the store is overloaded or closing)."""
+        ...
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
 class Ingestor:
     def __init__(
-        self, store: EventStore, profiles: ProfileBook, clock: Callable[[], datetime] = utc_now
+        self,
+        store: EventStore,
+        profiles: ProfileBook,
+        clock: Callable[[], datetime] = utc_now,
+        observer: IngestObserver | None = None,
     ) -> None:
+        self._observer = observer
         self._store = store
         self._profiles = profiles
         self._clock = clock
@@ -70,11 +88,21 @@ class Ingestor:
                 acks[index] = Ack(index, candidate.message_id, Outcome.REJECTED, error)
             else:
                 positions.append(index)
+        stored: list[Event] = []
         if valid:
-            appended = await self._store.append(valid)
+            try:
+                appended = await self._store.append(valid)
+            except SendtimeError as error:
+                if self._observer is not None:
+                    self._observer.refused(len(valid), error.reason)
+                raise
             # Read-your-writes: whoever reads after the ack sees the event.
             await self._profiles.wait_folded(appended.position)
             for index, event, new in zip(positions, valid, appended.is_new, strict=True):
-                outcome = Outcome.ACCEPTED if new else Outcome.DUPLICATE
-                acks[index] = Ack(index, event.message_id, outcome)
-        return [ack for ack in acks if ack is not None]
+                if new:
+                    stored.append(event)
+                acks[index] = Ack(index, event.message_id, Outcome.ACCEPTED if new else Outcome.DUPLICATE)
+        done = [ack for ack in acks if ack is not None]
+        if self._observer is not None:
+            self._observer.acked(done, stored, self._clock())
+        return done

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from aiolimiter import AsyncLimiter
+from opentelemetry.trace import SpanKind, StatusCode, Tracer
 
 _MAX_BACKOFF_S: Final = 30.0
 
@@ -84,6 +86,13 @@ class Relay(Protocol):
     async def close(self) -> None: ...
 
 
+class AttemptObserver(Protocol):
+    def attempted(self, attempt: int, outcome: str, seconds: float) -> None:
+        """One try at the ESP: its number (1 for the first), "accepted",
+        "transient" or "permanent", and how long it took."""
+        ...
+
+
 @dataclass
 class RetryPolicy:
     attempts: int = 4
@@ -105,6 +114,10 @@ class RetryingRelay:
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     #: Messages per second this adapter may hand over (None: no limit).
     rate_per_s: float | None = None
+    #: Told of every try (metrics); None: nobody is.
+    observer: AttemptObserver | None = None
+    #: A span per try when set.
+    tracer: Tracer | None = None
     _limiter: AsyncLimiter | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -127,7 +140,7 @@ class RetryingRelay:
             if self._limiter is not None:
                 await self._limiter.acquire()
             try:
-                return Accepted(await self.relay.attempt(email), attempts=attempt)
+                return Accepted(await self._attempt(email, attempt), attempts=attempt)
             except PermanentFailure as failure:
                 failure.attempts = attempt
                 raise
@@ -136,6 +149,34 @@ class RetryingRelay:
                 if attempt >= self.policy.attempts:
                     raise
                 await asyncio.sleep(self.policy.delay(attempt, failure.retry_after_s))
+
+    async def _attempt(self, email: OutgoingEmail, attempt: int) -> str:
+        if self.observer is None and self.tracer is None:
+            return await self.relay.attempt(email)
+        started = time.perf_counter()
+        outcome = "transient"  # also for anything unexpected: the dispatcher retries it later
+        try:
+            if self.tracer is None:
+                esp_message_id = await self.relay.attempt(email)
+            else:
+                with self.tracer.start_as_current_span(
+                    "sendtime.relay.attempt",
+                    kind=SpanKind.CLIENT,
+                    attributes={"sendtime.relay": self.relay.name, "sendtime.relay.try": attempt},
+                ) as span:
+                    try:
+                        esp_message_id = await self.relay.attempt(email)
+                    except RelayFailure as failure:
+                        span.set_status(StatusCode.ERROR, failure.reason[:200])
+                        raise
+            outcome = "accepted"
+            return esp_message_id
+        except PermanentFailure:
+            outcome = "permanent"
+            raise
+        finally:
+            if self.observer is not None:
+                self.observer.attempted(attempt, outcome, time.perf_counter() - started)
 
     async def close(self) -> None:
         await self.relay.close()

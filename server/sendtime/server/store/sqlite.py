@@ -185,6 +185,23 @@ class _Stats:
     last_purge: float = field(default_factory=time.monotonic)
 
 
+class StoreStats(msgspec.Struct, frozen=True):
+    commits: int
+    """Rounds of appended events committed."""
+    events: int
+    """Events written (duplicates included: the INSERT skips them)."""
+    queued_events: int
+    """Events handed to the writer and not yet durable."""
+    scheduled: dict[str, int]
+    """Sends scheduled, by flow id ("" for sends asked for through the API)."""
+    cancelled: dict[str, int]
+    """Scheduled sends cancelled by an exit event as it was stored, by flow id."""
+
+
+#: Sends scheduled and cancelled by flow id, in one transaction.
+_PlanCounts = tuple[dict[str, int], dict[str, int]]
+
+
 _STOP: Final = object()
 
 #: Told, on the event loop and in commit order, of each round's new events and
@@ -226,6 +243,9 @@ class SqliteStore:
         #: Told (on the loop) of the earliest due time a round scheduled.
         self.on_scheduled: Callable[[datetime], None] | None = None
         self._earliest_due: datetime | None = None  # the writer's, per round
+        # Counted on the loop, from what committed rounds and writes report.
+        self._scheduled: dict[str, int] = {}
+        self._cancelled: dict[str, int] = {}
 
     @classmethod
     async def open(
@@ -263,6 +283,22 @@ class SqliteStore:
             return await asyncio.shield(done)
         finally:
             self._queued_events -= len(events)
+
+    def stats(self) -> StoreStats:
+        return StoreStats(
+            commits=self._stats.commits,
+            events=self._stats.events,
+            queued_events=self._queued_events,
+            scheduled=dict(self._scheduled),
+            cancelled=dict(self._cancelled),
+        )
+
+    def _count_plan(self, counts: _PlanCounts) -> None:
+        """On the loop, once the transaction that made them committed."""
+        for totals, added in zip((self._scheduled, self._cancelled), counts, strict=True):
+            for flow_id, count in added.items():
+                if count:
+                    totals[flow_id] = totals.get(flow_id, 0) + count
 
     async def _submit(self, run: Callable[[sqlite3.Connection], _T]) -> _T:
         if self._closed:
@@ -413,15 +449,16 @@ class SqliteStore:
     async def schedule_send(self, planned: PlannedSend) -> SendRecord:
         """A send asked for through the API: scheduled once per key."""
 
-        def schedule(conn: sqlite3.Connection) -> SendRecord:
-            self._apply_plan(conn, [planned], [])
+        def schedule(conn: sqlite3.Connection) -> tuple[SendRecord, _PlanCounts]:
+            counts = self._apply_plan(conn, [planned], [])
             row = conn.execute(
                 f"SELECT {_SEND_COLUMNS} FROM sends WHERE send_key = ?",  # noqa: S608
                 (planned.send_key,),
             ).fetchone()
-            return _send(row)
+            return _send(row), counts
 
-        record = await self._submit(schedule)
+        record, counts = await self._submit(schedule)
+        self._count_plan(counts)
         if self.on_scheduled is not None:
             self.on_scheduled(planned.due_at)
         return record
@@ -625,7 +662,7 @@ class SqliteStore:
     def _commit_round(self, conn: sqlite3.Connection, appends: list[_Append]) -> None:
         events = [event for item in appends for event in item.events]
         try:
-            is_new = self._write(conn, events)
+            is_new, counts = self._write(conn, events)
         except BaseException as exc:
             self._earliest_due = None
             log.exception("commit of %d events failed", len(events))
@@ -642,7 +679,7 @@ class SqliteStore:
             end = start + len(item.events)
             results.append((item.done, Appended(is_new[start:end], self._position)))
             start = end
-        self._call_soon(self._round_done, new_events, self._position, results, earliest_due)
+        self._call_soon(self._round_done, new_events, self._position, results, earliest_due, counts)
 
     def _round_done(
         self,
@@ -650,8 +687,11 @@ class SqliteStore:
         position: int,
         results: list[tuple[asyncio.Future[Appended], Appended]],
         earliest_due: datetime | None,
+        counts: _PlanCounts | None,
     ) -> None:
         """On the loop, in commit order: tell the listeners, then answer the appends."""
+        if counts is not None:
+            self._count_plan(counts)
         if new_events and self.on_commit is not None:
             try:
                 self.on_commit(new_events, position)
@@ -662,7 +702,7 @@ class SqliteStore:
         for done, appended in results:
             _resolve(done, appended)
 
-    def _write(self, conn: sqlite3.Connection, events: list[Event]) -> list[bool]:
+    def _write(self, conn: sqlite3.Connection, events: list[Event]) -> tuple[list[bool], _PlanCounts | None]:
         rows: list[Any] = []
         for event in events:
             payload = event.payload
@@ -680,6 +720,7 @@ class SqliteStore:
             )
         before = self._position
         minute = int(time.time()) // 60
+        counts: _PlanCounts | None = None
         with _transaction(conn):
             for start in range(0, len(events), _ROWS_PER_INSERT):
                 chunk = rows[start * 10 : (start + _ROWS_PER_INSERT) * 10]
@@ -705,40 +746,47 @@ class SqliteStore:
                 )
                 if self.planner is not None:
                     new_events = [e for e, new in zip(events, is_new, strict=True) if new]
-                    self._apply_plan(conn, *self.planner.plan(new_events))
+                    counts = self._apply_plan(conn, *self.planner.plan(new_events))
         self._position = last
-        return is_new
+        return is_new, counts
 
     def _apply_plan(
         self, conn: sqlite3.Connection, sends: list[PlannedSend], exits: list[PlannedExit]
-    ) -> None:
-        """Schedule and cancel in the transaction of the events that caused it."""
+    ) -> _PlanCounts:
+        """Schedule and cancel in the transaction of the events that caused it;
+        returns how many were scheduled and cancelled, by flow."""
         now = _micros(datetime.now(UTC))
+        scheduled: dict[str, int] = {}
+        cancelled: dict[str, int] = {}
         if sends:
-            conn.executemany(
-                "INSERT OR IGNORE INTO sends (send_key, flow_id, template_id, profile_key, user_id, anonymous_id,"
-                " entry_key, entry_message_id, entry_time, received_at, due_at, status, subscription_group,"
-                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'scheduled', ?, ?, ?)",
-                [
-                    (
-                        p.send_key,
-                        p.flow_id,
-                        p.template_id,
-                        p.profile_key,
-                        p.user_id,
-                        p.anonymous_id,
-                        p.entry_key,
-                        p.entry_message_id,
-                        _micros(p.entry_time),
-                        _micros(p.received_at),
-                        _micros(p.due_at),
-                        p.subscription_group,
-                        now,
-                        now,
-                    )
-                    for p in sends
-                ],
-            )
+            by_flow: dict[str, list[PlannedSend]] = {}
+            for planned in sends:
+                by_flow.setdefault(planned.flow_id, []).append(planned)
+            for flow_id, planned_sends in by_flow.items():
+                scheduled[flow_id] = conn.executemany(
+                    "INSERT OR IGNORE INTO sends (send_key, flow_id, template_id, profile_key, user_id, anonymous_id,"
+                    " entry_key, entry_message_id, entry_time, received_at, due_at, status, subscription_group,"
+                    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'scheduled', ?, ?, ?)",
+                    [
+                        (
+                            p.send_key,
+                            p.flow_id,
+                            p.template_id,
+                            p.profile_key,
+                            p.user_id,
+                            p.anonymous_id,
+                            p.entry_key,
+                            p.entry_message_id,
+                            _micros(p.entry_time),
+                            _micros(p.received_at),
+                            _micros(p.due_at),
+                            p.subscription_group,
+                            now,
+                            now,
+                        )
+                        for p in planned_sends
+                    ],
+                ).rowcount
             earliest = min(p.due_at for p in sends)
             if self._earliest_due is None or earliest < self._earliest_due:
                 self._earliest_due = earliest
@@ -748,20 +796,24 @@ class SqliteStore:
                 "INSERT OR IGNORE INTO flow_exits VALUES (?, ?, ?, ?, ?)",
                 (exit_.profile_key, exit_.flow_id, exit_.entry_key, event_time, exit_.event_name),
             )
-            conn.execute(
-                "UPDATE sends SET status = 'cancelled', reason = ?, updated_at = ?"
-                " WHERE profile_key = ? AND flow_id = ? AND status = 'scheduled' AND entry_time <= ?"
-                " AND (? = '*' OR entry_key = ?)",
-                (
-                    f"exit: {exit_.event_name}",
-                    now,
-                    exit_.profile_key,
-                    exit_.flow_id,
-                    event_time,
-                    exit_.entry_key,
-                    exit_.entry_key,
-                ),
+            cancelled[exit_.flow_id] = (
+                cancelled.get(exit_.flow_id, 0)
+                + conn.execute(
+                    "UPDATE sends SET status = 'cancelled', reason = ?, updated_at = ?"
+                    " WHERE profile_key = ? AND flow_id = ? AND status = 'scheduled' AND entry_time <= ?"
+                    " AND (? = '*' OR entry_key = ?)",
+                    (
+                        f"exit: {exit_.event_name}",
+                        now,
+                        exit_.profile_key,
+                        exit_.flow_id,
+                        event_time,
+                        exit_.entry_key,
+                        exit_.entry_key,
+                    ),
+                ).rowcount
             )
+        return scheduled, cancelled
 
     def _maybe_purge(self, conn: sqlite3.Connection) -> None:
         """Forget events older than the dedupe retention, once a minute. Never
