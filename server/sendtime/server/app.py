@@ -23,12 +23,13 @@ from typing import Self
 import aiohttp
 import msgspec
 import uvloop
+from opentelemetry.sdk.trace.export import SpanExporter
 
 from sendtime.server.auth import Authenticator
 from sendtime.server.cache import CacheFetcher, CircuitBreakers, MemoryCache
 from sendtime.server.deliveries import Deliveries, Suppressions
 from sendtime.server.dispatch import Dispatcher, DispatchPolicy
-from sendtime.server.domain.blocks import OfferRule
+from sendtime.server.domain.blocks import BUILT_IN_BLOCKS, OfferRule
 from sendtime.server.domain.catalog import Catalog, CatalogUpdater, load_products
 from sendtime.server.domain.content import ContentPipeline, ContentPolicy
 from sendtime.server.domain.errors import Unavailable
@@ -44,6 +45,7 @@ from sendtime.server.domain.unsubscribe import UnsubscribeTokens
 from sendtime.server.edge.grpc_server import GrpcEdge, build_grpc_edge
 from sendtime.server.edge.http_server import HttpEdge, build_http_edge
 from sendtime.server.feedback import PostmarkFeedback, SendGridFeedback
+from sendtime.server.observe import Telemetry
 from sendtime.server.relay import OutboxConfig, RelayConfig, build_retrying_relay
 from sendtime.server.rendering import TemplateStore
 from sendtime.server.settings import ContentSettings, DeliverySettings, FlowSettings, Settings
@@ -57,9 +59,19 @@ DEFAULT_CATALOG = ContentSettings().catalog_file
 
 
 class Sendtime:
-    def __init__(self, settings: Settings, *, clock: Callable[[], datetime] = utc_now) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], datetime] = utc_now,
+        span_exporter: SpanExporter | None = None,
+    ) -> None:
+        """``span_exporter`` turns tracing on with that exporter instead of
+        OTLP (tests pass the SDK's InMemorySpanExporter)."""
         self.settings = settings
         self._clock = clock
+        self._span_exporter = span_exporter
+        self._telemetry: Telemetry | None = None
         self._store: SqliteStore | None = None
         self._profiles: ProfileBook | None = None
         self._fetcher: CacheFetcher | None = None
@@ -91,6 +103,11 @@ class Sendtime:
         assert self._fetcher is not None, "start() first"
         return self._fetcher
 
+    @property
+    def telemetry(self) -> Telemetry:
+        assert self._telemetry is not None, "start() first"
+        return self._telemetry
+
     async def start(self) -> None:
         try:
             await self._start()
@@ -103,6 +120,9 @@ class Sendtime:
         settings = self.settings
         storage = settings.storage
         content = settings.content
+        self._telemetry = telemetry = Telemetry(settings, span_exporter=self._span_exporter)
+        metrics = telemetry.metrics
+        tracer = telemetry.tracer
         self._store = store = await SqliteStore.open(
             storage.data_dir / DB_FILE,
             synchronous="normal" if storage.synchronous == "normal" else "full",
@@ -114,6 +134,8 @@ class Sendtime:
             store, max_cached=storage.profile_cache_size, flush_interval_s=storage.profile_flush_interval_s
         )
         store.on_commit = profiles.committed
+        if metrics is not None:
+            metrics.watch_store(store.stats)
         flows = [flow_from_settings(f, settings.delivery.default_sender) for f in settings.flows]
         store.planner = FlowPlanner(flows)
 
@@ -130,6 +152,8 @@ class Sendtime:
         self._fetcher = fetcher = CacheFetcher(
             MemoryCache(max_bytes=content.cache_max_bytes), breakers=breakers
         )
+        if metrics is not None:
+            metrics.watch_cache(fetcher)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=content.upstream_connections_per_host)
         )
@@ -140,31 +164,51 @@ class Sendtime:
             catalog=self.catalog,
             recommender=self.recommender,
             cache=fetcher,
-            upstreams={u.name: UpstreamProvider(u, self._session, allowed) for u in content.upstreams},
+            upstreams={
+                u.name: UpstreamProvider(
+                    u,
+                    self._session,
+                    allowed,
+                    observer=telemetry.upstream_observer(u.name),
+                    tracer=tracer,
+                    propagator=telemetry.propagator,
+                )
+                for u in content.upstreams
+            },
             templates=templates,
             policy=_policy(content),
             max_concurrent=content.max_concurrent,
+            observer=telemetry.content_observer([*BUILT_IN_BLOCKS, *(u.name for u in content.upstreams)]),
+            tracer=tracer,
         )
         profiles.on_folded.append(learner.learned)
         await profiles.start()
 
         delivery = settings.delivery
         tokens = UnsubscribeTokens(await self._unsubscribe_secret(delivery))
+        relay = build_retrying_relay(_in_data_dir(delivery.relay, storage.data_dir))
+        relay.observer = telemetry.relay_observer(relay.name)
+        relay.tracer = tracer
         self._dispatcher = dispatcher = Dispatcher(
             store=store,
             profiles=profiles,
             pipeline=pipeline,
-            relay=build_retrying_relay(_in_data_dir(delivery.relay, storage.data_dir)),
+            relay=relay,
             tokens=tokens,
             flows={f.id: f for f in flows},
             policy=_dispatch_policy(delivery),
+            observer=telemetry.send_observer(),
+            tracer=tracer,
         )
+        if metrics is not None:
+            metrics.watch_gauge("sendtime_content_requests_in_flight", lambda: pipeline.in_flight)
+            metrics.watch_gauge("sendtime_sends_in_flight", lambda: dispatcher.in_flight)
         store.on_scheduled = dispatcher.wake
         await dispatcher.start()
         deliveries = Deliveries(store, flows, templates.get, self._clock)
         feedback = delivery.feedback
 
-        ingestor = Ingestor(store, profiles, self._clock)
+        ingestor = Ingestor(store, profiles, self._clock, observer=telemetry.ingest_observer())
         queries = ProfileQueries(profiles)
         authenticator = Authenticator(settings.auth)
         default_deadline_s = content.default_deadline_ms / 1000
@@ -176,6 +220,7 @@ class Sendtime:
             default_deadline_s=default_deadline_s,
             deliveries=deliveries,
             authenticator=authenticator,
+            telemetry=telemetry,
         )
         self._http = build_http_edge(
             settings.http,
@@ -195,6 +240,7 @@ class Sendtime:
             ),
             ready=lambda: self._serving,
             shutdown_grace_s=settings.shutdown_grace_s,
+            telemetry=telemetry,
             clock=self._clock,
         )
         await self._grpc.start()
@@ -247,6 +293,8 @@ class Sendtime:
             await self._profiles.close()
         if self._store is not None:
             await self._store.close()
+        if self._telemetry is not None:
+            await self._telemetry.aclose()  # the last spans, exported
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -12,7 +12,6 @@ preview, demo-data, send, deliveries, flows.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import secrets
 import sys
@@ -33,9 +32,9 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"sendtime: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from sendtime.server.observe import configure_logging
+
+    stop_logging = configure_logging(settings.log_level, settings.logging)
     _warn_dev_key(settings)
 
     def ready(app: Sendtime) -> None:
@@ -56,6 +55,8 @@ def _serve(args: argparse.Namespace) -> int:
             raise
         print(f"sendtime: cannot start: {exc}", file=sys.stderr)
         return 1
+    finally:
+        stop_logging()  # every line queued so far is written
     return 0
 
 

@@ -301,6 +301,50 @@ def _default_flows() -> list[FlowSettings]:
     ]
 
 
+class MetricsSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Prometheus metrics at GET /metrics on the HTTP edge."""
+
+    enabled: bool = True
+    #: Ask for an API key with the admin scope (Prometheus sends it with
+    #: ``authorization`` in its scrape config). Off by default: the metrics
+    #: carry no user data, and the HTTP edge listens on 127.0.0.1 unless told.
+    require_admin_key: bool = False
+
+
+class LoggingSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    #: "auto": readable lines on a terminal, JSON lines otherwise; "json"; "text".
+    format: str = "auto"
+    #: One line per gRPC call and HTTP request (logger sendtime.access, level INFO).
+    access_log: bool = True
+    #: User ids in log lines as the first 16 hex digits of their SHA-256; off: as given.
+    hash_user_ids: bool = True
+
+    def __post_init__(self) -> None:
+        if self.format not in ("auto", "json", "text"):
+            raise ValueError("logging.format must be 'auto', 'json' or 'text'")
+
+
+class TracingSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """OpenTelemetry traces, exported over OTLP; off while otlp_endpoint is empty."""
+
+    #: e.g. "http://127.0.0.1:4317" (grpc) or "http://127.0.0.1:4318/v1/traces" (http/protobuf).
+    otlp_endpoint: str = ""
+    #: "grpc" or "http/protobuf".
+    otlp_protocol: str = "grpc"
+    #: Sent with every export (a backend's API key goes here; never logged).
+    otlp_headers: dict[str, str] = {}
+    otlp_timeout_s: Seconds = 5.0
+    service_name: str = "sendtime"
+    #: Share of traces kept when the caller did not decide (a caller's sampled flag is followed).
+    sample_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
+
+    def __post_init__(self) -> None:
+        if self.otlp_protocol not in ("grpc", "http/protobuf"):
+            raise ValueError("tracing.otlp_protocol must be 'grpc' or 'http/protobuf'")
+        if self.otlp_endpoint and not self.otlp_endpoint.startswith(("http://", "https://")):
+            raise ValueError("tracing.otlp_endpoint must start with http:// or https://")
+
+
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     grpc: GrpcSettings = msgspec.field(default_factory=GrpcSettings)
     http: HttpSettings = msgspec.field(default_factory=HttpSettings)
@@ -313,6 +357,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: How long shutdown waits for streams and requests to finish.
     shutdown_grace_s: Seconds = 10.0
     log_level: str = "INFO"
+    logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
+    metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
+    tracing: TracingSettings = msgspec.field(default_factory=TracingSettings)
 
 
 def hash_key(key: str) -> str:

@@ -17,7 +17,7 @@ import grpc.aio
 import msgspec
 from grpc_health.v1 import _async as health_aio  # the asyncio servicer, re-exported as health.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from sendtime.server.auth import Authenticator
 from sendtime.server.deliveries import Deliveries
@@ -34,6 +34,8 @@ from sendtime.server.domain.ingest import Ack, Ingestor, Outcome
 from sendtime.server.domain.queries import ProfileQueries
 from sendtime.server.edge import grpc_convert as convert
 from sendtime.server.edge.grpc_errors import abort, mapped_errors, status_for
+from sendtime.server.edge.grpc_observe import ObserveInterceptor
+from sendtime.server.observe import Telemetry
 from sendtime.server.settings import GrpcSettings, Scope
 from sendtime.v1 import (
     content_service_pb2,
@@ -348,6 +350,24 @@ class DeliveryService(delivery_service_pb2_grpc.DeliveryServiceServicer):
         )
 
 
+def _method_names() -> list[str]:
+    """Every method this server serves, as "/package.Service/Method"."""
+    files = (
+        event_service_pb2.DESCRIPTOR,
+        profile_service_pb2.DESCRIPTOR,
+        content_service_pb2.DESCRIPTOR,
+        delivery_service_pb2.DESCRIPTOR,
+        health_pb2.DESCRIPTOR,
+        reflection_pb2.DESCRIPTOR,
+    )
+    return [
+        f"/{service.full_name}/{method.name}"
+        for descriptor in files
+        for service in descriptor.services_by_name.values()
+        for method in service.methods
+    ]
+
+
 def _identity(user_id: str, anonymous_id: str) -> Identity:
     if bool(user_id) == bool(anonymous_id):
         raise InvalidInput.field("user_id", "give exactly one of user_id and anonymous_id")
@@ -381,9 +401,14 @@ def build_grpc_edge(
     default_deadline_s: float,
     deliveries: Deliveries,
     authenticator: Authenticator,
+    telemetry: Telemetry,
 ) -> GrpcEdge:
+    interceptors: list[grpc.aio.ServerInterceptor] = [AuthInterceptor(authenticator)]  # type: ignore[type-arg]
+    if telemetry.records_requests():
+        # first: it sees every call, the ones the key check refuses too
+        interceptors.insert(0, ObserveInterceptor(telemetry, _method_names()))
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(authenticator)],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),

@@ -14,6 +14,8 @@
 - POST /v1/feedback/sendgrid, /v1/feedback/postmark: ESP bounce and complaint
   webhooks into the suppression list.
 - GET /healthz (alive) and /readyz (serving).
+- GET /metrics: Prometheus metrics (metrics.enabled; the admin scope when
+  metrics.require_admin_key).
 
 Errors go through http_errors; every JSON error names the field at fault.
 """
@@ -34,6 +36,7 @@ from typing import Any, Final
 
 import msgspec
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from sendtime.server.auth import Authenticator
 from sendtime.server.deliveries import Suppressions
@@ -52,7 +55,9 @@ from sendtime.server.domain.ingest import Ack, Ingestor, Outcome, Undecodable, u
 from sendtime.server.domain.queries import ProfileQueries
 from sendtime.server.edge import segment
 from sendtime.server.edge.http_errors import error_body, error_response
+from sendtime.server.edge.http_observe import observe_middleware
 from sendtime.server.feedback import PostmarkFeedback, SendGridFeedback
+from sendtime.server.observe import Telemetry
 from sendtime.server.settings import HttpSettings, Scope, WebhookSource
 
 SIGNATURE_HEADER: Final = "Sendtime-Signature"
@@ -118,6 +123,7 @@ class _Routes:
     sendgrid: SendGridFeedback | None
     postmark: PostmarkFeedback | None
     ready: Callable[[], bool]
+    telemetry: Telemetry
     clock: Callable[[], datetime] = utc_now
 
     async def single(self, request: web.Request) -> web.Response:
@@ -295,6 +301,14 @@ class _Routes:
             raise Unavailable("not serving")
         return _json_response({"status": "serving"})
 
+    async def metrics(self, request: web.Request) -> web.Response:
+        metrics = self.telemetry.metrics
+        assert metrics is not None  # the route exists only with metrics on
+        if self.telemetry.metrics_need_key:
+            self.authenticator.authorize(_api_key(request), Scope.ADMIN)
+        body, content_type = metrics.render(request.headers.get("Accept"))
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
 
 def _page(status: int, title: str, message: str, *, form_action: str = "") -> web.Response:
     form = (
@@ -400,6 +414,7 @@ def build_http_edge(
     postmark: PostmarkFeedback | None,
     ready: Callable[[], bool],
     shutdown_grace_s: float,
+    telemetry: Telemetry,
     clock: Callable[[], datetime] = utc_now,
 ) -> HttpEdge:
     routes = _Routes(
@@ -414,11 +429,16 @@ def build_http_edge(
         sendgrid,
         postmark,
         ready,
+        telemetry,
         clock,
     )
+    middlewares: list[Middleware] = [_errors]
+    if telemetry.records_requests():
+        # outermost: it sees the status _errors answered with
+        middlewares.insert(0, observe_middleware(telemetry))
     # The route handlers apply the exact per-route limits; this only caps what
     # aiohttp will buffer at all.
-    app = web.Application(middlewares=[_errors], client_max_size=MAX_CATALOG_BYTES + 1024)
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_CATALOG_BYTES + 1024)
     app.router.add_post("/v1/batch", routes.batch)
     app.router.add_post("/v1/import", routes.batch)  # Segment's older name for batch
     app.router.add_post(r"/v1/{kind:(" + "|".join(_SINGLE_ROUTES) + ")}", routes.single)
@@ -433,6 +453,8 @@ def build_http_edge(
     app.router.add_post("/v1/feedback/postmark", routes.postmark_feedback)
     app.router.add_get("/healthz", routes.healthz)
     app.router.add_get("/readyz", routes.readyz)
+    if telemetry.metrics is not None:
+        app.router.add_get("/metrics", routes.metrics)
     ssl_context = None
     if settings.tls is not None:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
