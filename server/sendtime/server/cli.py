@@ -12,6 +12,7 @@ preview, demo-data, send, deliveries, flows.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import secrets
 import sys
@@ -53,7 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
 
         if not isinstance(exc, SendtimeError | OSError):
             raise
-        print(f"sendtime: cannot start: {exc}", file=sys.stderr)
+        logging.getLogger("sendtime").error("cannot start: %s", exc)
         return 1
     finally:
         stop_logging()  # every line queued so far is written
@@ -62,11 +63,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _warn_dev_key(settings: Settings) -> None:
     if settings.auth.dev_key:
-        print(
-            f"WARNING: the development API key {DEV_KEY!r} is accepted with every scope. "
-            "For development only: set auth.dev_key = false and configure auth.keys in production.",
-            file=sys.stderr,
-            flush=True,
+        logging.getLogger("sendtime").warning(
+            "the development API key %r is accepted with every scope. For development only:"
+            " set auth.dev_key = false and configure auth.keys in production.",
+            DEV_KEY,
         )
 
 

@@ -280,14 +280,19 @@ def configure_logging(
     handler.addFilter(_StampContext())
     listener = logging.handlers.QueueListener(records, writer, respect_handler_level=False)
     root = logging.getLogger()
-    for old in list(root.handlers):
+    replaced = list(root.handlers)
+    previous_level = root.level
+    for old in replaced:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
     listener.start()
 
     def stop() -> None:
-        listener.stop()
         root.removeHandler(handler)
+        listener.stop()
+        for old in replaced:
+            root.addHandler(old)
+        root.setLevel(previous_level)
 
     return stop
