@@ -44,6 +44,7 @@ from sendtime.server.domain.sends import FrequencyCap, QuietHours
 from sendtime.server.domain.unsubscribe import UnsubscribeTokens
 from sendtime.server.edge.grpc_server import GrpcEdge, build_grpc_edge
 from sendtime.server.edge.http_server import HttpEdge, build_http_edge
+from sendtime.server.edge.status_page import StatusPage
 from sendtime.server.feedback import PostmarkFeedback, SendGridFeedback
 from sendtime.server.observe import Telemetry
 from sendtime.server.relay import OutboxConfig, RelayConfig, build_retrying_relay
@@ -242,6 +243,7 @@ class Sendtime:
             shutdown_grace_s=settings.shutdown_grace_s,
             telemetry=telemetry,
             clock=self._clock,
+            status_page=StatusPage(authenticator, store, pipeline, fetcher, metrics, [f.id for f in flows]),
         )
         await self._grpc.start()
         await self._http.start()

@@ -16,6 +16,7 @@
 - GET /healthz (alive) and /readyz (serving).
 - GET /metrics: Prometheus metrics (metrics.enabled; the admin scope when
   metrics.require_admin_key).
+- GET /: the live status page (admin scope; see status_page).
 
 Errors go through http_errors; every JSON error names the field at fault.
 """
@@ -56,6 +57,7 @@ from sendtime.server.domain.queries import ProfileQueries
 from sendtime.server.edge import segment
 from sendtime.server.edge.http_errors import error_body, error_response
 from sendtime.server.edge.http_observe import observe_middleware
+from sendtime.server.edge.status_page import StatusPage
 from sendtime.server.feedback import PostmarkFeedback, SendGridFeedback
 from sendtime.server.observe import Telemetry
 from sendtime.server.settings import HttpSettings, Scope, WebhookSource
@@ -416,6 +418,7 @@ def build_http_edge(
     shutdown_grace_s: float,
     telemetry: Telemetry,
     clock: Callable[[], datetime] = utc_now,
+    status_page: StatusPage | None = None,
 ) -> HttpEdge:
     routes = _Routes(
         ingestor,
@@ -455,6 +458,8 @@ def build_http_edge(
     app.router.add_get("/readyz", routes.readyz)
     if telemetry.metrics is not None:
         app.router.add_get("/metrics", routes.metrics)
+    if status_page is not None:
+        status_page.register(app)  # GET / and GET /v1/deliveries/{id}/preview (admin)
     ssl_context = None
     if settings.tls is not None:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
