@@ -24,7 +24,7 @@ from sendtime.server.app import Sendtime
 from sendtime.v1 import content_service_pb2, content_service_pb2_grpc
 from sendtime.v1 import delivery_service_pb2 as D
 from tests.conftest import DEV_AUTH, SettingsFactory
-from tests.integration.observing import recording_upstream
+from tests.integration.observing import recording_upstream, scrape, value
 from tests.integration.test_delivery import (
     add_to_cart,
     channel_to,
@@ -149,6 +149,10 @@ async def test_errors_mark_the_span(make_settings: SettingsFactory) -> None:
                 C.GetContentRequest(user_id="ada")
             )
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        families = await scrape(app.http_port)
+    # with a span to make, the call takes the full path, and is still counted
+    method = {"service": "sendtime.v1.ContentService", "method": "GetContent"}
+    assert value(families, "sendtime_grpc_requests_total", code="UNAUTHENTICATED", **method) == 1
     span = one(list(exporter.get_finished_spans()), "sendtime.v1.ContentService/GetContent")
     assert span.status.status_code is StatusCode.ERROR
     assert span.attributes is not None

@@ -116,8 +116,22 @@ class ObserveInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self, method: _Method, behavior: Callable[..., Any]
     ) -> Callable[[Any, Context], Awaitable[Any]]:
         telemetry = self._telemetry
+        metrics = method.metrics
 
         async def observed(request: Any, context: Context) -> Any:
+            if not _wants_call(telemetry):
+                # metrics alone (the usual case in production, at log level
+                # WARNING): no request id, no span, no log line to make
+                started = time.perf_counter()
+                failure: BaseException | None = None
+                try:
+                    return await behavior(request, context)
+                except BaseException as error:
+                    failure = error
+                    raise
+                finally:
+                    if metrics is not None:
+                        metrics.finished(_status(context, failure), time.perf_counter() - started)
             call = _Call(telemetry, method, request, context)
             try:
                 return await behavior(request, context)
@@ -202,21 +216,9 @@ class _Call:
             )
             self._tokens = (self._tokens[0], otel_context.attach(set_span_in_context(self._span)))
 
-    def _code(self) -> str:
-        # None until the servicer aborts or sets one (grpc's stubs say otherwise)
-        code: grpc.StatusCode | None = self._context.code()
-        if code is not None:
-            return str(code.name)
-        if self.error is None:
-            return "OK"
-        if isinstance(self.error, asyncio.CancelledError):
-            remaining = self._context.time_remaining()
-            return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
-        return "UNKNOWN"  # what grpc answers for an exception that is not an abort
-
     def finish(self) -> None:
         seconds = time.perf_counter() - self._started
-        code = self._code()
+        code = _status(self._context, self.error)
         variable, attached = self._tokens
         with contextlib.suppress(ValueError):  # a stream closed from elsewhere
             request_id.reset(variable)
@@ -243,6 +245,26 @@ class _Call:
                 user_id=_user_id(self._request),
                 peer=self._context.peer(),
             )
+
+
+def _wants_call(telemetry: Telemetry) -> bool:
+    """Whether a call needs more than counting: a span, or an access log line."""
+    access = telemetry.access_log
+    return telemetry.tracing is not None or (access is not None and access.enabled)
+
+
+def _status(context: Context, error: BaseException | None) -> str:
+    """The call's status code as grpc answers it."""
+    # None until the servicer aborts or sets one (grpc's stubs say otherwise)
+    code: grpc.StatusCode | None = context.code()
+    if code is not None:
+        return str(code.name)
+    if error is None:
+        return "OK"
+    if isinstance(error, asyncio.CancelledError):
+        remaining = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    return "UNKNOWN"  # what grpc answers for an exception that is not an abort
 
 
 def _user_id(request: Any) -> str:

@@ -33,23 +33,44 @@ CLIENT_CLOSED: Final = 499
 
 
 def observe_middleware(telemetry: Telemetry) -> Middleware:
-    recorders: dict[tuple[str, str], RpcMetrics | None] = {}
+    recorders: dict[tuple[str, str], RpcMetrics] = {}
     metrics = telemetry.metrics
 
     def recorder(route: str, method: str) -> RpcMetrics | None:
-        found = recorders.get((route, method), False)
-        if found is False:
-            found = recorders[route, method] = metrics.http_route(route, method) if metrics else None
-        return found  # type: ignore[return-value]
+        if metrics is None:
+            return None
+        found = recorders.get((route, method))
+        if found is None:
+            # bounded: route patterns as registered, and a fixed set of methods
+            found = recorders[route, method] = metrics.http_route(route, method)
+        return found
 
     @web.middleware
     async def observed(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
-        rid = telemetry.request_ids.take(request.headers.get(REQUEST_ID_HEADER))
-        token = request_id.set(rid)
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else UNMATCHED
         method = request.method if request.method in _METHODS else "OTHER"
+        access = telemetry.access_log
+        if telemetry.tracing is None and (access is None or not access.enabled):
+            # metrics alone: no request id, span or log line to make
+            status = 500
+            try:
+                response = await handler(request)
+                status = response.status
+                return response
+            except web.HTTPException as exc:
+                status = exc.status
+                raise
+            except asyncio.CancelledError:
+                status = CLIENT_CLOSED
+                raise
+            finally:
+                recorded = recorder(route, method)
+                if recorded is not None:
+                    recorded.finished(str(status), time.perf_counter() - started)
+        rid = telemetry.request_ids.take(request.headers.get(REQUEST_ID_HEADER))
+        token = request_id.set(rid)
         tracing = telemetry.tracing
         span = attached = None
         if tracing is not None:
@@ -90,7 +111,6 @@ def observe_middleware(telemetry: Telemetry) -> Middleware:
             recorded = recorder(route, method)
             if recorded is not None:
                 recorded.finished(str(status), seconds)
-            access = telemetry.access_log
             if access is not None and route not in _QUIET_ROUTES and access.enabled:
                 access.request(
                     transport="http",
