@@ -277,6 +277,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             config.write_text(config_toml(upstream_url))
             data_dir = tmp_path / "data"
             overrides = {"SENDTIME_CONFIG": str(config)}
+            if args.metrics == "off":
+                overrides["SENDTIME_METRICS__ENABLED"] = "false"
             (tmp_path / "warm").mkdir()
             warm_server = sendtime_server(data_dir, tmp_path / "warm", overrides)
             with warm_server:
@@ -369,6 +371,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "slow_upstream_not_stale_or_fallback": slow.not_degraded,
         "upstream_requests": upstream_stats,
         "echo_rps_runs": [r.rps for r in echo_runs],
+        "metrics": args.metrics,
         "concurrency": args.concurrency,
         "duration": args.duration,
         "duration_s": args.duration,
@@ -477,6 +480,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--template", default="abandoned_cart", help="the template RenderEmail renders")
     parser.add_argument("--upstream-delay", type=float, default=1.0, help="the slow upstream's sleep, s")
     parser.add_argument("--py-spy", metavar="DIR", help="sample the server during (a), (b) and (d) into DIR")
+    parser.add_argument(
+        "--metrics",
+        choices=("on", "off"),
+        default="on",
+        help="the server's Prometheus metrics (metrics.enabled); run both to see what they cost",
+    )
     parser.add_argument("--keep", metavar="DIR", help="keep server logs and data in DIR (emptied first)")
     return parser
 
