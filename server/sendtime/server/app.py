@@ -46,6 +46,7 @@ from sendtime.server.edge.grpc_server import GrpcEdge, build_grpc_edge
 from sendtime.server.edge.http_server import HttpEdge, build_http_edge
 from sendtime.server.edge.status_page import StatusPage
 from sendtime.server.feedback import PostmarkFeedback, SendGridFeedback
+from sendtime.server.looplag import LoopLag
 from sendtime.server.observe import Telemetry
 from sendtime.server.relay import OutboxConfig, RelayConfig, build_retrying_relay
 from sendtime.server.rendering import TemplateStore
@@ -78,6 +79,7 @@ class Sendtime:
         self._fetcher: CacheFetcher | None = None
         self._session: aiohttp.ClientSession | None = None
         self._dispatcher: Dispatcher | None = None
+        self._loop_lag = LoopLag()
         self._grpc: GrpcEdge | None = None
         self._http: HttpEdge | None = None
         self._serving = False
@@ -181,7 +183,9 @@ class Sendtime:
             max_concurrent=content.max_concurrent,
             observer=telemetry.content_observer([*BUILT_IN_BLOCKS, *(u.name for u in content.upstreams)]),
             tracer=tracer,
+            loop_lag=lambda: self._loop_lag.recent_peak_s,
         )
+        self._loop_lag.start()
         profiles.on_folded.append(learner.learned)
         await profiles.start()
 
@@ -281,6 +285,7 @@ class Sendtime:
         """Graceful: stop taking work, finish what was taken, save, then close the store."""
         self._serving = False
         grace = self.settings.shutdown_grace_s
+        await self._loop_lag.stop()
         if self._grpc is not None:
             await self._grpc.stop(grace)
         if self._http is not None:

@@ -220,7 +220,10 @@ class ContentPipeline:
         clock: Callable[[], float] = time.monotonic,
         observer: ContentObserver | None = None,
         tracer: Tracer | None = None,
+        loop_lag: Callable[[], float] | None = None,
     ) -> None:
+        #: How late the event loop currently runs (seconds), if measured.
+        self._loop_lag = loop_lag
         self._observer = observer
         #: Spans for block fetches and renders (OpenTelemetry's API: a no-op
         #: unless the server was configured to trace). None: no spans at all.
@@ -306,7 +309,12 @@ class ContentPipeline:
         # Under load the answer spends a while in the event loop and the
         # transport before it reaches the caller, and gRPC rounds a deadline
         # up when it sends it: keep a share of the budget, not only a constant.
-        return max(self._policy.answer_reserve_s, budget_s * self._policy.answer_reserve_share)
+        # And when the loop itself runs late, an answer waits that long too.
+        lag = 2 * self._loop_lag() if self._loop_lag is not None else 0.0
+        return min(
+            max(self._policy.answer_reserve_s, budget_s * self._policy.answer_reserve_share, lag),
+            budget_s / 2,
+        )
 
     async def _gather(
         self,
