@@ -136,6 +136,7 @@ _EVENT_COLUMNS: Final = (
 )
 _ROWS_PER_INSERT: Final = 1000  # 10 columns: 10,000 variables, under SQLite's 32,766
 _PROFILES_POSITION: Final = "profiles_position"
+_MAX_KNOWN_SEND_KEYS: Final = 500_000
 
 Synchronous = Literal["full", "normal"]
 
@@ -243,6 +244,10 @@ class SqliteStore:
         #: Told (on the loop) of the earliest due time a round scheduled.
         self.on_scheduled: Callable[[datetime], None] | None = None
         self._earliest_due: datetime | None = None  # the writer's, per round
+        # The writer's: send keys known to be in the ledger, and those the
+        # transaction in progress adds (they count only once it commits).
+        self._known_send_keys: set[str] = set()
+        self._pending_send_keys: set[str] = set()
         # Counted on the loop, from what committed rounds and writes report.
         self._scheduled: dict[str, int] = {}
         self._cancelled: dict[str, int] = {}
@@ -639,16 +644,19 @@ class SqliteStore:
                     except Exception as exc:
                         conn.execute("ROLLBACK TO work")
                         conn.execute("RELEASE work")
+                        self._pending_send_keys.clear()  # forgetting is always safe
                         log.exception("a store write failed")
                         outcomes.append((work, None, exc))
                     else:
                         conn.execute("RELEASE work")
                         outcomes.append((work, result, None))
         except BaseException as exc:
+            self._pending_send_keys.clear()
             log.exception("committing %d store writes failed", len(works))
             for work in works:
                 self._call_soon(_fail, work.done, exc)
             return
+        self._remember_send_keys()
         for work, result, error in outcomes:
             if error is not None:
                 self._call_soon(_fail, work.done, error)
@@ -665,6 +673,7 @@ class SqliteStore:
             is_new, counts = self._write(conn, events)
         except BaseException as exc:
             self._earliest_due = None
+            self._pending_send_keys.clear()
             log.exception("commit of %d events failed", len(events))
             for item in appends:
                 self._call_soon(_fail, item.done, exc)
@@ -747,8 +756,16 @@ class SqliteStore:
                 if self.planner is not None:
                     new_events = [e for e, new in zip(events, is_new, strict=True) if new]
                     counts = self._apply_plan(conn, *self.planner.plan(new_events))
+        self._remember_send_keys()
         self._position = last
         return is_new, counts
+
+    def _remember_send_keys(self) -> None:
+        """After a commit: the keys it scheduled exist now (bounded memory)."""
+        if len(self._known_send_keys) + len(self._pending_send_keys) > _MAX_KNOWN_SEND_KEYS:
+            self._known_send_keys.clear()
+        self._known_send_keys.update(self._pending_send_keys)
+        self._pending_send_keys.clear()
 
     def _apply_plan(
         self, conn: sqlite3.Connection, sends: list[PlannedSend], exits: list[PlannedExit]
@@ -758,6 +775,16 @@ class SqliteStore:
         now = _micros(datetime.now(UTC))
         scheduled: dict[str, int] = {}
         cancelled: dict[str, int] = {}
+        # Most entries repeat a key that is already scheduled (every view of a
+        # browse-abandonment week, every add to one cart): skip those without
+        # touching SQLite. A send row is never deleted, so a key known to exist
+        # stays true; keys become "known" only once their transaction commits.
+        fresh: dict[str, PlannedSend] = {}
+        for planned in sends:
+            if planned.send_key not in self._known_send_keys:
+                fresh.setdefault(planned.send_key, planned)
+        sends = list(fresh.values())
+        self._pending_send_keys.update(fresh)
         if sends:
             by_flow: dict[str, list[PlannedSend]] = {}
             for planned in sends:
