@@ -119,8 +119,7 @@ class Deliveries:
 
 
 def _check_identity(identity: Identity) -> None:
-    if bool(identity.user_id) == bool(identity.anonymous_id):
-        raise InvalidInput.field("user_id", "give exactly one of user_id and anonymous_id")
+    Identity.exactly_one(identity.user_id, identity.anonymous_id)
     if len(identity.user_id or identity.anonymous_id) > MAX_ID_CHARS:
         raise InvalidInput.field("user_id", f"is longer than {MAX_ID_CHARS} characters")
 

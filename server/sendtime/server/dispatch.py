@@ -120,10 +120,6 @@ class Dispatcher:
         self._slots = asyncio.Semaphore(policy.max_concurrent)
 
     @property
-    def relay_name(self) -> str:
-        return self._relay.name
-
-    @property
     def in_flight(self) -> int:
         """Sends claimed and not finished."""
         return len(self._sends)

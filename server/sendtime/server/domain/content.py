@@ -240,10 +240,6 @@ class ContentPipeline:
         self._in_flight = 0
 
     @property
-    def block_names(self) -> list[str]:
-        return [*builtin.BUILT_IN_BLOCKS, *self._upstreams]
-
-    @property
     def in_flight(self) -> int:
         """Requests being answered now."""
         return self._in_flight

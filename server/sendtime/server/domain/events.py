@@ -169,6 +169,13 @@ class Identity(msgspec.Struct, frozen=True):
     user_id: str = ""
     anonymous_id: str = ""
 
+    @classmethod
+    def exactly_one(cls, user_id: str, anonymous_id: str) -> Identity:
+        """The identity a request names, which must be one of the two ids."""
+        if bool(user_id) == bool(anonymous_id):
+            raise InvalidInput.field("user_id", "give exactly one of user_id and anonymous_id")
+        return cls(user_id, anonymous_id)
+
     @property
     def key(self) -> str:
         """The profile key: the user id when known, else the anonymous id.

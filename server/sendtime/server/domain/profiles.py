@@ -62,10 +62,6 @@ class ProfileBook:
         self._tasks: list[asyncio.Task[None]] = []
         self._flush_now = asyncio.Event()
 
-    @property
-    def folded_position(self) -> int:
-        return self._folded
-
     async def start(self) -> int:
         """Fold the events the saved profiles do not include yet; returns how many."""
         saved = await self._store.profiles_position()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sendtime.server.domain.errors import InvalidInput, NotFound
+from sendtime.server.domain.errors import NotFound
 from sendtime.server.domain.events import Identity
 from sendtime.server.domain.profile import ProfileView, view
 from sendtime.server.domain.profiles import ProfileBook
@@ -13,9 +13,7 @@ class ProfileQueries:
         self._profiles = profiles
 
     async def get(self, *, user_id: str = "", anonymous_id: str = "") -> ProfileView:
-        if bool(user_id) == bool(anonymous_id):
-            raise InvalidInput.field("user_id", "give exactly one of user_id and anonymous_id")
-        identity = Identity(user_id, anonymous_id)
+        identity = Identity.exactly_one(user_id, anonymous_id)
         profile = await self._profiles.get(identity.key)
         if profile is None:
             who = f"user {user_id!r}" if user_id else f"anonymous id {anonymous_id!r}"

@@ -264,7 +264,7 @@ class ContentService(content_service_pb2_grpc.ContentServiceServicer):
     ) -> content_service_pb2.GetContentResponse:
         budget = self._budget(context)
         answer = await self._pipeline.content(
-            _identity(request.user_id, request.anonymous_id),
+            Identity.exactly_one(request.user_id, request.anonymous_id),
             list(request.blocks),
             convert.content_context(request.context),
             budget,
@@ -284,7 +284,7 @@ class ContentService(content_service_pb2_grpc.ContentServiceServicer):
         budget = self._budget(context)
         answer = await self._pipeline.email(
             request.template_id,
-            _identity(request.user_id, request.anonymous_id),
+            Identity.exactly_one(request.user_id, request.anonymous_id),
             convert.content_context(request.context),
             budget,
         )
@@ -312,7 +312,7 @@ class DeliveryService(delivery_service_pb2_grpc.DeliveryServiceServicer):
     ) -> delivery_service_pb2.SendEmailResponse:
         record = await self._deliveries.send_now(
             template_id=request.template_id,
-            identity=_identity(request.user_id, request.anonymous_id),
+            identity=Identity.exactly_one(request.user_id, request.anonymous_id),
             idempotency_key=request.idempotency_key,
             transactional=request.transactional,
             subscription_group=request.subscription_group,
@@ -366,12 +366,6 @@ def _method_names() -> list[str]:
         for service in descriptor.services_by_name.values()
         for method in service.methods
     ]
-
-
-def _identity(user_id: str, anonymous_id: str) -> Identity:
-    if bool(user_id) == bool(anonymous_id):
-        raise InvalidInput.field("user_id", "give exactly one of user_id and anonymous_id")
-    return Identity(user_id, anonymous_id)
 
 
 @dataclass
