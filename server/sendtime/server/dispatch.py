@@ -6,14 +6,16 @@ For each due send, claimed durably (status "sending"):
    group, the suppression list, the frequency cap, quiet hours (hold or skip),
    and exit events since the entry;
 2. renders the template with live content (the same pipeline as GetContent);
-3. checks exits once more, right before relay, so an order that landed while
-   the email rendered still cancels it;
-4. writes "relaying" durably, hands the message to the relay (retries with
-   backoff there), and writes the outcome: sent with the ESP's message id,
-   failed with its reason, or scheduled again later for a transient failure.
+3. checks exits once more and writes "relaying", durably, in one transaction
+   (so an order that landed while the email rendered still cancels it), hands
+   the message to the relay (retries with backoff there), and writes the
+   outcome: sent with the ESP's message id, failed with its reason, or
+   scheduled again later for a transient failure.
 
 The scheduler loop wakes when a commit schedules something sooner than it
-planned to look, so a flow with no delay sends within milliseconds.
+planned to look, so a flow with no delay sends within milliseconds; one trip
+through the store's writer claims what is due and says when the next one is.
+A finished send wakes the loop only when it was waiting for a free slot.
 """
 
 from __future__ import annotations
@@ -114,10 +116,13 @@ class Dispatcher:
         self._policy = policy
         self._clock = clock
         self._wake = asyncio.Event()
+        #: When the sleeping loop will look for due sends anyway (None: it is looking now).
+        self._next_look: datetime | None = None
+        #: The loop waits for a send to finish before it claims more.
+        self._waiting_for_slot = False
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
         self._sends: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(policy.max_concurrent)
 
     @property
     def in_flight(self) -> int:
@@ -134,9 +139,10 @@ class Dispatcher:
             )
         self._loop_task = asyncio.create_task(self._run(), name="sendtime-dispatcher")
 
-    def wake(self, _due_at: datetime | None = None) -> None:
-        """Something may be due sooner than the loop planned to look."""
-        self._wake.set()
+    def wake(self, due_at: datetime | None = None) -> None:
+        """Something may be due (at ``due_at``) sooner than the loop planned to look."""
+        if due_at is None or self._next_look is None or due_at < self._next_look:
+            self._wake.set()
 
     async def close(self, grace_s: float) -> None:
         """Stop claiming; let sends in flight finish within the grace period.
@@ -158,34 +164,34 @@ class Dispatcher:
     async def _run(self) -> None:
         while not self._stopping:
             self._wake.clear()
-            try:
-                claimed = await self._claim()
-            except Exception:
-                log.exception("claiming due sends failed; retrying shortly")
-                claimed = 0
-            if claimed:
-                continue  # there may be more due right away
-            await self._sleep()
+            self._next_look = None  # looking now: any wake-up counts
+            timeout = self._policy.poll_interval_s
+            free = self._policy.max_concurrent - len(self._sends)
+            self._waiting_for_slot = free <= 0
+            if free > 0:
+                try:
+                    due = await self._store.claim_due(self._clock(), free)
+                except Exception:
+                    log.exception("claiming due sends failed; retrying shortly")
+                else:
+                    for record in due.records:
+                        task = asyncio.create_task(self._send_guarded(record), name=f"send-{record.id}")
+                        self._sends.add(task)
+                        task.add_done_callback(self._send_done)
+                    if len(due.records) == free:
+                        continue  # there may be more due right away
+                    if due.next_due is not None:
+                        timeout = min(timeout, max((due.next_due - self._clock()).total_seconds(), 0.0))
+            self._next_look = self._clock() + timedelta(seconds=timeout)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
 
-    async def _claim(self) -> int:
-        free = self._policy.max_concurrent - len(self._sends)
-        if free <= 0:
-            return 0
-        due = await self._store.claim_due(self._clock(), free)
-        for record in due:
-            task = asyncio.create_task(self._send_guarded(record), name=f"send-{record.id}")
-            self._sends.add(task)
-            task.add_done_callback(self._sends.discard)
-        return len(due)
-
-    async def _sleep(self) -> None:
-        timeout = self._policy.poll_interval_s
-        if len(self._sends) < self._policy.max_concurrent:
-            next_due = await self._store.next_due()
-            if next_due is not None:
-                timeout = min(timeout, max((next_due - self._clock()).total_seconds(), 0.0))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+    def _send_done(self, task: asyncio.Task[None]) -> None:
+        self._sends.discard(task)
+        if self._waiting_for_slot:
+            # The loop stopped claiming because every slot was taken: one is free now.
+            self._waiting_for_slot = False
+            self._wake.set()
 
     # -- one send -------------------------------------------------------------
 
@@ -212,9 +218,6 @@ class Dispatcher:
             log.exception("send %s failed unexpectedly", record.id)
             attempt = Attempt("failed", "internal", f"internal error: {error}")
             await self._finish(record, SendStatus.FAILED, attempt.detail, expect=SendStatus.SENDING)
-        finally:
-            # a slot freed: the loop may claim more
-            self._wake.set()
         if self._observer is not None:
             self._observer.attempted(record, attempt, self._relay.name, time.perf_counter() - started)
 
@@ -238,6 +241,7 @@ class Dispatcher:
                     reason=reason,
                     due_at=hold_until,
                 )
+                self.wake(hold_until)
                 return Attempt("held", reason_class)
             await self._finish(record, status, reason)
             return Attempt(status.value, reason_class)
@@ -291,19 +295,22 @@ class Dispatcher:
             await self._finish(record, SendStatus.SKIPPED, f"cannot address the email: {error}")
             return Attempt("skipped", "bad_address", render_s=render_s)
 
-        # The last look, right before the message leaves: an exit event stored
-        # while the email rendered still cancels it.
-        if await self._exited(record):
-            return Attempt("cancelled", "exit", render_s=render_s)
-        handed_over = await self._store.update_send(
+        # The last look, right before the message leaves, in the same
+        # transaction that hands it over: an exit event stored while the email
+        # rendered still cancels it.
+        handover = await self._store.hand_over(
             record.id,
-            SendStatus.RELAYING,
-            expect=SendStatus.SENDING,
             relay=self._relay.name,
             template_version=rendered.version,
+            exits_since=(
+                (record.profile_key, record.flow_id, record.entry_key, record.entry_time)
+                if record.flow_id
+                else None
+            ),
         )
-        if not handed_over:
-            return Attempt("cancelled", "exit", render_s=render_s)  # cancelled between the check and now
+        if not handover.handed_over:
+            # cancelled by that exit, or by one stored since the claim
+            return Attempt("cancelled", "exit", render_s=render_s)
         relay_started = time.perf_counter()
         try:
             accepted = await self._relay.send(outgoing)
@@ -395,17 +402,6 @@ class Dispatcher:
                 return SendStatus.SKIPPED, "quiet hours", None, "quiet_hours"
         return None
 
-    async def _exited(self, record: SendRecord) -> bool:
-        if not record.flow_id:
-            return False
-        exit_event = await self._store.exit_since(
-            record.profile_key, record.flow_id, record.entry_key, record.entry_time
-        )
-        if exit_event is None:
-            return False
-        await self._finish(record, SendStatus.CANCELLED, f"exit: {exit_event}")
-        return True
-
     async def _retry_later(self, record: SendRecord, failure: TransientFailure) -> bool:
         """Schedule the send again later; True when it has had its last round."""
         detail = f"{failure.reason} (after {failure.attempts} tries)"
@@ -427,6 +423,7 @@ class Dispatcher:
             due_at=due,
             attempt=(record.attempts, "failed", detail),
         )
+        self.wake(due)
         return False
 
     async def _finish(

@@ -363,18 +363,20 @@ class SqliteStore:
 
     # -- the delivery ledger ---------------------------------------------------
 
-    async def claim_due(self, now: datetime, limit: int) -> list[SendRecord]:
-        """Mark up to ``limit`` due sends as being sent (durably) and return them."""
+    async def claim_due(self, now: datetime, limit: int) -> DueSends:
+        """Mark up to ``limit`` due sends as being sent (durably) and return
+        them, with the earliest due time of those still scheduled: one trip
+        through the writer tells the dispatcher both what to send and when to look again."""
         at = _micros(now)
 
-        def claim(conn: sqlite3.Connection) -> list[SendRecord]:
+        def claim(conn: sqlite3.Connection) -> DueSends:
             rows = conn.execute(
                 f"UPDATE sends SET status = 'sending', attempts = attempts + 1, updated_at = ?"  # noqa: S608
                 f" WHERE id IN (SELECT id FROM sends WHERE status = 'scheduled' AND due_at <= ?"
                 f" ORDER BY due_at LIMIT ?) RETURNING {_SEND_COLUMNS}",
                 (at, at, limit),
             ).fetchall()
-            return [_send(row) for row in rows]
+            return DueSends([_send(row) for row in rows], _select_next_due(conn, None))
 
         return await self._submit(claim)
 
@@ -421,6 +423,41 @@ class SqliteStore:
             return bool(changed)
 
         return await self._submit(update)
+
+    async def hand_over(
+        self,
+        send_id: int,
+        *,
+        relay: str,
+        template_version: str,
+        exits_since: tuple[str, str, str, datetime] | None,
+    ) -> HandOver:
+        """The last step before the ESP gets the message, in one transaction:
+        look for an exit event since the entry (``exits_since``: profile key,
+        flow id, entry key, entry time) and cancel the send for it, or else
+        move the send from "sending" to "relaying". The writer stores exit
+        events too, so no exit committed before this can be missed, and one
+        committed after it comes too late to matter."""
+        now = _micros(datetime.now(UTC))
+        exit_args = None if exits_since is None else (*exits_since[:3], _micros(exits_since[3]))
+
+        def hand(conn: sqlite3.Connection) -> HandOver:
+            exit_event = None if exit_args is None else _select_exit(conn, exit_args)
+            if exit_event is not None:
+                conn.execute(
+                    "UPDATE sends SET status = 'cancelled', reason = ?, updated_at = ?"
+                    " WHERE id = ? AND status = 'sending'",
+                    (f"exit: {exit_event}", now, send_id),
+                )
+                return HandOver(handed_over=False, exit_event=exit_event)
+            changed = conn.execute(
+                "UPDATE sends SET status = 'relaying', reason = '', relay = ?, template_version = ?,"
+                " updated_at = ? WHERE id = ? AND status = 'sending'",
+                (relay, template_version, now, send_id),
+            ).rowcount
+            return HandOver(handed_over=bool(changed), exit_event=None)
+
+        return await self._submit(hand)
 
     async def recover_interrupted(self, *, relay_idempotent: bool) -> tuple[int, int]:
         """After a crash: sends claimed but never handed to the ESP go back to
@@ -508,12 +545,6 @@ class SqliteStore:
 
         return await asyncio.to_thread(self._with_reader, read, None)
 
-    async def exit_since(self, profile_key: str, flow_id: str, entry_key: str, since: datetime) -> str | None:
-        """The name of an exit event for this entry at or after ``since``, if any."""
-        return await asyncio.to_thread(
-            self._with_reader, _select_exit, (profile_key, flow_id, entry_key, _micros(since))
-        )
-
     async def is_suppressed(self, subjects: Sequence[str], group: str) -> bool:
         return await asyncio.to_thread(self._with_reader, _select_suppressed, (list(subjects), group))
 
@@ -538,9 +569,6 @@ class SqliteStore:
 
     async def flow_counts(self) -> dict[str, dict[str, int]]:
         return await asyncio.to_thread(self._with_reader, _select_flow_counts, None)
-
-    async def next_due(self) -> datetime | None:
-        return await asyncio.to_thread(self._with_reader, _select_next_due, None)
 
     async def close(self) -> None:
         """Commit everything queued so far, then close."""
@@ -943,6 +971,22 @@ def _select_profiles(conn: sqlite3.Connection, keys: list[str]) -> dict[str, Pro
 def _select_meta(conn: sqlite3.Connection, key: str) -> int:
     row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     return int(row[0]) if row else 0
+
+
+@dataclass(frozen=True, slots=True)
+class DueSends:
+    #: Claimed: now "sending", attempts counted.
+    records: list[SendRecord]
+    #: The earliest due time of the sends still scheduled (None: there are none).
+    next_due: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class HandOver:
+    #: The send is "relaying" now: the message may go to the ESP.
+    handed_over: bool
+    #: The exit event that cancelled the send instead, if one did.
+    exit_event: str | None
 
 
 @dataclass(frozen=True, slots=True)
