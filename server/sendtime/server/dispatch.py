@@ -36,7 +36,7 @@ from sendtime.server.domain.errors import SendtimeError
 from sendtime.server.domain.events import Identity
 from sendtime.server.domain.flows import Flow
 from sendtime.server.domain.ingest import utc_now
-from sendtime.server.domain.profile import ProfileView, view
+from sendtime.server.domain.profile import Profile
 from sendtime.server.domain.profiles import ProfileBook
 from sendtime.server.domain.sends import FrequencyCap, QuietHours, SendRecord, SendStatus
 from sendtime.server.domain.unsubscribe import UnsubscribeTokens
@@ -224,13 +224,14 @@ class Dispatcher:
     async def _send(self, record: SendRecord) -> Attempt:
         flow = self._flows.get(record.flow_id)
         profile = await self._profiles.get(record.profile_key)
-        shown = view(profile) if profile is not None else None
-        email = _text(shown, "email")
+        # only a few traits and the consent are needed here: not the whole
+        # view (carts, orders), which the content pipeline builds for itself
+        email = _text(profile, "email")
         if not email:
             await self._finish(record, SendStatus.SKIPPED, "the profile has no email address")
             return Attempt("skipped", "no_email")
         now = self._clock()
-        refusal = await self._refusal(record, shown, email, now)
+        refusal = await self._refusal(record, profile, email, now)
         if refusal is not None:
             status, reason, hold_until, reason_class = refusal
             if hold_until is not None:
@@ -280,7 +281,7 @@ class Dispatcher:
                 sender=(flow.sender if flow is not None and flow.sender else self._policy.default_sender),
                 recipient_email=email,
                 recipient_name=" ".join(
-                    filter(None, (_text(shown, "first_name"), _text(shown, "last_name")))
+                    filter(None, (_text(profile, "first_name"), _text(profile, "last_name")))
                 ),
                 reply_to=flow.reply_to if flow is not None else "",
                 subject=rendered.subject,
@@ -358,7 +359,7 @@ class Dispatcher:
         )
 
     async def _refusal(
-        self, record: SendRecord, shown: ProfileView | None, email: str, now: datetime
+        self, record: SendRecord, profile: Profile | None, email: str, now: datetime
     ) -> tuple[SendStatus, str, datetime | None, str] | None:
         """Why not to send now: (status, reason, hold until, reason class) or
         None. One read of the store answers suppression, the cap and exits at once."""
@@ -377,7 +378,8 @@ class Dispatcher:
             return SendStatus.CANCELLED, f"exit: {checks.exit_event}", None, "exit"
         if not group:
             return None  # transactional: no consent, suppression, caps or quiet hours
-        if shown is not None and shown.consent.get(group) == "opted_out":
+        consent = profile.consent.get(group) if profile is not None else None
+        if consent is not None and str(consent.value) == "opted_out":
             return SendStatus.SKIPPED, f"opted out of {group}", None, "opted_out"
         if checks.suppressed:
             return SendStatus.SKIPPED, f"suppressed for {group}", None, "suppressed"
@@ -390,7 +392,7 @@ class Dispatcher:
             )
         quiet = self._policy.quiet_hours
         if quiet is not None:
-            until = quiet.next_allowed(now, _text(shown, "timezone"))
+            until = quiet.next_allowed(now, _text(profile, "timezone"))
             if until is not None:
                 if quiet.hold:
                     return (
@@ -446,8 +448,9 @@ def _describe(span: Span, attempt: Attempt) -> None:
         span.set_attribute("sendtime.relay.tries", attempt.relay_tries)
 
 
-def _text(shown: ProfileView | None, trait: str) -> str:
-    if shown is None:
+def _text(profile: Profile | None, trait: str) -> str:
+    if profile is None:
         return ""
-    value = shown.traits.get(trait)
+    stamped = profile.traits.get(trait)
+    value = stamped.value if stamped is not None else None
     return value if isinstance(value, str) else ""
