@@ -2,14 +2,16 @@
 
 For each due send, claimed durably (status "sending"):
 
-1. checks the rules as of now: an email address, consent for the send's
-   group, the suppression list, the frequency cap, quiet hours (hold or skip),
-   and exit events since the entry;
+1. checks what the profile says: an email address, consent for the send's
+   group, quiet hours (hold or skip);
 2. renders the template with live content (the same pipeline as GetContent);
-3. checks exits once more and writes "relaying", durably, in one transaction
-   (so an order that landed while the email rendered still cancels it), hands
-   the message to the relay (retries with backoff there), and writes the
-   outcome: sent with the ESP's message id, failed with its reason, or
+3. in one transaction, right before relay, checks what the store says (exit
+   events since the entry, the suppression list, the frequency cap) and
+   writes "relaying", durably: an order, an unsubscribe or another send that
+   landed while the email rendered still stops it, and the store is visited
+   once, not twice, on the way to the ESP;
+4. hands the message to the relay (retries with backoff there), and writes
+   the outcome: sent with the ESP's message id, failed with its reason, or
    scheduled again later for a transient failure.
 
 The scheduler loop wakes when a commit schedules something sooner than it
@@ -42,7 +44,7 @@ from sendtime.server.domain.sends import FrequencyCap, QuietHours, SendRecord, S
 from sendtime.server.domain.unsubscribe import UnsubscribeTokens
 from sendtime.server.relay import message as mime
 from sendtime.server.relay.base import PermanentFailure, RetryingRelay, TransientFailure
-from sendtime.server.store.sqlite import SqliteStore
+from sendtime.server.store.sqlite import HandOver, LastChecks, SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +233,7 @@ class Dispatcher:
             await self._finish(record, SendStatus.SKIPPED, "the profile has no email address")
             return Attempt("skipped", "no_email")
         now = self._clock()
-        refusal = await self._refusal(record, profile, email, now)
+        refusal = self._refusal(record, profile, now)
         if refusal is not None:
             status, reason, hold_until, reason_class = refusal
             if hold_until is not None:
@@ -296,22 +298,17 @@ class Dispatcher:
             await self._finish(record, SendStatus.SKIPPED, f"cannot address the email: {error}")
             return Attempt("skipped", "bad_address", render_s=render_s)
 
-        # The last look, right before the message leaves, in the same
-        # transaction that hands it over: an exit event stored while the email
-        # rendered still cancels it.
+        # The last look, right before the message leaves, in the transaction
+        # that hands it over: an exit event, a suppression or another send
+        # stored while the email rendered still stops it.
         handover = await self._store.hand_over(
             record.id,
             relay=self._relay.name,
             template_version=rendered.version,
-            exits_since=(
-                (record.profile_key, record.flow_id, record.entry_key, record.entry_time)
-                if record.flow_id
-                else None
-            ),
+            checks=self._last_checks(record, email, now),
         )
         if not handover.handed_over:
-            # cancelled by that exit, or by one stored since the claim
-            return Attempt("cancelled", "exit", render_s=render_s)
+            return await self._refused_at_handover(record, handover, render_s)
         relay_started = time.perf_counter()
         try:
             accepted = await self._relay.send(outgoing)
@@ -358,38 +355,18 @@ class Dispatcher:
             latency_s=(accepted_at - record.received_at).total_seconds(),
         )
 
-    async def _refusal(
-        self, record: SendRecord, profile: Profile | None, email: str, now: datetime
+    def _refusal(
+        self, record: SendRecord, profile: Profile | None, now: datetime
     ) -> tuple[SendStatus, str, datetime | None, str] | None:
-        """Why not to send now: (status, reason, hold until, reason class) or
-        None. One read of the store answers suppression, the cap and exits at once."""
+        """Why not to send now, as far as the profile tells: (status, reason,
+        hold until, reason class) or None. What the store knows (exits, the
+        suppression list, the cap) is checked when the send is handed over."""
         group = record.subscription_group
-        cap = self._policy.frequency_cap if group else None
-        checks = await self._store.preflight(
-            profile_key=record.profile_key,
-            subjects=[record.profile_key, f"email:{email.lower()}"],
-            group=group,
-            cap_since=now - cap.period if cap is not None and cap.count > 0 else None,
-            flow_id=record.flow_id,
-            entry_key=record.entry_key,
-            entry_time=record.entry_time,
-        )
-        if checks.exit_event is not None:
-            return SendStatus.CANCELLED, f"exit: {checks.exit_event}", None, "exit"
         if not group:
             return None  # transactional: no consent, suppression, caps or quiet hours
         consent = profile.consent.get(group) if profile is not None else None
         if consent is not None and str(consent.value) == "opted_out":
             return SendStatus.SKIPPED, f"opted out of {group}", None, "opted_out"
-        if checks.suppressed:
-            return SendStatus.SKIPPED, f"suppressed for {group}", None, "suppressed"
-        if cap is not None and cap.count > 0 and checks.sent >= cap.count:
-            return (
-                SendStatus.SKIPPED,
-                f"frequency cap: {checks.sent} sends in the last {cap.period}",
-                None,
-                "frequency_cap",
-            )
         quiet = self._policy.quiet_hours
         if quiet is not None:
             until = quiet.next_allowed(now, _text(profile, "timezone"))
@@ -403,6 +380,37 @@ class Dispatcher:
                     )
                 return SendStatus.SKIPPED, "quiet hours", None, "quiet_hours"
         return None
+
+    def _last_checks(self, record: SendRecord, email: str, now: datetime) -> LastChecks:
+        group = record.subscription_group
+        cap = self._policy.frequency_cap if group else None
+        capped = cap is not None and cap.count > 0
+        return LastChecks(
+            profile_key=record.profile_key,
+            flow_id=record.flow_id,
+            entry_key=record.entry_key,
+            entry_time=record.entry_time,
+            group=group,
+            subjects=(record.profile_key, f"email:{email.lower()}") if group else (),
+            cap_since=now - cap.period if cap is not None and capped else None,
+            cap_count=cap.count if cap is not None and capped else 0,
+        )
+
+    async def _refused_at_handover(self, record: SendRecord, handover: HandOver, render_s: float) -> Attempt:
+        if handover.exit_event is not None:
+            await self._finish(record, SendStatus.CANCELLED, f"exit: {handover.exit_event}")
+            return Attempt("cancelled", "exit", render_s=render_s)
+        if handover.suppressed:
+            await self._finish(record, SendStatus.SKIPPED, f"suppressed for {record.subscription_group}")
+            return Attempt("skipped", "suppressed", render_s=render_s)
+        cap = self._policy.frequency_cap
+        if handover.capped and cap is not None:
+            await self._finish(
+                record, SendStatus.SKIPPED, f"frequency cap: {handover.sent} sends in the last {cap.period}"
+            )
+            return Attempt("skipped", "frequency_cap", render_s=render_s)
+        # no longer "sending": an exit event stored since the claim cancelled it
+        return Attempt("cancelled", "exit", render_s=render_s)
 
     async def _retry_later(self, record: SendRecord, failure: TransientFailure) -> bool:
         """Schedule the send again later; True when it has had its last round."""

@@ -425,37 +425,32 @@ class SqliteStore:
         return await self._submit(update)
 
     async def hand_over(
-        self,
-        send_id: int,
-        *,
-        relay: str,
-        template_version: str,
-        exits_since: tuple[str, str, str, datetime] | None,
+        self, send_id: int, *, relay: str, template_version: str, checks: LastChecks
     ) -> HandOver:
         """The last step before the ESP gets the message, in one transaction:
-        look for an exit event since the entry (``exits_since``: profile key,
-        flow id, entry key, entry time) and cancel the send for it, or else
-        move the send from "sending" to "relaying". The writer stores exit
-        events too, so no exit committed before this can be missed, and one
-        committed after it comes too late to matter."""
+        run ``checks`` and, when none stops the send, move it from "sending"
+        to "relaying". The writer stores exit events and suppressions too, so
+        none committed before this is missed, and one committed after it
+        comes too late to matter."""
         now = _micros(datetime.now(UTC))
-        exit_args = None if exits_since is None else (*exits_since[:3], _micros(exits_since[3]))
+        exit_args = (checks.profile_key, checks.flow_id, checks.entry_key, _micros(checks.entry_time))
+        cap_since = None if checks.cap_since is None else _micros(checks.cap_since)
 
         def hand(conn: sqlite3.Connection) -> HandOver:
-            exit_event = None if exit_args is None else _select_exit(conn, exit_args)
-            if exit_event is not None:
-                conn.execute(
-                    "UPDATE sends SET status = 'cancelled', reason = ?, updated_at = ?"
-                    " WHERE id = ? AND status = 'sending'",
-                    (f"exit: {exit_event}", now, send_id),
-                )
-                return HandOver(handed_over=False, exit_event=exit_event)
+            exit_event = _select_exit(conn, exit_args) if checks.flow_id else None
+            suppressed = bool(checks.group and checks.subjects) and _select_suppressed(
+                conn, (list(checks.subjects), checks.group)
+            )
+            sent = _select_sent_since(conn, (checks.profile_key, cap_since)) if cap_since is not None else 0
+            capped = cap_since is not None and sent >= checks.cap_count
+            if exit_event is not None or suppressed or capped:
+                return HandOver(False, exit_event=exit_event, suppressed=suppressed, capped=capped, sent=sent)
             changed = conn.execute(
                 "UPDATE sends SET status = 'relaying', reason = '', relay = ?, template_version = ?,"
                 " updated_at = ? WHERE id = ? AND status = 'sending'",
                 (relay, template_version, now, send_id),
             ).rowcount
-            return HandOver(handed_over=bool(changed), exit_event=None)
+            return HandOver(bool(changed), sent=sent)
 
         return await self._submit(hand)
 
@@ -517,33 +512,6 @@ class SqliteStore:
             )
 
         return await self._submit(add)
-
-    async def preflight(
-        self,
-        *,
-        profile_key: str,
-        subjects: Sequence[str],
-        group: str,
-        cap_since: datetime | None,
-        flow_id: str,
-        entry_key: str,
-        entry_time: datetime,
-    ) -> Preflight:
-        """Everything a send checks before rendering, in one read: whether any
-        of ``subjects`` is suppressed for ``group`` (when one is given), the
-        marketing sends since ``cap_since``, and an exit event since the entry."""
-
-        def read(conn: sqlite3.Connection, _arg: object) -> Preflight:
-            suppressed = bool(group) and _select_suppressed(conn, (list(subjects), group))
-            sent = _select_sent_since(conn, (profile_key, _micros(cap_since))) if cap_since else 0
-            exit_event = (
-                _select_exit(conn, (profile_key, flow_id, entry_key, _micros(entry_time)))
-                if flow_id
-                else None
-            )
-            return Preflight(suppressed=suppressed, sent=sent, exit_event=exit_event)
-
-        return await asyncio.to_thread(self._with_reader, read, None)
 
     async def is_suppressed(self, subjects: Sequence[str], group: str) -> bool:
         return await asyncio.to_thread(self._with_reader, _select_suppressed, (list(subjects), group))
@@ -982,18 +950,33 @@ class DueSends:
 
 
 @dataclass(frozen=True, slots=True)
-class HandOver:
-    #: The send is "relaying" now: the message may go to the ESP.
-    handed_over: bool
-    #: The exit event that cancelled the send instead, if one did.
-    exit_event: str | None
+class LastChecks:
+    """What must still hold when a send is handed to the ESP."""
+
+    profile_key: str
+    #: No exit event of this flow entry since its entry time (flow_id "": none to look for).
+    flow_id: str
+    entry_key: str
+    entry_time: datetime
+    #: None of ``subjects`` suppressed for ``group`` (no subjects: not checked).
+    group: str
+    subjects: Sequence[str]
+    #: Fewer than ``cap_count`` marketing sends since ``cap_since`` (None: no cap).
+    cap_since: datetime | None
+    cap_count: int
 
 
 @dataclass(frozen=True, slots=True)
-class Preflight:
-    suppressed: bool
-    sent: int
-    exit_event: str | None
+class HandOver:
+    #: The send is "relaying" now: the message may go to the ESP. When False
+    #: and no check failed, the send was not "sending" any more (an exit
+    #: event stored since the claim cancelled it).
+    handed_over: bool
+    exit_event: str | None = None
+    suppressed: bool = False
+    capped: bool = False
+    #: Marketing sends since ``cap_since`` (0 without a cap).
+    sent: int = 0
 
 
 _SEND_COLUMNS: Final = (
