@@ -431,26 +431,37 @@ class SqliteStore:
         run ``checks`` and, when none stops the send, move it from "sending"
         to "relaying". The writer stores exit events and suppressions too, so
         none committed before this is missed, and one committed after it
-        comes too late to matter."""
+        comes too late to matter. The checks are conditions of the UPDATE
+        itself (one statement: the writer thread takes the GIL back once);
+        only a send they stop is looked at again, to say why."""
         now = _micros(datetime.now(UTC))
         exit_args = (checks.profile_key, checks.flow_id, checks.entry_key, _micros(checks.entry_time))
+        subjects = list(checks.subjects) if checks.group else []
         cap_since = None if checks.cap_since is None else _micros(checks.cap_since)
+        conditions = ["id = ?", "status = 'sending'"]
+        values: list[Any] = [relay, template_version, now, send_id]
+        if checks.flow_id:
+            conditions.append(f"NOT EXISTS ({_EXIT_SQL})")
+            values += (checks.profile_key, checks.flow_id, exit_args[3], checks.entry_key)
+        if subjects:
+            conditions.append(f"NOT EXISTS ({_suppressed_sql(len(subjects))})")
+            values += (*subjects, checks.group)
+        if cap_since is not None:
+            conditions.append(f"({_SENT_SINCE_SQL}) < ?")
+            values += (checks.profile_key, cap_since, checks.cap_count)
+        sql = (
+            "UPDATE sends SET status = 'relaying', reason = '', relay = ?, template_version = ?,"  # noqa: S608
+            f" updated_at = ? WHERE {' AND '.join(conditions)}"
+        )
 
         def hand(conn: sqlite3.Connection) -> HandOver:
+            if conn.execute(sql, values).rowcount:
+                return HandOver(True)
             exit_event = _select_exit(conn, exit_args) if checks.flow_id else None
-            suppressed = bool(checks.group and checks.subjects) and _select_suppressed(
-                conn, (list(checks.subjects), checks.group)
-            )
+            suppressed = bool(subjects) and _select_suppressed(conn, (subjects, checks.group))
             sent = _select_sent_since(conn, (checks.profile_key, cap_since)) if cap_since is not None else 0
             capped = cap_since is not None and sent >= checks.cap_count
-            if exit_event is not None or suppressed or capped:
-                return HandOver(False, exit_event=exit_event, suppressed=suppressed, capped=capped, sent=sent)
-            changed = conn.execute(
-                "UPDATE sends SET status = 'relaying', reason = '', relay = ?, template_version = ?,"
-                " updated_at = ? WHERE id = ? AND status = 'sending'",
-                (relay, template_version, now, send_id),
-            ).rowcount
-            return HandOver(bool(changed), sent=sent)
+            return HandOver(False, exit_event=exit_event, suppressed=suppressed, capped=capped, sent=sent)
 
         return await self._submit(hand)
 
@@ -975,7 +986,7 @@ class HandOver:
     exit_event: str | None = None
     suppressed: bool = False
     capped: bool = False
-    #: Marketing sends since ``cap_since`` (0 without a cap).
+    #: Marketing sends since ``cap_since`` (counted for a send the cap stopped).
     sent: int = 0
 
 
@@ -1037,33 +1048,35 @@ def _send(row: tuple[Any, ...]) -> SendRecord:
     )
 
 
+_EXIT_SQL: Final = (
+    "SELECT event_name FROM flow_exits WHERE profile_key = ? AND flow_id = ? AND event_time >= ?"
+    " AND entry_key IN (?, '*') LIMIT 1"
+)
+_SENT_SINCE_SQL: Final = (
+    "SELECT count(*) FROM sends WHERE profile_key = ? AND status = 'sent' AND subscription_group != ''"
+    " AND accepted_at >= ?"
+)
+
+
+@cache
+def _suppressed_sql(subjects: int) -> str:
+    marks = ",".join("?" * subjects)
+    return f"SELECT 1 FROM suppressions WHERE subject IN ({marks}) AND grp IN (?, '*') LIMIT 1"  # noqa: S608
+
+
 def _select_exit(conn: sqlite3.Connection, args: tuple[str, str, str, int]) -> str | None:
     profile_key, flow_id, entry_key, since = args
-    row = conn.execute(
-        "SELECT event_name FROM flow_exits WHERE profile_key = ? AND flow_id = ? AND event_time >= ?"
-        " AND entry_key IN (?, '*') LIMIT 1",
-        (profile_key, flow_id, since, entry_key),
-    ).fetchone()
+    row = conn.execute(_EXIT_SQL, (profile_key, flow_id, since, entry_key)).fetchone()
     return row[0] if row else None
 
 
 def _select_suppressed(conn: sqlite3.Connection, args: tuple[list[str], str]) -> bool:
     subjects, group = args
-    marks = ",".join("?" * len(subjects))
-    row = conn.execute(
-        f"SELECT 1 FROM suppressions WHERE subject IN ({marks}) AND grp IN (?, '*') LIMIT 1",  # noqa: S608
-        (*subjects, group),
-    ).fetchone()
-    return row is not None
+    return conn.execute(_suppressed_sql(len(subjects)), (*subjects, group)).fetchone() is not None
 
 
 def _select_sent_since(conn: sqlite3.Connection, args: tuple[str, int]) -> int:
-    row = conn.execute(
-        "SELECT count(*) FROM sends WHERE profile_key = ? AND status = 'sent' AND subscription_group != ''"
-        " AND accepted_at >= ?",
-        args,
-    ).fetchone()
-    return int(row[0])
+    return int(conn.execute(_SENT_SINCE_SQL, args).fetchone()[0])
 
 
 def _select_send(conn: sqlite3.Connection, args: tuple[int | None, str | None]) -> SendRecord | None:
