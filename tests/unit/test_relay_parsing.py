@@ -15,7 +15,7 @@ from sendtime.server.relay._http import Reply, failure
 from sendtime.server.relay.base import PermanentFailure, TransientFailure
 from sendtime.server.relay.outbox import file_name
 from sendtime.server.relay.resend import idempotency_key
-from sendtime.server.relay.smtp import failure_for, queue_id
+from sendtime.server.relay.smtp import data_payload, failure_for, queue_id
 
 
 @pytest.mark.parametrize(
@@ -35,6 +35,22 @@ from sendtime.server.relay.smtp import failure_for, queue_id
 )
 def test_queue_id(reply: str, expected: str | None) -> None:
     assert queue_id(reply) == expected
+
+
+@pytest.mark.parametrize(
+    ("message", "payload"),
+    [
+        (b"a\r\nb\r\n", b"a\r\nb\r\n.\r\n"),
+        (b"a\r\n.b\r\n..c\r\n.", b"a\r\n..b\r\n...c\r\n..\r\n.\r\n"),  # leading dots doubled
+        (b".first", b"..first\r\n.\r\n"),
+        (b"bare\nlf\rcr\r\n.x", b"bare\r\nlf\r\ncr\r\n..x\r\n.\r\n"),  # line endings made CRLF
+        (b"", b"\r\n.\r\n"),
+    ],
+)
+def test_smtp_data_payload_is_what_aiosmtplib_would_send(message: bytes, payload: bytes) -> None:
+    assert data_payload(message) == payload
+    normalized = aiosmtplib.protocol.normalize_message_line_endings(message)
+    assert payload == aiosmtplib.protocol.PERIOD_REGEX.sub(b"..", normalized) + b".\r\n"
 
 
 def test_smtp_codes_pick_the_failure() -> None:

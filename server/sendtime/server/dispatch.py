@@ -2,18 +2,22 @@
 
 For each due send, claimed durably (status "sending"):
 
-1. checks the rules as of now: an email address, consent for the send's
-   group, the suppression list, the frequency cap, quiet hours (hold or skip),
-   and exit events since the entry;
+1. checks what the profile says: an email address, consent for the send's
+   group, quiet hours (hold or skip);
 2. renders the template with live content (the same pipeline as GetContent);
-3. checks exits once more, right before relay, so an order that landed while
-   the email rendered still cancels it;
-4. writes "relaying" durably, hands the message to the relay (retries with
-   backoff there), and writes the outcome: sent with the ESP's message id,
-   failed with its reason, or scheduled again later for a transient failure.
+3. in one transaction, right before relay, checks what the store says (exit
+   events since the entry, the suppression list, the frequency cap) and
+   writes "relaying", durably: an order, an unsubscribe or another send that
+   landed while the email rendered still stops it, and the store is visited
+   once, not twice, on the way to the ESP;
+4. hands the message to the relay (retries with backoff there), and writes
+   the outcome: sent with the ESP's message id, failed with its reason, or
+   scheduled again later for a transient failure.
 
 The scheduler loop wakes when a commit schedules something sooner than it
-planned to look, so a flow with no delay sends within milliseconds.
+planned to look, so a flow with no delay sends within milliseconds; one trip
+through the store's writer claims what is due and says when the next one is.
+A finished send wakes the loop only when it was waiting for a free slot.
 """
 
 from __future__ import annotations
@@ -34,13 +38,13 @@ from sendtime.server.domain.errors import SendtimeError
 from sendtime.server.domain.events import Identity
 from sendtime.server.domain.flows import Flow
 from sendtime.server.domain.ingest import utc_now
-from sendtime.server.domain.profile import ProfileView, view
+from sendtime.server.domain.profile import Profile
 from sendtime.server.domain.profiles import ProfileBook
 from sendtime.server.domain.sends import FrequencyCap, QuietHours, SendRecord, SendStatus
 from sendtime.server.domain.unsubscribe import UnsubscribeTokens
 from sendtime.server.relay import message as mime
 from sendtime.server.relay.base import PermanentFailure, RetryingRelay, TransientFailure
-from sendtime.server.store.sqlite import SqliteStore
+from sendtime.server.store.sqlite import HandOver, LastChecks, SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +118,13 @@ class Dispatcher:
         self._policy = policy
         self._clock = clock
         self._wake = asyncio.Event()
+        #: When the sleeping loop will look for due sends anyway (None: it is looking now).
+        self._next_look: datetime | None = None
+        #: The loop waits for a send to finish before it claims more.
+        self._waiting_for_slot = False
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
         self._sends: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(policy.max_concurrent)
 
     @property
     def in_flight(self) -> int:
@@ -134,9 +141,10 @@ class Dispatcher:
             )
         self._loop_task = asyncio.create_task(self._run(), name="sendtime-dispatcher")
 
-    def wake(self, _due_at: datetime | None = None) -> None:
-        """Something may be due sooner than the loop planned to look."""
-        self._wake.set()
+    def wake(self, due_at: datetime | None = None) -> None:
+        """Something may be due (at ``due_at``) sooner than the loop planned to look."""
+        if due_at is None or self._next_look is None or due_at < self._next_look:
+            self._wake.set()
 
     async def close(self, grace_s: float) -> None:
         """Stop claiming; let sends in flight finish within the grace period.
@@ -158,34 +166,34 @@ class Dispatcher:
     async def _run(self) -> None:
         while not self._stopping:
             self._wake.clear()
-            try:
-                claimed = await self._claim()
-            except Exception:
-                log.exception("claiming due sends failed; retrying shortly")
-                claimed = 0
-            if claimed:
-                continue  # there may be more due right away
-            await self._sleep()
+            self._next_look = None  # looking now: any wake-up counts
+            timeout = self._policy.poll_interval_s
+            free = self._policy.max_concurrent - len(self._sends)
+            self._waiting_for_slot = free <= 0
+            if free > 0:
+                try:
+                    due = await self._store.claim_due(self._clock(), free)
+                except Exception:
+                    log.exception("claiming due sends failed; retrying shortly")
+                else:
+                    for record in due.records:
+                        task = asyncio.create_task(self._send_guarded(record), name=f"send-{record.id}")
+                        self._sends.add(task)
+                        task.add_done_callback(self._send_done)
+                    if len(due.records) == free:
+                        continue  # there may be more due right away
+                    if due.next_due is not None:
+                        timeout = min(timeout, max((due.next_due - self._clock()).total_seconds(), 0.0))
+            self._next_look = self._clock() + timedelta(seconds=timeout)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
 
-    async def _claim(self) -> int:
-        free = self._policy.max_concurrent - len(self._sends)
-        if free <= 0:
-            return 0
-        due = await self._store.claim_due(self._clock(), free)
-        for record in due:
-            task = asyncio.create_task(self._send_guarded(record), name=f"send-{record.id}")
-            self._sends.add(task)
-            task.add_done_callback(self._sends.discard)
-        return len(due)
-
-    async def _sleep(self) -> None:
-        timeout = self._policy.poll_interval_s
-        if len(self._sends) < self._policy.max_concurrent:
-            next_due = await self._store.next_due()
-            if next_due is not None:
-                timeout = min(timeout, max((next_due - self._clock()).total_seconds(), 0.0))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+    def _send_done(self, task: asyncio.Task[None]) -> None:
+        self._sends.discard(task)
+        if self._waiting_for_slot:
+            # The loop stopped claiming because every slot was taken: one is free now.
+            self._waiting_for_slot = False
+            self._wake.set()
 
     # -- one send -------------------------------------------------------------
 
@@ -212,22 +220,20 @@ class Dispatcher:
             log.exception("send %s failed unexpectedly", record.id)
             attempt = Attempt("failed", "internal", f"internal error: {error}")
             await self._finish(record, SendStatus.FAILED, attempt.detail, expect=SendStatus.SENDING)
-        finally:
-            # a slot freed: the loop may claim more
-            self._wake.set()
         if self._observer is not None:
             self._observer.attempted(record, attempt, self._relay.name, time.perf_counter() - started)
 
     async def _send(self, record: SendRecord) -> Attempt:
         flow = self._flows.get(record.flow_id)
         profile = await self._profiles.get(record.profile_key)
-        shown = view(profile) if profile is not None else None
-        email = _text(shown, "email")
+        # only a few traits and the consent are needed here: not the whole
+        # view (carts, orders), which the content pipeline builds for itself
+        email = _text(profile, "email")
         if not email:
             await self._finish(record, SendStatus.SKIPPED, "the profile has no email address")
             return Attempt("skipped", "no_email")
         now = self._clock()
-        refusal = await self._refusal(record, shown, email, now)
+        refusal = self._refusal(record, profile, now)
         if refusal is not None:
             status, reason, hold_until, reason_class = refusal
             if hold_until is not None:
@@ -238,6 +244,7 @@ class Dispatcher:
                     reason=reason,
                     due_at=hold_until,
                 )
+                self.wake(hold_until)
                 return Attempt("held", reason_class)
             await self._finish(record, status, reason)
             return Attempt(status.value, reason_class)
@@ -276,7 +283,7 @@ class Dispatcher:
                 sender=(flow.sender if flow is not None and flow.sender else self._policy.default_sender),
                 recipient_email=email,
                 recipient_name=" ".join(
-                    filter(None, (_text(shown, "first_name"), _text(shown, "last_name")))
+                    filter(None, (_text(profile, "first_name"), _text(profile, "last_name")))
                 ),
                 reply_to=flow.reply_to if flow is not None else "",
                 subject=rendered.subject,
@@ -291,19 +298,17 @@ class Dispatcher:
             await self._finish(record, SendStatus.SKIPPED, f"cannot address the email: {error}")
             return Attempt("skipped", "bad_address", render_s=render_s)
 
-        # The last look, right before the message leaves: an exit event stored
-        # while the email rendered still cancels it.
-        if await self._exited(record):
-            return Attempt("cancelled", "exit", render_s=render_s)
-        handed_over = await self._store.update_send(
+        # The last look, right before the message leaves, in the transaction
+        # that hands it over: an exit event, a suppression or another send
+        # stored while the email rendered still stops it.
+        handover = await self._store.hand_over(
             record.id,
-            SendStatus.RELAYING,
-            expect=SendStatus.SENDING,
             relay=self._relay.name,
             template_version=rendered.version,
+            checks=self._last_checks(record, email, now),
         )
-        if not handed_over:
-            return Attempt("cancelled", "exit", render_s=render_s)  # cancelled between the check and now
+        if not handover.handed_over:
+            return await self._refused_at_handover(record, handover, render_s)
         relay_started = time.perf_counter()
         try:
             accepted = await self._relay.send(outgoing)
@@ -350,40 +355,21 @@ class Dispatcher:
             latency_s=(accepted_at - record.received_at).total_seconds(),
         )
 
-    async def _refusal(
-        self, record: SendRecord, shown: ProfileView | None, email: str, now: datetime
+    def _refusal(
+        self, record: SendRecord, profile: Profile | None, now: datetime
     ) -> tuple[SendStatus, str, datetime | None, str] | None:
-        """Why not to send now: (status, reason, hold until, reason class) or
-        None. One read of the store answers suppression, the cap and exits at once."""
+        """Why not to send now, as far as the profile tells: (status, reason,
+        hold until, reason class) or None. What the store knows (exits, the
+        suppression list, the cap) is checked when the send is handed over."""
         group = record.subscription_group
-        cap = self._policy.frequency_cap if group else None
-        checks = await self._store.preflight(
-            profile_key=record.profile_key,
-            subjects=[record.profile_key, f"email:{email.lower()}"],
-            group=group,
-            cap_since=now - cap.period if cap is not None and cap.count > 0 else None,
-            flow_id=record.flow_id,
-            entry_key=record.entry_key,
-            entry_time=record.entry_time,
-        )
-        if checks.exit_event is not None:
-            return SendStatus.CANCELLED, f"exit: {checks.exit_event}", None, "exit"
         if not group:
             return None  # transactional: no consent, suppression, caps or quiet hours
-        if shown is not None and shown.consent.get(group) == "opted_out":
+        consent = profile.consent.get(group) if profile is not None else None
+        if consent is not None and str(consent.value) == "opted_out":
             return SendStatus.SKIPPED, f"opted out of {group}", None, "opted_out"
-        if checks.suppressed:
-            return SendStatus.SKIPPED, f"suppressed for {group}", None, "suppressed"
-        if cap is not None and cap.count > 0 and checks.sent >= cap.count:
-            return (
-                SendStatus.SKIPPED,
-                f"frequency cap: {checks.sent} sends in the last {cap.period}",
-                None,
-                "frequency_cap",
-            )
         quiet = self._policy.quiet_hours
         if quiet is not None:
-            until = quiet.next_allowed(now, _text(shown, "timezone"))
+            until = quiet.next_allowed(now, _text(profile, "timezone"))
             if until is not None:
                 if quiet.hold:
                     return (
@@ -395,16 +381,36 @@ class Dispatcher:
                 return SendStatus.SKIPPED, "quiet hours", None, "quiet_hours"
         return None
 
-    async def _exited(self, record: SendRecord) -> bool:
-        if not record.flow_id:
-            return False
-        exit_event = await self._store.exit_since(
-            record.profile_key, record.flow_id, record.entry_key, record.entry_time
+    def _last_checks(self, record: SendRecord, email: str, now: datetime) -> LastChecks:
+        group = record.subscription_group
+        cap = self._policy.frequency_cap if group else None
+        capped = cap is not None and cap.count > 0
+        return LastChecks(
+            profile_key=record.profile_key,
+            flow_id=record.flow_id,
+            entry_key=record.entry_key,
+            entry_time=record.entry_time,
+            group=group,
+            subjects=(record.profile_key, f"email:{email.lower()}") if group else (),
+            cap_since=now - cap.period if cap is not None and capped else None,
+            cap_count=cap.count if cap is not None and capped else 0,
         )
-        if exit_event is None:
-            return False
-        await self._finish(record, SendStatus.CANCELLED, f"exit: {exit_event}")
-        return True
+
+    async def _refused_at_handover(self, record: SendRecord, handover: HandOver, render_s: float) -> Attempt:
+        if handover.exit_event is not None:
+            await self._finish(record, SendStatus.CANCELLED, f"exit: {handover.exit_event}")
+            return Attempt("cancelled", "exit", render_s=render_s)
+        if handover.suppressed:
+            await self._finish(record, SendStatus.SKIPPED, f"suppressed for {record.subscription_group}")
+            return Attempt("skipped", "suppressed", render_s=render_s)
+        cap = self._policy.frequency_cap
+        if handover.capped and cap is not None:
+            await self._finish(
+                record, SendStatus.SKIPPED, f"frequency cap: {handover.sent} sends in the last {cap.period}"
+            )
+            return Attempt("skipped", "frequency_cap", render_s=render_s)
+        # no longer "sending": an exit event stored since the claim cancelled it
+        return Attempt("cancelled", "exit", render_s=render_s)
 
     async def _retry_later(self, record: SendRecord, failure: TransientFailure) -> bool:
         """Schedule the send again later; True when it has had its last round."""
@@ -427,6 +433,7 @@ class Dispatcher:
             due_at=due,
             attempt=(record.attempts, "failed", detail),
         )
+        self.wake(due)
         return False
 
     async def _finish(
@@ -449,8 +456,9 @@ def _describe(span: Span, attempt: Attempt) -> None:
         span.set_attribute("sendtime.relay.tries", attempt.relay_tries)
 
 
-def _text(shown: ProfileView | None, trait: str) -> str:
-    if shown is None:
+def _text(profile: Profile | None, trait: str) -> str:
+    if profile is None:
         return ""
-    value = shown.traits.get(trait)
+    stamped = profile.traits.get(trait)
+    value = stamped.value if stamped is not None else None
     return value if isinstance(value, str) else ""

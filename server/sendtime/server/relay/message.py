@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.header import Header
 from email.utils import format_datetime, formataddr, parseaddr
+from functools import lru_cache
 from typing import Final
 
 from sendtime.server.relay.base import OutgoingEmail
@@ -54,8 +55,10 @@ def address(display_name: str, email: str) -> Address:
     return Address(clean_header(display_name), addr_spec)
 
 
+@lru_cache(maxsize=256)
 def parse_address(text: str) -> Address:
-    """'Shop <shop@example.com>' or a bare address."""
+    """'Shop <shop@example.com>' or a bare address. Cached: the senders and
+    reply-to addresses are a few configured ones, and parseaddr costs ~8 us."""
     name, email = parseaddr(clean_header(text))
     return address(name, email)
 
@@ -68,9 +71,10 @@ def _header_value(value: str) -> str:
 
 
 def _quoted_printable(body: str) -> bytes:
+    if "\r" in body:  # rare; the replaces cost more than the search (~30 us for 17 kB of HTML)
+        body = body.replace("\r\n", "\n").replace("\r", "\n")
     # b2a_qp ends hard lines with LF; SMTP wants CRLF
-    normalised = body.replace("\r\n", "\n").replace("\r", "\n").encode("utf-8")
-    return binascii.b2a_qp(normalised, istext=True).replace(b"\n", b"\r\n")
+    return binascii.b2a_qp(body.encode("utf-8"), istext=True).replace(b"\n", b"\r\n")
 
 
 def build(

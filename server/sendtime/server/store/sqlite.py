@@ -363,18 +363,20 @@ class SqliteStore:
 
     # -- the delivery ledger ---------------------------------------------------
 
-    async def claim_due(self, now: datetime, limit: int) -> list[SendRecord]:
-        """Mark up to ``limit`` due sends as being sent (durably) and return them."""
+    async def claim_due(self, now: datetime, limit: int) -> DueSends:
+        """Mark up to ``limit`` due sends as being sent (durably) and return
+        them, with the earliest due time of those still scheduled: one trip
+        through the writer tells the dispatcher both what to send and when to look again."""
         at = _micros(now)
 
-        def claim(conn: sqlite3.Connection) -> list[SendRecord]:
+        def claim(conn: sqlite3.Connection) -> DueSends:
             rows = conn.execute(
                 f"UPDATE sends SET status = 'sending', attempts = attempts + 1, updated_at = ?"  # noqa: S608
                 f" WHERE id IN (SELECT id FROM sends WHERE status = 'scheduled' AND due_at <= ?"
                 f" ORDER BY due_at LIMIT ?) RETURNING {_SEND_COLUMNS}",
                 (at, at, limit),
             ).fetchall()
-            return [_send(row) for row in rows]
+            return DueSends([_send(row) for row in rows], _select_next_due(conn, None))
 
         return await self._submit(claim)
 
@@ -421,6 +423,47 @@ class SqliteStore:
             return bool(changed)
 
         return await self._submit(update)
+
+    async def hand_over(
+        self, send_id: int, *, relay: str, template_version: str, checks: LastChecks
+    ) -> HandOver:
+        """The last step before the ESP gets the message, in one transaction:
+        run ``checks`` and, when none stops the send, move it from "sending"
+        to "relaying". The writer stores exit events and suppressions too, so
+        none committed before this is missed, and one committed after it
+        comes too late to matter. The checks are conditions of the UPDATE
+        itself (one statement: the writer thread takes the GIL back once);
+        only a send they stop is looked at again, to say why."""
+        now = _micros(datetime.now(UTC))
+        exit_args = (checks.profile_key, checks.flow_id, checks.entry_key, _micros(checks.entry_time))
+        subjects = list(checks.subjects) if checks.group else []
+        cap_since = None if checks.cap_since is None else _micros(checks.cap_since)
+        conditions = ["id = ?", "status = 'sending'"]
+        values: list[Any] = [relay, template_version, now, send_id]
+        if checks.flow_id:
+            conditions.append(f"NOT EXISTS ({_EXIT_SQL})")
+            values += (checks.profile_key, checks.flow_id, exit_args[3], checks.entry_key)
+        if subjects:
+            conditions.append(f"NOT EXISTS ({_suppressed_sql(len(subjects))})")
+            values += (*subjects, checks.group)
+        if cap_since is not None:
+            conditions.append(f"({_SENT_SINCE_SQL}) < ?")
+            values += (checks.profile_key, cap_since, checks.cap_count)
+        sql = (
+            "UPDATE sends SET status = 'relaying', reason = '', relay = ?, template_version = ?,"  # noqa: S608
+            f" updated_at = ? WHERE {' AND '.join(conditions)}"
+        )
+
+        def hand(conn: sqlite3.Connection) -> HandOver:
+            if conn.execute(sql, values).rowcount:
+                return HandOver(True)
+            exit_event = _select_exit(conn, exit_args) if checks.flow_id else None
+            suppressed = bool(subjects) and _select_suppressed(conn, (subjects, checks.group))
+            sent = _select_sent_since(conn, (checks.profile_key, cap_since)) if cap_since is not None else 0
+            capped = cap_since is not None and sent >= checks.cap_count
+            return HandOver(False, exit_event=exit_event, suppressed=suppressed, capped=capped, sent=sent)
+
+        return await self._submit(hand)
 
     async def recover_interrupted(self, *, relay_idempotent: bool) -> tuple[int, int]:
         """After a crash: sends claimed but never handed to the ESP go back to
@@ -481,39 +524,6 @@ class SqliteStore:
 
         return await self._submit(add)
 
-    async def preflight(
-        self,
-        *,
-        profile_key: str,
-        subjects: Sequence[str],
-        group: str,
-        cap_since: datetime | None,
-        flow_id: str,
-        entry_key: str,
-        entry_time: datetime,
-    ) -> Preflight:
-        """Everything a send checks before rendering, in one read: whether any
-        of ``subjects`` is suppressed for ``group`` (when one is given), the
-        marketing sends since ``cap_since``, and an exit event since the entry."""
-
-        def read(conn: sqlite3.Connection, _arg: object) -> Preflight:
-            suppressed = bool(group) and _select_suppressed(conn, (list(subjects), group))
-            sent = _select_sent_since(conn, (profile_key, _micros(cap_since))) if cap_since else 0
-            exit_event = (
-                _select_exit(conn, (profile_key, flow_id, entry_key, _micros(entry_time)))
-                if flow_id
-                else None
-            )
-            return Preflight(suppressed=suppressed, sent=sent, exit_event=exit_event)
-
-        return await asyncio.to_thread(self._with_reader, read, None)
-
-    async def exit_since(self, profile_key: str, flow_id: str, entry_key: str, since: datetime) -> str | None:
-        """The name of an exit event for this entry at or after ``since``, if any."""
-        return await asyncio.to_thread(
-            self._with_reader, _select_exit, (profile_key, flow_id, entry_key, _micros(since))
-        )
-
     async def is_suppressed(self, subjects: Sequence[str], group: str) -> bool:
         return await asyncio.to_thread(self._with_reader, _select_suppressed, (list(subjects), group))
 
@@ -538,9 +548,6 @@ class SqliteStore:
 
     async def flow_counts(self) -> dict[str, dict[str, int]]:
         return await asyncio.to_thread(self._with_reader, _select_flow_counts, None)
-
-    async def next_due(self) -> datetime | None:
-        return await asyncio.to_thread(self._with_reader, _select_next_due, None)
 
     async def close(self) -> None:
         """Commit everything queued so far, then close."""
@@ -946,10 +953,41 @@ def _select_meta(conn: sqlite3.Connection, key: str) -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class Preflight:
-    suppressed: bool
-    sent: int
-    exit_event: str | None
+class DueSends:
+    #: Claimed: now "sending", attempts counted.
+    records: list[SendRecord]
+    #: The earliest due time of the sends still scheduled (None: there are none).
+    next_due: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class LastChecks:
+    """What must still hold when a send is handed to the ESP."""
+
+    profile_key: str
+    #: No exit event of this flow entry since its entry time (flow_id "": none to look for).
+    flow_id: str
+    entry_key: str
+    entry_time: datetime
+    #: None of ``subjects`` suppressed for ``group`` (no subjects: not checked).
+    group: str
+    subjects: Sequence[str]
+    #: Fewer than ``cap_count`` marketing sends since ``cap_since`` (None: no cap).
+    cap_since: datetime | None
+    cap_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class HandOver:
+    #: The send is "relaying" now: the message may go to the ESP. When False
+    #: and no check failed, the send was not "sending" any more (an exit
+    #: event stored since the claim cancelled it).
+    handed_over: bool
+    exit_event: str | None = None
+    suppressed: bool = False
+    capped: bool = False
+    #: Marketing sends since ``cap_since`` (counted for a send the cap stopped).
+    sent: int = 0
 
 
 _SEND_COLUMNS: Final = (
@@ -1010,33 +1048,35 @@ def _send(row: tuple[Any, ...]) -> SendRecord:
     )
 
 
+_EXIT_SQL: Final = (
+    "SELECT event_name FROM flow_exits WHERE profile_key = ? AND flow_id = ? AND event_time >= ?"
+    " AND entry_key IN (?, '*') LIMIT 1"
+)
+_SENT_SINCE_SQL: Final = (
+    "SELECT count(*) FROM sends WHERE profile_key = ? AND status = 'sent' AND subscription_group != ''"
+    " AND accepted_at >= ?"
+)
+
+
+@cache
+def _suppressed_sql(subjects: int) -> str:
+    marks = ",".join("?" * subjects)
+    return f"SELECT 1 FROM suppressions WHERE subject IN ({marks}) AND grp IN (?, '*') LIMIT 1"  # noqa: S608
+
+
 def _select_exit(conn: sqlite3.Connection, args: tuple[str, str, str, int]) -> str | None:
     profile_key, flow_id, entry_key, since = args
-    row = conn.execute(
-        "SELECT event_name FROM flow_exits WHERE profile_key = ? AND flow_id = ? AND event_time >= ?"
-        " AND entry_key IN (?, '*') LIMIT 1",
-        (profile_key, flow_id, since, entry_key),
-    ).fetchone()
+    row = conn.execute(_EXIT_SQL, (profile_key, flow_id, since, entry_key)).fetchone()
     return row[0] if row else None
 
 
 def _select_suppressed(conn: sqlite3.Connection, args: tuple[list[str], str]) -> bool:
     subjects, group = args
-    marks = ",".join("?" * len(subjects))
-    row = conn.execute(
-        f"SELECT 1 FROM suppressions WHERE subject IN ({marks}) AND grp IN (?, '*') LIMIT 1",  # noqa: S608
-        (*subjects, group),
-    ).fetchone()
-    return row is not None
+    return conn.execute(_suppressed_sql(len(subjects)), (*subjects, group)).fetchone() is not None
 
 
 def _select_sent_since(conn: sqlite3.Connection, args: tuple[str, int]) -> int:
-    row = conn.execute(
-        "SELECT count(*) FROM sends WHERE profile_key = ? AND status = 'sent' AND subscription_group != ''"
-        " AND accepted_at >= ?",
-        args,
-    ).fetchone()
-    return int(row[0])
+    return int(conn.execute(_SENT_SINCE_SQL, args).fetchone()[0])
 
 
 def _select_send(conn: sqlite3.Connection, args: tuple[int | None, str | None]) -> SendRecord | None:
