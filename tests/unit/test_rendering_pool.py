@@ -83,3 +83,19 @@ def test_the_worker_refuses_a_version_it_cannot_find(tmp_path: Path) -> None:
     path = str(TEMPLATES / "abandoned_cart.mjml.liquid")
     assert renderer.render(path, "not-a-version", full_context()) is None
     assert renderer.render(str(tmp_path / "absent.mjml.liquid"), "x", full_context()) is None
+
+
+async def test_what_a_worker_logs_comes_out_of_the_servers_log(
+    pool: RenderPool, caplog: pytest.LogCaptureFixture
+) -> None:
+    template = TemplateStore(TEMPLATES).get("abandoned_cart")
+    context = full_context()
+    context["cart"]["item_count"] = "four"  # data the template cannot render: a warning, then fallbacks
+    with caplog.at_level("WARNING"):
+        email = await pool.render(template, context)
+    # logged by the worker (the server has not rendered it), under the template module's logger
+    assert [r.name for r in caplog.records if "trying fallbacks" in r.getMessage()] == [
+        "sendtime.server.rendering._template"
+    ]
+    assert "cart" in email.fell_back
+    assert email == template.render(context)

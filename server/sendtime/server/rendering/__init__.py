@@ -12,7 +12,8 @@ text-part options, constants), then an MJML body written in Liquid. See
 RenderPool renders in worker processes, beside the event loop:
 ``await RenderPool(2).render(store.get("abandoned_cart"), context)``.
 
-Pure: no I/O but reading template files, no network, no gRPC or HTTP.
+Pure: no I/O but reading template files (and RenderPool's pipes to its own
+worker processes), no network, no gRPC or HTTP.
 """
 
 from collections.abc import Mapping

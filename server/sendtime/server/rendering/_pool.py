@@ -82,7 +82,9 @@ class RenderPool:
         except WorkerGoneError:
             log.warning("a render worker ended; rendering %s in the server instead", template.id)
             return template.render(context)
-        email = pickle.loads(answer)  # noqa: S301 (our own worker's pipe)
+        email, records = pickle.loads(answer)  # noqa: S301 (our own worker's pipe)
+        for name, level, message in records:
+            logging.getLogger(name).log(level, "%s", message)
         if email is None:  # the worker could not render this version
             return template.render(context)
         assert isinstance(email, RenderedEmail)

@@ -2,10 +2,12 @@
 
 Reads requests on stdin and answers on stdout, one at a time, in order. Each
 message is a 4-byte big-endian length, then a pickle: a request is (template
-file, template version, context); an answer is the RenderedEmail, or None
-when this process cannot render that version (the file changed since the
-server parsed it, or it is not a file at all) or rendering failed here: the
-server then renders in its own process, and so reports the failure itself.
+file, template version, context); an answer is (the RenderedEmail, the log
+records the render wrote). The email is None when this process cannot render
+that version (the file changed since the server parsed it, or it is not a
+file at all) or rendering failed here: the server then renders in its own
+process, and so reports the failure itself. Log records go back to the server
+as (logger name, level, message), so they come out of its own log handlers.
 
 The worker keeps its own parsed copy of each template file, by version, so a
 request carries only data. It ends at end of input (the server closed the
@@ -61,8 +63,26 @@ class TemplateRenderer:
         return template
 
 
+class _Collected(logging.Handler):
+    """Keeps what this process logs, to send back with the answer."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[tuple[str, int, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + logging.Formatter().formatException(record.exc_info)
+        self.records.append((record.name, record.levelno, message))
+
+
 def serve(requests: IO[bytes], answers: IO[bytes]) -> None:
     renderer = TemplateRenderer()
+    collected = _Collected()
+    root = logging.getLogger()
+    root.addHandler(collected)
+    root.setLevel(logging.INFO)
     while True:
         header = requests.read(LENGTH_BYTES)
         if len(header) < LENGTH_BYTES:
@@ -74,7 +94,8 @@ def serve(requests: IO[bytes], answers: IO[bytes]) -> None:
         except Exception:  # the server renders it again and reports the error itself
             log.exception("render worker: %s failed; the server renders it instead", path)
             email = None
-        answer = pickle.dumps(email, protocol=pickle.HIGHEST_PROTOCOL)
+        answer = pickle.dumps((email, collected.records), protocol=pickle.HIGHEST_PROTOCOL)
+        collected.records = []
         answers.write(len(answer).to_bytes(LENGTH_BYTES, "big") + answer)
         answers.flush()
 
