@@ -42,7 +42,7 @@ warm-up), latency p50/p90/p99 at the caller (of every call in the window,
 a failed one at the time it failed), the server's own time, every
 block's source/reason counts, errors by status code, and CPU use.
 
-    python -m benchmarks.content [--json] [--duration S] [--py-spy DIR]
+    python -m benchmarks.content [--json] [--duration S] [--py-spy DIR] [--render-processes N]
 
 Progress goes to stderr. With --json the last stdout line is one JSON object:
 warm_rps, cold_rps, echo_rps, warm_ratio (= warm_rps / echo_rps), cold_ratio
@@ -291,6 +291,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             config.write_text(config_toml(upstream_url))
             data_dir = tmp_path / "data"
             overrides = {"SENDTIME_CONFIG": str(config)}
+            if args.render_processes is not None:
+                overrides["SENDTIME_CONTENT__RENDER_PROCESSES"] = str(args.render_processes)
             if args.metrics == "off":
                 overrides["SENDTIME_METRICS__ENABLED"] = "false"
             (tmp_path / "warm").mkdir()
@@ -387,6 +389,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "upstream_requests": upstream_stats,
         "echo_rps_runs": [r.rps for r in echo_runs],
         "metrics": args.metrics,
+        "render_processes": args.render_processes,
         "concurrency": args.concurrency,
         "duration": args.duration,
         "duration_s": args.duration,
@@ -520,6 +523,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("on", "off"),
         default="on",
         help="the server's Prometheus metrics (metrics.enabled); run both to see what they cost",
+    )
+    parser.add_argument(
+        "--render-processes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the server's content.render_processes (default: the server's default); 0 renders on the loop",
     )
     parser.add_argument("--keep", metavar="DIR", help="keep server logs and data in DIR (emptied first)")
     return parser
