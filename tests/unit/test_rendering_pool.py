@@ -20,6 +20,7 @@ from tests.unit.test_rendering import SHIPPED, TEMPLATES, full_context
 async def pool() -> AsyncIterator[RenderPool]:
     pool = RenderPool(2)
     await pool.start()
+    assert all(w is not None and w.ready.done() for w in pool._workers), "start() waits for the workers"
     try:
         yield pool
     finally:
@@ -68,6 +69,16 @@ async def test_a_dead_worker_costs_no_email(pool: RenderPool) -> None:
     assert await pool.render(template, context) == expected
     await asyncio.sleep(0.2)
     assert await pool.render(template, context) == expected
+    # a second later the next email starts a replacement (rendered in the
+    # server meanwhile), which then takes the work
+    await asyncio.sleep(1.0)
+    assert await pool.render(template, context) == expected
+    replacement = pool._workers[0]
+    assert replacement is not None
+    assert replacement.alive
+    await asyncio.wait_for(replacement.ready, 30)
+    assert await pool.render(template, context) == expected
+    assert replacement.alive
 
 
 async def test_no_processes_renders_in_place() -> None:

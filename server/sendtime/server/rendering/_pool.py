@@ -37,6 +37,7 @@ LENGTH_BYTES: Final = 4
 _WORKER_ARGV: Final = (sys.executable, "-m", "sendtime.server.rendering._worker")
 _STOP_TIMEOUT_S: Final = 5.0
 _RESTART_INTERVAL_S: Final = 1.0
+_START_TIMEOUT_S: Final = 30.0
 
 
 class Renderable(Protocol):
@@ -61,9 +62,20 @@ class RenderPool:
         self._closed = False
 
     async def start(self) -> None:
-        """Starts every worker (their imports then run while the server starts)."""
-        for slot in range(self.processes):
-            await self._start_worker(slot)
+        """Starts every worker and waits until each has imported what it needs
+        (a few hundred ms of CPU that would otherwise compete with the server's
+        first calls). A worker not ready in time is left to finish starting;
+        emails are rendered in the server meanwhile."""
+        workers = [await self._start_worker(slot) for slot in range(self.processes)]
+        try:
+            async with asyncio.timeout(_START_TIMEOUT_S):
+                await asyncio.gather(*(asyncio.shield(w.ready) for w in workers))
+        except TimeoutError:
+            log.warning(
+                "render workers not ready after %.0f s; rendering in the server meanwhile", _START_TIMEOUT_S
+            )
+        except WorkerGoneError:
+            log.warning("a render worker ended while starting; rendering in the server meanwhile")
 
     async def render(self, template: Renderable, context: Mapping[str, Any]) -> RenderedEmail:
         if not self.processes or self._closed or not isinstance(template, Template):
@@ -75,7 +87,7 @@ class RenderPool:
         except (pickle.PicklingError, TypeError, AttributeError):
             return template.render(context)
         worker = await self._least_busy()
-        if worker is None:  # every worker is down and was restarted just now
+        if worker is None:  # none is ready: starting, or restarting after a crash
             return template.render(context)
         try:
             answer = await worker.ask(request)
@@ -91,15 +103,18 @@ class RenderPool:
         return email
 
     async def _least_busy(self) -> _Worker | None:
-        """The worker with the fewest requests waiting; a dead one is replaced
-        first, but not more than once a second (one that dies at start must not
-        be started again for every email)."""
+        """The ready worker with the fewest requests waiting, or None. A dead
+        one is replaced, but not more than once a second (one that dies at
+        start must not be started again for every email); until its
+        replacement is ready, the others (or the server) render."""
         best: _Worker | None = None
         now = time.monotonic()
         for slot, worker in enumerate(self._workers):
             if worker is None or not worker.alive:
                 if now - self._started_at[slot] >= _RESTART_INTERVAL_S:
-                    return await self._start_worker(slot)
+                    await self._start_worker(slot)
+                continue
+            if not worker.ready.done():
                 continue
             if best is None or worker.waiting < best.waiting:
                 best = worker
@@ -131,7 +146,10 @@ class _Worker(asyncio.SubprocessProtocol):
         self._requests: asyncio.WriteTransport | None = None
         self._buffer = bytearray()
         self._waiting: collections.deque[asyncio.Future[bytes]] = collections.deque()
-        self._exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._exited: asyncio.Future[None] = loop.create_future()
+        #: Done when the worker has said it is ready (its first message).
+        self.ready: asyncio.Future[None] = loop.create_future()
         self.alive = True
 
     @property
@@ -160,6 +178,9 @@ class _Worker(asyncio.SubprocessProtocol):
                 return
             answer = bytes(buffer[LENGTH_BYTES:end])
             del buffer[:end]
+            if not self.ready.done():
+                self.ready.set_result(None)  # the first message says the worker is ready
+                continue
             waiter = self._waiting.popleft()
             if not waiter.done():  # the caller may have given up meanwhile
                 waiter.set_result(answer)
@@ -175,6 +196,9 @@ class _Worker(asyncio.SubprocessProtocol):
 
     def _gone(self) -> None:
         self.alive = False
+        if not self.ready.done():
+            self.ready.set_exception(WorkerGoneError())
+            self.ready.exception()  # retrieved: nobody need wait for it
         while self._waiting:
             waiter = self._waiting.popleft()
             if not waiter.done():

@@ -1,7 +1,8 @@
 """A render worker process: ``python -m sendtime.server.rendering._worker``.
 
-Reads requests on stdin and answers on stdout, one at a time, in order. Each
-message is a 4-byte big-endian length, then a pickle: a request is (template
+Reads requests on stdin and answers on stdout, one at a time, in order, after
+a first message that says it is ready. Each message is a 4-byte big-endian
+length, then a pickle: a request is (template
 file, template version, context); an answer is (the RenderedEmail, the log
 records the render wrote). The email is None when this process cannot render
 that version (the file changed since the server parsed it, or it is not a
@@ -83,6 +84,7 @@ def serve(requests: IO[bytes], answers: IO[bytes]) -> None:
     root = logging.getLogger()
     root.addHandler(collected)
     root.setLevel(logging.INFO)
+    _send(answers, b"ready")  # imports done: the first message
     while True:
         header = requests.read(LENGTH_BYTES)
         if len(header) < LENGTH_BYTES:
@@ -94,10 +96,13 @@ def serve(requests: IO[bytes], answers: IO[bytes]) -> None:
         except Exception:  # the server renders it again and reports the error itself
             log.exception("render worker: %s failed; the server renders it instead", path)
             email = None
-        answer = pickle.dumps((email, collected.records), protocol=pickle.HIGHEST_PROTOCOL)
+        _send(answers, pickle.dumps((email, collected.records), protocol=pickle.HIGHEST_PROTOCOL))
         collected.records = []
-        answers.write(len(answer).to_bytes(LENGTH_BYTES, "big") + answer)
-        answers.flush()
+
+
+def _send(answers: IO[bytes], message: bytes) -> None:
+    answers.write(len(message).to_bytes(LENGTH_BYTES, "big") + message)
+    answers.flush()
 
 
 def main() -> None:
