@@ -42,7 +42,7 @@ warm-up), latency p50/p90/p99 at the caller (of every call in the window,
 a failed one at the time it failed), the server's own time, every
 block's source/reason counts, errors by status code, and CPU use.
 
-    python -m benchmarks.content [--json] [--duration S] [--py-spy DIR]
+    python -m benchmarks.content [--json] [--duration S] [--py-spy DIR] [--render-processes N]
 
 Progress goes to stderr. With --json the last stdout line is one JSON object:
 warm_rps, cold_rps, echo_rps, warm_ratio (= warm_rps / echo_rps), cold_ratio
@@ -52,7 +52,16 @@ deadline_misses, slow_upstream_sources, the checks, meets_targets (warm_ratio
 deadline_misses == 0) and the per-run details; the exit status is 1 when a
 check fails (errors, deadline misses, blocks from the wrong source). The
 machine is small and shared: compare ratios, not absolute rates, across runs
-(GUIDE.md section 5). With a fixed 64 calls in flight, a call's latency is
+(GUIDE.md section 5).
+
+The load generator shares the machine's two cores with the server: a Python
+gRPC client costs about as much CPU per call as the echo server does (the
+generator_cpu_us_per_call figures), so every rate is bounded by the two
+together, and the rate ratios flatter a costlier server (its share of the
+machine grows while the generator's stays). warm_cpu_ratio and cold_cpu_ratio
+compare what the server itself spends, in CPU per call with its render worker
+processes (echo's over sendtime's, so higher is better, 1 at parity), and do
+not depend on the generator. With a fixed 64 calls in flight, a call's latency is
 about 64 / rate (Little's law), so a p99 under 20 ms needs well over 3,200
 calls/s whatever the server does per call.
 """
@@ -215,6 +224,11 @@ def _upstream_stats(url: str) -> dict[str, int]:
     return stats
 
 
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
 def _ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b else 0.0
 
@@ -277,6 +291,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             config.write_text(config_toml(upstream_url))
             data_dir = tmp_path / "data"
             overrides = {"SENDTIME_CONFIG": str(config)}
+            if args.render_processes is not None:
+                overrides["SENDTIME_CONTENT__RENDER_PROCESSES"] = str(args.render_processes)
             if args.metrics == "off":
                 overrides["SENDTIME_METRICS__ENABLED"] = "false"
             (tmp_path / "warm").mkdir()
@@ -321,6 +337,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     deadline_misses = slow.deadline_misses
     warm_ratio = _ratio(warm.rps, echo_rps)
     cold_ratio = _ratio(cold.rps, echo_rps)
+    echo_cpu_per_call = _mean([r.server_cpu_us_per_call for r in echo_runs])
     runs = {"echo": echo_runs, "warm": [warm], "cold": [cold], "slow_upstream": [slow]}
     checks = {
         "seeded_all_accepted": seeded["accepted"] == len(events),
@@ -372,6 +389,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "upstream_requests": upstream_stats,
         "echo_rps_runs": [r.rps for r in echo_runs],
         "metrics": args.metrics,
+        "render_processes": args.render_processes,
         "concurrency": args.concurrency,
         "duration": args.duration,
         "duration_s": args.duration,
@@ -381,6 +399,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "upstream_delay_s": args.upstream_delay,
         "users": args.users,
         "seeded_events": len(events),
+        # the same comparisons by the server's CPU per call (its render workers
+        # included): what the server costs, whatever the load generator takes
+        "warm_cpu_ratio": _ratio(echo_cpu_per_call or 0.0, warm.server_cpu_us_per_call or 0.0),
+        "cold_cpu_ratio": _ratio(echo_cpu_per_call or 0.0, cold.server_cpu_us_per_call or 0.0),
+        "server_cpu_us_per_call": {
+            "echo": [r.server_cpu_us_per_call for r in echo_runs],
+            "warm": warm.server_cpu_us_per_call,
+            "cold": cold.server_cpu_us_per_call,
+            "slow_upstream": slow.server_cpu_us_per_call,
+        },
+        "generator_cpu_us_per_call": {
+            "echo": [r.generator_cpu_us_per_call for r in echo_runs],
+            "warm": warm.generator_cpu_us_per_call,
+            "cold": cold.generator_cpu_us_per_call,
+            "slow_upstream": slow.generator_cpu_us_per_call,
+        },
+        "server_workers_cpu_pct": {"warm": warm.server_workers_cpu_pct, "cold": cold.server_workers_cpu_pct},
         "server_cpu_pct": {
             "echo": [r.server_cpu_pct for r in echo_runs],
             "warm": warm.server_cpu_pct,
@@ -448,6 +483,9 @@ def summary(result: dict[str, Any]) -> str:
         f"  (b) cold render    : {result['cold_rps']:>8,.0f} calls/s  p50 {_ms(result['cold_p50_ms'])}"
         f"  p99 {_ms(result['cold_p99_ms'])}",
         f"      cold_ratio     : {result['cold_ratio']:>8.3f}  ({mark('cold_ratio')})",
+        f"  server CPU per call: {result['server_cpu_us_per_call']} us"
+        f" (cpu ratios warm {result['warm_cpu_ratio']:.3f}, cold {result['cold_cpu_ratio']:.3f}),"
+        f" load generator {result['generator_cpu_us_per_call']} us",
         f"  (d) slow upstream  : {result['slow_upstream_rps']:>8,.0f} calls/s"
         f"  p50 {_ms(result['slow_upstream_p50_ms'])}  p99 {_ms(result['slow_upstream_p99_ms'])}"
         f" ({mark('slow_upstream_p99_ms')})",
@@ -485,6 +523,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("on", "off"),
         default="on",
         help="the server's Prometheus metrics (metrics.enabled); run both to see what they cost",
+    )
+    parser.add_argument(
+        "--render-processes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the server's content.render_processes (default: the server's default); 0 renders on the loop",
     )
     parser.add_argument("--keep", metavar="DIR", help="keep server logs and data in DIR (emptied first)")
     return parser

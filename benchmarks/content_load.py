@@ -9,7 +9,9 @@ process of its own and pointed at sendtime or at the echo baseline alike.
 --concurrency workers (coroutines on one grpc.aio channel under uvloop) each
 send one unary call at a time, GetContent or RenderEmail, with the caller
 deadline --deadline-ms, cycling through the users from their own offset. The
-requests are serialized before the clock starts. With --prime every request
+requests are serialized before the clock starts, and the answers are parsed
+and checked after the run (kept as bytes meanwhile), so the load generator's
+CPU per call is the same whatever the size of the answers. With --prime every request
 is sent once before the warm-up (to fill a cache whatever the warm-up's length).
 
 It warms up, then measures for --duration seconds: successful calls in that
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -43,6 +46,7 @@ from benchmarks.content_workload import GET_CONTENT_METHOD, METADATA, RENDER_EMA
 from benchmarks.load import CpuWindow
 from sendtime.v1 import content_service_pb2
 
+_TICKS: Final = os.sysconf("SC_CLK_TCK")
 _SOURCES: Final = {
     value.number: value.name.removeprefix("BLOCK_SOURCE_").lower()
     for value in content_service_pb2.DESCRIPTOR.enum_types_by_name["BlockSource"].values
@@ -108,8 +112,32 @@ class ContentLoadResult(msgspec.Struct, kw_only=True):
     empty_emails: int
     #: CPU in the measured window, in % of one core
     server_cpu_pct: float | None
+    #: the server's child processes (render workers), in % of one core
+    server_workers_cpu_pct: float | None
     generator_cpu_pct: float
     machine_busy_pct: float | None
+    #: CPU per successful call in the measured window, in microseconds: the
+    #: server with its worker processes, and this load generator. Unlike the
+    #: rates, these do not depend on how much of the machine the generator takes.
+    server_cpu_us_per_call: float | None
+    generator_cpu_us_per_call: float | None
+
+
+def children_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds of each child process of ``pid`` (the server's render
+    workers), found by their parent pid in /proc."""
+    found: dict[int, float] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found[int(entry.name)] = (int(fields[11]) + int(fields[12])) / _TICKS
+    return found
 
 
 def progress(message: str) -> None:
@@ -141,6 +169,8 @@ class Meter:
         self.missing_block = 0
         self.empty_emails = 0
         self.response_bytes = 0
+        #: (answer, latency, in the measured window) of answers not read yet
+        self.unread: list[tuple[bytes, float, bool]] = []
 
     def missed(self) -> None:
         self.misses += 1
@@ -160,28 +190,45 @@ class Meter:
             self.error_samples.append(f"{code.name}: {error.details()}")
             progress(f"error: {code.name}: {error.details()}")
 
-    def answered(self, blocks: Any, server_time: Any, latency: float, size: int) -> None:
+    def answered(self, raw: bytes, latency: float) -> None:
+        """Counts an answer as it comes; what it says is read after the run
+        (read_answers), so that parsing answers costs this process no CPU while
+        the server is measured. Big answers (a whole email) would otherwise cost
+        the load generator more than small ones, and on a 2-core machine the
+        server would pay for it: the comparison with the echo would measure the
+        load generator too."""
         self.calls += 1
         self.ok += 1
-        self.response_bytes += size
         if latency > self.deadline_s:
             self.missed()
-            if len(self.late) < 10_000:
-                self.late.append((server_time.seconds + server_time.nanos * 1e-9, latency))
-        sources = self.window_sources if self.measuring else self.sources
-        found = False
-        for block in blocks:
-            sources[(block.name, block.source, block.reason)] += 1
-            if block.name == self.degraded:
-                found = True
-                if block.source not in _DEGRADED:
-                    self.not_degraded += 1
-        if self.degraded is not None and not found:
-            self.missing_block += 1
         if self.measuring:
             self.window_ok += 1
             self.latencies.append(latency)
-            self.server_times.append(server_time.seconds + server_time.nanos * 1e-9)
+        self.unread.append((raw, latency, self.measuring))
+
+    def read_answers(self, parse: Callable[[bytes], Any], render: bool) -> None:
+        """Every answer's blocks, server time and (RenderEmail) subject and HTML."""
+        for raw, latency, in_window in self.unread:
+            answer = parse(raw)
+            self.response_bytes += len(raw)
+            server_s = answer.server_time.seconds + answer.server_time.nanos * 1e-9
+            if render and not (answer.subject and answer.html):
+                self.empty_emails += 1
+            if latency > self.deadline_s and len(self.late) < 10_000:
+                self.late.append((server_s, latency))
+            sources = self.window_sources if in_window else self.sources
+            found = False
+            for block in answer.blocks:
+                sources[(block.name, block.source, block.reason)] += 1
+                if block.name == self.degraded:
+                    found = True
+                    if block.source not in _DEGRADED:
+                        self.not_degraded += 1
+            if self.degraded is not None and not found:
+                self.missing_block += 1
+            if in_window:
+                self.server_times.append(server_s)
+        self.unread.clear()
 
     def block_sources(self, window_only: bool = False) -> dict[str, int]:
         counts = self.window_sources if window_only else self.sources + self.window_sources
@@ -194,48 +241,34 @@ class Meter:
         return named
 
 
-async def _call_once(
-    call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes],
-    parse: Callable[[bytes], Any],
-    body: bytes,
-    meter: Meter,
-    render: bool,
-) -> None:
+async def _call_once(call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes], body: bytes, meter: Meter) -> None:
     started = time.perf_counter()
     try:
         raw = await call(body, timeout=meter.deadline_s, metadata=METADATA)
     except grpc.aio.AioRpcError as error:
         meter.failed(error, time.perf_counter() - started)
         return
-    latency = time.perf_counter() - started
-    answer = parse(raw)
-    if render and not (answer.subject and answer.html):
-        meter.empty_emails += 1
-    meter.answered(answer.blocks, answer.server_time, latency, len(raw))
+    meter.answered(raw, time.perf_counter() - started)
 
 
 async def _worker(
     call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes],
-    parse: Callable[[bytes], Any],
     bodies: list[bytes],
     offset: int,
     meter: Meter,
-    render: bool,
     stopping: asyncio.Event,
 ) -> None:
     n = offset
     count = len(bodies)
     while not stopping.is_set():
-        await _call_once(call, parse, bodies[n % count], meter, render)
+        await _call_once(call, bodies[n % count], meter)
         n += 1
 
 
 async def _prime(
     call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes],
-    parse: Callable[[bytes], Any],
     bodies: list[bytes],
     meter: Meter,
-    render: bool,
     concurrency: int,
 ) -> None:
     """Every request once (``concurrency`` at a time), before the warm-up."""
@@ -243,7 +276,7 @@ async def _prime(
 
     async def one() -> None:
         for body in pending:
-            await _call_once(call, parse, body, meter, render)
+            await _call_once(call, body, meter)
 
     await asyncio.gather(*(one() for _ in range(concurrency)))
 
@@ -281,23 +314,21 @@ async def run(args: argparse.Namespace) -> ContentLoadResult:
     options = [("grpc.max_receive_message_length", 8 * 1024 * 1024)]
     async with grpc.aio.insecure_channel(args.target, options=options) as channel:
         await asyncio.wait_for(channel.channel_ready(), 10.0)
-        # request_serializer None: the bodies are serialized already; the answer
-        # is parsed in the worker, so its size can be counted
+        # request_serializer None: the bodies are serialized already; answers
+        # are kept as bytes and parsed after the run (Meter.answered)
         call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
             method, request_serializer=None, response_deserializer=None
         )
         if args.prime:
             started = time.perf_counter()
-            await _prime(call, parse, bodies, meter, render, args.concurrency)
+            await _prime(call, bodies, meter, args.concurrency)
             progress(
                 f"[{args.label}] primed: every request once in {time.perf_counter() - started:.2f} s,"
                 f" {meter.calls:,} calls, {sum(meter.errors.values()):,} errors"
             )
         stopping = asyncio.Event()
         tasks = [
-            asyncio.ensure_future(
-                _worker(call, parse, bodies, k * len(bodies) // args.concurrency, meter, render, stopping)
-            )
+            asyncio.ensure_future(_worker(call, bodies, k * len(bodies) // args.concurrency, meter, stopping))
             for k in range(args.concurrency)
         ]
 
@@ -322,18 +353,31 @@ async def run(args: argparse.Namespace) -> ContentLoadResult:
         try:
             await watch(args.warmup, "warm-up")
             cpu = CpuWindow(args.server_pid)
+            workers_before = children_cpu_s(args.server_pid) if args.server_pid else {}
             meter.measuring = True
             started = time.perf_counter()
             await watch(args.duration, "measure")
             meter.measuring = False
             elapsed = time.perf_counter() - started
             cpu.stop()
+            workers_after = children_cpu_s(args.server_pid) if args.server_pid else {}
         finally:
             stopping.set()
             await asyncio.wait(tasks, timeout=DRAIN_TIMEOUT_S)
+    meter.read_answers(parse, render)
     latencies = sorted(meter.latencies)
     server_times = sorted(meter.server_times)
     server_cpu, generator_cpu, machine = cpu.percentages()
+    workers_cpu = None
+    if args.server_pid:
+        workers_s = sum(t - workers_before.get(pid, 0.0) for pid, t in workers_after.items())
+        workers_cpu = round(100 * workers_s / elapsed, 1)
+
+    def per_call(pct: float | None) -> float | None:
+        if pct is None or not meter.window_ok:
+            return None
+        return round(pct / 100 * elapsed / meter.window_ok * 1e6, 1)
+
     return ContentLoadResult(
         label=args.label,
         method=method.rsplit("/", 1)[1],
@@ -372,8 +416,11 @@ async def run(args: argparse.Namespace) -> ContentLoadResult:
         missing_block=meter.missing_block,
         empty_emails=meter.empty_emails,
         server_cpu_pct=server_cpu,
+        server_workers_cpu_pct=workers_cpu,
         generator_cpu_pct=generator_cpu,
         machine_busy_pct=machine,
+        server_cpu_us_per_call=per_call(None if server_cpu is None else server_cpu + (workers_cpu or 0.0)),
+        generator_cpu_us_per_call=per_call(generator_cpu),
     )
 
 

@@ -216,6 +216,20 @@ def content_rows(r: Mapping[str, Any]) -> list[Row]:
             _meets(r, "cold_ratio"),
         ),
         ("cold p50 / p99", _pair_ms(r["cold_p50_ms"], r["cold_p99_ms"]), "", "", None),
+        (
+            "server CPU per call, warm / cold (us)",
+            _cpu_pair(r, "warm", "cold"),
+            f"echo {_cpu_echo(r)}",
+            "",
+            None,
+        ),
+        (
+            "CPU ratio to echo, warm / cold",
+            f"{_n(r.get('warm_cpu_ratio'), '{:.3f}')} / {_n(r.get('cold_cpu_ratio'), '{:.3f}')}",
+            "echo = 1",
+            "",
+            None,
+        ),
         ("1 s upstream GetContent, calls/s", _n(r["slow_upstream_rps"]), echo, "", None),
         (
             "1 s upstream p50 / p99",
@@ -239,6 +253,16 @@ def content_rows(r: Mapping[str, Any]) -> list[Row]:
             None,
         ),
     ]
+
+
+def _cpu_pair(r: Mapping[str, Any], *runs: str) -> str:
+    per_call = r.get("server_cpu_us_per_call") or {}
+    return " / ".join(_n(per_call.get(run), "{:,.0f}") for run in runs)
+
+
+def _cpu_echo(r: Mapping[str, Any]) -> str:
+    echo = [v for v in (r.get("server_cpu_us_per_call") or {}).get("echo", []) if v is not None]
+    return _n(sum(echo) / len(echo), "{:,.0f}") if echo else DASH
 
 
 def content_headline(r: Mapping[str, Any]) -> str:

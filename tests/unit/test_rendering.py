@@ -490,6 +490,7 @@ def test_the_package_is_pure_and_its_surface_is_pinned() -> None:
                 "DEFAULT_LINKS",
                 "FILE_SUFFIX",
                 "BlockSpec",
+                "RenderPool",
                 "RenderedEmail",
                 "Template",
                 "TemplateError",

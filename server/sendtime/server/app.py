@@ -49,7 +49,7 @@ from sendtime.server.feedback import PostmarkFeedback, SendGridFeedback
 from sendtime.server.looplag import LoopLag
 from sendtime.server.observe import Telemetry
 from sendtime.server.relay import OutboxConfig, RelayConfig, build_retrying_relay
-from sendtime.server.rendering import TemplateStore
+from sendtime.server.rendering import RenderPool, TemplateStore
 from sendtime.server.settings import ContentSettings, DeliverySettings, FlowSettings, Settings
 from sendtime.server.store.sqlite import SqliteStore
 from sendtime.server.upstream import UpstreamProvider
@@ -78,6 +78,7 @@ class Sendtime:
         self._profiles: ProfileBook | None = None
         self._fetcher: CacheFetcher | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._render_pool: RenderPool | None = None
         self._dispatcher: Dispatcher | None = None
         self._loop_lag = LoopLag()
         self._grpc: GrpcEdge | None = None
@@ -162,6 +163,8 @@ class Sendtime:
         )
         allowed = frozenset(content.allowed_upstream_hosts)
         templates = TemplateStore(content.templates_dir)
+        self._render_pool = render_pool = RenderPool(content.render_processes)
+        await render_pool.start()
         pipeline = ContentPipeline(
             profiles=profiles,
             catalog=self.catalog,
@@ -184,6 +187,7 @@ class Sendtime:
             observer=telemetry.content_observer([*BUILT_IN_BLOCKS, *(u.name for u in content.upstreams)]),
             tracer=tracer,
             loop_lag=lambda: self._loop_lag.recent_peak_s,
+            renderer=render_pool,
         )
         self._loop_lag.start()
         profiles.on_folded.append(learner.learned)
@@ -292,6 +296,8 @@ class Sendtime:
             await self._http.stop()
         if self._dispatcher is not None:
             await self._dispatcher.close(grace)
+        if self._render_pool is not None:  # after the last render: edges and sends are done
+            await self._render_pool.aclose()
         if self._fetcher is not None:
             await self._fetcher.aclose()
         if self._session is not None:

@@ -159,6 +159,10 @@ class ContentSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     drop_out_of_stock: bool = False
     catalog_file: Path | None = Path("demo/catalog.json")
     templates_dir: Path = Path("templates")
+    #: Worker processes that render emails (Liquid, MJML, text part) beside the
+    #: event loop, which would otherwise stall for each render; 0 renders on
+    #: the event loop itself.
+    render_processes: Annotated[int, msgspec.Meta(ge=0, le=64)] = 2
     #: Hosts upstream URLs may name (exact host names).
     allowed_upstream_hosts: list[str] = []
     #: Connections open to upstreams at once, per host (a miss for many users

@@ -150,6 +150,13 @@ class EmailTemplate(Protocol):
     def render(self, context: Mapping[str, Any]) -> RenderedEmail: ...
 
 
+class EmailRenderer(Protocol):
+    """Renders a template, possibly in another process (adapter:
+    sendtime.server.rendering.RenderPool); the pipeline renders in place without one."""
+
+    async def render(self, template: EmailTemplate, context: Mapping[str, Any]) -> RenderedEmail: ...
+
+
 class TemplateSource(Protocol):
     """Parsed templates by id (adapter: sendtime.server.rendering.TemplateStore)."""
 
@@ -221,7 +228,10 @@ class ContentPipeline:
         observer: ContentObserver | None = None,
         tracer: Tracer | None = None,
         loop_lag: Callable[[], float] | None = None,
+        renderer: EmailRenderer | None = None,
     ) -> None:
+        #: Where Liquid and MJML run: None renders on the calling event loop.
+        self._renderer = renderer
         #: How late the event loop currently runs (seconds), if measured.
         self._loop_lag = loop_lag
         self._observer = observer
@@ -277,12 +287,12 @@ class ContentPipeline:
         render_context["user"] = content.user
         render_context["links"] = dict(self._policy.links)
         if self._tracer is None:
-            email = template.render(render_context)
+            email = await self._render(template, render_context)
         else:
             with self._tracer.start_as_current_span(
                 "sendtime.render", attributes={"sendtime.template": template_id}
             ) as span:
-                email = template.render(render_context)
+                email = await self._render(template, render_context)
                 span.set_attribute("sendtime.template.version", email.version)
         blocks = [
             Block(
@@ -300,6 +310,11 @@ class ContentPipeline:
         if self._observer is not None:
             self._observer.answered("email", blocks, budget_s, elapsed_s)
         return EmailAnswer(email=email, blocks=blocks, content=content, elapsed_s=elapsed_s)
+
+    async def _render(self, template: EmailTemplate, context: Mapping[str, Any]) -> RenderedEmail:
+        if self._renderer is None:
+            return template.render(context)
+        return await self._renderer.render(template, context)
 
     def _answer_reserve(self, budget_s: float) -> float:
         # Under load the answer spends a while in the event loop and the

@@ -9,13 +9,18 @@ text-part options, constants), then an MJML body written in Liquid. See
     email = store.render("abandoned_cart", {"user": {...}, "cart": {...}, "links": {...}})
     email.subject, email.html, email.text, email.version, email.fell_back
 
-Pure: no I/O but reading template files, no network, no gRPC or HTTP.
+RenderPool renders in worker processes, beside the event loop:
+``await RenderPool(2).render(store.get("abandoned_cart"), context)``.
+
+Pure: no I/O but reading template files (and RenderPool's pipes to its own
+worker processes), no network, no gRPC or HTTP.
 """
 
 from collections.abc import Mapping
 from typing import Any
 
 from ._errors import TemplateError
+from ._pool import RenderPool
 from ._spec import FILE_SUFFIX, BlockSpec, TemplateSpec, TextOptions
 from ._store import TemplateStore
 from ._template import DEFAULT_LINKS, RenderedEmail, Template, load_template, parse_template
@@ -31,6 +36,7 @@ __all__ = [
     "DEFAULT_LINKS",
     "FILE_SUFFIX",
     "BlockSpec",
+    "RenderPool",
     "RenderedEmail",
     "Template",
     "TemplateError",
