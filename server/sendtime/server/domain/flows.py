@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -70,8 +70,9 @@ class Flow:
         return not self.subscription_group
 
 
-@dataclass(frozen=True, slots=True)
-class PlannedSend:
+class PlannedSend(msgspec.Struct, frozen=True, kw_only=True):
+    # A Struct, not a dataclass: the planner builds one per entering event, and
+    # a frozen dataclass pays an object.__setattr__ per field to be built.
     send_key: str
     flow_id: str
     template_id: str
@@ -86,8 +87,7 @@ class PlannedSend:
     subscription_group: str
 
 
-@dataclass(frozen=True, slots=True)
-class PlannedExit:
+class PlannedExit(msgspec.Struct, frozen=True, kw_only=True):
     profile_key: str
     flow_id: str
     #: ANY_ENTRY when the exit applies to every entry of the flow.
@@ -112,7 +112,12 @@ class FlowPlanner:
             for name in flow.exit_events:
                 self._by_exit.setdefault(name, []).append(flow)
 
-    def plan(self, events: Sequence[Event]) -> tuple[list[PlannedSend], list[PlannedExit]]:
+    def plan(
+        self, events: Sequence[Event], scheduled: Container[str] = frozenset()
+    ) -> tuple[list[PlannedSend], list[PlannedExit]]:
+        """The sends and exits ``events`` cause, in event order. ``scheduled``:
+        send keys known to be in the ledger already; an entry on one of them
+        changes nothing (one send per key), so it is not planned again."""
         sends: list[PlannedSend] = []
         exits: list[PlannedExit] = []
         for event in events:
@@ -121,25 +126,53 @@ class FlowPlanner:
             entering = self._by_entry.get(event.name)
             exiting = self._by_exit.get(event.name)
             if entering is None and exiting is None:
-                continue  # the common case: no JSON is decoded
-            properties = _properties(event)
+                continue  # the common case: nothing to look at
+            properties = _Properties(event)
             for flow in entering or ():
-                planned = _entry(flow, event, properties)
+                planned = _entry(flow, event, properties, scheduled)
                 if planned is not None:
                     sends.append(planned)
             exits.extend(_exit(flow, event, properties) for flow in exiting or ())
         return sends, exits
 
 
-def _properties(event: Event) -> dict[str, Any]:
+class _Properties:
+    """An event's properties, read from the typed payload validation already
+    decoded where that gives the same value as the JSON would, and from the
+    JSON (decoded at most once) only for the others.
+
+    Ids and strings read the same either way; a float field does not (the JSON
+    ``5`` is the payload's ``5.0``, which ``str`` spells differently), nor does
+    a list of products, nor an unknown property (a payload keeps none)."""
+
+    __slots__ = ("_decoded", "_event")
+
+    def __init__(self, event: Event) -> None:
+        self._event = event
+        self._decoded: dict[str, Any] | None = None
+
+    def get(self, name: str) -> Any:
+        payload = self._event.payload
+        if payload is not None and name in payload.__struct_fields__:
+            value = getattr(payload, name)
+            if value is None or (type(value) is str or type(value) is int):
+                return value
+        if self._decoded is None:
+            self._decoded = _decode_properties(self._event)
+        return self._decoded.get(name)
+
+
+def _decode_properties(event: Event) -> dict[str, Any]:
     try:
         return _OBJECT.decode(event.properties or b"{}")
     except (msgspec.ValidationError, msgspec.DecodeError):  # validated at ingest; never here
         return {}
 
 
-def _entry(flow: Flow, event: Event, properties: Mapping[str, Any]) -> PlannedSend | None:
-    if any(properties.get(name) != value for name, value in flow.entry_filter.items()):
+def _entry(
+    flow: Flow, event: Event, properties: _Properties, scheduled: Container[str]
+) -> PlannedSend | None:
+    if flow.entry_filter and any(properties.get(name) != value for name, value in flow.entry_filter.items()):
         return None
     if flow.entry_key:
         value = properties.get(flow.entry_key)
@@ -153,8 +186,11 @@ def _entry(flow: Flow, event: Event, properties: Mapping[str, Any]) -> PlannedSe
         period = int(event.timestamp.timestamp() // flow.reentry_period.total_seconds())
         key_part = f"{entry_key}@{period}"
     profile_key = event.identity.key
+    key = send_key(flow.id, 1, profile_key, key_part)
+    if key in scheduled:
+        return None
     return PlannedSend(
-        send_key=send_key(flow.id, 1, profile_key, key_part),
+        send_key=key,
         flow_id=flow.id,
         template_id=flow.template,
         profile_key=profile_key,
@@ -171,7 +207,7 @@ def _entry(flow: Flow, event: Event, properties: Mapping[str, Any]) -> PlannedSe
     )
 
 
-def _exit(flow: Flow, event: Event, properties: Mapping[str, Any]) -> PlannedExit:
+def _exit(flow: Flow, event: Event, properties: _Properties) -> PlannedExit:
     entry_key = ANY_ENTRY
     if flow.exit_on is ExitOn.SAME_KEY and flow.entry_key:
         value = properties.get(flow.entry_key)
