@@ -953,9 +953,9 @@ def _cancel_sql(rows: int) -> str:
     WITH clause, for Python's sqlite3 reports no rowcount for one."""
     values = ",".join(f"({n},?,?,?,?)" for n in range(rows))
     return (
-        "UPDATE sends SET status = 'cancelled', updated_at = ?, reason = 'exit: ' || first.event_name"
+        "UPDATE sends SET status = 'cancelled', updated_at = ?, reason = 'exit: ' || first.event_name"  # noqa: S608
         " FROM (SELECT sends.id AS id, min(exits.column1), exits.column5 AS event_name"
-        f" FROM (VALUES {values}) AS exits CROSS JOIN sends"  # noqa: S608 (only "?" marks)
+        f" FROM (VALUES {values}) AS exits CROSS JOIN sends"  # only numbers and "?" marks
         " ON sends.profile_key = exits.column2 AND sends.flow_id = ?"
         " WHERE sends.status = 'scheduled' AND sends.entry_time <= exits.column4"
         " AND exits.column3 IN ('*', sends.entry_key) GROUP BY sends.id) AS first"
