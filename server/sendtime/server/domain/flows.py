@@ -70,9 +70,10 @@ class Flow:
         return not self.subscription_group
 
 
-class PlannedSend(msgspec.Struct, frozen=True, kw_only=True):
+class PlannedSend(msgspec.Struct, gc=False, frozen=True, kw_only=True):
     # A Struct, not a dataclass: the planner builds one per entering event, and
     # a frozen dataclass pays an object.__setattr__ per field to be built.
+    # gc=False, like events: plain values, never part of a reference cycle.
     send_key: str
     flow_id: str
     template_id: str
@@ -87,7 +88,7 @@ class PlannedSend(msgspec.Struct, frozen=True, kw_only=True):
     subscription_group: str
 
 
-class PlannedExit(msgspec.Struct, frozen=True, kw_only=True):
+class PlannedExit(msgspec.Struct, gc=False, frozen=True, kw_only=True):
     profile_key: str
     flow_id: str
     #: ANY_ENTRY when the exit applies to every entry of the flow.

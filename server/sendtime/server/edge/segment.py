@@ -31,7 +31,8 @@ MAX_BATCH_EVENTS: Final = 2500
 Id = str | int
 
 
-class Message(msgspec.Struct, kw_only=True, rename="camel"):
+# gc=False: decoded JSON, never part of a reference cycle; one per event.
+class Message(msgspec.Struct, gc=False, kw_only=True, rename="camel"):
     type: str | None = None
     message_id: Id | None = None
     user_id: Id | None = None
@@ -49,7 +50,7 @@ class Message(msgspec.Struct, kw_only=True, rename="camel"):
     write_key: str | None = None
 
 
-class Batch(msgspec.Struct, kw_only=True, rename="camel"):
+class Batch(msgspec.Struct, gc=False, kw_only=True, rename="camel"):
     batch: list[msgspec.Raw]
     sent_at: datetime | None = None
     context: dict[str, Any] | None = None

@@ -134,7 +134,8 @@ CREATE TABLE IF NOT EXISTS suppressions (
 _EVENT_COLUMNS: Final = (
     "message_id, profile_key, user_id, anonymous_id, kind, name, event_time, received_at, ref_id, body"
 )
-_ROWS_PER_INSERT: Final = 1000  # 10 columns: 10,000 variables, under SQLite's 32,766
+#: Rows per multi-row statement: at most 14 variables a row (sends), under SQLite's 32,766.
+_ROWS_PER_INSERT: Final = 1000
 _PROFILES_POSITION: Final = "profiles_position"
 _MAX_KNOWN_SEND_KEYS: Final = 500_000
 
@@ -315,10 +316,17 @@ class SqliteStore:
     async def save_profiles(self, rows: Sequence[tuple[str, bytes]], position: int) -> None:
         """Write folded profiles and the position they include, in one transaction."""
 
+        flat = [value for row in rows for value in row]
+
         def save(conn: sqlite3.Connection) -> None:
-            conn.executemany(
-                "INSERT INTO profiles VALUES (?, ?) ON CONFLICT (profile_key) DO UPDATE SET doc = excluded.doc",
-                rows,
+            # Multi-row statements, not executemany: that lets go of the GIL for
+            # every row, and each time a busy loop may keep the writer waiting.
+            _insert_rows(
+                conn,
+                "INSERT INTO profiles VALUES",
+                "(?,?)",
+                flat,
+                tail=" ON CONFLICT (profile_key) DO UPDATE SET doc = excluded.doc",
             )
             conn.execute(
                 "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -800,7 +808,7 @@ class SqliteStore:
             for flow_id, rows in _by_flow(exits, _cancel_row, 0).items():
                 cancelled[flow_id] = sum(
                     conn.execute(_cancel_sql(len(chunk) // 4), (now, *chunk, flow_id)).rowcount
-                    for chunk in _chunks(rows, 4, _ROWS_PER_CANCEL)
+                    for chunk in _chunks(rows, 4, _ROWS_PER_INSERT)
                 )
         return scheduled, cancelled
 
@@ -879,8 +887,6 @@ _SCHEDULE_SQL: Final = (
     " created_at, updated_at) VALUES"
 )
 _SCHEDULE_MARKS: Final = "(?,?,?,?,?,?,?,?,?,?,?,'scheduled',?,?,?)"
-_ROWS_PER_SCHEDULE: Final = 1000  # 14 variables a row, under SQLite's 32,766
-_ROWS_PER_CANCEL: Final = 1000
 _Planned = TypeVar("_Planned", PlannedSend, PlannedExit)
 
 
@@ -930,13 +936,13 @@ def _chunks(flat: list[Any], width: int, rows: int) -> Iterator[list[Any]]:
         yield flat[start : start + step]
 
 
-def _insert_rows(conn: sqlite3.Connection, head: str, marks: str, flat: list[Any]) -> int:
+def _insert_rows(conn: sqlite3.Connection, head: str, marks: str, flat: list[Any], tail: str = "") -> int:
     """One multi-row INSERT per chunk of ``flat`` (a row's values one after
     another); returns how many rows it inserted."""
     width = marks.count("?")
     inserted = 0
-    for chunk in _chunks(flat, width, _ROWS_PER_SCHEDULE):
-        sql = f"{head} {','.join([marks] * (len(chunk) // width))}"
+    for chunk in _chunks(flat, width, _ROWS_PER_INSERT):
+        sql = f"{head} {','.join([marks] * (len(chunk) // width))}{tail}"
         inserted += conn.execute(sql, chunk).rowcount
     return inserted
 
