@@ -212,6 +212,8 @@ class Event(msgspec.Struct, gc=False, frozen=True, kw_only=True):
 
     message_id: str
     identity: Identity
+    #: identity.key, made once: every stage of ingest keys by it.
+    profile_key: str
     kind: EventKind
     name: str
     timestamp: datetime
@@ -279,9 +281,11 @@ def validate(incoming: IncomingEvent, received_at: datetime) -> Event:
     timestamp = incoming.timestamp or received_at
     if timestamp.tzinfo is None:
         timestamp = timestamp.replace(tzinfo=UTC)
+    identity = Identity(incoming.user_id, incoming.anonymous_id)
     return Event(
         message_id=incoming.message_id,
-        identity=Identity(incoming.user_id, incoming.anonymous_id),
+        identity=identity,
+        profile_key=identity.key,
         kind=kind,
         name=name,
         timestamp=timestamp,

@@ -186,7 +186,7 @@ def _entry(
     if flow.reentry is Reentry.ONCE_PER_PERIOD:
         period = int(event.timestamp.timestamp() // flow.reentry_period.total_seconds())
         key_part = f"{entry_key}@{period}"
-    profile_key = event.identity.key
+    profile_key = event.profile_key
     key = send_key(flow.id, 1, profile_key, key_part)
     if key in scheduled:
         return None
@@ -214,7 +214,7 @@ def _exit(flow: Flow, event: Event, properties: _Properties) -> PlannedExit:
         value = properties.get(flow.entry_key)
         entry_key = str(value) if value not in (None, "") else ANY_ENTRY
     return PlannedExit(
-        profile_key=event.identity.key,
+        profile_key=event.profile_key,
         flow_id=flow.id,
         entry_key=entry_key,
         event_time=event.timestamp,

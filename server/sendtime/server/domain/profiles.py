@@ -139,12 +139,12 @@ class ProfileBook:
         self._waiters = still
 
     async def _fold_round(self, events: Sequence[Event]) -> None:
-        keys = {event.identity.key for event in events}
+        keys = {event.profile_key for event in events}
         missing = [key for key in keys if key not in self._profiles]
         if missing:
             await self._load(missing)
         for event in events:
-            key = event.identity.key
+            key = event.profile_key
             profile = self._profiles.get(key)
             if profile is None:
                 profile = self._profiles[key] = Profile()

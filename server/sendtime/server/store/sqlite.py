@@ -725,7 +725,7 @@ class SqliteStore:
             payload = event.payload
             rows += (
                 event.message_id,
-                event.identity.key,
+                event.profile_key,
                 event.identity.user_id,
                 event.identity.anonymous_id,
                 event.kind.value,
