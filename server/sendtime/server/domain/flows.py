@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -29,6 +29,7 @@ _OBJECT: Final = msgspec.json.Decoder(dict[str, Any])
 ANY_ENTRY: Final = "*"
 #: The entry key of flows keyed by the user alone.
 USER_ENTRY: Final = "user"
+_MAX_MEMOISED_KEYS: Final = 200_000
 
 
 class ExitOn(enum.StrEnum):
@@ -112,6 +113,9 @@ class FlowPlanner:
             self._by_entry.setdefault(flow.entry_event, []).append(flow)
             for name in flow.exit_events:
                 self._by_exit.setdefault(name, []).append(flow)
+        # Most entries repeat a key already planned (every view of a browse week,
+        # every add to one cart): remember the keys made rather than hash again.
+        self._send_keys: dict[tuple[str, str, str], str] = {}
 
     def plan(
         self, events: Sequence[Event], scheduled: Container[str] = frozenset()
@@ -130,11 +134,22 @@ class FlowPlanner:
                 continue  # the common case: nothing to look at
             properties = _Properties(event)
             for flow in entering or ():
-                planned = _entry(flow, event, properties, scheduled)
+                planned = _entry(flow, event, properties, scheduled, self._send_key)
                 if planned is not None:
                     sends.append(planned)
             exits.extend(_exit(flow, event, properties) for flow in exiting or ())
         return sends, exits
+
+    def _send_key(self, flow_id: str, profile_key: str, entry_key: str) -> str:
+        """``send_key`` of a flow's first step, memoised (bounded)."""
+        known = self._send_keys.get((flow_id, profile_key, entry_key))
+        if known is None:
+            if len(self._send_keys) >= _MAX_MEMOISED_KEYS:
+                self._send_keys.clear()
+            known = self._send_keys[flow_id, profile_key, entry_key] = send_key(
+                flow_id, 1, profile_key, entry_key
+            )
+        return known
 
 
 class _Properties:
@@ -171,7 +186,11 @@ def _decode_properties(event: Event) -> dict[str, Any]:
 
 
 def _entry(
-    flow: Flow, event: Event, properties: _Properties, scheduled: Container[str]
+    flow: Flow,
+    event: Event,
+    properties: _Properties,
+    scheduled: Container[str],
+    first_step_key: Callable[[str, str, str], str],
 ) -> PlannedSend | None:
     if flow.entry_filter and any(properties.get(name) != value for name, value in flow.entry_filter.items()):
         return None
@@ -187,7 +206,7 @@ def _entry(
         period = int(event.timestamp.timestamp() // flow.reentry_period.total_seconds())
         key_part = f"{entry_key}@{period}"
     profile_key = event.profile_key
-    key = send_key(flow.id, 1, profile_key, key_part)
+    key = first_step_key(flow.id, profile_key, key_part)
     if key in scheduled:
         return None
     return PlannedSend(

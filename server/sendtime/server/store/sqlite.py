@@ -721,8 +721,14 @@ class SqliteStore:
 
     def _write(self, conn: sqlite3.Connection, events: list[Event]) -> tuple[list[bool], _PlanCounts | None]:
         rows: list[Any] = []
+        # The events of one ingest call share their arrival time.
+        received_at: datetime | None = None
+        received_micros = 0
         for event in events:
             payload = event.payload
+            if event.received_at is not received_at:
+                received_at = event.received_at
+                received_micros = _micros(received_at)
             rows += (
                 event.message_id,
                 event.profile_key,
@@ -731,7 +737,7 @@ class SqliteStore:
                 event.kind.value,
                 event.name,
                 _micros(event.timestamp),
-                _micros(event.received_at),
+                received_micros,
                 event.previous_id or event.group_id,
                 _encode_json(payload) if isinstance(payload, TraitsUpdate) else event.properties,
             )
