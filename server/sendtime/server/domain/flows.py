@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
@@ -29,6 +29,7 @@ _OBJECT: Final = msgspec.json.Decoder(dict[str, Any])
 ANY_ENTRY: Final = "*"
 #: The entry key of flows keyed by the user alone.
 USER_ENTRY: Final = "user"
+_MAX_MEMOISED_KEYS: Final = 200_000
 
 
 class ExitOn(enum.StrEnum):
@@ -70,8 +71,10 @@ class Flow:
         return not self.subscription_group
 
 
-@dataclass(frozen=True, slots=True)
-class PlannedSend:
+class PlannedSend(msgspec.Struct, gc=False, frozen=True, kw_only=True):
+    # A Struct, not a dataclass: the planner builds one per entering event, and
+    # a frozen dataclass pays an object.__setattr__ per field to be built.
+    # gc=False, like events: plain values, never part of a reference cycle.
     send_key: str
     flow_id: str
     template_id: str
@@ -86,8 +89,7 @@ class PlannedSend:
     subscription_group: str
 
 
-@dataclass(frozen=True, slots=True)
-class PlannedExit:
+class PlannedExit(msgspec.Struct, gc=False, frozen=True, kw_only=True):
     profile_key: str
     flow_id: str
     #: ANY_ENTRY when the exit applies to every entry of the flow.
@@ -111,8 +113,16 @@ class FlowPlanner:
             self._by_entry.setdefault(flow.entry_event, []).append(flow)
             for name in flow.exit_events:
                 self._by_exit.setdefault(name, []).append(flow)
+        # Most entries repeat a key already planned (every view of a browse week,
+        # every add to one cart): remember the keys made rather than hash again.
+        self._send_keys: dict[tuple[str, str, str], str] = {}
 
-    def plan(self, events: Sequence[Event]) -> tuple[list[PlannedSend], list[PlannedExit]]:
+    def plan(
+        self, events: Sequence[Event], scheduled: Container[str] = frozenset()
+    ) -> tuple[list[PlannedSend], list[PlannedExit]]:
+        """The sends and exits ``events`` cause, in event order. ``scheduled``:
+        send keys known to be in the ledger already; an entry on one of them
+        changes nothing (one send per key), so it is not planned again."""
         sends: list[PlannedSend] = []
         exits: list[PlannedExit] = []
         for event in events:
@@ -121,25 +131,68 @@ class FlowPlanner:
             entering = self._by_entry.get(event.name)
             exiting = self._by_exit.get(event.name)
             if entering is None and exiting is None:
-                continue  # the common case: no JSON is decoded
-            properties = _properties(event)
+                continue  # the common case: nothing to look at
+            properties = _Properties(event)
             for flow in entering or ():
-                planned = _entry(flow, event, properties)
+                planned = _entry(flow, event, properties, scheduled, self._send_key)
                 if planned is not None:
                     sends.append(planned)
             exits.extend(_exit(flow, event, properties) for flow in exiting or ())
         return sends, exits
 
+    def _send_key(self, flow_id: str, profile_key: str, entry_key: str) -> str:
+        """``send_key`` of a flow's first step, memoised (bounded)."""
+        known = self._send_keys.get((flow_id, profile_key, entry_key))
+        if known is None:
+            if len(self._send_keys) >= _MAX_MEMOISED_KEYS:
+                self._send_keys.clear()
+            known = self._send_keys[flow_id, profile_key, entry_key] = send_key(
+                flow_id, 1, profile_key, entry_key
+            )
+        return known
 
-def _properties(event: Event) -> dict[str, Any]:
+
+class _Properties:
+    """An event's properties, read from the typed payload validation already
+    decoded where that gives the same value as the JSON would, and from the
+    JSON (decoded at most once) only for the others.
+
+    Ids and strings read the same either way; a float field does not (the JSON
+    ``5`` is the payload's ``5.0``, which ``str`` spells differently), nor does
+    a list of products, nor an unknown property (a payload keeps none)."""
+
+    __slots__ = ("_decoded", "_event")
+
+    def __init__(self, event: Event) -> None:
+        self._event = event
+        self._decoded: dict[str, Any] | None = None
+
+    def get(self, name: str) -> Any:
+        payload = self._event.payload
+        if payload is not None and name in payload.__struct_fields__:
+            value = getattr(payload, name)
+            if value is None or (type(value) is str or type(value) is int):
+                return value
+        if self._decoded is None:
+            self._decoded = _decode_properties(self._event)
+        return self._decoded.get(name)
+
+
+def _decode_properties(event: Event) -> dict[str, Any]:
     try:
         return _OBJECT.decode(event.properties or b"{}")
     except (msgspec.ValidationError, msgspec.DecodeError):  # validated at ingest; never here
         return {}
 
 
-def _entry(flow: Flow, event: Event, properties: Mapping[str, Any]) -> PlannedSend | None:
-    if any(properties.get(name) != value for name, value in flow.entry_filter.items()):
+def _entry(
+    flow: Flow,
+    event: Event,
+    properties: _Properties,
+    scheduled: Container[str],
+    first_step_key: Callable[[str, str, str], str],
+) -> PlannedSend | None:
+    if flow.entry_filter and any(properties.get(name) != value for name, value in flow.entry_filter.items()):
         return None
     if flow.entry_key:
         value = properties.get(flow.entry_key)
@@ -152,9 +205,12 @@ def _entry(flow: Flow, event: Event, properties: Mapping[str, Any]) -> PlannedSe
     if flow.reentry is Reentry.ONCE_PER_PERIOD:
         period = int(event.timestamp.timestamp() // flow.reentry_period.total_seconds())
         key_part = f"{entry_key}@{period}"
-    profile_key = event.identity.key
+    profile_key = event.profile_key
+    key = first_step_key(flow.id, profile_key, key_part)
+    if key in scheduled:
+        return None
     return PlannedSend(
-        send_key=send_key(flow.id, 1, profile_key, key_part),
+        send_key=key,
         flow_id=flow.id,
         template_id=flow.template,
         profile_key=profile_key,
@@ -171,13 +227,13 @@ def _entry(flow: Flow, event: Event, properties: Mapping[str, Any]) -> PlannedSe
     )
 
 
-def _exit(flow: Flow, event: Event, properties: Mapping[str, Any]) -> PlannedExit:
+def _exit(flow: Flow, event: Event, properties: _Properties) -> PlannedExit:
     entry_key = ANY_ENTRY
     if flow.exit_on is ExitOn.SAME_KEY and flow.entry_key:
         value = properties.get(flow.entry_key)
         entry_key = str(value) if value not in (None, "") else ANY_ENTRY
     return PlannedExit(
-        profile_key=event.identity.key,
+        profile_key=event.profile_key,
         flow_id=flow.id,
         entry_key=entry_key,
         event_time=event.timestamp,

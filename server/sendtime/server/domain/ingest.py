@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
+import msgspec
+
 from sendtime.server.domain.errors import InvalidInput, SendtimeError
 from sendtime.server.domain.events import Event, IncomingEvent, validate
 from sendtime.server.domain.ports import EventStore
@@ -25,8 +27,10 @@ class Outcome(enum.Enum):
     REJECTED = "rejected"
 
 
-@dataclass(frozen=True, slots=True)
-class Ack:
+class Ack(msgspec.Struct, frozen=True):
+    # A Struct, not a frozen dataclass: one is built per event, and a frozen
+    # dataclass pays an object.__setattr__ per field. (Tracked by the garbage
+    # collector, unlike events: an error's traceback can close a cycle.)
     index: int
     message_id: str
     outcome: Outcome

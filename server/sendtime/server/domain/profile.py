@@ -47,7 +47,12 @@ DEFAULT_CART: Final = "default"
 Stamp = tuple[datetime, str]
 
 
-class Stamped(msgspec.Struct, array_like=True):
+# The profile Structs are gc=False: a profile is a tree of plain values that
+# can never be part of a reference cycle, and the garbage collector would
+# otherwise walk every one of the many profiles kept in memory on each full run.
+
+
+class Stamped(msgspec.Struct, gc=False, array_like=True):
     value: Any
     at: datetime
     message_id: str
@@ -57,7 +62,7 @@ class Stamped(msgspec.Struct, array_like=True):
         return (self.at, self.message_id)
 
 
-class Line(msgspec.Struct, kw_only=True, omit_defaults=True):
+class Line(msgspec.Struct, gc=False, kw_only=True, omit_defaults=True):
     product_id: str
     sku: str = ""
     name: str = ""
@@ -69,13 +74,15 @@ class Line(msgspec.Struct, kw_only=True, omit_defaults=True):
     category: str = ""
 
 
-class CartOp(msgspec.Struct, array_like=True):
+class CartOp(msgspec.Struct, gc=False, array_like=True):
     at: datetime
     message_id: str
     op: Literal["add", "remove", "set"]
     # For add and remove, one line whose quantity is the amount added or
-    # removed (None on remove: the whole line). For set, the whole cart.
-    lines: list[Line]
+    # removed (None on remove: the whole line). For set, the whole cart. A
+    # tuple: the garbage collector stops tracking a tuple of untracked values
+    # (a list it tracks for ever), and profiles hold many of these.
+    lines: tuple[Line, ...]
     remove_all: bool = False
 
     @property
@@ -83,7 +90,7 @@ class CartOp(msgspec.Struct, array_like=True):
         return (self.at, self.message_id)
 
 
-class CartState(msgspec.Struct, kw_only=True):
+class CartState(msgspec.Struct, gc=False, kw_only=True):
     cart_id: str
     ops: list[CartOp] = []
     # Operations at or before this time no longer count (an order closed the
@@ -93,12 +100,12 @@ class CartState(msgspec.Struct, kw_only=True):
     updated_at: datetime | None = None
 
 
-class Viewed(msgspec.Struct, kw_only=True):
+class Viewed(msgspec.Struct, gc=False, kw_only=True):
     line: Line
     viewed_at: datetime
 
 
-class OrderState(msgspec.Struct, kw_only=True):
+class OrderState(msgspec.Struct, gc=False, kw_only=True):
     order_id: str
     total: float | None = None
     currency: str = ""
@@ -108,7 +115,7 @@ class OrderState(msgspec.Struct, kw_only=True):
     refunded_total: float | None = None
 
 
-class Profile(msgspec.Struct, kw_only=True):
+class Profile(msgspec.Struct, gc=False, kw_only=True):
     user_id: str = ""
     anonymous_id: str = ""
     traits: dict[str, Stamped] = {}
@@ -150,9 +157,9 @@ def fold(profile: Profile, event: Event) -> None:
         quantity = payload.quantity if payload.quantity is not None else (1 if op == "add" else 0)
         line = _line(payload, quantity=quantity, currency=payload.currency)
         cart = _cart(profile, payload.cart_id)
-        _add_cart_op(cart, CartOp(at, event.message_id, op, [line], remove_all=payload.quantity is None))
+        _add_cart_op(cart, CartOp(at, event.message_id, op, (line,), remove_all=payload.quantity is None))
     elif isinstance(payload, CartSnapshot):
-        lines = [_line(p, quantity=p.quantity or 1, currency=payload.currency) for p in payload.products]
+        lines = tuple(_line(p, quantity=p.quantity or 1, currency=payload.currency) for p in payload.products)
         _add_cart_op(_cart(profile, payload.cart_id), CartOp(at, event.message_id, "set", lines))
     elif isinstance(payload, OrderCompleted):
         _fold_order_completed(profile, payload, stamp)
@@ -222,7 +229,7 @@ def _add_cart_op(cart: CartState, op: CartOp) -> None:
         keep = MAX_CART_OPS // 2
         old, recent = cart.ops[:-keep], cart.ops[-keep:]
         last = old[-1]
-        cart.ops = [CartOp(last.at, last.message_id, "set", _replay(old, None)), *recent]
+        cart.ops = [CartOp(last.at, last.message_id, "set", tuple(_replay(old, None))), *recent]
 
 
 def _fold_order_completed(profile: Profile, order: OrderCompleted, stamp: Stamp) -> None:

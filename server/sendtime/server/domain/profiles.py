@@ -9,7 +9,10 @@ whoever reads after an ack sees the event.
 
 Every ``flush_interval_s`` the dirty profiles are encoded and saved together
 with the position they include; a restart folds only the events after it.
-Many events for one user between saves cost one write. Only clean profiles are
+Many events for one user between saves cost one write. Encoding holds the
+event loop, so under heavy load saves are spaced further apart, to keep them
+to about a tenth of the loop's time (a restart then re-folds a few seconds of
+events rather than one). Only clean profiles are
 evicted, so memory is bounded by the cache size plus what a flush interval of
 traffic makes dirty.
 """
@@ -19,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import Final
 
 import msgspec
 
@@ -29,6 +34,9 @@ from sendtime.server.domain.ports import ProfileStore
 from sendtime.server.domain.profile import Profile, fold
 
 log = logging.getLogger(__name__)
+
+#: Saves wait at least this many times as long as the last one took to encode.
+_SAVE_SPACING: Final = 10.0
 
 _encode = msgspec.msgpack.Encoder().encode
 
@@ -139,12 +147,12 @@ class ProfileBook:
         self._waiters = still
 
     async def _fold_round(self, events: Sequence[Event]) -> None:
-        keys = {event.identity.key for event in events}
+        keys = {event.profile_key for event in events}
         missing = [key for key in keys if key not in self._profiles]
         if missing:
             await self._load(missing)
         for event in events:
-            key = event.identity.key
+            key = event.profile_key
             profile = self._profiles.get(key)
             if profile is None:
                 profile = self._profiles[key] = Profile()
@@ -205,21 +213,29 @@ class ProfileBook:
             self._flush_now.set()  # everything old is dirty: save so it can go
 
     async def _flusher(self) -> None:
+        wait = self._flush_interval
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._flush_now.wait(), self._flush_interval)
+                await asyncio.wait_for(self._flush_now.wait(), wait)
             self._flush_now.clear()
             try:
-                await self._flush()
+                encoding_s = await self._flush()
             except Exception:
                 log.exception("saving profiles failed; will retry")
+            else:
+                # The longer an interval, the more events each encoded profile
+                # covers: heavy load costs fewer encodes per event, not more.
+                wait = max(self._flush_interval, _SAVE_SPACING * encoding_s)
 
-    async def _flush(self) -> None:
+    async def _flush(self) -> float:
+        """Save the dirty profiles; returns the seconds spent encoding them."""
         if not self._dirty or self._saves_stopped:
-            return
+            return 0.0
         # Encoded in one synchronous step: exactly the rounds folded so far.
+        started = time.perf_counter()
         keys = list(self._dirty)
         rows = [(key, _encode(self._profiles[key])) for key in keys]
+        encoding_s = time.perf_counter() - started
         position = self._folded
         self._dirty.clear()
         try:
@@ -228,3 +244,4 @@ class ProfileBook:
             self._dirty.update(keys)
             raise
         self._evict()
+        return encoding_s

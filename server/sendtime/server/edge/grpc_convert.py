@@ -46,7 +46,7 @@ _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 def _datetime(stamp: Timestamp) -> datetime:
     # protobuf's ToDatetime is pure Python and costs ~2 us; this is the same
     # arithmetic, to the microsecond, at a fraction of it.
-    return _EPOCH + timedelta(seconds=stamp.seconds, microseconds=stamp.nanos // 1000)
+    return _EPOCH + timedelta(0, stamp.seconds, stamp.nanos // 1000)  # (days, seconds, microseconds)
 
 
 def incoming_event(event: event_pb2.Event) -> IncomingEvent:

@@ -31,7 +31,17 @@ MAX_BATCH_EVENTS: Final = 2500
 Id = str | int
 
 
-class Message(msgspec.Struct, kw_only=True, rename="camel"):
+class Context(msgspec.Struct, gc=False):
+    """The part of Segment's context object that sendtime reads (identify calls
+    fall back to it). Decoding skips the rest without building it: the
+    library, page, user agent... that clients send with every event."""
+
+    locale: Any = None
+    timezone: Any = None
+
+
+# gc=False: decoded JSON, never part of a reference cycle; one per event.
+class Message(msgspec.Struct, gc=False, kw_only=True, rename="camel"):
     type: str | None = None
     message_id: Id | None = None
     user_id: Id | None = None
@@ -40,7 +50,7 @@ class Message(msgspec.Struct, kw_only=True, rename="camel"):
     name: str | None = None
     properties: msgspec.Raw = msgspec.Raw(b"")
     traits: dict[str, Any] | None = None
-    context: dict[str, Any] | None = None
+    context: Context | None = None
     timestamp: datetime | None = None
     original_timestamp: datetime | None = None
     sent_at: datetime | None = None
@@ -49,10 +59,10 @@ class Message(msgspec.Struct, kw_only=True, rename="camel"):
     write_key: str | None = None
 
 
-class Batch(msgspec.Struct, kw_only=True, rename="camel"):
+class Batch(msgspec.Struct, gc=False, kw_only=True, rename="camel"):
     batch: list[msgspec.Raw]
     sent_at: datetime | None = None
-    context: dict[str, Any] | None = None
+    context: Context | None = None
     write_key: str | None = None
 
 
@@ -65,6 +75,7 @@ class BatchProbe(msgspec.Struct):
 
 
 _MESSAGE: Final = msgspec.json.Decoder(Message)
+_NO_CONTEXT: Final = Context()
 _BATCH: Final = msgspec.json.Decoder(Batch)
 _WRITE_KEY: Final = msgspec.json.Decoder(WriteKeyOnly)
 _BATCH_PROBE: Final = msgspec.json.Decoder(BatchProbe)
@@ -150,23 +161,24 @@ def _decode_message(
     received_at: datetime,
     *,
     batch_sent_at: datetime | None,
-    batch_context: dict[str, Any] | None,
+    batch_context: Context | None,
 ) -> IncomingEvent | Undecodable:
     raw_bytes = bytes(raw)
-    derived_id = "h-" + hashlib.sha256(raw_bytes).hexdigest()[:40]
     if len(raw_bytes) > MAX_EVENT_BYTES:
-        return _undecodable(derived_id, "event", f"is {len(raw_bytes)} bytes; the limit is {MAX_EVENT_BYTES}")
+        return _undecodable(
+            _derived_id(raw_bytes), "event", f"is {len(raw_bytes)} bytes; the limit is {MAX_EVENT_BYTES}"
+        )
     try:
         message = _MESSAGE.decode(raw_bytes)
     except msgspec.ValidationError as exc:
-        return _undecodable(derived_id, "event", str(exc).replace("`$.", "`"))
+        return _undecodable(_derived_id(raw_bytes), "event", str(exc).replace("`$.", "`"))
     except msgspec.DecodeError as exc:
-        return _undecodable(derived_id, "event", f"is not valid JSON: {exc}")
-    message_id = str(message.message_id) if message.message_id is not None else derived_id
+        return _undecodable(_derived_id(raw_bytes), "event", f"is not valid JSON: {exc}")
+    message_id = str(message.message_id) if message.message_id is not None else _derived_id(raw_bytes)
     kind = route_kind or _ROUTE_KINDS.get(message.type or "")
     if kind is None:
         return _undecodable(message_id, "type", f"must be one of {', '.join(_ROUTE_KINDS)}")
-    context = message.context or batch_context or {}
+    context = message.context if message.context is not None else batch_context or _NO_CONTEXT
     traits: TraitsUpdate | None = None
     if kind is EventKind.IDENTIFY:
         try:
@@ -192,6 +204,12 @@ def _decode_message(
     )
 
 
+def _derived_id(raw: bytes) -> str:
+    """The message id of an event that names none: the same bytes, the same id.
+    Made only then, not for every event: hashing costs."""
+    return "h-" + hashlib.sha256(raw).hexdigest()[:40]
+
+
 def _undecodable(message_id: str, field: str, description: str) -> Undecodable:
     return Undecodable(
         message_id, InvalidInput(f"{field}: {description}", [FieldViolation(field, description)])
@@ -214,7 +232,7 @@ def _event_time(message: Message, received_at: datetime, batch_sent_at: datetime
     return message.original_timestamp
 
 
-def _traits(raw: dict[str, Any], context: dict[str, Any]) -> TraitsUpdate:
+def _traits(raw: dict[str, Any], context: Context) -> TraitsUpdate:
     known: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     violations: list[FieldViolation] = []
@@ -228,8 +246,8 @@ def _traits(raw: dict[str, Any], context: dict[str, Any]) -> TraitsUpdate:
         elif value is not None:
             violations.append(FieldViolation(f"traits.{key}", "must be a string"))
     for key in ("locale", "timezone"):
-        if key not in known and isinstance(context.get(key), str):
-            known[key] = context[key]
+        if key not in known and isinstance(fallback := getattr(context, key), str):
+            known[key] = fallback
     consent = _consent(raw.get("consent"), violations)
     if violations:
         raise InvalidInput(f"invalid traits: {violations[0].field}: {violations[0].description}", violations)

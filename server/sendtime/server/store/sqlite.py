@@ -23,7 +23,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -134,7 +134,8 @@ CREATE TABLE IF NOT EXISTS suppressions (
 _EVENT_COLUMNS: Final = (
     "message_id, profile_key, user_id, anonymous_id, kind, name, event_time, received_at, ref_id, body"
 )
-_ROWS_PER_INSERT: Final = 1000  # 10 columns: 10,000 variables, under SQLite's 32,766
+#: Rows per multi-row statement: at most 14 variables a row (sends), under SQLite's 32,766.
+_ROWS_PER_INSERT: Final = 1000
 _PROFILES_POSITION: Final = "profiles_position"
 _MAX_KNOWN_SEND_KEYS: Final = 500_000
 
@@ -315,10 +316,17 @@ class SqliteStore:
     async def save_profiles(self, rows: Sequence[tuple[str, bytes]], position: int) -> None:
         """Write folded profiles and the position they include, in one transaction."""
 
+        flat = [value for row in rows for value in row]
+
         def save(conn: sqlite3.Connection) -> None:
-            conn.executemany(
-                "INSERT INTO profiles VALUES (?, ?) ON CONFLICT (profile_key) DO UPDATE SET doc = excluded.doc",
-                rows,
+            # Multi-row statements, not executemany: that lets go of the GIL for
+            # every row, and each time a busy loop may keep the writer waiting.
+            _insert_rows(
+                conn,
+                "INSERT INTO profiles VALUES",
+                "(?,?)",
+                flat,
+                tail=" ON CONFLICT (profile_key) DO UPDATE SET doc = excluded.doc",
             )
             conn.execute(
                 "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -720,17 +728,23 @@ class SqliteStore:
 
     def _write(self, conn: sqlite3.Connection, events: list[Event]) -> tuple[list[bool], _PlanCounts | None]:
         rows: list[Any] = []
+        # The events of one ingest call share their arrival time.
+        received_at: datetime | None = None
+        received_micros = 0
         for event in events:
             payload = event.payload
+            if event.received_at is not received_at:
+                received_at = event.received_at
+                received_micros = _micros(received_at)
             rows += (
                 event.message_id,
-                event.identity.key,
+                event.profile_key,
                 event.identity.user_id,
                 event.identity.anonymous_id,
                 event.kind.value,
                 event.name,
                 _micros(event.timestamp),
-                _micros(event.received_at),
+                received_micros,
                 event.previous_id or event.group_id,
                 _encode_json(payload) if isinstance(payload, TraitsUpdate) else event.properties,
             )
@@ -762,7 +776,7 @@ class SqliteStore:
                 )
                 if self.planner is not None:
                     new_events = [e for e, new in zip(events, is_new, strict=True) if new]
-                    counts = self._apply_plan(conn, *self.planner.plan(new_events))
+                    counts = self._apply_plan(conn, *self.planner.plan(new_events, self._known_send_keys))
         self._remember_send_keys()
         self._position = last
         return is_new, counts
@@ -778,7 +792,11 @@ class SqliteStore:
         self, conn: sqlite3.Connection, sends: list[PlannedSend], exits: list[PlannedExit]
     ) -> _PlanCounts:
         """Schedule and cancel in the transaction of the events that caused it;
-        returns how many were scheduled and cancelled, by flow."""
+        returns how many were scheduled and cancelled, by flow.
+
+        Set-based, a few statements per flow and round rather than one or two
+        per event: each statement lets go of the GIL, and a busy event loop can
+        then keep the writer waiting for it (up to the switch interval)."""
         now = _micros(datetime.now(UTC))
         scheduled: dict[str, int] = {}
         cancelled: dict[str, int] = {}
@@ -793,60 +811,18 @@ class SqliteStore:
         sends = list(fresh.values())
         self._pending_send_keys.update(fresh)
         if sends:
-            by_flow: dict[str, list[PlannedSend]] = {}
-            for planned in sends:
-                by_flow.setdefault(planned.flow_id, []).append(planned)
-            for flow_id, planned_sends in by_flow.items():
-                scheduled[flow_id] = conn.executemany(
-                    "INSERT OR IGNORE INTO sends (send_key, flow_id, template_id, profile_key, user_id, anonymous_id,"
-                    " entry_key, entry_message_id, entry_time, received_at, due_at, status, subscription_group,"
-                    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'scheduled', ?, ?, ?)",
-                    [
-                        (
-                            p.send_key,
-                            p.flow_id,
-                            p.template_id,
-                            p.profile_key,
-                            p.user_id,
-                            p.anonymous_id,
-                            p.entry_key,
-                            p.entry_message_id,
-                            _micros(p.entry_time),
-                            _micros(p.received_at),
-                            _micros(p.due_at),
-                            p.subscription_group,
-                            now,
-                            now,
-                        )
-                        for p in planned_sends
-                    ],
-                ).rowcount
+            for flow_id, rows in _by_flow(sends, _send_row, now).items():
+                scheduled[flow_id] = _insert_rows(conn, _SCHEDULE_SQL, _SCHEDULE_MARKS, rows)
             earliest = min(p.due_at for p in sends)
             if self._earliest_due is None or earliest < self._earliest_due:
                 self._earliest_due = earliest
-        for exit_ in exits:
-            event_time = _micros(exit_.event_time)
-            conn.execute(
-                "INSERT OR IGNORE INTO flow_exits VALUES (?, ?, ?, ?, ?)",
-                (exit_.profile_key, exit_.flow_id, exit_.entry_key, event_time, exit_.event_name),
-            )
-            cancelled[exit_.flow_id] = (
-                cancelled.get(exit_.flow_id, 0)
-                + conn.execute(
-                    "UPDATE sends SET status = 'cancelled', reason = ?, updated_at = ?"
-                    " WHERE profile_key = ? AND flow_id = ? AND status = 'scheduled' AND entry_time <= ?"
-                    " AND (? = '*' OR entry_key = ?)",
-                    (
-                        f"exit: {exit_.event_name}",
-                        now,
-                        exit_.profile_key,
-                        exit_.flow_id,
-                        event_time,
-                        exit_.entry_key,
-                        exit_.entry_key,
-                    ),
-                ).rowcount
-            )
+        if exits:
+            _insert_rows(conn, "INSERT OR IGNORE INTO flow_exits VALUES", "(?,?,?,?,?)", _exit_rows(exits))
+            for flow_id, rows in _by_flow(exits, _cancel_row, 0).items():
+                cancelled[flow_id] = sum(
+                    conn.execute(_cancel_sql(len(chunk) // 4), (now, *chunk, flow_id)).rowcount
+                    for chunk in _chunks(rows, 4, _ROWS_PER_INSERT)
+                )
         return scheduled, cancelled
 
     def _maybe_purge(self, conn: sqlite3.Connection) -> None:
@@ -916,6 +892,94 @@ def _transaction(conn: sqlite3.Connection) -> Any:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+_SCHEDULE_SQL: Final = (
+    "INSERT OR IGNORE INTO sends (send_key, flow_id, template_id, profile_key, user_id, anonymous_id,"
+    " entry_key, entry_message_id, entry_time, received_at, due_at, status, subscription_group,"
+    " created_at, updated_at) VALUES"
+)
+_SCHEDULE_MARKS: Final = "(?,?,?,?,?,?,?,?,?,?,?,'scheduled',?,?,?)"
+_Planned = TypeVar("_Planned", PlannedSend, PlannedExit)
+
+
+def _send_row(p: PlannedSend, now: int) -> tuple[Any, ...]:
+    return (
+        p.send_key,
+        p.flow_id,
+        p.template_id,
+        p.profile_key,
+        p.user_id,
+        p.anonymous_id,
+        p.entry_key,
+        p.entry_message_id,
+        _micros(p.entry_time),
+        _micros(p.received_at),
+        _micros(p.due_at),
+        p.subscription_group,
+        now,
+        now,
+    )
+
+
+def _cancel_row(exit_: PlannedExit, _now: int) -> tuple[Any, ...]:
+    return (exit_.profile_key, exit_.entry_key, _micros(exit_.event_time), exit_.event_name)
+
+
+def _exit_rows(exits: list[PlannedExit]) -> list[Any]:
+    rows: list[Any] = []
+    for e in exits:
+        rows += (e.profile_key, e.flow_id, e.entry_key, _micros(e.event_time), e.event_name)
+    return rows
+
+
+def _by_flow(
+    planned: list[_Planned], row: Callable[[_Planned, int], tuple[Any, ...]], now: int
+) -> dict[str, list[Any]]:
+    """Flat statement parameters per flow, in the order planned."""
+    flat: dict[str, list[Any]] = {}
+    for item in planned:
+        flat.setdefault(item.flow_id, []).extend(row(item, now))
+    return flat
+
+
+def _chunks(flat: list[Any], width: int, rows: int) -> Iterator[list[Any]]:
+    step = width * rows
+    for start in range(0, len(flat), step):
+        yield flat[start : start + step]
+
+
+def _insert_rows(conn: sqlite3.Connection, head: str, marks: str, flat: list[Any], tail: str = "") -> int:
+    """One multi-row INSERT per chunk of ``flat`` (a row's values one after
+    another); returns how many rows it inserted."""
+    width = marks.count("?")
+    inserted = 0
+    for chunk in _chunks(flat, width, _ROWS_PER_INSERT):
+        sql = f"{head} {','.join([marks] * (len(chunk) // width))}{tail}"
+        inserted += conn.execute(sql, chunk).rowcount
+    return inserted
+
+
+@cache
+def _cancel_sql(rows: int) -> str:
+    """Cancel the scheduled sends of one flow that any of ``rows`` exits ends:
+    same profile, entered no later than the exit, same entry key or any. Named
+    after the first such exit of the round, as one statement per exit would
+    (SQLite takes a bare column beside min() from the row with the minimum).
+    Driven from the exits (CROSS JOIN fixes that order: SQLite would rather
+    scan the flow's sends), each looking up its profile's sends by index.
+    Exits are (seq, profile_key, entry_key, event_time, event_name) rows; no
+    WITH clause, for Python's sqlite3 reports no rowcount for one."""
+    values = ",".join(f"({n},?,?,?,?)" for n in range(rows))
+    return (
+        "UPDATE sends SET status = 'cancelled', updated_at = ?, reason = 'exit: ' || first.event_name"  # noqa: S608
+        " FROM (SELECT sends.id AS id, min(exits.column1), exits.column5 AS event_name"
+        f" FROM (VALUES {values}) AS exits CROSS JOIN sends"  # only numbers and "?" marks
+        " ON sends.profile_key = exits.column2 AND sends.flow_id = ?"
+        " WHERE sends.status = 'scheduled' AND sends.entry_time <= exits.column4"
+        " AND exits.column3 IN ('*', sends.entry_key) GROUP BY sends.id) AS first"
+        " WHERE sends.id = first.id"
+    )
 
 
 def _rebuild(row: tuple[Any, ...]) -> Event:
