@@ -11,6 +11,7 @@ committed, profiles are saved, the store commits what it was handed, then exit).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import secrets
 import signal
@@ -398,6 +399,10 @@ def _dispatch_policy(delivery: DeliverySettings) -> DispatchPolicy:
 async def _serve(settings: Settings, on_ready: Callable[[Sendtime], None]) -> None:
     app = Sendtime(settings)
     await app.start()
+    # Everything built at start (modules, templates, the catalog, the profiles
+    # folded from the store) lives as long as the process: out of the cyclic
+    # collector's sight, full collections under load no longer walk it.
+    gc.freeze()
     on_ready(app)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

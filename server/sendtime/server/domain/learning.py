@@ -32,9 +32,9 @@ class EventLearner:
     def learned(self, events: Sequence[Event]) -> None:
         touched: set[str] = set()
         for event in events:
-            touched.add(event.identity.key)
+            touched.add(event.profile_key)
             if event.kind is EventKind.TRACK:
-                self.learn(event.identity.key, event.payload)
+                self.learn(event.profile_key, event.payload)
         for key in touched:
             self._invalidate_user(key)
 
