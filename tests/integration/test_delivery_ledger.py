@@ -121,3 +121,19 @@ async def test_hand_over_is_stopped_by_the_frequency_cap(store: SqliteStore) -> 
         second.id, relay="smtp", template_version="v1", checks=checks(second, cap_count=2)
     )
     assert roomier.handed_over
+
+
+async def test_frequency_cap_counts_a_send_still_at_the_esp(store: SqliteStore) -> None:
+    # Two sends for one user claimed together: the first is "relaying" (the ESP
+    # has it, no answer yet) when the second is handed over under a cap of one.
+    first = await claimed(store, "k1")
+    second = await claimed(store, "k2", entry_key="cart-2")
+    assert (
+        await store.hand_over(
+            first.id, relay="smtp", template_version="v1", checks=checks(first, cap_count=1)
+        )
+    ).handed_over
+    handover = await store.hand_over(
+        second.id, relay="smtp", template_version="v1", checks=checks(second, cap_count=1)
+    )
+    assert (handover.handed_over, handover.capped, handover.sent) == (False, True, 1)

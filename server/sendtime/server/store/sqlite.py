@@ -536,7 +536,8 @@ class SqliteStore:
         return await asyncio.to_thread(self._with_reader, _select_suppressed, (list(subjects), group))
 
     async def sent_since(self, profile_key: str, since: datetime) -> int:
-        """Marketing sends accepted for this user since ``since`` (for frequency caps)."""
+        """Marketing sends to this user since ``since`` that count against
+        frequency caps: accepted, or handed to the ESP and not yet answered."""
         return await asyncio.to_thread(self._with_reader, _select_sent_since, (profile_key, _micros(since)))
 
     async def get_send(self, *, send_id: int | None = None, send_key: str | None = None) -> SendRecord | None:
@@ -1116,9 +1117,14 @@ _EXIT_SQL: Final = (
     "SELECT event_name FROM flow_exits WHERE profile_key = ? AND flow_id = ? AND event_time >= ?"
     " AND entry_key IN (?, '*') LIMIT 1"
 )
+# Counts what may have reached the user: sent (accepted), and also relaying
+# (handed to the ESP, answer pending) and uncertain (the ESP may have taken it),
+# timed by acceptance or else by the hand-over. Without the in-flight ones, two
+# sends for one user handed over while the other was at the ESP would both pass
+# a cap of one.
 _SENT_SINCE_SQL: Final = (
-    "SELECT count(*) FROM sends WHERE profile_key = ? AND status = 'sent' AND subscription_group != ''"
-    " AND accepted_at >= ?"
+    "SELECT count(*) FROM sends WHERE profile_key = ? AND subscription_group != ''"
+    " AND status IN ('sent', 'relaying', 'uncertain') AND coalesce(accepted_at, updated_at) >= ?"
 )
 
 
