@@ -59,7 +59,7 @@ class Attempt:
     #: "skipped", "cancelled" or "held" (quiet hours: scheduled again later).
     outcome: str
     #: Why, as a class: no_email, opted_out, suppressed, frequency_cap,
-    #: quiet_hours, nothing_to_show, bad_address, exit, render_error, refused,
+    #: quiet_hours, nothing_to_show, bad_address, exit, not_sending, render_error, refused,
     #: transient, gave_up, internal; "" when sent.
     reason: str = ""
     #: The ESP's or the renderer's own words, for a failure.
@@ -409,8 +409,10 @@ class Dispatcher:
                 record, SendStatus.SKIPPED, f"frequency cap: {handover.sent} sends in the last {cap.period}"
             )
             return Attempt("skipped", "frequency_cap", render_s=render_s)
-        # no longer "sending": an exit event stored since the claim cancelled it
-        return Attempt("cancelled", "exit", render_s=render_s)
+        # No longer "sending": settled elsewhere (nothing in sendtime does that
+        # while a send renders). Whatever it is now stands; say so and move on.
+        log.warning("send %s was no longer sending at hand-over; left as it is", record.id)
+        return Attempt("skipped", "not_sending", render_s=render_s)
 
     async def _retry_later(self, record: SendRecord, failure: TransientFailure) -> bool:
         """Schedule the send again later; True when it has had its last round."""

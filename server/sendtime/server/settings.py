@@ -68,7 +68,8 @@ class StorageSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Profiles kept in memory (more when many are waiting to be saved).
     profile_cache_size: Annotated[int, msgspec.Meta(ge=1)] = 100_000
     #: How often changed profiles are saved (less often under heavy load, so that
-    #: saving takes about a tenth of the loop's time); a restart re-folds the events since.
+    #: saving takes about a tenth of the loop's time, up to 30 s apart); a restart
+    #: re-folds the events since.
     profile_flush_interval_s: Seconds = 1.0
     #: SQLite's page cache per connection, in MiB.
     sqlite_cache_mib: Annotated[int, msgspec.Meta(ge=1)] = 128

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 #: Saves wait at least this many times as long as the last one took to encode.
 _SAVE_SPACING: Final = 10.0
+#: ...but never longer than this (unless the configured interval is longer):
+#: after a crash, start-up re-folds every event since the last save.
+_MAX_SAVE_SPACING_S: Final = 30.0
 
 _encode = msgspec.msgpack.Encoder().encode
 
@@ -225,7 +228,8 @@ class ProfileBook:
             else:
                 # The longer an interval, the more events each encoded profile
                 # covers: heavy load costs fewer encodes per event, not more.
-                wait = max(self._flush_interval, _SAVE_SPACING * encoding_s)
+                spacing = min(_SAVE_SPACING * encoding_s, _MAX_SAVE_SPACING_S)
+                wait = max(self._flush_interval, spacing)
 
     async def _flush(self) -> float:
         """Save the dirty profiles; returns the seconds spent encoding them."""

@@ -723,7 +723,10 @@ class SqliteStore:
             except Exception:
                 log.exception("the commit listener failed")
         if earliest_due is not None and self.on_scheduled is not None:
-            self.on_scheduled(earliest_due)
+            try:
+                self.on_scheduled(earliest_due)
+            except Exception:  # the appends below must be answered whatever happens
+                log.exception("the schedule listener failed")
         for done, appended in results:
             _resolve(done, appended)
 
@@ -1045,8 +1048,8 @@ class LastChecks:
 @dataclass(frozen=True, slots=True)
 class HandOver:
     #: The send is "relaying" now: the message may go to the ESP. When False
-    #: and no check failed, the send was not "sending" any more (an exit
-    #: event stored since the claim cancelled it).
+    #: and no check failed, the send was not "sending" any more: something
+    #: else settled it (nothing in sendtime does while it renders).
     handed_over: bool
     exit_event: str | None = None
     suppressed: bool = False
