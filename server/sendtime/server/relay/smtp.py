@@ -233,22 +233,29 @@ class SmtpRelay:
 
 
 async def _data(client: aiosmtplib.SMTP, mime: bytes) -> aiosmtplib.SMTPResponse:
-    """DATA, then the message and the end-of-data line: what ``client.data``
-    does, without its two regular-expression passes over the whole message
-    (line endings, then leading dots), which cost more than building the
-    message. Ours has CRLF line endings already, so a count checks that and
-    a plain replace doubles the leading dots."""
+    """DATA, then the message and the end-of-data line: aiosmtplib's own
+    ``SMTPProtocol.execute_data_command`` step by step (its command lock, and a
+    reply marked as expected before each write, so that none is dropped),
+    without its two regular-expression passes over the whole message (line
+    endings, then leading dots), which cost more than building the message.
+    Ours has CRLF line endings already: a count checks that, and a plain
+    replace doubles the leading dots. It leans on aiosmtplib internals, so the
+    dependency is held to 5.1.x and a test compares the bytes with its own."""
     protocol = client.protocol
-    if protocol is None:
+    lock = None if protocol is None else protocol._command_lock
+    if protocol is None or lock is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
     payload = data_payload(mime)
-    start = await client.execute_command(b"DATA")
-    if start.code != 354:
-        raise aiosmtplib.SMTPDataError(start.code, start.message)
-    # No await between the write and read_response: the reply cannot arrive unclaimed.
-    protocol.write(payload)
     try:
-        response = await protocol.read_response(timeout=client.timeout)
+        async with lock:
+            protocol._response_pending = True
+            protocol.write(b"DATA\r\n")
+            start = await protocol.read_response(timeout=client.timeout)
+            if start.code != 354:
+                raise aiosmtplib.SMTPDataError(start.code, start.message)
+            protocol._response_pending = True
+            protocol.write(payload)
+            response = await protocol.read_response(timeout=client.timeout)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
         client.close()  # the session is out of step with the server now
         raise
