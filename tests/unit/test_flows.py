@@ -118,6 +118,19 @@ def test_a_late_event_is_not_scheduled_in_the_past_of_its_arrival_by_more_than_t
     assert planned.due_at == T0
 
 
+def test_history_older_than_the_flows_max_entry_age_enters_nothing() -> None:
+    def arriving_late(message_id: str, hours: float) -> Event:
+        event = track(message_id, "Product Added", {"cart_id": message_id, "product_id": "p"})
+        return msgspec.structs.replace(event, received_at=T0 + timedelta(hours=hours))
+
+    planner = FlowPlanner([flow(max_entry_age=timedelta(days=1))])
+    sends, _ = planner.plan([arriving_late("a-day-late", 23), arriving_late("two-days-late", 48)])
+    assert [send.entry_key for send in sends] == ["a-day-late"]
+    # no limit: the imported cart still gets its reminder, due at once
+    (unlimited,), _ = FlowPlanner([flow(max_entry_age=None)]).plan([arriving_late("x", 48)])
+    assert unlimited.due_at == T0 + timedelta(hours=48)
+
+
 def test_unsubscribe_tokens_refuse_tampering_and_age() -> None:
     tokens = UnsubscribeTokens(b"0123456789abcdef0123")
     token = tokens.issue("u:ada", "marketing", T0)

@@ -355,6 +355,7 @@ def flow_from_settings(flow: FlowSettings, default_sender: str) -> Flow:
         entry_filter=dict(flow.entry_filter),
         entry_key=flow.entry_key,
         delay=timedelta(seconds=flow.delay_s),
+        max_entry_age=timedelta(seconds=flow.max_entry_age_s) if flow.max_entry_age_s else None,
         exit_events=tuple(flow.exit_events),
         exit_on=ExitOn(flow.exit_on),
         reentry=Reentry(flow.reentry),

@@ -199,6 +199,10 @@ class FlowSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: per key; "" keys it by the user alone.
     entry_key: str = ""
     delay_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    #: An entry event that happened longer ago than this when it arrives
+    #: enters nothing: a history import, a backfill or a replay must not send
+    #: reminders about carts and visits long gone. 0: no limit.
+    max_entry_age_s: Annotated[float, msgspec.Meta(ge=0)] = 86400.0
     exit_events: list[str] = []
     #: "same_key": the exit event must carry the same entry key (an order for
     #: that cart); "any": any exit event after the entry.

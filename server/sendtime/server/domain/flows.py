@@ -65,6 +65,8 @@ class Flow:
     reply_to: str = ""
     #: Blocks that must have data, else the send is skipped.
     require_blocks: tuple[str, ...] = ()
+    #: An entry event older than this on arrival enters nothing (None: no limit).
+    max_entry_age: timedelta | None = None
 
     @property
     def transactional(self) -> bool:
@@ -192,6 +194,8 @@ def _entry(
     scheduled: Container[str],
     first_step_key: Callable[[str, str, str], str],
 ) -> PlannedSend | None:
+    if flow.max_entry_age is not None and event.received_at - event.timestamp > flow.max_entry_age:
+        return None  # history (an import, a replay): the moment for this email has passed
     if flow.entry_filter and any(properties.get(name) != value for name, value in flow.entry_filter.items()):
         return None
     if flow.entry_key:
