@@ -69,8 +69,8 @@ async def test_a_dead_worker_costs_no_email(pool: RenderPool) -> None:
     assert await pool.render(template, context) == expected
     await asyncio.sleep(0.2)
     assert await pool.render(template, context) == expected
-    # a second later the next email starts a replacement (rendered in the
-    # server meanwhile), which then takes the work
+    # a replacement starts in the background after a short delay (emails are
+    # rendered in the server meanwhile), then takes the work
     await asyncio.sleep(1.0)
     assert await pool.render(template, context) == expected
     replacement = pool._workers[0]

@@ -5,9 +5,11 @@ The caller's time budget is split: a reserve for rendering and answering, the
 rest for fetching. Every block is fetched in parallel through the block cache
 (single flight, stale-while-revalidate, negative caching, circuit breakers),
 each bounded by the time left. A block that misses the budget is served stale
-when a stale value exists, else its fallback, and says which and why. Nothing
-here can make the call fail or run past its deadline: the worst answer is all
-fallbacks, at once.
+when a stale value exists, else its fallback, and says which and why. The
+render gets the reserve kept for it: a render in a worker process (which may
+be behind, stuck or dead) is waited for only half the time left, then done in
+place, which the render reserve covers. Nothing here can make the call fail or
+run past its deadline: the worst answer is all fallbacks, at once.
 """
 
 from __future__ import annotations
@@ -154,7 +156,15 @@ class EmailRenderer(Protocol):
     """Renders a template, possibly in another process (adapter:
     sendtime.server.rendering.RenderPool); the pipeline renders in place without one."""
 
-    async def render(self, template: EmailTemplate, context: Mapping[str, Any]) -> RenderedEmail: ...
+    async def render(
+        self,
+        template: EmailTemplate,
+        context: Mapping[str, Any],
+        *,
+        timeout_s: float | None = None,
+    ) -> RenderedEmail:
+        """Within about ``timeout_s``: past it, the email is rendered in place."""
+        ...
 
 
 class TemplateSource(Protocol):
@@ -281,18 +291,20 @@ class ContentPipeline:
         render reserve, then Liquid and MJML with each missing block's fallback."""
         started = self._clock()
         template = self._templates.get(template_id)
-        fetch_budget = budget_s - self._answer_reserve(budget_s) - self._policy.render_reserve_s
+        answer_reserve = self._answer_reserve(budget_s)
+        render_deadline = started + budget_s - answer_reserve
+        fetch_budget = budget_s - answer_reserve - self._policy.render_reserve_s
         content = await self._gather(identity, list(template.blocks), context, fetch_budget, with_user=True)
         render_context: dict[str, Any] = {block.name: block.data for block in content.blocks}
         render_context["user"] = content.user
         render_context["links"] = dict(self._policy.links)
         if self._tracer is None:
-            email = await self._render(template, render_context)
+            email = await self._render(template, render_context, render_deadline)
         else:
             with self._tracer.start_as_current_span(
                 "sendtime.render", attributes={"sendtime.template": template_id}
             ) as span:
-                email = await self._render(template, render_context)
+                email = await self._render(template, render_context, render_deadline)
                 span.set_attribute("sendtime.template.version", email.version)
         blocks = [
             Block(
@@ -311,10 +323,14 @@ class ContentPipeline:
             self._observer.answered("email", blocks, budget_s, elapsed_s)
         return EmailAnswer(email=email, blocks=blocks, content=content, elapsed_s=elapsed_s)
 
-    async def _render(self, template: EmailTemplate, context: Mapping[str, Any]) -> RenderedEmail:
+    async def _render(
+        self, template: EmailTemplate, context: Mapping[str, Any], deadline: float
+    ) -> RenderedEmail:
         if self._renderer is None:
             return template.render(context)
-        return await self._renderer.render(template, context)
+        # Half the time left for another process; the other half stays for
+        # rendering in place should it be late (a render costs the same here).
+        return await self._renderer.render(template, context, timeout_s=(deadline - self._clock()) / 2)
 
     def _answer_reserve(self, budget_s: float) -> float:
         # Under load the answer spends a while in the event loop and the

@@ -12,7 +12,10 @@ as (logger name, level, message), so they come out of its own log handlers.
 
 The worker keeps its own parsed copy of each template file, by version, so a
 request carries only data. It ends at end of input (the server closed the
-pipe) or when the server goes away.
+pipe) or when the server goes away, not on SIGINT or SIGTERM: those reach the
+whole process group (Ctrl+C, a group-wide stop), and the server must keep its
+workers while it drains; it closes their input at the end (and kills a worker
+that does not stop).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import contextlib
 import logging
 import os
 import pickle
+import signal
 import sys
 from pathlib import Path
 from typing import IO, Any, Final
@@ -41,6 +45,10 @@ class TemplateRenderer:
     def __init__(self) -> None:
         self._dialect = Dialect()
         self._templates: dict[tuple[str, str], Template] = {}
+        #: Versions this process could not load, with the file's (mtime, size)
+        #: then: not read and parsed again for every request while the file
+        #: stays as it was.
+        self._failed: dict[tuple[str, str], tuple[int, int] | None] = {}
 
     def render(self, path: str, version: str, context: dict[str, Any]) -> RenderedEmail | None:
         template = self._template(path, version)
@@ -49,19 +57,35 @@ class TemplateRenderer:
         return template.render(context)
 
     def _template(self, path: str, version: str) -> Template | None:
-        template = self._templates.get((path, version))
+        key = (path, version)
+        template = self._templates.get(key)
         if template is not None:
             return template
+        if key in self._failed and self._failed[key] == _file_state(path):
+            return None
         try:
             template = load_template(Path(path), dialect=self._dialect)
         except TemplateError:
+            template = None
+        if template is None or template.version != version:
+            # unreadable, or changed since the server parsed it: the server renders its version
+            if len(self._failed) >= MAX_TEMPLATES:
+                self._failed.clear()
+            self._failed[key] = _file_state(path)
             return None
-        if template.version != version:
-            return None  # the file changed after the server parsed it: the server renders its version
+        self._failed.pop(key, None)
         if len(self._templates) >= MAX_TEMPLATES:
             self._templates.clear()
         self._templates[(path, version)] = template
         return template
+
+
+def _file_state(path: str) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
 
 
 class _Collected(logging.Handler):
@@ -90,12 +114,18 @@ def serve(requests: IO[bytes], answers: IO[bytes]) -> None:
         if len(header) < LENGTH_BYTES:
             return
         size = int.from_bytes(header, "big")
-        path, version, context = pickle.loads(requests.read(size))  # noqa: S301 (our own server's pipe)
+        body = requests.read(size)
+        if len(body) < size:
+            return
         try:
+            path, version, context = pickle.loads(body)  # noqa: S301 (our own server's pipe)
             email = renderer.render(path, version, context)
-        except Exception:  # the server renders it again and reports the error itself
-            log.exception("render worker: %s failed; the server renders it instead", path)
+        except Exception:
+            # A request that does not unpickle, or a render that fails: the
+            # server renders it itself and reports the failure, so it is not
+            # logged here too, nor is what this attempt logged on the way.
             email = None
+            collected.records = []
         _send(answers, pickle.dumps((email, collected.records), protocol=pickle.HIGHEST_PROTOCOL))
         collected.records = []
 
@@ -106,10 +136,17 @@ def _send(answers: IO[bytes], message: bytes) -> None:
 
 
 def main() -> None:
-    # stdout is the answer channel: nothing else may write to it
+    # Only end of input ends a worker (see the module's docstring).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # The answers go out on a copy of fd 1; fd 1 itself becomes stderr, so
+    # that whatever else writes to it (print, a C extension's printf) cannot
+    # corrupt the answers' framing.
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     sys.stdout = sys.stderr
-    with contextlib.suppress(BrokenPipeError, KeyboardInterrupt):
+    with contextlib.suppress(BrokenPipeError):
         serve(sys.stdin.buffer, answers)
 
 
