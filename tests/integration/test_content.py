@@ -371,3 +371,26 @@ async def test_http_twin_for_connected_content(content_server: Sendtime, upstrea
             assert (await r.json())["error"]["fieldViolations"][0]["field"] == "Sendtime-Deadline-Ms"
         async with http.get(f"{base}/ada") as r:
             assert r.status == 401
+
+
+async def test_calls_that_give_up_on_a_slow_upstream_together_all_answer_in_time(
+    make_settings: SettingsFactory, upstream: Upstream
+) -> None:
+    # 64 callers, each for its own user, wait on an upstream that takes 1 s:
+    # their fetches time out at the same moment, and the answers then leave the
+    # loop one after another. The last must still beat its caller's deadline.
+    upstream.delay_s = 1.0
+    async with (
+        Sendtime(make_settings(config_for(upstream))) as app,
+        await open_channel(app) as channel,
+    ):
+        users = [f"u{n}" for n in range(64)]
+        await ingest(channel, *(identify(f"i-{user}", user, email=f"{user}@example.com") for user in users))
+        answers = await asyncio.gather(
+            *(get_content(channel, ["loyalty", "cart"], user=user, timeout=0.2) for user in users)
+        )
+    assert all(
+        state(blocks["loyalty"]) == ("BLOCK_SOURCE_FALLBACK", "FALLBACK_REASON_TIMEOUT")
+        for blocks, _ in answers
+    )
+    assert max(took for _, took in answers) < 0.2

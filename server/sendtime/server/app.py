@@ -334,6 +334,7 @@ def _policy(content: ContentSettings) -> ContentPolicy:
         ),
         answer_reserve_s=content.answer_reserve_ms / 1000,
         answer_reserve_share=content.answer_reserve_share,
+        answer_reserve_per_call_s=content.answer_reserve_per_call_ms / 1000,
         render_reserve_s=content.render_reserve_ms / 1000,
         links=dict(content.links),
         negative_ttl_s=content.negative_ttl_s,

@@ -144,6 +144,9 @@ class ContentSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: ... or this share of it, whichever is more (under load an answer waits
     #: in the event loop and the transport before it reaches the caller).
     answer_reserve_share: Annotated[float, msgspec.Meta(ge=0, lt=0.9)] = 0.1
+    #: ... plus this much for every other call being answered meanwhile: calls
+    #: whose fetches time out together are answered one after another.
+    answer_reserve_per_call_ms: Annotated[float, msgspec.Meta(ge=0)] = 0.25
     #: Kept back from a whole-email deadline, on top, for Liquid and MJML.
     render_reserve_ms: Annotated[float, msgspec.Meta(ge=0)] = 15.0
     #: Below this much budget nothing is fetched: cached or fallback content at once.

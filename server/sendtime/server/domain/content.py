@@ -214,6 +214,10 @@ class ContentPolicy:
     answer_reserve_s: float = 0.005
     #: ... or this share of the budget, whichever is more.
     answer_reserve_share: float = 0.1
+    #: ... plus this much for every other call in flight: when many calls give
+    #: up on a slow source at the same moment (their deadlines alike), their
+    #: answers leave the loop one after another, the last one after all others.
+    answer_reserve_per_call_s: float = 0.00025
     #: Kept back from a whole-email budget, on top, for Liquid and MJML.
     render_reserve_s: float = 0.015
     #: Links every email gets (unsubscribe, preferences, view in browser).
@@ -338,8 +342,10 @@ class ContentPipeline:
         # up when it sends it: keep a share of the budget, not only a constant.
         # And when the loop itself runs late, an answer waits that long too.
         lag = 2 * self._loop_lag() if self._loop_lag is not None else 0.0
+        policy = self._policy
+        queued = self._in_flight * policy.answer_reserve_per_call_s
         return min(
-            max(self._policy.answer_reserve_s, budget_s * self._policy.answer_reserve_share, lag),
+            max(policy.answer_reserve_s, budget_s * policy.answer_reserve_share, lag) + queued,
             budget_s / 2,
         )
 
