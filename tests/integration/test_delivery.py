@@ -396,3 +396,21 @@ async def test_esp_feedback_webhooks_suppress_addresses(
         skipped = await wait_for_status(channel, {D.DELIVERY_STATUS_SKIPPED})
     assert skipped.reason == "suppressed for marketing"
     assert smtp.inbox.messages == []
+
+
+async def test_with_require_opt_in_only_users_who_opted_in_get_marketing(
+    make_settings: SettingsFactory, smtp: SmtpServer
+) -> None:
+    config = flows_config(smtp_relay(smtp.port), delay_s=0.0, extra="require_opt_in = true")
+    async with Sendtime(make_settings(config)) as app, channel_to(app) as channel:
+        bob = event_pb2.Event(
+            message_id="i-bob",
+            user_id="bob",
+            identify=event_pb2.IdentifyPayload(traits=event_pb2.Traits(email="bob@example.com")),
+        )
+        await ingest(channel, bob, add_to_cart("a-bob", cart="c-bob", user="bob"))
+        skipped = await wait_for_status(channel, {D.DELIVERY_STATUS_SKIPPED}, user="bob")
+        await ingest(channel, identify("i-ada"), add_to_cart("a-ada"))
+        await wait_for_status(channel, {SENT})
+    assert skipped.reason == "no opt-in to marketing (delivery.require_opt_in)"
+    assert [m["To"] for m in smtp.inbox.messages] == ["Ada <ada@example.com>"]

@@ -395,6 +395,7 @@ def _dispatch_policy(delivery: DeliverySettings) -> DispatchPolicy:
         max_concurrent=delivery.max_concurrent_sends,
         max_send_attempts=delivery.max_send_attempts,
         poll_interval_s=delivery.poll_interval_ms / 1000,
+        require_opt_in=delivery.require_opt_in,
     )
 
 

@@ -58,7 +58,7 @@ class Attempt:
     #: "sent", "failed", "retry" (a transient failure: scheduled again later),
     #: "skipped", "cancelled" or "held" (quiet hours: scheduled again later).
     outcome: str
-    #: Why, as a class: no_email, opted_out, suppressed, frequency_cap,
+    #: Why, as a class: no_email, opted_out, no_opt_in, suppressed, frequency_cap,
     #: quiet_hours, nothing_to_show, bad_address, exit, not_sending, render_error, refused,
     #: transient, gave_up, internal; "" when sent.
     reason: str = ""
@@ -90,6 +90,8 @@ class DispatchPolicy:
     max_concurrent: int
     max_send_attempts: int
     poll_interval_s: float
+    #: Marketing sends need an explicit opt-in; else only an opt-out stops them.
+    require_opt_in: bool = False
 
 
 class Dispatcher:
@@ -367,6 +369,8 @@ class Dispatcher:
         consent = profile.consent.get(group) if profile is not None else None
         if consent is not None and str(consent.value) == "opted_out":
             return SendStatus.SKIPPED, f"opted out of {group}", None, "opted_out"
+        if self._policy.require_opt_in and consent is None:
+            return SendStatus.SKIPPED, f"no opt-in to {group} (delivery.require_opt_in)", None, "no_opt_in"
         quiet = self._policy.quiet_hours
         if quiet is not None:
             until = quiet.next_allowed(now, _text(profile, "timezone"))

@@ -259,6 +259,9 @@ class DeliverySettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     #: A send that still fails transiently is tried again later, this many times in all.
     max_send_attempts: Annotated[int, msgspec.Meta(ge=1)] = 6
     default_sender: str = "Sendtime Shop <shop@example.com>"
+    #: Marketing sends need the user's explicit opt-in to their group (GDPR,
+    #: CASL). Off: anyone not opted out may get them (CAN-SPAM's rule).
+    require_opt_in: bool = False
     #: Where one-click unsubscribe links point: this server's public HTTPS address.
     public_base_url: str = "http://127.0.0.1:8080"
     unsubscribe_mailto: str = ""

@@ -220,7 +220,7 @@ CATALOGUE: Final[tuple[MetricInfo, ...]] = (
     MetricInfo(
         "sendtime_sends_skipped_total",
         C,
-        "Sends not made, by reason (no_email, opted_out, suppressed, frequency_cap, quiet_hours, nothing_to_show, bad_address, not_sending).",
+        "Sends not made, by reason (no_email, opted_out, no_opt_in, suppressed, frequency_cap, quiet_hours, nothing_to_show, bad_address, not_sending).",
         ("flow", "reason"),
     ),
     MetricInfo("sendtime_sends_held_total", C, "Sends held until the quiet hours end.", ("flow",)),
