@@ -801,9 +801,14 @@ def _demo_product(product_id: str, **extra: Any) -> dict[str, Any]:
 
 def _demo_events(shopper: str, buyer: str, now: dt.datetime) -> list[event_pb2.Event]:
     """The demo session, with message ids fixed by user and step: sending it
-    again gives duplicates and changes nothing."""
+    again gives duplicates and changes nothing.
 
-    def at(minutes_ago: int) -> dt.datetime:
+    The shopper browses over the last few minutes and fills the cart just now,
+    so the abandoned-cart email comes one flow delay after demo-data (20 s
+    under ``make demo``, 30 minutes under ``make run``), not at once; the
+    buyer's order is half an hour old, well within the flows' max_entry_age."""
+
+    def at(minutes_ago: float) -> dt.datetime:
         return now - dt.timedelta(minutes=minutes_ago)
 
     def mid(user: str, step: str) -> str:
@@ -821,7 +826,7 @@ def _demo_events(shopper: str, buyer: str, now: dt.datetime) -> list[event_pb2.E
             consent={"marketing": True},
             traits={"plan": "member"},
             message_id=mid(shopper, "identify"),
-            timestamp=at(180),
+            timestamp=at(12),
         ),
         *(
             track_event(
@@ -829,7 +834,7 @@ def _demo_events(shopper: str, buyer: str, now: dt.datetime) -> list[event_pb2.E
                 _demo_product(product_id),
                 user_id=shopper,
                 message_id=mid(shopper, f"viewed:{product_id}"),
-                timestamp=at(170 - 5 * n),
+                timestamp=at(10 - 2 * n),
             )
             for n, product_id in enumerate(
                 ("kettle-electric", "kettle-steel", "grinder-burr", "scale-digital")
@@ -846,7 +851,8 @@ def _demo_events(shopper: str, buyer: str, now: dt.datetime) -> list[event_pb2.E
                 ),
                 user_id=shopper,
                 message_id=mid(shopper, f"added:{product_id}"),
-                timestamp=at(140 - 5 * n),
+                # seconds apart, ending now: the cart was just left
+                timestamp=at((2 - n) / 60),
             )
             for n, (product_id, quantity) in enumerate(
                 (("kettle-steel", 1), ("kettle-electric", 1), ("filters-100", 2))
@@ -861,7 +867,7 @@ def _demo_events(shopper: str, buyer: str, now: dt.datetime) -> list[event_pb2.E
             timezone="America/New_York",
             consent={"marketing": True},
             message_id=mid(buyer, "identify"),
-            timestamp=at(60 * 26),
+            timestamp=at(40),
         ),
     ]
     # What the buyer bought together is what recommendations learn to suggest.
@@ -877,7 +883,7 @@ def _demo_events(shopper: str, buyer: str, now: dt.datetime) -> list[event_pb2.E
             },
             user_id=buyer,
             message_id=mid(buyer, "order-1"),
-            timestamp=at(60 * 25),
+            timestamp=at(30),
         )
     )
     return events
