@@ -141,6 +141,10 @@ async def test_abandoned_cart_reaches_smtp_with_live_cart_and_unsubscribe_header
     assert "Gooseneck Kettle, Brushed Steel" in html
     assert "64.00" in text
     assert "70.00" in text
+    # the body's Unsubscribe link is the header's one-click URL, in both parts
+    one_click = message["List-Unsubscribe"].split(",")[0].strip("<> ")
+    assert f'href="{one_click}"' in html
+    assert one_click in text
     assert delivery.flow_id == "abandoned_cart"
     assert delivery.relay == "smtp"
     assert delivery.esp_message_id

@@ -251,10 +251,17 @@ class Dispatcher:
             await self._finish(record, status, reason)
             return Attempt(status.value, reason_class)
 
+        group = record.subscription_group
+        unsubscribe_url = ""
+        if group:
+            token = self._tokens.issue(record.profile_key, group, now)
+            unsubscribe_url = f"{self._policy.public_base_url.rstrip('/')}/v1/unsubscribe/{token}"
         identity = Identity(record.user_id, record.anonymous_id)
         context = ContentContext(
             campaign=record.flow_id,
             cart_id=record.entry_key if flow is not None and flow.entry_key == "cart_id" else "",
+            # the body's Unsubscribe link is the same one-click URL as the header's
+            links=(("unsubscribe_url", unsubscribe_url),) if unsubscribe_url else (),
         )
         render_started = time.perf_counter()
         try:
@@ -273,11 +280,6 @@ class Dispatcher:
             return Attempt("skipped", "nothing_to_show", render_s=render_s)
 
         rendered = answer.email
-        group = record.subscription_group
-        unsubscribe_url = ""
-        if group:
-            token = self._tokens.issue(record.profile_key, group, now)
-            unsubscribe_url = f"{self._policy.public_base_url.rstrip('/')}/v1/unsubscribe/{token}"
         try:
             outgoing = mime.build(
                 send_key=record.send_key,

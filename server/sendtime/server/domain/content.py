@@ -68,6 +68,9 @@ class ContentContext:
     campaign: str = ""
     locale: str = ""
     cart_id: str = ""
+    #: (name, url) links of this one email over the configured ones: a flow
+    #: send's own signed unsubscribe URL, which only its recipient may use.
+    links: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(slots=True)
@@ -301,7 +304,7 @@ class ContentPipeline:
         content = await self._gather(identity, list(template.blocks), context, fetch_budget, with_user=True)
         render_context: dict[str, Any] = {block.name: block.data for block in content.blocks}
         render_context["user"] = content.user
-        render_context["links"] = dict(self._policy.links)
+        render_context["links"] = {**self._policy.links, **dict(context.links)}
         if self._tracer is None:
             email = await self._render(template, render_context, render_deadline)
         else:
