@@ -366,6 +366,8 @@ async def test_deliveries_lists_the_ledger_newest_first(cli: RunCli, client: Asy
         "TEMPLATE",
         "USER",
         "STATUS",
+        "WHEN",
+        "(UTC)",
         "REASON",
         "ATTEMPTS",
         "RELAY",
@@ -376,15 +378,18 @@ async def test_deliveries_lists_the_ledger_newest_first(cli: RunCli, client: Asy
         "MS",
     ]
     first = rows[0].split()
-    assert first[:7] == [str(newest_first[0]), "(api)", "post_purchase", "ada", "sent", "-", "1"]
-    assert first[7] == "outbox"
-    assert float(first[9]) > 0
-    assert rows[3].split()[:5] == [
+    # WHEN is "sent DATE TIME": three cells split on spaces
+    assert first[:6] == [str(newest_first[0]), "(api)", "post_purchase", "ada", "sent", "sent"]
+    assert first[8:11] == ["-", "1", "outbox"]
+    assert float(first[12]) > 0
+    assert rows[3].split()[:8] == [
         str(flow_send["id"]),
         "abandoned_cart",
         "abandoned_cart",
         "ada",
         "scheduled",
+        "due",
+        *flow_send["due_time"][:19].split("T"),
     ]
     assert rows[-1] == "4 deliveries for user ada, newest first"
 

@@ -1388,6 +1388,7 @@ def _show_deliveries(result: dict[str, Any]) -> str:
             d["template_id"],
             _recipient(d),
             d["status"],
+            _when(d),
             _clip(d["reason"] or "-", 40),
             str(d["attempts"]),
             d["relay"] or "-",
@@ -1402,18 +1403,33 @@ def _show_deliveries(result: dict[str, Any]) -> str:
         "TEMPLATE",
         "USER",
         "STATUS",
+        "WHEN (UTC)",
         "REASON",
         "ATTEMPTS",
         "RELAY",
         "ESP MESSAGE ID",
         "LATENCY MS",
     ]
-    lines = _table(headers, rows, right={0, 6, 9})
+    lines = _table(headers, rows, right={0, 7, 10})
     count = len(deliveries)
     summary = f"{count} deliver{'ies' if count != 1 else 'y'}{' for ' + where if where else ''}, newest first"
     if result["next_page_token"]:
         summary += "; more are older (--limit N or --all)"
     return "\n".join([*lines, "", summary])
+
+
+def _when(delivery: Mapping[str, Any]) -> str:
+    """When a scheduled send is due, when a sent one was accepted, else when it
+    last changed: 'due 2026-11-29 10:31:05'."""
+    if delivery["status"] == "scheduled" and delivery["due_time"]:
+        label, moment = "due", delivery["due_time"]
+    elif delivery["accept_time"]:
+        label, moment = "sent", delivery["accept_time"]
+    else:
+        label, moment = "at", delivery["update_time"]
+    if not moment:
+        return "-"
+    return f"{label} {moment[:19].replace('T', ' ')}"
 
 
 def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
