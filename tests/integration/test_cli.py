@@ -161,6 +161,8 @@ async def test_a_rejected_event_names_the_field_and_fails(cli: RunCli) -> None:
     assert rejected.stdout == ""
     assert "invalid argument" in rejected.stderr
     assert "event.track.properties_json.price" in rejected.stderr
+    reason = "Expected `float` >= 0"
+    assert rejected.stderr.count(reason) == 1, rejected.stderr  # said once, not again per field
 
     as_json = await cli("track", "Product Added", "--user", "u1", "--properties", '{"price": -1}', "--json")
     assert as_json.code == 1

@@ -430,6 +430,10 @@ def _command(run: Run, show: Show) -> Callable[[argparse.Namespace], int]:
 
 
 def _report(prog: str, args: argparse.Namespace, error: SendtimeError) -> None:
+    # A violation the message already states is named by its field only, so
+    # the reason is said once.
+    stated = [v.field for v in error.field_violations if v.description in error.message]
+    fields = f" (field {', '.join(stated)})" if stated else ""
     if isinstance(error, Unavailable):
         print(f"{prog}: cannot reach sendtime at {args.target}: {error.message}", file=sys.stderr)
     elif isinstance(error, DeadlineExceeded) and getattr(args, "deadline_ms", None) is not None:
@@ -437,9 +441,11 @@ def _report(prog: str, args: argparse.Namespace, error: SendtimeError) -> None:
             f"{prog}: no answer within --deadline-ms {args.deadline_ms:g}: {error.message}", file=sys.stderr
         )
     else:
-        print(f"{prog}: {error.code.name.lower().replace('_', ' ')}: {error.message}", file=sys.stderr)
+        code = error.code.name.lower().replace("_", " ")
+        print(f"{prog}: {code}: {error.message}{fields}", file=sys.stderr)
     for violation in error.field_violations:
-        print(f"  {violation.field}: {violation.description}", file=sys.stderr)
+        if violation.field not in stated:
+            print(f"  {violation.field}: {violation.description}", file=sys.stderr)
     if args.json:
         print(
             json.dumps(
