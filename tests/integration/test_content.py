@@ -143,6 +143,7 @@ async def test_cart_is_rechecked_against_the_live_catalog(content_server: Sendti
         # demo catalog: the steel kettle now costs 64 (was 70 when added); the electric one is sold out
         assert (steel["unit_price"], steel["added_price"], steel["price_dropped"]) == (64.0, 70.0, True)
         assert (electric["in_stock"], cart["total"], cart["item_count"]) == (False, 128.0, 2)
+        assert cart["out_of_stock_lines"] == 1
 
         again, _ = await get_content(channel, ["cart"])
         assert state(again["cart"])[0] == "BLOCK_SOURCE_CACHED"

@@ -78,7 +78,8 @@ def full_context() -> dict[str, Any]:
             ],
             "total": 148.0,
             "currency": "EUR",
-            "item_count": 4,
+            "item_count": 3,
+            "out_of_stock_lines": 1,
         },
         "recommendations": {
             "products": [product(4, "Running Cap", 19.0), product(5, "Hydration Vest", 74.0)],
@@ -170,7 +171,7 @@ def test_abandoned_cart_shows_each_line_with_live_price_stock_offer_and_picks(st
     assert email.subject == "Anna, you left something in your cart"
     assert (
         email.preheader
-        == "4 items saved for you - and a code to go with them. Come back before they're gone."
+        == "3 items saved for you - and a code to go with them. Come back before they're gone."
     )
     html = email.html
     for name in (
@@ -191,6 +192,8 @@ def test_abandoned_cart_shows_each_line_with_live_price_stock_offer_and_picks(st
     assert "Out of stock right now" in html
     assert html.count("Out of stock right now") == 1
     assert "€148.00" in html
+    # the jacket is listed but not in the total, and the total says so
+    assert "Total for the 3 items in stock" in email.text
     assert "COMEBACK10" in html
     assert "10% off today only" in html
     assert 'href="https://shop.example.com/cart?cart=c-42"' in html

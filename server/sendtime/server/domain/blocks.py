@@ -111,6 +111,8 @@ def cart(
         "total": _money(total),
         "currency": currency,
         "item_count": sum(line["quantity"] for line in lines if line["in_stock"]),
+        #: Lines left out of the total (out of stock), for wording it honestly.
+        "out_of_stock_lines": sum(1 for line in lines if not line["in_stock"]),
     }
 
 
