@@ -24,23 +24,28 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
     await store.close()
 
 
-async def claimed(store: SqliteStore, key: str, *, entry_key: str = "cart-1") -> SendRecord:
-    await store.schedule_send(
-        PlannedSend(
-            send_key=key,
-            flow_id="abandoned_cart",
-            template_id="abandoned_cart",
-            profile_key="u:ada",
-            user_id="ada",
-            anonymous_id="",
-            entry_key=entry_key,
-            entry_message_id=f"m-{key}",
-            entry_time=NOW - timedelta(minutes=5),
-            received_at=NOW - timedelta(minutes=5),
-            due_at=NOW - timedelta(seconds=1),
-            subscription_group="marketing",
-        )
+def planned(
+    key: str, *, entry_key: str = "cart-1", due_at: datetime = NOW - timedelta(seconds=1)
+) -> PlannedSend:
+    """An abandoned-cart send for ada, entered five minutes ago."""
+    return PlannedSend(
+        send_key=key,
+        flow_id="abandoned_cart",
+        template_id="abandoned_cart",
+        profile_key="u:ada",
+        user_id="ada",
+        anonymous_id="",
+        entry_key=entry_key,
+        entry_message_id=f"m-{key}",
+        entry_time=NOW - timedelta(minutes=5),
+        received_at=NOW - timedelta(minutes=5),
+        due_at=due_at,
+        subscription_group="marketing",
     )
+
+
+async def claimed(store: SqliteStore, key: str, *, entry_key: str = "cart-1") -> SendRecord:
+    await store.schedule_send(planned(key, entry_key=entry_key))
     due = await store.claim_due(NOW, 10)
     (record,) = [r for r in due.records if r.send_key == key]
     return record
@@ -62,21 +67,7 @@ def checks(record: SendRecord, *, cap_count: int = 0) -> LastChecks:
 async def test_claim_says_when_the_next_send_is_due(store: SqliteStore) -> None:
     await claimed(store, "k1")
     later = NOW + timedelta(hours=1)
-    planned = PlannedSend(
-        send_key="k2",
-        flow_id="abandoned_cart",
-        template_id="abandoned_cart",
-        profile_key="u:ada",
-        user_id="ada",
-        anonymous_id="",
-        entry_key="cart-2",
-        entry_message_id="m-k2",
-        entry_time=NOW,
-        received_at=NOW,
-        due_at=later,
-        subscription_group="marketing",
-    )
-    await store.schedule_send(planned)
+    await store.schedule_send(planned("k2", entry_key="cart-2", due_at=later))
     due = await store.claim_due(NOW, 10)
     assert due.records == []
     assert due.next_due is not None
