@@ -339,6 +339,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cold_ratio = _ratio(cold.rps, echo_rps)
     echo_cpu_per_call = _mean([r.server_cpu_us_per_call for r in echo_runs])
     runs = {"echo": echo_runs, "warm": [warm], "cold": [cold], "slow_upstream": [slow]}
+
+    def by_run(figure: str) -> dict[str, Any]:
+        """One figure of every run: the echo's repeats as a list, sendtime's runs one each."""
+        return {
+            name: [getattr(r, figure) for r in rs] if name == "echo" else getattr(rs[0], figure)
+            for name, rs in runs.items()
+        }
+
     checks = {
         "seeded_all_accepted": seeded["accepted"] == len(events),
         "no_errors": not any(r.errors_by_code for rs in runs.values() for r in rs),
@@ -403,31 +411,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # included): what the server costs, whatever the load generator takes
         "warm_cpu_ratio": _ratio(echo_cpu_per_call or 0.0, warm.server_cpu_us_per_call or 0.0),
         "cold_cpu_ratio": _ratio(echo_cpu_per_call or 0.0, cold.server_cpu_us_per_call or 0.0),
-        "server_cpu_us_per_call": {
-            "echo": [r.server_cpu_us_per_call for r in echo_runs],
-            "warm": warm.server_cpu_us_per_call,
-            "cold": cold.server_cpu_us_per_call,
-            "slow_upstream": slow.server_cpu_us_per_call,
-        },
-        "generator_cpu_us_per_call": {
-            "echo": [r.generator_cpu_us_per_call for r in echo_runs],
-            "warm": warm.generator_cpu_us_per_call,
-            "cold": cold.generator_cpu_us_per_call,
-            "slow_upstream": slow.generator_cpu_us_per_call,
-        },
+        "server_cpu_us_per_call": by_run("server_cpu_us_per_call"),
+        "generator_cpu_us_per_call": by_run("generator_cpu_us_per_call"),
         "server_workers_cpu_pct": {"warm": warm.server_workers_cpu_pct, "cold": cold.server_workers_cpu_pct},
-        "server_cpu_pct": {
-            "echo": [r.server_cpu_pct for r in echo_runs],
-            "warm": warm.server_cpu_pct,
-            "cold": cold.server_cpu_pct,
-            "slow_upstream": slow.server_cpu_pct,
-        },
-        "generator_cpu_pct": {
-            "echo": [r.generator_cpu_pct for r in echo_runs],
-            "warm": warm.generator_cpu_pct,
-            "cold": cold.generator_cpu_pct,
-            "slow_upstream": slow.generator_cpu_pct,
-        },
+        "server_cpu_pct": by_run("server_cpu_pct"),
+        "generator_cpu_pct": by_run("generator_cpu_pct"),
         "correct": all(checks.values()),
         "checks": checks,
         "targets": TARGETS,

@@ -76,7 +76,7 @@ class TemplateRenderer:
         self._failed.pop(key, None)
         if len(self._templates) >= MAX_TEMPLATES:
             self._templates.clear()
-        self._templates[(path, version)] = template
+        self._templates[key] = template
         return template
 
 
