@@ -253,6 +253,8 @@ class Sendtime:
             telemetry=telemetry,
             clock=self._clock,
             status_page=StatusPage(authenticator, store, pipeline, fetcher, metrics, [f.id for f in flows]),
+            # refused before their bodies are read, rather than decoded and then refused by the store
+            ingest_backlogged=lambda: store.stats().queued_events >= storage.max_queued_events,
         )
         await self._grpc.start()
         await self._http.start()

@@ -50,12 +50,40 @@ class GrpcSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_message_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 8 * 1024 * 1024
     #: Events a stream may have read but not yet acked before it stops reading.
     stream_window_events: Annotated[int, msgspec.Meta(ge=1)] = 20_000
+    #: Client connections open at once; more are refused (keeps file
+    #: descriptors for the HTTP edge and the store).
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 256
+    #: Calls (unary calls and open streams) served at once across all
+    #: connections; more are answered RESOURCE_EXHAUSTED at once.
+    max_concurrent_calls: Annotated[int, msgspec.Meta(ge=1)] = 2000
+    #: Streams one connection may have open at once (HTTP/2 SETTINGS).
+    max_streams_per_connection: Annotated[int, msgspec.Meta(ge=1)] = 100
+    #: A connection must finish its handshake (TLS, HTTP/2 preface) within this long.
+    handshake_timeout_s: Seconds = 10.0
+    #: A connection with no call open for this long is closed.
+    idle_timeout_s: Seconds = 300.0
+    #: Idle connections are pinged this often, and closed when a ping goes
+    #: unanswered for keepalive_timeout_s: dead peers do not keep streams open.
+    keepalive_interval_s: Seconds = 60.0
+    keepalive_timeout_s: Seconds = 20.0
 
 
 class HttpSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
     port: Port = 8080
     tls: TlsSettings | None = None
+    #: Connections open at once. At the bound a new connection closes the one
+    #: that has waited longest for a request (idle, or a slow sender short of
+    #: its request head); when all are inside requests, the new one is closed.
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 512
+    #: A request head must arrive within this long of connecting or of the
+    #: previous answer (an idle keep-alive connection closes then too).
+    header_timeout_s: Seconds = 15.0
+    #: A request body must arrive within this long of its head (else 408).
+    body_timeout_s: Seconds = 30.0
+    #: Intake requests (Segment API, webhooks) handled at once; more are
+    #: answered 429 with Retry-After before their body is read.
+    max_concurrent_ingest: Annotated[int, msgspec.Meta(ge=1)] = 64
 
 
 class StorageSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
