@@ -182,7 +182,7 @@ async def test_grpc_calls_beyond_the_bound_are_refused_at_once(app: Sendtime) ->
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
         events = event_stub(channel)
         health = health_pb2_grpc.HealthStub(channel)
-        idle_streams = [events.StreamEvents(metadata=DEV_AUTH) for _ in range(3)]
+        idle_streams = [events.StreamEvents(None, metadata=DEV_AUTH) for _ in range(3)]
         for stream in idle_streams:  # open, authenticated, and sending nothing
             await stream.write(event_service_pb2.StreamEventsRequest())
             await stream.read()
