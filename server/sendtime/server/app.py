@@ -242,7 +242,11 @@ class Sendtime:
             catalog=CatalogUpdater(self.catalog, store.save_products, pipeline.invalidate_catalog),
             default_deadline_s=default_deadline_s,
             suppressions=Suppressions(store, tokens, self._clock),
-            sendgrid=SendGridFeedback(feedback.sendgrid_public_key) if feedback.sendgrid_public_key else None,
+            sendgrid=(
+                SendGridFeedback(feedback.sendgrid_public_key, tolerance_s=feedback.sendgrid_tolerance_s)
+                if feedback.sendgrid_public_key
+                else None
+            ),
             postmark=(
                 PostmarkFeedback(feedback.postmark_username, feedback.postmark_password)
                 if feedback.postmark_username

@@ -121,7 +121,8 @@ class ApiKey(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class AuthSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     keys: list[ApiKey] = []
-    #: Accept the key "dev-key" with every scope. For development only.
+    #: Accept the key "dev-key" with every scope while no keys are configured
+    #: (configuring a key turns it off). For development only.
     dev_key: bool = True
 
 
@@ -275,6 +276,9 @@ class FeedbackSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
 
     #: The Event Webhook's verification key SendGrid shows (base64 DER, ECDSA).
     sendgrid_public_key: str = ""
+    #: A signed SendGrid request whose timestamp is further than this from the
+    #: server's clock is refused: a captured request cannot be replayed later.
+    sendgrid_tolerance_s: Seconds = 600.0
     #: Basic credentials the Postmark webhook URL carries (Postmark does not sign).
     postmark_username: str = ""
     postmark_password: str = ""

@@ -27,6 +27,8 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from sendtime.server.domain.errors import InvalidInput, Overloaded, PayloadTooLarge, SendtimeError
 
@@ -56,7 +58,7 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
                     raise PayloadTooLarge(f"the body is larger than {limit} bytes, the limit")
     except TimeoutError:
         raise RequestTimeout(f"the body did not arrive within {timeout_s:g} s") from None
-    except (web.HTTPException, ValueError) as exc:
+    except (RequestPayloadError, HttpProcessingError, ValueError) as exc:
         # A body aiohttp cannot decode: Content-Encoding deflate or gzip with
         # bytes that are not, or a broken chunked encoding.
         raise InvalidInput.field("body", f"cannot be read: {exc}") from None

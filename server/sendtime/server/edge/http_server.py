@@ -103,7 +103,12 @@ def _api_key(request: web.Request, body: bytes | None = None) -> str | None:
         except (binascii.Error, UnicodeDecodeError):
             raise Unauthenticated("the Basic credentials are not valid base64") from None
         return user or None
-    return segment.write_key_in_body(body) if body else None
+    if not body:
+        return None
+    try:
+        return segment.write_key_in_body(body)
+    except UnicodeDecodeError:
+        raise InvalidInput.field("body", "is not valid UTF-8") from None
 
 
 def _header_key(request: web.Request) -> str | None:
