@@ -46,6 +46,7 @@ from sendtime.server.domain.unsubscribe import UnsubscribeTokens
 from sendtime.server.edge.grpc_server import GrpcEdge, build_grpc_edge
 from sendtime.server.edge.http_server import HttpEdge, build_http_edge
 from sendtime.server.edge.status_page import StatusPage
+from sendtime.server.fdlimit import fit_open_files
 from sendtime.server.feedback import PostmarkFeedback, SendGridFeedback
 from sendtime.server.looplag import LoopLag
 from sendtime.server.observe import Telemetry
@@ -406,6 +407,7 @@ def _dispatch_policy(delivery: DeliverySettings) -> DispatchPolicy:
 
 
 async def _serve(settings: Settings, on_ready: Callable[[Sendtime], None]) -> None:
+    fit_open_files(settings)
     app = Sendtime(settings)
     await app.start()
     # Everything built at start (modules, templates, the catalog, the profiles
