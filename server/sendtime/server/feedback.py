@@ -81,6 +81,17 @@ class SendGridFeedback:
         self._key = key
 
     def verify(self, body: bytes, signature: str | None, timestamp: str | None) -> None:
+        signature, timestamp = self.check_headers(signature, timestamp)
+        try:
+            self._key.verify(
+                base64.b64decode(signature), timestamp.encode() + body, ec.ECDSA(hashes.SHA256())
+            )
+        except (InvalidSignature, ValueError, binascii.Error):
+            raise PermissionDenied("the SendGrid event webhook signature does not match") from None
+
+    def check_headers(self, signature: str | None, timestamp: str | None) -> tuple[str, str]:
+        """Both headers there and the timestamp recent (checked before the body
+        is read); returns them."""
         if not signature or not timestamp:
             raise Unauthenticated("SendGrid's signature and timestamp headers are required")
         if not (timestamp.isascii() and timestamp.isdigit()) or len(timestamp) > _MAX_TIMESTAMP_DIGITS:
@@ -90,12 +101,7 @@ class SendGridFeedback:
             raise Unauthenticated(
                 f"SendGrid's timestamp is {age:.0f} s away from now; the tolerance is {self._tolerance_s:.0f} s"
             )
-        try:
-            self._key.verify(
-                base64.b64decode(signature), timestamp.encode() + body, ec.ECDSA(hashes.SHA256())
-            )
-        except (InvalidSignature, ValueError, binascii.Error):
-            raise PermissionDenied("the SendGrid event webhook signature does not match") from None
+        return signature, timestamp
 
     def suppressions(self, body: bytes) -> list[Suppression]:
         try:

@@ -288,12 +288,11 @@ class _Routes:
     async def sendgrid_feedback(self, request: web.Request) -> web.Response:
         if self.sendgrid is None:
             raise NotFound("the SendGrid feedback webhook is not configured")
+        signature = request.headers.get("X-Twilio-Email-Event-Webhook-Signature")
+        timestamp = request.headers.get("X-Twilio-Email-Event-Webhook-Timestamp")
+        self.sendgrid.check_headers(signature, timestamp)  # before the body is read
         body = await _read(request, MAX_CATALOG_BYTES)
-        self.sendgrid.verify(
-            body,
-            request.headers.get("X-Twilio-Email-Event-Webhook-Signature"),
-            request.headers.get("X-Twilio-Email-Event-Webhook-Timestamp"),
-        )
+        self.sendgrid.verify(body, signature, timestamp)
         added = await self.suppressions.from_feedback(self.sendgrid.suppressions(body))
         return _json_response({"success": True, "suppressed": added})
 
