@@ -11,11 +11,11 @@ what others see meanwhile:
 - GetContent over gRPC with a 100 ms deadline every 100 ms: the share that
   missed it (DEADLINE_EXCEEDED or later than 100 ms).
 
-It does that twice: with the shipped intake admission (http.max_concurrent_ingest
-at its default), and as the baseline with admission out of the way
-(max_concurrent_ingest 1,000,000: every flood request is read and decoded
-before the store's queue refuses it, as before issue 16; the store-backlog
-check before reading still applies). With --baseline-src DIR the baseline runs
+It does that twice: with the shipped intake admission
+(http.max_ingest_bytes_in_flight at its default), and as the baseline with
+admission out of the way (1 GiB: every flood request is read and decoded before
+the store's queue refuses it, as before issue 16; the store-backlog check
+before reading still applies). With --baseline-src DIR the baseline runs
 the server code in DIR (e.g. an export of an older commit's server/) instead.
 
     python -m benchmarks.flood [--json] [--duration S] [--connections N]
@@ -198,7 +198,9 @@ def main() -> None:
     if args.generate:
         print(json.dumps(asyncio.run(_flood(args.generate, args.connections, args.batch, args.duration))))
         return
-    baseline_overrides = {} if args.baseline_src else {"SENDTIME_HTTP__MAX_CONCURRENT_INGEST": "1000000"}
+    baseline_overrides = (
+        {} if args.baseline_src else {"SENDTIME_HTTP__MAX_INGEST_BYTES_IN_FLIGHT": str(2**30)}
+    )
     baseline = _run("baseline", args, baseline_overrides, args.baseline_src)
     bounded = _run("bounded", args, {}, None)
 

@@ -153,13 +153,13 @@ async def test_a_large_unauthenticated_chunked_body_is_refused_before_it_is_buff
     _close(writer)
 
 
-@pytest.mark.parametrize("app", [{"http__max_concurrent_ingest": "2"}], indirect=True)
+@pytest.mark.parametrize("app", [{"http__max_ingest_bytes_in_flight": "800000"}], indirect=True)
 async def test_an_intake_flood_is_shed_with_429_before_the_body_is_read(app: Sendtime) -> None:
     head = (
         b"POST /v1/batch HTTP/1.1\r\nHost: sendtime\r\nAuthorization: Bearer dev-key\r\n"
         b"Content-Type: application/json\r\nContent-Length: 400000\r\n\r\n"
     )
-    # two intake requests whose bodies are still coming fill the bound ...
+    # two intake requests of 400,000 bytes whose bodies are still coming fill the bound ...
     busy = [await _connect(app) for _ in range(2)]
     for _, writer in busy:
         writer.write(head + b'{"batch": [')
@@ -172,7 +172,7 @@ async def test_an_intake_flood_is_shed_with_429_before_the_body_is_read(app: Sen
     response = await _response(reader)
     assert response.status == 429
     assert response.headers["retry-after"] == "1"
-    assert b"intake requests are being handled" in response.body
+    assert b"800000 bytes of intake are being handled" in response.body
     assert await _healthz(app) == 200
     _close(writer, *(w for _, w in busy))
 

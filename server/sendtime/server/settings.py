@@ -81,9 +81,12 @@ class HttpSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     header_timeout_s: Seconds = 15.0
     #: A request body must arrive within this long of its head (else 408).
     body_timeout_s: Seconds = 30.0
-    #: Intake requests (Segment API, webhooks) handled at once; more are
-    #: answered 429 with Retry-After before their body is read.
-    max_concurrent_ingest: Annotated[int, msgspec.Meta(ge=1)] = 64
+    #: Bytes of intake bodies (Segment API, webhooks) being read, decoded or
+    #: stored at once, counted from Content-Length (a chunked body counts as its
+    #: route's limit); a request that would pass it is answered 429 with
+    #: Retry-After before its body is read. Decoding runs on the event loop:
+    #: this keeps health checks and content calls answered during a flood.
+    max_ingest_bytes_in_flight: Annotated[int, msgspec.Meta(ge=1)] = 2 * 1024 * 1024
 
 
 class StorageSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

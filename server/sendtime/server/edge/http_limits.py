@@ -11,12 +11,15 @@
   or of the previous answer (aiohttp's keep-alive timer, which also closes a
   connection whose head is incomplete), and the body within
   ``http.body_timeout_s`` of the head (``read_body``).
-- ``IngestAdmission``: intake requests are admitted before their body is read:
-  beyond ``http.max_concurrent_ingest`` at once, or while the store has as many
-  events queued as it will take, the answer is 429 with Retry-After at once,
-  before a byte of the body is read or decoded. A key in the Authorization
-  header is checked then too, so a wrong key is refused before its body is
-  buffered.
+- ``IngestAdmission``: intake requests are admitted before their body is read,
+  by the bytes they bring (Content-Length, or the route's limit for a chunked
+  body): beyond ``http.max_ingest_bytes_in_flight`` being read, decoded or
+  stored at once, or while the store has as many events queued as it will
+  take, the answer is 429 with Retry-After at once, before a byte of the body
+  is read or decoded. Decoding runs on the event loop, so this bound is what
+  keeps health checks and content calls answered during an intake flood. A key
+  in the Authorization header is checked then too, so a wrong key is refused
+  before its body is buffered.
 """
 
 from __future__ import annotations
@@ -68,23 +71,28 @@ async def read_body(request: web.Request, limit: int, timeout_s: float) -> bytes
 class IngestAdmission:
     """Admits an intake request before its body is read (see the module doc)."""
 
-    def __init__(self, max_concurrent: int, backlogged: Callable[[], bool]) -> None:
-        self._max = max_concurrent
+    def __init__(self, max_bytes_in_flight: int, backlogged: Callable[[], bool]) -> None:
+        self._max_bytes = max_bytes_in_flight
         self._backlogged = backlogged
-        self.in_flight = 0
+        #: Bytes of the intake bodies admitted and not yet answered.
+        self.bytes_in_flight = 0
 
-    def wrap(self, handler: Handler, check_key: Callable[[web.Request], None]) -> Handler:
+    def wrap(self, handler: Handler, check_key: Callable[[web.Request], None], limit: int) -> Handler:
+        """``handler`` behind admission; ``limit`` is its route's body limit."""
+
         async def admitted(request: web.Request) -> web.StreamResponse:
-            if self.in_flight >= self._max:
-                raise Overloaded(f"{self.in_flight} intake requests are being handled; retry shortly")
+            size = min(request.content_length, limit) if request.content_length is not None else limit
+            # one request is always let in, whatever its size: the bound sheds, never starves
+            if self.bytes_in_flight and self.bytes_in_flight + size > self._max_bytes:
+                raise Overloaded(f"{self.bytes_in_flight} bytes of intake are being handled; retry shortly")
             if self._backlogged():
                 raise Overloaded("the store has as many events queued as it takes; retry shortly")
             check_key(request)
-            self.in_flight += 1
+            self.bytes_in_flight += size
             try:
                 return await handler(request)
             finally:
-                self.in_flight -= 1
+                self.bytes_in_flight -= size
 
         return admitted
 

@@ -511,7 +511,7 @@ def build_http_edge(
     # bytes come (read_body); this only caps what aiohttp itself would buffer.
     app = web.Application(middlewares=middlewares, client_max_size=MAX_CATALOG_BYTES + 1024)
     app[BODY_TIMEOUT_S] = settings.body_timeout_s
-    admission = IngestAdmission(settings.max_concurrent_ingest, ingest_backlogged)
+    admission = IngestAdmission(settings.max_ingest_bytes_in_flight, ingest_backlogged)
 
     def ingest_key(request: web.Request) -> None:
         key = _header_key(request)
@@ -521,13 +521,16 @@ def build_http_edge(
     def no_key(_request: web.Request) -> None:
         """Webhooks are signed instead; the route checks the signature header first."""
 
-    batch = admission.wrap(routes.batch, ingest_key)
+    batch = admission.wrap(routes.batch, ingest_key, segment.MAX_BATCH_BYTES)
     app.router.add_post("/v1/batch", batch)
     app.router.add_post("/v1/import", batch)  # Segment's older name for batch
     app.router.add_post(
-        r"/v1/{kind:(" + "|".join(_SINGLE_ROUTES) + ")}", admission.wrap(routes.single, ingest_key)
+        r"/v1/{kind:(" + "|".join(_SINGLE_ROUTES) + ")}",
+        admission.wrap(routes.single, ingest_key, MAX_EVENT_BYTES),
     )
-    app.router.add_post("/v1/webhooks/{source}", admission.wrap(routes.webhook, no_key))
+    app.router.add_post(
+        "/v1/webhooks/{source}", admission.wrap(routes.webhook, no_key, segment.MAX_BATCH_BYTES)
+    )
     app.router.add_get("/v1/profiles", routes.profile_by_anonymous_id)
     app.router.add_get("/v1/profiles/{user_id}", routes.profile)
     app.router.add_get("/v1/content/{user_id}", routes.content)
