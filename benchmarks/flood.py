@@ -193,6 +193,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--batch", type=int, default=2000)
     parser.add_argument("--baseline-src", type=Path, default=None)
+    parser.add_argument(
+        "--bytes-in-flight", type=int, default=0, help="http.max_ingest_bytes_in_flight of the bounded run"
+    )
     parser.add_argument("--generate", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.generate:
@@ -202,7 +205,12 @@ def main() -> None:
         {} if args.baseline_src else {"SENDTIME_HTTP__MAX_INGEST_BYTES_IN_FLIGHT": str(2**30)}
     )
     baseline = _run("baseline", args, baseline_overrides, args.baseline_src)
-    bounded = _run("bounded", args, {}, None)
+    bounded_overrides = (
+        {"SENDTIME_HTTP__MAX_INGEST_BYTES_IN_FLIGHT": str(args.bytes_in_flight)}
+        if args.bytes_in_flight
+        else {}
+    )
+    bounded = _run("bounded", args, bounded_overrides, None)
 
     def ratio(key: str) -> float | None:
         return round(bounded[key] / baseline[key], 3) if baseline[key] else None
