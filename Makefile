@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all run demo test lint gen check-gen bench install clean
+.PHONY: all run demo test lint gen check-gen bench install clean audit
 
 all: lint test
 
@@ -32,6 +32,11 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/buf lint
 	$(BIN)/python tools/gen_protos.py --check
+
+# Known vulnerabilities in constraints.txt, from PyPI's vulnerability data
+# (tools/audit.py; ops/audit-allowlist.toml lists the ones let through, each with a reason).
+audit:
+	$(PYTHON) tools/audit.py $(AUDIT_FLAGS)
 
 gen: $(STAMP)
 	$(BIN)/python tools/gen_protos.py

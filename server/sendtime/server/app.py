@@ -46,6 +46,7 @@ from sendtime.server.domain.unsubscribe import UnsubscribeTokens
 from sendtime.server.edge.grpc_server import GrpcEdge, build_grpc_edge
 from sendtime.server.edge.http_server import HttpEdge, build_http_edge
 from sendtime.server.edge.status_page import StatusPage
+from sendtime.server.fdlimit import fit_open_files
 from sendtime.server.feedback import PostmarkFeedback, SendGridFeedback
 from sendtime.server.looplag import LoopLag
 from sendtime.server.observe import Telemetry
@@ -242,7 +243,11 @@ class Sendtime:
             catalog=CatalogUpdater(self.catalog, store.save_products, pipeline.invalidate_catalog),
             default_deadline_s=default_deadline_s,
             suppressions=Suppressions(store, tokens, self._clock),
-            sendgrid=SendGridFeedback(feedback.sendgrid_public_key) if feedback.sendgrid_public_key else None,
+            sendgrid=(
+                SendGridFeedback(feedback.sendgrid_public_key, tolerance_s=feedback.sendgrid_tolerance_s)
+                if feedback.sendgrid_public_key
+                else None
+            ),
             postmark=(
                 PostmarkFeedback(feedback.postmark_username, feedback.postmark_password)
                 if feedback.postmark_username
@@ -253,6 +258,8 @@ class Sendtime:
             telemetry=telemetry,
             clock=self._clock,
             status_page=StatusPage(authenticator, store, pipeline, fetcher, metrics, [f.id for f in flows]),
+            # refused before their bodies are read, rather than decoded and then refused by the store
+            ingest_backlogged=lambda: store.stats().queued_events >= storage.max_queued_events,
         )
         await self._grpc.start()
         await self._http.start()
@@ -400,6 +407,7 @@ def _dispatch_policy(delivery: DeliverySettings) -> DispatchPolicy:
 
 
 async def _serve(settings: Settings, on_ready: Callable[[Sendtime], None]) -> None:
+    fit_open_files(settings)
     app = Sendtime(settings)
     await app.start()
     # Everything built at start (modules, templates, the catalog, the profiles

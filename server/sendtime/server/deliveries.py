@@ -24,6 +24,8 @@ from sendtime.server.store.sqlite import SqliteStore
 
 API_FLOW: Final = ""
 MAX_PAGE: Final = 500
+#: Delivery ids are 64-bit integers (SQLite's): a larger number names none.
+MAX_ID: Final = 2**63
 DEFAULT_PAGE: Final = 50
 
 
@@ -133,7 +135,10 @@ def _decode_token(token: str) -> int:
         kind, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
         if kind != "before":
             raise ValueError(kind)
-        return int(value)
+        last_id = int(value)
+        if not 0 < last_id < MAX_ID:  # the store's ids are 64-bit integers
+            raise ValueError(value)
+        return last_id
     except ValueError:
         raise InvalidInput.field("page_token", "is not a token from a previous page") from None
 

@@ -50,12 +50,43 @@ class GrpcSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_message_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 8 * 1024 * 1024
     #: Events a stream may have read but not yet acked before it stops reading.
     stream_window_events: Annotated[int, msgspec.Meta(ge=1)] = 20_000
+    #: Client connections open at once; more are refused (keeps file
+    #: descriptors for the HTTP edge and the store).
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 256
+    #: Calls (unary calls and open streams) served at once across all
+    #: connections; more are answered RESOURCE_EXHAUSTED at once.
+    max_concurrent_calls: Annotated[int, msgspec.Meta(ge=1)] = 2000
+    #: Streams one connection may have open at once (HTTP/2 SETTINGS).
+    max_streams_per_connection: Annotated[int, msgspec.Meta(ge=1)] = 100
+    #: A connection must finish its handshake (TLS, HTTP/2 preface) within this long.
+    handshake_timeout_s: Seconds = 10.0
+    #: A connection with no call open for this long is closed.
+    idle_timeout_s: Seconds = 300.0
+    #: Idle connections are pinged this often, and closed when a ping goes
+    #: unanswered for keepalive_timeout_s: dead peers do not keep streams open.
+    keepalive_interval_s: Seconds = 60.0
+    keepalive_timeout_s: Seconds = 20.0
 
 
 class HttpSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
     port: Port = 8080
     tls: TlsSettings | None = None
+    #: Connections open at once. At the bound a new connection closes the one
+    #: that has waited longest for a request (idle, or a slow sender short of
+    #: its request head); when all are inside requests, the new one is closed.
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 512
+    #: A request head must arrive within this long of connecting or of the
+    #: previous answer (an idle keep-alive connection closes then too).
+    header_timeout_s: Seconds = 15.0
+    #: A request body must arrive within this long of its head (else 408).
+    body_timeout_s: Seconds = 30.0
+    #: Bytes of intake bodies (Segment API, webhooks) being read, decoded or
+    #: stored at once, counted from Content-Length (a chunked body counts as its
+    #: route's limit); a request that would pass it is answered 429 with
+    #: Retry-After before its body is read. Decoding runs on the event loop:
+    #: this keeps health checks and content calls answered during a flood.
+    max_ingest_bytes_in_flight: Annotated[int, msgspec.Meta(ge=1)] = 2 * 1024 * 1024
 
 
 class StorageSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -93,7 +124,8 @@ class ApiKey(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class AuthSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     keys: list[ApiKey] = []
-    #: Accept the key "dev-key" with every scope. For development only.
+    #: Accept the key "dev-key" with every scope while no keys are configured
+    #: (configuring a key turns it off). For development only.
     dev_key: bool = True
 
 
@@ -247,6 +279,9 @@ class FeedbackSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
 
     #: The Event Webhook's verification key SendGrid shows (base64 DER, ECDSA).
     sendgrid_public_key: str = ""
+    #: A signed SendGrid request whose timestamp is further than this from the
+    #: server's clock is refused: a captured request cannot be replayed later.
+    sendgrid_tolerance_s: Seconds = 600.0
     #: Basic credentials the Postmark webhook URL carries (Postmark does not sign).
     postmark_username: str = ""
     postmark_password: str = ""

@@ -202,6 +202,12 @@ class MissingValueError(Exception):
     """The block needs a user field the profile lacks (raised by UpstreamSource.url_for)."""
 
 
+class RefusedUrlError(Exception):
+    """The URL the user's fields make is refused: a host not allowed, or a path
+    segment "." or "..". That block falls back; the call goes on (raised by
+    UpstreamSource.url_for)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ContentPolicy:
     block_ttl_s: float
@@ -457,6 +463,8 @@ class ContentPipeline:
             url = upstream.url_for(await request.url_values())
         except MissingValueError as missing:
             return Block(name, None, Source.FALLBACK, Reason.MISSING_DATA, detail=str(missing))
+        except RefusedUrlError as refused:
+            return Block(name, None, Source.FALLBACK, Reason.UPSTREAM_ERROR, detail=str(refused))
 
         async def fetch() -> Any:
             # Bounded by the provider's own timeout, not this caller's budget:
@@ -549,23 +557,27 @@ class _Request:
 
     def user_data(self) -> dict[str, Any]:
         """The user as templates see it, from the profile if it was read."""
-        data: dict[str, Any] = {"id": self.identity.user_id or self.identity.anonymous_id}
+        data: dict[str, Any] = {}
         if self._profile is not None and self._profile.done() and not self._profile.cancelled():
             profile = self._profile.result()
             if profile is not None:
                 data.update(profile.extra_traits)
                 data.update(profile.traits)
+        # After the traits: a trait named "id" must not pass for the user asked for.
+        data["id"] = self.identity.user_id or self.identity.anonymous_id
         if self.context.locale:
             data["locale"] = self.context.locale
         return data
 
     async def url_values(self) -> dict[str, str]:
-        values = {"user.id": self.identity.user_id or self.identity.anonymous_id}
+        values: dict[str, str] = {}
         profile = await self.profile()
         if profile is not None:
             for key, value in {**profile.extra_traits, **profile.traits}.items():
                 if isinstance(value, str | int | float) and not isinstance(value, bool):
                     values[f"user.{key}"] = str(value)
+        # After the traits: a trait named "id" must not redirect the call to another user.
+        values["user.id"] = self.identity.user_id or self.identity.anonymous_id
         for key in ("campaign", "locale", "cart_id"):
             value = getattr(self.context, key)
             if value:

@@ -386,6 +386,19 @@ class GrpcEdge:
         await self.server.stop(grace)
 
 
+def _limits(settings: GrpcSettings) -> list[tuple[str, int]]:
+    """Bounds on connections and streams, so that many idle or slow clients
+    cannot hold the server's memory and file descriptors."""
+    return [
+        ("grpc.max_allowed_incoming_connections", settings.max_connections),
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        ("grpc.server_handshake_timeout_ms", round(settings.handshake_timeout_s * 1000)),
+        ("grpc.max_connection_idle_ms", round(settings.idle_timeout_s * 1000)),
+        ("grpc.keepalive_time_ms", round(settings.keepalive_interval_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(settings.keepalive_timeout_s * 1000)),
+    ]
+
+
 def build_grpc_edge(
     settings: GrpcSettings,
     *,
@@ -408,7 +421,10 @@ def build_grpc_edge(
             ("grpc.max_send_message_length", settings.max_message_bytes),
             # a second server on the same port must fail loudly, not share it
             ("grpc.so_reuseport", 0),
+            *_limits(settings),
         ],
+        # beyond it a call is answered RESOURCE_EXHAUSTED at once
+        maximum_concurrent_rpcs=settings.max_concurrent_calls,
     )
     events = EventService(ingestor, settings)
     event_service_pb2_grpc.add_EventServiceServicer_to_server(events, server)

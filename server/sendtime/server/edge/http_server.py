@@ -23,6 +23,7 @@ Errors go through http_errors; every JSON error names the field at fault.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -56,6 +57,7 @@ from sendtime.server.domain.ingest import Ack, Ingestor, Outcome, Undecodable, u
 from sendtime.server.domain.queries import ProfileQueries
 from sendtime.server.edge import segment
 from sendtime.server.edge.http_errors import error_body, error_response
+from sendtime.server.edge.http_limits import ConnectionLimiter, IngestAdmission, read_body
 from sendtime.server.edge.http_observe import observe_middleware
 from sendtime.server.edge.status_page import StatusPage
 from sendtime.server.feedback import PostmarkFeedback, SendGridFeedback
@@ -72,6 +74,7 @@ _json = msgspec.json.Encoder()
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
+BODY_TIMEOUT_S = web.AppKey("body_timeout_s", float)
 
 
 @web.middleware
@@ -100,16 +103,21 @@ def _api_key(request: web.Request, body: bytes | None = None) -> str | None:
         except (binascii.Error, UnicodeDecodeError):
             raise Unauthenticated("the Basic credentials are not valid base64") from None
         return user or None
-    return segment.write_key_in_body(body) if body else None
+    if not body:
+        return None
+    try:
+        return segment.write_key_in_body(body)
+    except UnicodeDecodeError:
+        raise InvalidInput.field("body", "is not valid UTF-8") from None
+
+
+def _header_key(request: web.Request) -> str | None:
+    """The key in the Authorization header alone (none: maybe one in the body)."""
+    return _api_key(request) if "Authorization" in request.headers else None
 
 
 async def _read(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"the body is {request.content_length} bytes; the limit is {limit}")
-    body = await request.read()
-    if len(body) > limit:
-        raise PayloadTooLarge(f"the body is {len(body)} bytes; the limit is {limit}")
-    return body
+    return await read_body(request, limit, request.app[BODY_TIMEOUT_S])
 
 
 @dataclass
@@ -151,8 +159,10 @@ class _Routes:
         source = self.webhooks.get(request.match_info["source"])
         if source is None:
             raise Unauthenticated(f"no webhook source is named {request.match_info['source']!r}")
+        # The header's shape and age are checked before a byte of the body is read.
+        signature = _signature(source, request.headers.get(SIGNATURE_HEADER), time.time())
         body = await _read(request, segment.MAX_BATCH_BYTES)
-        _verify_signature(source, request.headers.get(SIGNATURE_HEADER), body, time.time())
+        signature.verify(body)
         return await self._ingest_batch(segment.decode_webhook(body, self.clock()))
 
     async def _ingest_batch(self, incoming: Sequence[IncomingEvent | Undecodable]) -> web.Response:
@@ -278,12 +288,11 @@ class _Routes:
     async def sendgrid_feedback(self, request: web.Request) -> web.Response:
         if self.sendgrid is None:
             raise NotFound("the SendGrid feedback webhook is not configured")
+        signature = request.headers.get("X-Twilio-Email-Event-Webhook-Signature")
+        timestamp = request.headers.get("X-Twilio-Email-Event-Webhook-Timestamp")
+        self.sendgrid.check_headers(signature, timestamp)  # before the body is read
         body = await _read(request, MAX_CATALOG_BYTES)
-        self.sendgrid.verify(
-            body,
-            request.headers.get("X-Twilio-Email-Event-Webhook-Signature"),
-            request.headers.get("X-Twilio-Email-Event-Webhook-Timestamp"),
-        )
+        self.sendgrid.verify(body, signature, timestamp)
         added = await self.suppressions.from_feedback(self.sendgrid.suppressions(body))
         return _json_response({"success": True, "suppressed": added})
 
@@ -353,23 +362,79 @@ def sign(secret: str, body: bytes, timestamp: int) -> str:
     return f"t={timestamp},v1={digest}"
 
 
-def _verify_signature(source: WebhookSource, header: str | None, body: bytes, now: float) -> None:
+@dataclass(frozen=True, slots=True)
+class _Signature:
+    source: WebhookSource
+    timestamp: int
+    given: str
+
+    def verify(self, body: bytes) -> None:
+        expected = sign(self.source.secret, body, self.timestamp).partition(",v1=")[2]
+        if not hmac.compare_digest(expected, self.given):
+            raise Unauthenticated("the webhook signature does not match the body")
+
+
+#: Unix seconds have 10 digits until the year 2286: a longer t= is no timestamp.
+_MAX_TIMESTAMP_DIGITS: Final = 12
+
+
+def _signature(source: WebhookSource, header: str | None, now: float) -> _Signature:
+    """The signature header, parsed and its age checked (the body comes later)."""
     if not header:
         raise Unauthenticated(f"the {SIGNATURE_HEADER} header is required")
     parts = dict(part.strip().partition("=")[::2] for part in header.split(","))
-    try:
-        timestamp = int(parts["t"])
-        given = parts["v1"]
-    except (KeyError, ValueError):
-        raise Unauthenticated(f"the {SIGNATURE_HEADER} header must be t=UNIX_SECONDS,v1=HEX") from None
+    raw_timestamp = parts.get("t", "")
+    given = parts.get("v1", "")
+    if not (raw_timestamp.isascii() and raw_timestamp.isdigit()) or not given:
+        raise Unauthenticated(f"the {SIGNATURE_HEADER} header must be t=UNIX_SECONDS,v1=HEX")
+    if len(raw_timestamp) > _MAX_TIMESTAMP_DIGITS:
+        raise Unauthenticated(
+            f"the signature's timestamp t= has {len(raw_timestamp)} digits: not Unix seconds"
+        )
+    timestamp = int(raw_timestamp)
     if abs(now - timestamp) > source.tolerance_s:
         raise Unauthenticated(
             f"the signature's timestamp is {abs(now - timestamp):.0f} s away from now;"
             f" the tolerance is {source.tolerance_s:.0f} s"
         )
-    expected = sign(source.secret, body, timestamp).partition(",v1=")[2]
-    if not hmac.compare_digest(expected, given):
-        raise Unauthenticated("the webhook signature does not match the body")
+    return _Signature(source, timestamp, given)
+
+
+class _LimitedSite(web.BaseSite):
+    """aiohttp's TCPSite, with each connection counted by a ConnectionLimiter."""
+
+    __slots__ = ("_host", "_limiter", "_port")
+
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        limiter: ConnectionLimiter,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context)
+        self._host = host
+        self._port = port
+        self._limiter = limiter
+
+    @property
+    def name(self) -> str:
+        return f"{'https' if self._ssl_context else 'http'}://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            self._limiter.protocol_factory(server),
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_port=False,
+        )
 
 
 @dataclass
@@ -377,16 +442,17 @@ class HttpEdge:
     runner: web.AppRunner
     settings: HttpSettings
     ssl_context: ssl.SSLContext | None
+    limiter: ConnectionLimiter
     port: int = 0
 
     async def start(self) -> None:
         await self.runner.setup()
-        site = web.TCPSite(
+        site = _LimitedSite(
             self.runner,
             self.settings.host,
             self.settings.port,
             ssl_context=self.ssl_context,
-            reuse_port=False,
+            limiter=self.limiter,
         )
         try:
             await site.start()
@@ -419,6 +485,7 @@ def build_http_edge(
     telemetry: Telemetry,
     clock: Callable[[], datetime] = utc_now,
     status_page: StatusPage | None = None,
+    ingest_backlogged: Callable[[], bool] = lambda: False,
 ) -> HttpEdge:
     routes = _Routes(
         ingestor,
@@ -435,17 +502,35 @@ def build_http_edge(
         telemetry,
         clock,
     )
-    middlewares: list[Middleware] = [_errors]
+    limiter = ConnectionLimiter(settings.max_connections)
+    middlewares: list[Middleware] = [limiter.middleware, _errors]
     if telemetry.records_requests():
         # outermost: it sees the status _errors answered with
         middlewares.insert(0, observe_middleware(telemetry))
-    # The route handlers apply the exact per-route limits; this only caps what
-    # aiohttp will buffer at all.
+    # The route handlers read bodies with their exact per-route limits, as the
+    # bytes come (read_body); this only caps what aiohttp itself would buffer.
     app = web.Application(middlewares=middlewares, client_max_size=MAX_CATALOG_BYTES + 1024)
-    app.router.add_post("/v1/batch", routes.batch)
-    app.router.add_post("/v1/import", routes.batch)  # Segment's older name for batch
-    app.router.add_post(r"/v1/{kind:(" + "|".join(_SINGLE_ROUTES) + ")}", routes.single)
-    app.router.add_post("/v1/webhooks/{source}", routes.webhook)
+    app[BODY_TIMEOUT_S] = settings.body_timeout_s
+    admission = IngestAdmission(settings.max_ingest_bytes_in_flight, ingest_backlogged)
+
+    def ingest_key(request: web.Request) -> None:
+        key = _header_key(request)
+        if key is not None:
+            authenticator.authorize(key, Scope.INGEST)
+
+    def no_key(_request: web.Request) -> None:
+        """Webhooks are signed instead; the route checks the signature header first."""
+
+    batch = admission.wrap(routes.batch, ingest_key, segment.MAX_BATCH_BYTES)
+    app.router.add_post("/v1/batch", batch)
+    app.router.add_post("/v1/import", batch)  # Segment's older name for batch
+    app.router.add_post(
+        r"/v1/{kind:(" + "|".join(_SINGLE_ROUTES) + ")}",
+        admission.wrap(routes.single, ingest_key, MAX_EVENT_BYTES),
+    )
+    app.router.add_post(
+        "/v1/webhooks/{source}", admission.wrap(routes.webhook, no_key, segment.MAX_BATCH_BYTES)
+    )
     app.router.add_get("/v1/profiles", routes.profile_by_anonymous_id)
     app.router.add_get("/v1/profiles/{user_id}", routes.profile)
     app.router.add_get("/v1/content/{user_id}", routes.content)
@@ -464,5 +549,9 @@ def build_http_edge(
     if settings.tls is not None:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(settings.tls.cert_file, settings.tls.key_file)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_grace_s)
-    return HttpEdge(runner=runner, settings=settings, ssl_context=ssl_context)
+    # aiohttp's keep-alive timer runs from the connection's start and from each
+    # answer until a complete request head has arrived: the header timeout.
+    runner = web.AppRunner(
+        app, access_log=None, shutdown_timeout=shutdown_grace_s, keepalive_timeout=settings.header_timeout_s
+    )
+    return HttpEdge(runner=runner, settings=settings, ssl_context=ssl_context, limiter=limiter)
