@@ -8,10 +8,13 @@ STAMP := $(VENV)/.installed
 
 all: lint test
 
-$(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
+$(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt tests/interop/node/package-lock.json
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ./clients/python -e '.[dev]'
+	@# the Node client of the gRPC interop tests (tests/interop): skipped, saying so, without npm
+	@if command -v npm >/dev/null; then npm ci --prefix tests/interop/node --no-audit --no-fund --loglevel=error; \
+	else echo "no npm: the Node gRPC interop tests will be skipped"; fi
 	@touch $(STAMP)
 
 install: $(STAMP)
