@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all run demo test lint gen check-gen bench install clean
+.PHONY: all run demo test lint gen check-gen bench soak install clean
 
 all: lint test
 
@@ -43,6 +43,10 @@ gen: $(STAMP)
 # Every benchmark, then benchmarks/report/: JSON results, PNG plots, README.md (several minutes).
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.report --run
+
+# Ten minutes of mixed traffic with a kill -9 in the middle, then an audit (benchmarks/report/soak.*).
+soak: $(STAMP)
+	$(BIN)/python -m benchmarks.soak --out benchmarks/report
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
