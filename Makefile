@@ -4,14 +4,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all run demo test lint gen check-gen bench install clean audit
+.PHONY: all run demo test lint gen check-gen bench soak install clean audit
 
 all: lint test
 
-$(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
+$(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt tests/interop/node/package-lock.json
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ./clients/python -e '.[dev]'
+	@# the Node client of the gRPC interop tests (tests/interop): skipped, saying so, without npm
+	@if command -v npm >/dev/null; then npm ci --prefix tests/interop/node --no-audit --no-fund --loglevel=error; \
+	else echo "no npm: the Node gRPC interop tests will be skipped"; fi
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -45,6 +48,10 @@ gen: $(STAMP)
 # Every benchmark, then benchmarks/report/: JSON results, PNG plots, README.md (several minutes).
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.report --run
+
+# Ten minutes of mixed traffic with a kill -9 in the middle, then an audit (benchmarks/report/soak.*).
+soak: $(STAMP)
+	$(BIN)/python -m benchmarks.soak --out benchmarks/report
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -112,6 +112,15 @@ class ServerProcess:
         self._log.close()
         return process.returncode
 
+    def kill(self) -> None:
+        """SIGKILL: no drain, no last save (the soak's crash)."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+        self.exit_code = process.returncode if process is not None else None
+        self._log.close()
+
     def log_tail(self, lines: int = 20) -> str:
         try:
             return "\n".join(self.log_path.read_text().splitlines()[-lines:])

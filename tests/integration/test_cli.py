@@ -197,3 +197,16 @@ async def test_bad_arguments_exit_2_naming_the_flag(cli: RunCli) -> None:
     assert (naive.code, "UTC offset" in naive.stderr) == (2, True)
     both = await cli("profile", "u1", "--anonymous-id", "a1")
     assert (both.code, "exactly one" in both.stderr) == (2, True)
+
+
+async def test_serve_refuses_the_dev_key_on_an_edge_beyond_loopback(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SENDTIME_")}
+    env["SENDTIME_GRPC__HOST"] = "0.0.0.0"  # noqa: S104  (refused before anything binds)
+    env["SENDTIME_STORAGE__DATA_DIR"] = str(tmp_path / "data")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sendtime.server", "serve", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 2
+    assert "auth.dev_key is on while grpc.host = '0.0.0.0' listens beyond loopback" in err.decode()
+    assert not (tmp_path / "data").exists()  # refused before it made anything

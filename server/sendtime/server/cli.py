@@ -62,7 +62,16 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _warn_dev_key(settings: Settings) -> None:
-    if settings.auth.dev_key:
+    exposed = settings.edges_beyond_loopback()
+    if settings.dev_key_works() and exposed:  # allowed by auth.dev_key_beyond_loopback only
+        logging.getLogger("sendtime").error(
+            "the development API key %r is accepted with every scope while %s listens beyond"
+            " loopback (auth.dev_key_beyond_loopback): anyone who reaches it can read profiles"
+            " and send email. Configure auth.keys and set auth.dev_key = false.",
+            DEV_KEY,
+            " and ".join(exposed),
+        )
+    elif settings.dev_key_works():
         logging.getLogger("sendtime").warning(
             "the development API key %r is accepted with every scope. For development only:"
             " set auth.dev_key = false and configure auth.keys in production.",

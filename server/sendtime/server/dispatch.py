@@ -43,7 +43,7 @@ from sendtime.server.domain.profiles import ProfileBook
 from sendtime.server.domain.sends import FrequencyCap, QuietHours, SendRecord, SendStatus
 from sendtime.server.domain.unsubscribe import UnsubscribeTokens
 from sendtime.server.relay import message as mime
-from sendtime.server.relay.base import PermanentFailure, RetryingRelay, TransientFailure
+from sendtime.server.relay.base import PermanentFailure, RetryingRelay, TransientFailure, UncertainFailure
 from sendtime.server.store.sqlite import HandOver, LastChecks, SqliteStore
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,8 @@ class Attempt:
     """What one go at a claimed send came to: for metrics and the log line."""
 
     #: "sent", "failed", "retry" (a transient failure: scheduled again later),
-    #: "skipped", "cancelled" or "held" (quiet hours: scheduled again later).
+    #: "uncertain" (the ESP may have taken it: not resent), "skipped",
+    #: "cancelled" or "held" (quiet hours: scheduled again later).
     outcome: str
     #: Why, as a class: no_email, opted_out, no_opt_in, suppressed, frequency_cap,
     #: quiet_hours, nothing_to_show, bad_address, exit, not_sending, render_error, refused,
@@ -326,6 +327,17 @@ class Dispatcher:
                 attempt=(record.attempts, "refused", f"{failure.reason} (after {failure.attempts} tries)"),
             )
             return Attempt("failed", "refused", failure.reason, failure.attempts, render_s, relay_s)
+        except UncertainFailure as failure:
+            # as if the server had died while "relaying": the ESP may have it
+            relay_s = time.perf_counter() - relay_started
+            await self._finish(
+                record,
+                SendStatus.UNCERTAIN,
+                f"the ESP may have taken it; not resent: {failure.reason}",
+                expect=SendStatus.RELAYING,
+                attempt=(record.attempts, "uncertain", failure.reason),
+            )
+            return Attempt("uncertain", "no_answer", failure.reason, failure.attempts, render_s, relay_s)
         except TransientFailure as failure:
             relay_s = time.perf_counter() - relay_started
             gave_up = await self._retry_later(record, failure)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -125,8 +126,12 @@ class ApiKey(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class AuthSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     keys: list[ApiKey] = []
     #: Accept the key "dev-key" with every scope while no keys are configured
-    #: (configuring a key turns it off). For development only.
+    #: (configuring a key turns it off). For development only: while it works,
+    #: the server refuses to start if an edge listens beyond loopback.
     dev_key: bool = True
+    #: Start with the dev key even on an edge that listens beyond loopback
+    #: (a shared test box behind a firewall); logged as an error at start.
+    dev_key_beyond_loopback: bool = False
 
 
 class WebhookSource(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -357,9 +362,10 @@ class MetricsSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     enabled: bool = True
     #: Ask for an API key with the admin scope (Prometheus sends it with
-    #: ``authorization`` in its scrape config). Off by default: the metrics
-    #: carry no user data, and the HTTP edge listens on 127.0.0.1 unless told.
-    require_admin_key: bool = False
+    #: ``authorization`` in its scrape config). Unset: asked for exactly when
+    #: the HTTP edge listens beyond loopback (the metrics carry no user data,
+    #: but they tell traffic, relays and upstreams to whoever can read them).
+    require_admin_key: bool | None = None
 
 
 class LoggingSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -411,6 +417,43 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     tracing: TracingSettings = msgspec.field(default_factory=TracingSettings)
+
+    def __post_init__(self) -> None:
+        exposed = self.edges_beyond_loopback()
+        if exposed and self.dev_key_works() and not self.auth.dev_key_beyond_loopback:
+            raise ValueError(
+                f"auth.dev_key is on while {' and '.join(exposed)} listens beyond loopback: anyone"
+                " who reaches it would have every scope with 'dev-key'. Configure [[auth.keys]] and"
+                " set auth.dev_key = false (or auth.dev_key_beyond_loopback = true to force it)"
+            )
+
+    def dev_key_works(self) -> bool:
+        """The dev key is accepted: on, and no API key configured (one turns it off)."""
+        return self.auth.dev_key and not self.auth.keys
+
+    def edges_beyond_loopback(self) -> list[str]:
+        """The edges reachable from other hosts, as "grpc.host = '0.0.0.0'"."""
+        return [
+            f"{name}.host = {edge.host!r}"
+            for name, edge in (("grpc", self.grpc), ("http", self.http))
+            if not is_loopback(edge.host)
+        ]
+
+    def metrics_need_key(self) -> bool:
+        if self.metrics.require_admin_key is not None:
+            return self.metrics.require_admin_key
+        return not is_loopback(self.http.host)
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine reaches ("localhost", 127.0.0.0/8,
+    ::1); a host name other than localhost, or a wildcard, counts as reachable."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def hash_key(key: str) -> str:

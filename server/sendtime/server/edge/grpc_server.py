@@ -82,8 +82,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> MethodHandler:
         method: str = handler_call_details.method
-        if not method.startswith(_OUR_PACKAGE):
-            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        if handler is None or not method.startswith(_OUR_PACKAGE):
+            # no such method: UNIMPLEMENTED, as for any gRPC server (reflection
+            # lists the methods openly, so this tells a caller nothing new)
+            return handler
         service = method[1:].split("/", 1)[0]
         try:
             scope = SCOPES.get(service)
@@ -91,8 +94,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 raise PermissionDenied(f"no API key may call {method}")
             self._auth.authorize(_bearer(handler_call_details.invocation_metadata), scope)
         except SendtimeError as error:
-            return _refusal(await continuation(handler_call_details), error)
-        return await continuation(handler_call_details)
+            return _refusal(handler, error)
+        return handler
 
 
 def _bearer(metadata: Any) -> str | None:
@@ -103,14 +106,12 @@ def _bearer(metadata: Any) -> str | None:
     return None
 
 
-def _refusal(handler: MethodHandler | None, error: SendtimeError) -> MethodHandler:
+def _refusal(handler: MethodHandler, error: SendtimeError) -> MethodHandler:
     """A handler of the same shape as ``handler`` that fails with ``error``."""
 
     async def refuse(_request: object, context: Context) -> None:
         await abort(context, error)
 
-    if handler is None:
-        return grpc.unary_unary_rpc_method_handler(refuse)
     codecs = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,

@@ -226,6 +226,12 @@ CATALOGUE: Final[tuple[MetricInfo, ...]] = (
     MetricInfo("sendtime_sends_held_total", C, "Sends held until the quiet hours end.", ("flow",)),
     MetricInfo("sendtime_sends_sent_total", C, "Sends the ESP accepted.", ("flow", "relay")),
     MetricInfo(
+        "sendtime_sends_uncertain_total",
+        C,
+        "Sends handed to the ESP whose answer never came (it may have taken them): not resent.",
+        ("flow", "relay"),
+    ),
+    MetricInfo(
         "sendtime_sends_failed_total",
         C,
         "Sends that failed for good, by reason (refused, gave_up, render_error, internal).",
@@ -248,7 +254,7 @@ CATALOGUE: Final[tuple[MetricInfo, ...]] = (
     MetricInfo(
         "sendtime_relay_attempts_total",
         C,
-        "Tries at handing an email to the ESP, by outcome (accepted, transient, permanent).",
+        "Tries at handing an email to the ESP, by outcome (accepted, transient, permanent, uncertain).",
         ("relay", "outcome"),
     ),
     MetricInfo("sendtime_relay_retries_total", C, "Tries after the first, within one send.", ("relay",)),
@@ -331,6 +337,7 @@ class Metrics:
         self.sends_skipped = _counter("sendtime_sends_skipped_total")
         self.sends_held = _counter("sendtime_sends_held_total")
         self.sends_sent = _counter("sendtime_sends_sent_total")
+        self.sends_uncertain = _counter("sendtime_sends_uncertain_total")
         self.sends_failed = _counter("sendtime_sends_failed_total")
         self.sends_retried = _counter("sendtime_sends_retried_total")
         self.send_latency = _histogram("sendtime_send_latency_seconds")
@@ -351,6 +358,7 @@ class Metrics:
             self.sends_skipped,
             self.sends_held,
             self.sends_sent,
+            self.sends_uncertain,
             self.sends_failed,
             self.sends_retried,
             self.send_latency,
@@ -558,7 +566,7 @@ class RelayMetrics:
     def __init__(self, metrics: Metrics, name: str) -> None:
         self._attempts = {
             outcome: metrics.relay_attempts.labels(name, outcome)
-            for outcome in ("accepted", "transient", "permanent")
+            for outcome in ("accepted", "transient", "permanent", "uncertain")
         }
         self._retries = metrics.relay_retries.labels(name)
         self._duration = metrics.relay_durations.labels(name)
@@ -584,6 +592,8 @@ class SendMetrics:
                 metrics.sends_sent.labels(flow, relay).inc()
                 if attempt.latency_s is not None:
                     metrics.send_latency.labels(flow).observe(attempt.latency_s)
+            case "uncertain":
+                metrics.sends_uncertain.labels(flow, relay).inc()
             case "failed":
                 metrics.sends_failed.labels(flow, relay, attempt.reason).inc()
             case "retry":
