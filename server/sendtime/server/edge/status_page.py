@@ -6,7 +6,7 @@ is added to the hot paths): each view takes a snapshot of the cumulative
 counters and histogram buckets and keeps it in a small ring, and rates and
 percentiles are the difference from the oldest snapshot within the window.
 The first view after a start therefore reads "since the server started".
-Flows and the latest deliveries are read from the store.
+Flows and the latest deliveries are read from the ledger (deliveries.DeliveryQueries).
 
 The exact HTML of a sent email is not stored, so GET
 /v1/deliveries/{id}/preview renders the delivery's template for its user
@@ -37,13 +37,13 @@ from aiohttp import web
 
 from sendtime.server.auth import Authenticator
 from sendtime.server.cache import CacheFetcher
+from sendtime.server.deliveries import DeliveryQueries
 from sendtime.server.domain.content import ContentContext, ContentPipeline
 from sendtime.server.domain.errors import NotFound, PermissionDenied, Unauthenticated
 from sendtime.server.domain.events import Identity
 from sendtime.server.domain.sends import SendRecord
 from sendtime.server.observe.metrics import Metrics
 from sendtime.server.settings import Scope
-from sendtime.server.store.sqlite import SqliteStore
 
 REFRESH_S: Final = 5
 WINDOW_S: Final = 300.0
@@ -150,7 +150,7 @@ class _Window:
 @dataclass
 class StatusPage:
     authenticator: Authenticator
-    store: SqliteStore
+    deliveries: DeliveryQueries
     pipeline: ContentPipeline
     cache: CacheFetcher
     metrics: Metrics | None
@@ -169,8 +169,8 @@ class StatusPage:
         if denied is not None:
             return denied
         key_query = f"?key={quote(request.query['key'], safe='')}" if "key" in request.query else ""
-        flows = await self.store.flow_counts()
-        sends = await self.store.list_sends(limit=LATEST_DELIVERIES)
+        flows = await self.deliveries.flow_counts()
+        sends = await self.deliveries.latest(LATEST_DELIVERIES)
         body = "".join(
             (
                 self._traffic(),
@@ -189,7 +189,7 @@ class StatusPage:
             send_id = int(request.match_info["id"])
         except ValueError:
             send_id = 0
-        record = await self.store.get_send(send_id=send_id) if send_id > 0 else None
+        record = await self.deliveries.find(send_id)
         if record is None:
             raise NotFound("no delivery has that id")
         answer = await self.pipeline.email(
