@@ -50,6 +50,7 @@ def checks(record: SendRecord, *, cap_count: int = 0) -> LastChecks:
         subjects=(record.profile_key, "email:ada@example.com"),
         cap_since=NOW - timedelta(days=1) if cap_count else None,
         cap_count=cap_count,
+        attempt=record.attempts,
     )
 
 
@@ -165,12 +166,39 @@ async def test_recovery_after_a_crash_never_resends_what_the_esp_may_have(backen
     sending = await claimed(ledger, "k1")
     relaying = await claimed(ledger, "k2", entry_key="cart-2")
     await ledger.hand_over(relaying.id, relay="smtp", template_version="v1", checks=checks(relaying))
-    assert await ledger.recover_interrupted(relay_idempotent=False) == (1, 1)
+    # (long after: a shared ledger recovers only the claims whose lease ran out)
+    assert await ledger.recover_interrupted(relay_idempotent=False, now=NOW + timedelta(days=1)) == (1, 1)
     again = await ledger.get_send(send_id=sending.id)
     unsure = await ledger.get_send(send_id=relaying.id)
     assert again is not None
     assert unsure is not None
     assert (again.status, unsure.status) == (SendStatus.SCHEDULED, SendStatus.UNCERTAIN)
+
+
+async def test_a_fresh_claim_is_not_recovered_by_a_shared_ledger(backend: Backend) -> None:
+    ledger = backend.storage.ledger
+    if backend.name == "sqlite":
+        return  # one process: every claim at start is a dead process's
+    record = await claimed(ledger, "k1")
+    assert await ledger.recover_interrupted(relay_idempotent=False) == (0, 0)
+    still = await ledger.get_send(send_id=record.id)
+    assert still is not None
+    assert still.status is SendStatus.SENDING
+
+
+async def test_a_send_claimed_again_after_its_lease_cannot_be_handed_over_by_the_first(
+    backend: Backend,
+) -> None:
+    ledger = backend.storage.ledger
+    first = await claimed(ledger, "k1")
+    await ledger.recover_interrupted(relay_idempotent=False, now=NOW + timedelta(days=1))
+    second = await claimed(ledger, "k1")
+    assert second.attempts == first.attempts + 1
+    late = await ledger.hand_over(first.id, relay="smtp", template_version="v1", checks=checks(first))
+    assert not late.handed_over
+    assert (
+        await ledger.hand_over(second.id, relay="smtp", template_version="v1", checks=checks(second))
+    ).handed_over
 
 
 async def test_sends_are_listed_newest_first_by_page(backend: Backend) -> None:

@@ -54,6 +54,7 @@ from sendtime.server.observe import Telemetry
 from sendtime.server.relay import OutboxConfig, RelayConfig, build_retrying_relay
 from sendtime.server.rendering import RenderPool, TemplateStore
 from sendtime.server.settings import ContentSettings, DeliverySettings, FlowSettings, Settings
+from sendtime.server.store.postgres import PostgresBackend, migrate_database
 from sendtime.server.store.sqlite import SqliteBackend
 from sendtime.server.upstream import UpstreamProvider
 
@@ -272,6 +273,20 @@ class Sendtime:
     async def _open_storage(self) -> Storage:
         """The one place that picks a backend."""
         storage = self.settings.storage
+        if storage.backend == "postgres":
+            if not self.settings.delivery.unsubscribe_secret:
+                # each replica would make its own, and links would break across them
+                raise Unavailable(
+                    "delivery.unsubscribe_secret must be set with storage.backend = 'postgres':"
+                    " every replica must sign unsubscribe links with the same secret"
+                )
+            return await PostgresBackend.open(
+                storage.postgres_dsn,
+                pool_size=storage.postgres_pool_size,
+                lease=timedelta(seconds=storage.claim_lease_s),
+                dedupe_retention=timedelta(seconds=storage.dedupe_retention_s),
+                max_queued_events=storage.max_queued_events,
+            )
         return await SqliteBackend.open(
             storage.data_dir / DB_FILE,
             synchronous="normal" if storage.synchronous == "normal" else "full",
@@ -440,6 +455,15 @@ async def _serve(settings: Settings, on_ready: Callable[[Sendtime], None]) -> No
     log.info("shutting down: draining for up to %.0f s", settings.shutdown_grace_s)
     await app.stop()
     log.info("stopped")
+
+
+def migrate(settings: Settings) -> str:
+    """``sendtime migrate``: bring the configured database's schema up to date
+    (replicas also do it as they start, under a lock); says what it did."""
+    if settings.storage.backend != "postgres":
+        return "the SQLite backend creates its schema as it starts: nothing to migrate"
+    applied = uvloop.run(migrate_database(settings.storage.postgres_dsn))
+    return f"applied schema migrations {applied}" if applied else "the schema is up to date"
 
 
 def serve(settings: Settings, on_ready: Callable[[Sendtime], None]) -> None:

@@ -1,6 +1,7 @@
 """The ``sendtime`` command.
 
     sendtime serve [--config FILE]     run the server (gRPC + HTTP)
+    sendtime migrate [--config FILE]   bring the PostgreSQL schema up to date
     sendtime keygen --name N --scopes ingest,content
                                        make an API key and the hash to configure
 
@@ -86,6 +87,21 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    from sendtime.server.app import migrate
+
+    config = args.config or os.environ.get("SENDTIME_CONFIG")
+    try:
+        print(migrate(load_settings(Path(config) if config else None)))
+    except SettingsError as exc:
+        print(f"sendtime: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"sendtime: cannot reach the database: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sendtime", description="Real-time email personalization service.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -95,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="TOML settings file (default: $SENDTIME_CONFIG, else built-in defaults)"
     )
     serve.set_defaults(run=_serve)
+
+    migrate = commands.add_parser(
+        "migrate", help="bring the PostgreSQL schema up to date (serve does it too)"
+    )
+    migrate.add_argument("--config", help="TOML settings file (default: $SENDTIME_CONFIG)")
+    migrate.set_defaults(run=_migrate)
 
     keygen = commands.add_parser("keygen", help="make an API key and the hash to put in the config")
     keygen.add_argument("--name", required=True, help="who the key is for")

@@ -400,6 +400,7 @@ class Dispatcher:
             subjects=(record.profile_key, f"email:{email.lower()}") if group else (),
             cap_since=now - cap.period if cap is not None and capped else None,
             cap_count=cap.count if cap is not None and capped else 0,
+            attempt=record.attempts,
         )
 
     async def _refused_at_handover(self, record: SendRecord, handover: HandOver, render_s: float) -> Attempt:

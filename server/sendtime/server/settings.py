@@ -73,10 +73,27 @@ class StorageSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     profile_flush_interval_s: Seconds = 1.0
     #: SQLite's page cache per connection, in MiB.
     sqlite_cache_mib: Annotated[int, msgspec.Meta(ge=1)] = 128
+    #: "sqlite" (one process, data_dir) or "postgres" (any number of replicas on postgres_dsn).
+    backend: str = "sqlite"
+    #: postgresql://user@host:port/database, for backend = "postgres".
+    postgres_dsn: str = ""
+    #: Connections each replica keeps to PostgreSQL.
+    postgres_pool_size: Annotated[int, msgspec.Meta(ge=2, le=100)] = 8
+    #: PostgreSQL: how long a claimed send stays with the replica that claimed it.
+    #: A send still "sending" after it is claimed again by another replica; one
+    #: still "relaying" is marked uncertain (never resent). Longer than a send
+    #: takes to render and relay.
+    claim_lease_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
 
     def __post_init__(self) -> None:
         if self.synchronous not in ("full", "normal"):
             raise ValueError("storage.synchronous must be 'full' or 'normal'")
+        if self.backend not in ("sqlite", "postgres"):
+            raise ValueError("storage.backend must be 'sqlite' or 'postgres'")
+        if self.backend == "postgres" and not self.postgres_dsn.startswith(("postgresql://", "postgres://")):
+            raise ValueError(
+                "storage.postgres_dsn must be a postgresql:// URL when storage.backend is 'postgres'"
+            )
 
 
 class ApiKey(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -8,7 +8,10 @@
    the caller that asked has gone away). From here:
 3. Wake the dispatcher at the earliest due time the commit scheduled.
 4. Fold the new events into profiles (domain.profiles), one commit after
-   another, so a reader on the loop always sees whole commits.
+   another, so a reader on the loop always sees whole commits. (A backend
+   that folds in the events' transaction, for several replicas, hands over
+   the profiles it wrote instead.) A commit on another replica drops what
+   this one holds of its users (``committed_elsewhere``).
 5. Learn from them (recommendations) and drop each touched user's cached
    content, so the next content request sees the event.
 6. Ack: ``Ingestor`` waits for ``settled(position)`` before it answers, so
@@ -75,6 +78,17 @@ class AfterCommit:
         if round_.new_events:
             self._rounds.put_nowait(round_)
 
+    def committed_elsewhere(self, profile_keys: Sequence[str], earliest_due: datetime | None) -> None:
+        """Another replica's commit: what this one holds of those users is stale."""
+        for key in profile_keys:
+            self._profiles.forget(key)
+            try:
+                self._invalidate_user(key)
+            except Exception:
+                log.exception("dropping the cached content of %s failed", key)
+        if earliest_due is not None:
+            self._wake_dispatcher(earliest_due)
+
     async def settled(self, position: int) -> None:
         """Returns once every commit up to ``position`` went through steps 3-5."""
         if max(self._settled, self._profiles.folded_position) >= position:
@@ -87,7 +101,7 @@ class AfterCommit:
         while True:
             round_ = await self._rounds.get()
             try:
-                await self._profiles.fold(round_.new_events, round_.position)
+                await self._profiles.fold(round_.new_events, round_.position, round_.profiles)
             except Exception:
                 # The events are durable and a restart folds them again from the
                 # last save (the book stops saving): never hold every ack hostage.

@@ -59,12 +59,20 @@ class CommittedRound:
     position: int
     #: The earliest due time of the sends the round scheduled (None: none).
     earliest_due: datetime | None
+    #: The touched profiles as the commit wrote them, for a backend that folds
+    #: in the events' transaction (None: the profile book folds them).
+    profiles: dict[str, Profile] | None = None
 
 
 class CommitListener(Protocol):
     def committed(self, round_: CommittedRound) -> None:
         """Called on the event loop, in commit order, for every commit that
         stored new events, before any of its appends return."""
+        ...
+
+    def committed_elsewhere(self, profile_keys: Sequence[str], earliest_due: datetime | None) -> None:
+        """Another replica committed events of these users (what is cached of
+        them is stale), scheduling sends due from ``earliest_due``."""
         ...
 
 
@@ -96,6 +104,11 @@ class EventStore(Protocol):
 
 
 class ProfileStore(Protocol):
+    #: True when the event store folds and writes profiles in the events'
+    #: transaction (then saving is not the profile book's job: it never
+    #: calls save_profiles, and there is nothing to replay).
+    writes_profiles_with_events: bool
+
     async def load_profiles(self, keys: Sequence[str]) -> dict[str, Profile]: ...
 
     async def save_profiles(self, rows: Sequence[tuple[str, bytes]], position: int) -> None:
@@ -148,6 +161,9 @@ class LastChecks:
     #: Fewer than ``cap_count`` marketing sends since ``cap_since`` (None: no cap).
     cap_since: datetime | None
     cap_count: int
+    #: The send is still the claim that counted this attempt (0: not checked).
+    #: A claim that outlived its lease may have been claimed again elsewhere.
+    attempt: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,10 +217,14 @@ class DeliveryLedger(Protocol):
         "relaying". Exits and suppressions committed before are never missed."""
         ...
 
-    async def recover_interrupted(self, *, relay_idempotent: bool) -> tuple[int, int]:
+    async def recover_interrupted(
+        self, *, relay_idempotent: bool, now: datetime | None = None
+    ) -> tuple[int, int]:
         """After a crash: claimed sends never handed over go back to scheduled;
         those the ESP may have taken are retried only when it de-duplicates by
-        our key, else marked uncertain. Returns (rescheduled, uncertain)."""
+        our key, else marked uncertain. Returns (rescheduled, uncertain). A
+        ledger shared by several processes recovers only the claims whose
+        lease ran out by ``now``; one process's ledger, every claim."""
         ...
 
     async def get_send(

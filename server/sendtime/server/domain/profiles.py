@@ -66,6 +66,8 @@ class ProfileBook:
 
     async def start(self) -> int:
         """Fold the events the saved profiles do not include yet; returns how many."""
+        if self._store.writes_profiles_with_events:
+            return 0  # nothing to replay: each commit wrote its profiles
         saved = await self._store.profiles_position()
         events, last = await self._store.replay(saved)
         if events:
@@ -93,10 +95,20 @@ class ProfileBook:
         """Every event at or before this position is folded."""
         return self._folded
 
-    async def fold(self, events: Sequence[Event], position: int) -> None:
+    async def fold(
+        self, events: Sequence[Event], position: int, folded: dict[str, Profile] | None = None
+    ) -> None:
         """Fold one committed round, whose events reach ``position``. Called in
-        commit order, one round at a time."""
+        commit order, one round at a time. ``folded``: the profiles as the
+        store already folded and wrote them (kept as they are, nothing to save)."""
         try:
+            if folded is not None:
+                for key, profile in folded.items():
+                    if key not in self._dirty:
+                        self._profiles[key] = profile
+                        self._profiles.move_to_end(key)
+                self._evict()
+                return
             await self._fold_round(events)
         except Exception:
             # The store could not load a profile: saving now would record a
@@ -119,6 +131,11 @@ class ProfileBook:
             fold(profile, event)
             self._dirty.add(key)
         self._evict()
+
+    def forget(self, key: str) -> None:
+        """Drop a profile someone else changed (it is loaded again when read)."""
+        if key not in self._dirty:
+            self._profiles.pop(key, None)
 
     # -- reading ------------------------------------------------------------
 

@@ -199,6 +199,9 @@ class SqliteLedger:
         cap_since = None if checks.cap_since is None else micros(checks.cap_since)
         conditions = ["id = ?", "status = 'sending'"]
         values: list[Any] = [relay, template_version, now, send_id]
+        if checks.attempt:
+            conditions.append("attempts = ?")
+            values.append(checks.attempt)
         if checks.flow_id:
             conditions.append(f"NOT EXISTS ({EXIT_SQL})")
             values += (checks.profile_key, checks.flow_id, exit_args[3], checks.entry_key)
@@ -224,27 +227,30 @@ class SqliteLedger:
 
         return await self._db.submit(hand)
 
-    async def recover_interrupted(self, *, relay_idempotent: bool) -> tuple[int, int]:
-        now = micros(datetime.now(UTC))
+    async def recover_interrupted(
+        self, *, relay_idempotent: bool, now: datetime | None = None
+    ) -> tuple[int, int]:
+        """One process: whatever is "sending" or "relaying" at start was its own."""
+        at = micros(now or datetime.now(UTC))
 
         def recover(conn: sqlite3.Connection) -> tuple[int, int]:
             again = conn.execute(
                 "UPDATE sends SET status = 'scheduled', reason = 'interrupted before relay', updated_at = ?"
                 " WHERE status = 'sending'",
-                (now,),
+                (at,),
             ).rowcount
             if relay_idempotent:
                 again += conn.execute(
                     "UPDATE sends SET status = 'scheduled', reason = 'interrupted during relay; the ESP"
                     " de-duplicates by key', updated_at = ? WHERE status = 'relaying'",
-                    (now,),
+                    (at,),
                 ).rowcount
                 unsure = 0
             else:
                 unsure = conn.execute(
                     "UPDATE sends SET status = 'uncertain', reason = 'interrupted while the ESP had it;"
                     " not resent, to never send twice', updated_at = ? WHERE status = 'relaying'",
-                    (now,),
+                    (at,),
                 ).rowcount
             return again, unsure
 

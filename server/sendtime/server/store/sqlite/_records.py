@@ -25,6 +25,8 @@ class SqliteProfiles:
     The saves are writes of their own (not the events' transaction): a restart
     folds the events past the saved position again."""
 
+    writes_profiles_with_events = False
+
     def __init__(self, db: SqliteDatabase) -> None:
         self._db = db
 
