@@ -19,6 +19,9 @@ import pytest
 
 from sendtime.server.app import Sendtime
 from sendtime.server.domain.errors import Unavailable
+from sendtime.server.domain.flows import PlannedSend
+from sendtime.server.domain.ports import LastChecks
+from sendtime.server.domain.sends import SendRecord
 from sendtime.server.store.postgres import LATEST, PostgresBackend
 from sendtime.server.store.postgres._migrations import migrate, version
 from tests.conftest import SettingsFactory
@@ -125,3 +128,71 @@ async def test_a_server_on_postgres_takes_events_once_and_shows_the_profile(
             assert r.status == 200, await r.text()
             body = await r.json()
         assert body["event_count" if "event_count" in body else "eventCount"] == 1
+
+
+def _planned(key: str, cart: str) -> PlannedSend:
+    at = datetime.now(UTC) - timedelta(minutes=5)
+    return PlannedSend(
+        send_key=key,
+        flow_id="abandoned_cart",
+        template_id="abandoned_cart",
+        profile_key="u:ada",
+        user_id="ada",
+        anonymous_id="",
+        entry_key=cart,
+        entry_message_id=f"m-{key}",
+        entry_time=at,
+        received_at=at,
+        due_at=at,
+        subscription_group="marketing",
+    )
+
+
+def _checks(record: SendRecord, cap_count: int) -> LastChecks:
+    return LastChecks(
+        profile_key=record.profile_key,
+        flow_id=record.flow_id,
+        entry_key=record.entry_key,
+        entry_time=record.entry_time,
+        group="marketing",
+        subjects=(record.profile_key,),
+        cap_since=datetime.now(UTC) - timedelta(days=1) if cap_count else None,
+        cap_count=cap_count,
+        attempt=record.attempts,
+    )
+
+
+async def test_a_cap_and_an_exit_hold_across_two_replicas(dsn: str) -> None:
+    one = await PostgresBackend.open(dsn, pool_size=2)
+    two = await PostgresBackend.open(dsn, pool_size=2)
+    try:
+        await one.ledger.schedule_send(_planned("k1", "c1"))
+        await one.ledger.schedule_send(_planned("k2", "c2"))
+        first, second = (
+            (await one.ledger.claim_due(datetime.now(UTC), 1)),
+            (await two.ledger.claim_due(datetime.now(UTC), 1)),
+        )
+        (a,), (b,) = first.records, second.records
+        assert a.id != b.id  # never the same send to two replicas
+        # both hand over at once under a cap of one: one goes out
+        handovers = await asyncio.gather(
+            one.ledger.hand_over(a.id, relay="smtp", template_version="v1", checks=_checks(a, 1)),
+            two.ledger.hand_over(b.id, relay="smtp", template_version="v1", checks=_checks(b, 1)),
+        )
+        assert sorted(h.handed_over for h in handovers) == [False, True]
+        assert [h.capped for h in handovers if not h.handed_over] == [True]
+        # an exit committed by another process stops the hand-over
+        await one.ledger.schedule_send(_planned("k3", "c3"))
+        (c,) = (await two.ledger.claim_due(datetime.now(UTC), 5)).records
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(
+                "INSERT INTO flow_exits VALUES ('u:ada', 'abandoned_cart', '*', now(), 'Order Completed')"
+            )
+        finally:
+            await conn.close()
+        stopped = await two.ledger.hand_over(c.id, relay="smtp", template_version="v1", checks=_checks(c, 0))
+        assert (stopped.handed_over, stopped.exit_event) == (False, "Order Completed")
+    finally:
+        await one.close()
+        await two.close()

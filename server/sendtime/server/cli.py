@@ -1,6 +1,7 @@
 """The ``sendtime`` command.
 
-    sendtime serve [--config FILE]     run the server (gRPC + HTTP)
+    sendtime serve [--config FILE] [--workers N]
+                                       run the server (gRPC + HTTP), in N processes
     sendtime migrate [--config FILE]   bring the PostgreSQL schema up to date
     sendtime keygen --name N --scopes ingest,content
                                        make an API key and the hash to configure
@@ -36,6 +37,20 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     from sendtime.server.observe import configure_logging
 
+    workers = args.workers or settings.server.workers
+    if workers > 1:
+        from sendtime.server.supervisor import WorkersRefused, check_workers, supervise
+
+        try:
+            check_workers(settings, workers)
+        except WorkersRefused as exc:
+            print(f"sendtime: {exc}", file=sys.stderr)
+            return 2
+        stop_logging = configure_logging(settings.log_level, settings.logging)
+        try:
+            return supervise(settings, workers, Path(config) if config else None)
+        finally:
+            stop_logging()
     stop_logging = configure_logging(settings.log_level, settings.logging)
     _warn_dev_key(settings)
 
@@ -109,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the server")
     serve.add_argument(
         "--config", help="TOML settings file (default: $SENDTIME_CONFIG, else built-in defaults)"
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="processes sharing the two ports (default: server.workers); more than 1 needs PostgreSQL",
     )
     serve.set_defaults(run=_serve)
 

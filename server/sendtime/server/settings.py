@@ -50,12 +50,23 @@ class GrpcSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_message_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 8 * 1024 * 1024
     #: Events a stream may have read but not yet acked before it stops reading.
     stream_window_events: Annotated[int, msgspec.Meta(ge=1)] = 20_000
+    #: Share the port with other processes (SO_REUSEPORT). Set by
+    #: ``serve --workers`` for its workers; a lone server must fail loudly instead.
+    reuse_port: bool = False
 
 
 class HttpSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
     port: Port = 8080
     tls: TlsSettings | None = None
+    #: As grpc.reuse_port.
+    reuse_port: bool = False
+
+
+class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    #: Processes serving the same two ports (``serve --workers`` overrides):
+    #: one host uses all its cores. More than one needs storage.backend = "postgres".
+    workers: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
 
 
 class StorageSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -379,6 +390,7 @@ class TracingSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     grpc: GrpcSettings = msgspec.field(default_factory=GrpcSettings)
     http: HttpSettings = msgspec.field(default_factory=HttpSettings)
     storage: StorageSettings = msgspec.field(default_factory=StorageSettings)

@@ -386,7 +386,7 @@ class HttpEdge:
             self.settings.host,
             self.settings.port,
             ssl_context=self.ssl_context,
-            reuse_port=False,
+            reuse_port=self.settings.reuse_port,
         )
         try:
             await site.start()
