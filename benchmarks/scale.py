@@ -338,8 +338,12 @@ def main() -> None:
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="sendtime-scale-") as tmp:
         root = Path(tmp)
-        runs = (("sqlite", {}, 1), ("pg1", {"SENDTIME_STORAGE__BACKEND": "postgres"}, 1))
-        runs += (("pg2", {"SENDTIME_STORAGE__BACKEND": "postgres"}, 2),)
+        postgres = {"SENDTIME_STORAGE__BACKEND": "postgres"}
+        runs: list[tuple[str, dict[str, str], int]] = [
+            ("sqlite", {}, 1),
+            ("pg1", postgres, 1),
+            ("pg2", postgres, 2),
+        ]
         for label, env, workers in runs:
             with schema(args.dsn) as dsn:
                 full = {**env, "SENDTIME_STORAGE__POSTGRES_DSN": dsn} if env else env
