@@ -104,7 +104,10 @@ class ProfileBook:
         try:
             if folded is not None:
                 for key, profile in folded.items():
-                    if key not in self._dirty:
+                    held = self._profiles.get(key)
+                    # Rounds committed at once may be told out of order: a
+                    # profile's event count only grows, so keep the newer.
+                    if key not in self._dirty and (held is None or profile.event_count >= held.event_count):
                         self._profiles[key] = profile
                         self._profiles.move_to_end(key)
                 self._evict()

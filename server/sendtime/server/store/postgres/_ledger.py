@@ -37,7 +37,7 @@ SEND_COLUMNS: Final = (
 
 _NEW_KEYS: Final = (
     "INSERT INTO send_keys SELECT k, p, nextval('send_id') FROM unnest($1::text[], $2::text[]) AS v(k, p)"
-    " ON CONFLICT DO NOTHING RETURNING send_key, send_id"
+    " ORDER BY k ON CONFLICT DO NOTHING RETURNING send_key, send_id"
 )
 _INSERT_SENDS: Final = (
     "INSERT INTO sends (id, send_key, flow_id, template_id, profile_key, user_id, anonymous_id, entry_key,"
@@ -94,7 +94,7 @@ class Plans:
             if not memo or planned.send_key not in self._known:
                 fresh.setdefault(planned.send_key, planned)
         if fresh:
-            keys = list(fresh)
+            keys = sorted(fresh)  # the same lock order in every concurrent round
             ids = dict(await conn.fetch(_NEW_KEYS, keys, [fresh[k].profile_key for k in keys]))
             new = [fresh[k] for k in keys if k in ids]
             if new:
