@@ -58,20 +58,28 @@ _decode_profile = msgspec.msgpack.Decoder(Profile).decode
 _encode_json = msgspec.json.Encoder().encode
 _decode_traits = msgspec.json.Decoder(TraitsUpdate).decode
 
-_INSERT_IDS: Final = (  # in id order: concurrent rounds take the same locks in the same order
-    "INSERT INTO message_ids SELECT * FROM unnest($1::text[], $2::timestamptz[]) AS v(m, r) ORDER BY m"
-    " ON CONFLICT DO NOTHING RETURNING message_id"
-)
-_INSERT_EVENTS: Final = (
-    "INSERT INTO events (profile_key, message_id, user_id, anonymous_id, kind, name, event_time,"
-    " received_at, ref_id, body) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],"
-    " $5::text[], $6::text[], $7::timestamptz[], $8::timestamptz[], $9::text[], $10::bytea[])"
-)
-_LOCK_PROFILES: Final = (
-    "INSERT INTO profiles SELECT k, ''::bytea FROM unnest($1::text[]) AS k ORDER BY k ON CONFLICT DO NOTHING"
+# The new ids (in id order: concurrent rounds take the same locks in the same
+# order), their events, and a row for each of their users not seen before
+# (locked, with the others, by the next statement). The events' arrays hold
+# each id once: the first occurrence in the round.
+_INSERT_NEW: Final = (
+    "WITH v AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],"
+    " $7::timestamptz[], $8::timestamptz[], $9::text[], $10::bytea[])"
+    " AS v(profile_key, message_id, user_id, anonymous_id, kind, name, event_time, received_at, ref_id, body)),"
+    " new AS (INSERT INTO message_ids SELECT message_id, received_at FROM v ORDER BY message_id"
+    " ON CONFLICT DO NOTHING RETURNING message_id),"
+    " ev AS (INSERT INTO events (profile_key, message_id, user_id, anonymous_id, kind, name, event_time,"
+    " received_at, ref_id, body) SELECT v.* FROM v JOIN new USING (message_id) RETURNING profile_key, message_id),"
+    " users AS (INSERT INTO profiles SELECT DISTINCT profile_key, ''::bytea FROM ev ORDER BY 1"
+    " ON CONFLICT DO NOTHING)"
+    " SELECT message_id FROM ev"
 )
 _SELECT_LOCKED: Final = "SELECT profile_key, doc FROM profiles WHERE profile_key = ANY($1::text[]) ORDER BY profile_key FOR UPDATE"
-_WRITE_PROFILES: Final = "UPDATE profiles SET doc = v.doc FROM unnest($1::text[], $2::bytea[]) AS v(k, doc) WHERE profile_key = v.k"
+_WRITE_PROFILES_AND_NOTIFY: Final = (
+    "WITH written AS (UPDATE profiles SET doc = v.doc FROM unnest($1::text[], $2::bytea[]) AS v(k, doc)"
+    " WHERE profile_key = v.k RETURNING 1)"
+    " SELECT pg_notify($3, payload) FROM unnest($4::text[]) AS payload, (SELECT count(*) FROM written) AS w"
+)
 
 
 @dataclass(slots=True)
@@ -107,6 +115,8 @@ class PostgresEventStore:
         self._replica = replica
         self._pending: list[_Append] = []
         self._writers: set[asyncio.Task[None]] = set()
+        #: The writer's own connection, kept between rounds (a pool round trip saved each).
+        self._conn: asyncpg.Connection | None = None
         self.closed = False
         self.queued_events = 0
         self.commits = 0
@@ -151,6 +161,9 @@ class PostgresEventStore:
         self.closed = True
         if self._writers:
             await asyncio.shield(asyncio.gather(*self._writers))
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await self._pool.release(conn)
 
     # -- rounds ----------------------------------------------------------------
 
@@ -269,54 +282,70 @@ class PostgresEventStore:
         raise AssertionError("unreachable")
 
     async def _write_once(self, events: list[Event]) -> _Written:
-        ids = [e.message_id for e in events]
-        received = [e.received_at for e in events]
-        async with self._pool.acquire() as conn, conn.transaction():
-            inserted = {row[0] for row in await conn.fetch(_INSERT_IDS, ids, received)}
-            is_new = []
-            for event in events:  # the first occurrence in the round is the new one
-                new = event.message_id in inserted
-                inserted.discard(event.message_id)
-                is_new.append(new)
-            new_events = [e for e, new in zip(events, is_new, strict=True) if new]
-            if not new_events:
-                return _Written(is_new, None, None, {})
-            await conn.execute(_INSERT_EVENTS, *_event_columns(new_events))
-            profiles = await _fold_locked(conn, new_events)
-            sends, exits = self._planner.plan(new_events, self._plans.known_keys)
-            counts, earliest = await self._plans.apply(conn, sends, exits)
-            await _notify(conn, self._replica, sorted(profiles), earliest)
+        """One transaction, in as few round trips as the order of the steps
+        allows (a round waits for each): the new ids, their events and their
+        users' rows in one statement; the rows locked and read; the plan;
+        the folded rows written back and the NOTIFY in one statement."""
+        firsts: dict[str, Event] = {}
+        for event in events:
+            firsts.setdefault(event.message_id, event)
+        unique = list(firsts.values())
+        if self._conn is None:
+            self._conn = await self._pool.acquire()
+        conn = self._conn
+        try:
+            async with conn.transaction():
+                inserted = {row[0] for row in await conn.fetch(_INSERT_NEW, *_event_columns(unique))}
+                is_new = []
+                for event in events:  # the first occurrence in the round is the new one
+                    new = event.message_id in inserted
+                    inserted.discard(event.message_id)
+                    is_new.append(new)
+                new_events = [e for e, new in zip(events, is_new, strict=True) if new]
+                if not new_events:
+                    return _Written(is_new, None, None, {})
+                keys = sorted({e.profile_key for e in new_events})
+                profiles = {
+                    key: _decode_profile(doc) if doc else Profile()
+                    for key, doc in await conn.fetch(_SELECT_LOCKED, keys)
+                }
+                for event in new_events:
+                    fold(profiles[event.profile_key], event)
+                sends, exits = self._planner.plan(new_events, self._plans.known_keys)
+                counts, earliest = await self._plans.apply(conn, sends, exits)
+                await conn.execute(
+                    _WRITE_PROFILES_AND_NOTIFY,
+                    keys,
+                    [_encode(profiles[key]) for key in keys],
+                    COMMITS_CHANNEL,
+                    _notices(self._replica, keys, earliest),
+                )
+        except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
+            # a broken connection goes back to the pool (which drops it); the next round takes another
+            self._conn = None
+            await self._pool.release(conn)
+            raise
         self._plans.committed(sends)
         return _Written(is_new, counts, earliest, profiles)
 
 
-async def _fold_locked(conn: asyncpg.Connection, events: list[Event]) -> dict[str, Profile]:
-    """Fold ``events`` into their users' profiles under a row lock each."""
-    keys = sorted({e.profile_key for e in events})
-    await conn.execute(_LOCK_PROFILES, keys)
-    profiles = {
-        key: _decode_profile(doc) if doc else Profile() for key, doc in await conn.fetch(_SELECT_LOCKED, keys)
-    }
-    for event in events:
-        fold(profiles[event.profile_key], event)
-    await conn.execute(_WRITE_PROFILES, keys, [_encode(profiles[key]) for key in keys])
-    return profiles
-
-
-async def _notify(conn: asyncpg.Connection, replica: str, keys: list[str], due: datetime | None) -> None:
-    """Tell the other replicas (delivered when the transaction commits), in
-    payloads under PostgreSQL's limit: "replica|due micros or empty|key\\x1ekey..."."""
+def _notices(replica: str, keys: list[str], due: datetime | None) -> list[str]:
+    """What the other replicas are told (delivered when the transaction
+    commits), in payloads under PostgreSQL's limit: "replica|due micros or
+    empty|key<RS>key..." (RS: the record separator, 0x1e)."""
     head = f"{replica}|{'' if due is None else int(due.timestamp() * 1_000_000)}|"
+    payloads: list[str] = []
     batch: list[str] = []
     size = len(head)
     for key in keys:
-        if batch and size + len(key) + 1 > _MAX_NOTIFY_BYTES:
-            await conn.execute("SELECT pg_notify($1, $2)", COMMITS_CHANNEL, head + "\x1e".join(batch))
+        if batch and size + len(key.encode()) + 1 > _MAX_NOTIFY_BYTES:
+            payloads.append(head + "\x1e".join(batch))
             batch, size = [], len(head)
         batch.append(key)
         size += len(key.encode()) + 1
     if batch:
-        await conn.execute("SELECT pg_notify($1, $2)", COMMITS_CHANNEL, head + "\x1e".join(batch))
+        payloads.append(head + "\x1e".join(batch))
+    return payloads
 
 
 def _event_columns(events: list[Event]) -> list[list[Any]]:
