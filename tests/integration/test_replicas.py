@@ -27,6 +27,7 @@ import pytest
 
 from sendtime.server.domain.events import EventKind, IncomingEvent, validate
 from sendtime.server.domain.profile import Profile, fold, view
+from sendtime.v1 import event_pb2
 from tests.contract.conftest import postgres_schema
 from tests.integration.smtp_server import SmtpServer
 
@@ -46,6 +47,19 @@ class Replica:
     process: asyncio.subprocess.Process
     http_port: int
     pids: list[int]
+    grpc_port: int = 0
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+
+    async def wait(self) -> int:
+        await asyncio.wait_for(self.process.communicate(), 30)
+        assert self.process.returncode is not None
+        return self.process.returncode
 
     @property
     def url(self) -> str:
@@ -91,7 +105,7 @@ async def start(dsn: str, data_dir: Path, *args: str, config: Path | None = None
         process.kill()
         raise RuntimeError(f"sendtime did not start: {line!r}")
     pids = [int(p) for p in match["pids"].split(",")] if match["pids"] else [process.pid]
-    return Replica(process, int(match["http"]), pids)
+    return Replica(process, int(match["http"]), pids, int(match["grpc"]))
 
 
 @pytest.fixture
@@ -315,3 +329,38 @@ async def test_three_workers_relay_500_sends_exactly_once_with_one_killed(dsn: s
     assert sent_to <= received  # every send marked sent reached the SMTP server
     assert received <= sent_to | unsure  # and nothing reached it that the ledger does not own
     assert len(received | unsure) == users  # nothing lost
+
+
+async def test_kill_9_of_a_replica_mid_stream_loses_no_acked_event(dsn: str, tmp_path: Path) -> None:
+    from tests.integration.test_durability import resend, stream_until_broken, user_of
+
+    doomed = await start(dsn, tmp_path / "a")
+    other = await start(dsn, tmp_path / "b")
+    try:
+        acked: set[str] = set()
+        sent: list[str] = []
+        stream = asyncio.create_task(stream_until_broken(doomed, acked, sent))  # type: ignore[arg-type]
+        while len(acked) < 3000:  # well into the stream, with commits in flight
+            await asyncio.sleep(0.01)
+            assert not stream.done(), "the stream ended before the kill"
+        doomed.kill()
+        await asyncio.wait_for(stream, 30)
+        assert await doomed.wait() == -9
+        assert len(sent) > len(acked), "some events were in flight, unacked, at the kill"
+        # the other replica knows every acked id already
+        outcomes = await resend(other, sorted(acked))  # type: ignore[arg-type]
+    finally:
+        await other.stop()
+    lost = [m for m in acked if outcomes[m] != event_pb2.EVENT_OUTCOME_DUPLICATE]
+    assert lost == [], f"{len(lost)} acked events were lost"
+    # each stored event folded exactly once, in its own transaction
+    conn = await asyncpg.connect(dsn)
+    try:
+        stored = [row[0] for row in await conn.fetch("SELECT message_id FROM events")]
+        docs = dict(await conn.fetch("SELECT profile_key, doc FROM profiles WHERE doc != ''::bytea"))
+    finally:
+        await conn.close()
+    per_user: dict[str, int] = {}
+    for message_id in stored:
+        per_user[f"u:{user_of(message_id)}"] = per_user.get(f"u:{user_of(message_id)}", 0) + 1
+    assert {k: msgspec.msgpack.decode(v, type=Profile).event_count for k, v in docs.items()} == per_user
