@@ -172,15 +172,23 @@ async def test_two_replicas_accept_each_message_id_once_and_see_each_others_even
                 assert await pool.fetchval("SELECT count(*) FROM message_ids") == 300
             finally:
                 await pool.close()
-            # b reads ada (and caches her); a takes an event of hers; b shows it
+            # b reads user1's profile and content (and caches them); a takes an
+            # event of hers; b shows it in both, within the NOTIFY's delay
+            content_url = f"{b.url}/v1/content/user1?blocks=recently_viewed"
             async with session.get(f"{b.url}/v1/profiles/user1", headers=READ_KEY) as r:
                 before = (await r.json())["event_count"]
-            await batch(session, a, [track("late", "user1", "Product Viewed", {"product_id": "p-late"})])
+            async with session.get(content_url, headers=READ_KEY) as r:
+                assert r.status == 200, await r.text()
+                assert "mug-ceramic" not in await r.text()
+            await batch(session, a, [track("late", "user1", "Product Viewed", {"product_id": "mug-ceramic"})])
             acked = time.monotonic()
             while True:
                 async with session.get(f"{b.url}/v1/profiles/user1", headers=READ_KEY) as r:
-                    if (await r.json())["event_count"] == before + 1:
-                        break
+                    profile_seen = (await r.json())["event_count"] == before + 1
+                async with session.get(content_url, headers=READ_KEY) as r:
+                    content_seen = "mug-ceramic" in await r.text()
+                if profile_seen and content_seen:
+                    break
                 assert time.monotonic() - acked < 2.0, "replica b never saw replica a's event"
                 await asyncio.sleep(0.01)
     finally:
