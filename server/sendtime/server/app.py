@@ -28,16 +28,18 @@ from opentelemetry.sdk.trace.export import SpanExporter
 
 from sendtime.server.auth import Authenticator
 from sendtime.server.cache import CacheFetcher, CircuitBreakers, MemoryCache
-from sendtime.server.deliveries import Deliveries, Suppressions
+from sendtime.server.deliveries import Deliveries, DeliveryQueries, Suppressions
 from sendtime.server.dispatch import Dispatcher, DispatchPolicy
 from sendtime.server.domain.blocks import BUILT_IN_BLOCKS, OfferRule
 from sendtime.server.domain.catalog import Catalog, CatalogUpdater, load_products
+from sendtime.server.domain.commits import AfterCommit
 from sendtime.server.domain.content import ContentPipeline, ContentPolicy
 from sendtime.server.domain.errors import Unavailable
 from sendtime.server.domain.events import known_payload
 from sendtime.server.domain.flows import ExitOn, Flow, FlowPlanner, Reentry
 from sendtime.server.domain.ingest import Ingestor, utc_now
 from sendtime.server.domain.learning import LEARNED_EVENTS, EventLearner
+from sendtime.server.domain.ports import EventStore, Storage
 from sendtime.server.domain.profiles import ProfileBook
 from sendtime.server.domain.queries import ProfileQueries
 from sendtime.server.domain.recommend import Recommender
@@ -53,7 +55,8 @@ from sendtime.server.observe import Telemetry
 from sendtime.server.relay import OutboxConfig, RelayConfig, build_retrying_relay
 from sendtime.server.rendering import RenderPool, TemplateStore
 from sendtime.server.settings import ContentSettings, DeliverySettings, FlowSettings, Settings
-from sendtime.server.store.sqlite import SqliteStore
+from sendtime.server.store.postgres import PostgresBackend, migrate_database
+from sendtime.server.store.sqlite import SqliteBackend
 from sendtime.server.upstream import UpstreamProvider
 
 log = logging.getLogger("sendtime")
@@ -76,7 +79,8 @@ class Sendtime:
         self._clock = clock
         self._span_exporter = span_exporter
         self._telemetry: Telemetry | None = None
-        self._store: SqliteStore | None = None
+        self._storage: Storage | None = None
+        self._after_commit: AfterCommit | None = None
         self._profiles: ProfileBook | None = None
         self._fetcher: CacheFetcher | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -100,9 +104,9 @@ class Sendtime:
         return self._http.port
 
     @property
-    def store(self) -> SqliteStore:
-        assert self._store is not None, "start() first"
-        return self._store
+    def storage(self) -> Storage:
+        assert self._storage is not None, "start() first"
+        return self._storage
 
     @property
     def cache(self) -> CacheFetcher:
@@ -129,28 +133,18 @@ class Sendtime:
         self._telemetry = telemetry = Telemetry(settings, span_exporter=self._span_exporter)
         metrics = telemetry.metrics
         tracer = telemetry.tracer
-        self._store = store = await SqliteStore.open(
-            storage.data_dir / DB_FILE,
-            synchronous="normal" if storage.synchronous == "normal" else "full",
-            dedupe_retention=timedelta(seconds=storage.dedupe_retention_s),
-            max_queued_events=storage.max_queued_events,
-            cache_mib=storage.sqlite_cache_mib,
-        )
+        self._storage = backend = await self._open_storage()
         self._profiles = profiles = ProfileBook(
-            store, max_cached=storage.profile_cache_size, flush_interval_s=storage.profile_flush_interval_s
+            backend.profiles,
+            max_cached=storage.profile_cache_size,
+            flush_interval_s=storage.profile_flush_interval_s,
         )
-        store.on_commit = profiles.committed
         if metrics is not None:
-            metrics.watch_store(store.stats)
+            metrics.watch_store(backend.stats)
         flows = [flow_from_settings(f, settings.delivery.default_sender) for f in settings.flows]
-        store.planner = FlowPlanner(flows)
 
         await self._load_catalog(content)
-        learner = EventLearner(self.recommender, lambda key: pipeline.invalidate_user(key))
-        learned = await store.replay_track_events(
-            LEARNED_EVENTS, lambda key, name, body: learner.learn(key, known_payload(name, body))
-        )
-        log.info("recommendations learned from %d stored events", learned)
+        learner = EventLearner(self.recommender)
 
         breakers = CircuitBreakers(
             failure_threshold=content.breaker_failures, reset_timeout=content.breaker_reset_s
@@ -192,7 +186,6 @@ class Sendtime:
             renderer=render_pool,
         )
         self._loop_lag.start()
-        profiles.on_folded.append(learner.learned)
         await profiles.start()
 
         delivery = settings.delivery
@@ -201,7 +194,7 @@ class Sendtime:
         relay.observer = telemetry.relay_observer(relay.name)
         relay.tracer = tracer
         self._dispatcher = dispatcher = Dispatcher(
-            store=store,
+            ledger=backend.ledger,
             profiles=profiles,
             pipeline=pipeline,
             relay=relay,
@@ -214,12 +207,25 @@ class Sendtime:
         if metrics is not None:
             metrics.watch_gauge("sendtime_content_requests_in_flight", lambda: pipeline.in_flight)
             metrics.watch_gauge("sendtime_sends_in_flight", lambda: dispatcher.in_flight)
-        store.on_scheduled = dispatcher.wake
+        # What follows a commit, and the event store that tells it (last: it
+        # needs them all). The stored track events teach the recommender first.
+        self._after_commit = after_commit = AfterCommit(
+            profiles=profiles,
+            learn=learner.learned,
+            invalidate_user=pipeline.invalidate_user,
+            wake_dispatcher=dispatcher.wake,
+        )
+        events: EventStore = backend.event_store(FlowPlanner(flows), after_commit)
+        learned = await events.replay_track_events(
+            LEARNED_EVENTS, lambda key, name, body: learner.learn(key, known_payload(name, body))
+        )
+        log.info("recommendations learned from %d stored events", learned)
+        after_commit.start()
         await dispatcher.start()
-        deliveries = Deliveries(store, flows, templates.get, self._clock)
+        deliveries = Deliveries(backend.ledger, flows, templates.get, dispatcher.wake, self._clock)
         feedback = delivery.feedback
 
-        ingestor = Ingestor(store, profiles, self._clock, observer=telemetry.ingest_observer())
+        ingestor = Ingestor(events, after_commit, self._clock, observer=telemetry.ingest_observer())
         queries = ProfileQueries(profiles)
         authenticator = Authenticator(settings.auth)
         default_deadline_s = content.default_deadline_ms / 1000
@@ -240,9 +246,9 @@ class Sendtime:
             authenticator=authenticator,
             webhooks=settings.webhooks,
             pipeline=pipeline,
-            catalog=CatalogUpdater(self.catalog, store.save_products, pipeline.invalidate_catalog),
+            catalog=CatalogUpdater(self.catalog, backend.catalog.save_products, pipeline.invalidate_catalog),
             default_deadline_s=default_deadline_s,
-            suppressions=Suppressions(store, tokens, self._clock),
+            suppressions=Suppressions(backend.suppressions, tokens, self._clock),
             sendgrid=(
                 SendGridFeedback(feedback.sendgrid_public_key, tolerance_s=feedback.sendgrid_tolerance_s)
                 if feedback.sendgrid_public_key
@@ -257,12 +263,44 @@ class Sendtime:
             shutdown_grace_s=settings.shutdown_grace_s,
             telemetry=telemetry,
             clock=self._clock,
-            status_page=StatusPage(authenticator, store, pipeline, fetcher, metrics, [f.id for f in flows]),
+            status_page=StatusPage(
+                authenticator,
+                DeliveryQueries(backend.ledger),
+                pipeline,
+                fetcher,
+                metrics,
+                [f.id for f in flows],
+            ),
             # refused before their bodies are read, rather than decoded and then refused by the store
-            ingest_backlogged=lambda: store.stats().queued_events >= storage.max_queued_events,
+            ingest_backlogged=lambda: backend.stats().queued_events >= storage.max_queued_events,
         )
         await self._grpc.start()
         await self._http.start()
+
+    async def _open_storage(self) -> Storage:
+        """The one place that picks a backend."""
+        storage = self.settings.storage
+        if storage.backend == "postgres":
+            if not self.settings.delivery.unsubscribe_secret:
+                # each replica would make its own, and links would break across them
+                raise Unavailable(
+                    "delivery.unsubscribe_secret must be set with storage.backend = 'postgres':"
+                    " every replica must sign unsubscribe links with the same secret"
+                )
+            return await PostgresBackend.open(
+                storage.postgres_dsn,
+                pool_size=storage.postgres_pool_size,
+                lease=timedelta(seconds=storage.claim_lease_s),
+                dedupe_retention=timedelta(seconds=storage.dedupe_retention_s),
+                max_queued_events=storage.max_queued_events,
+            )
+        return await SqliteBackend.open(
+            storage.data_dir / DB_FILE,
+            synchronous="normal" if storage.synchronous == "normal" else "full",
+            dedupe_retention=timedelta(seconds=storage.dedupe_retention_s),
+            max_queued_events=storage.max_queued_events,
+            cache_mib=storage.sqlite_cache_mib,
+        )
 
     async def _unsubscribe_secret(self, delivery: DeliverySettings) -> bytes:
         """The configured secret, else one made once and kept beside the data."""
@@ -290,7 +328,7 @@ class Sendtime:
             else:
                 raise Unavailable(f"content.catalog_file {path} does not exist")
         # updates made through the API since are newer than the file
-        self.catalog.upsert(await self.store.load_products())
+        self.catalog.upsert(await self.storage.catalog.load_products())
         log.info("catalog: %d products", len(self.catalog))
 
     async def stop(self) -> None:
@@ -310,10 +348,12 @@ class Sendtime:
             await self._fetcher.aclose()
         if self._session is not None:
             await self._session.close()
+        if self._after_commit is not None:
+            await self._after_commit.close()
         if self._profiles is not None:
             await self._profiles.close()
-        if self._store is not None:
-            await self._store.close()
+        if self._storage is not None:
+            await self._storage.close()
         if self._telemetry is not None:
             await self._telemetry.aclose()  # the last spans, exported
 
@@ -423,6 +463,15 @@ async def _serve(settings: Settings, on_ready: Callable[[Sendtime], None]) -> No
     log.info("shutting down: draining for up to %.0f s", settings.shutdown_grace_s)
     await app.stop()
     log.info("stopped")
+
+
+def migrate(settings: Settings) -> str:
+    """``sendtime migrate``: bring the configured database's schema up to date
+    (replicas also do it as they start, under a lock); says what it did."""
+    if settings.storage.backend != "postgres":
+        return "the SQLite backend creates its schema as it starts: nothing to migrate"
+    applied = uvloop.run(migrate_database(settings.storage.postgres_dsn))
+    return f"applied schema migrations {applied}" if applied else "the schema is up to date"
 
 
 def serve(settings: Settings, on_ready: Callable[[Sendtime], None]) -> None:

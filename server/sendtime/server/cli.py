@@ -1,6 +1,8 @@
 """The ``sendtime`` command.
 
-    sendtime serve [--config FILE]     run the server (gRPC + HTTP)
+    sendtime serve [--config FILE] [--workers N]
+                                       run the server (gRPC + HTTP), in N processes
+    sendtime migrate [--config FILE]   bring the PostgreSQL schema up to date
     sendtime keygen --name N --scopes ingest,content
                                        make an API key and the hash to configure
 
@@ -35,6 +37,20 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     from sendtime.server.observe import configure_logging
 
+    workers = args.workers or settings.server.workers
+    if workers > 1:
+        from sendtime.server.supervisor import WorkersRefused, check_workers, supervise
+
+        try:
+            check_workers(settings, workers)
+        except WorkersRefused as exc:
+            print(f"sendtime: {exc}", file=sys.stderr)
+            return 2
+        stop_logging = configure_logging(settings.log_level, settings.logging)
+        try:
+            return supervise(settings, workers, Path(config) if config else None)
+        finally:
+            stop_logging()
     stop_logging = configure_logging(settings.log_level, settings.logging)
     _warn_dev_key(settings)
 
@@ -95,6 +111,21 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    from sendtime.server.app import migrate
+
+    config = args.config or os.environ.get("SENDTIME_CONFIG")
+    try:
+        print(migrate(load_settings(Path(config) if config else None)))
+    except SettingsError as exc:
+        print(f"sendtime: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"sendtime: cannot reach the database: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sendtime", description="Real-time email personalization service.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -103,7 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--config", help="TOML settings file (default: $SENDTIME_CONFIG, else built-in defaults)"
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="processes sharing the two ports (default: server.workers); more than 1 needs PostgreSQL",
+    )
     serve.set_defaults(run=_serve)
+
+    migrate = commands.add_parser(
+        "migrate", help="bring the PostgreSQL schema up to date (serve does it too)"
+    )
+    migrate.add_argument("--config", help="TOML settings file (default: $SENDTIME_CONFIG)")
+    migrate.set_defaults(run=_migrate)
 
     keygen = commands.add_parser("keygen", help="make an API key and the hash to put in the config")
     keygen.add_argument("--name", required=True, help="who the key is for")

@@ -38,13 +38,13 @@ from sendtime.server.domain.errors import SendtimeError
 from sendtime.server.domain.events import Identity
 from sendtime.server.domain.flows import Flow
 from sendtime.server.domain.ingest import utc_now
+from sendtime.server.domain.ports import DeliveryLedger, HandOver, LastChecks
 from sendtime.server.domain.profile import Profile
 from sendtime.server.domain.profiles import ProfileBook
 from sendtime.server.domain.sends import FrequencyCap, QuietHours, SendRecord, SendStatus
 from sendtime.server.domain.unsubscribe import UnsubscribeTokens
 from sendtime.server.relay import message as mime
 from sendtime.server.relay.base import PermanentFailure, RetryingRelay, TransientFailure, UncertainFailure
-from sendtime.server.store.sqlite import HandOver, LastChecks, SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class Dispatcher:
     def __init__(
         self,
         *,
-        store: SqliteStore,
+        ledger: DeliveryLedger,
         profiles: ProfileBook,
         pipeline: ContentPipeline,
         relay: RetryingRelay,
@@ -112,7 +112,7 @@ class Dispatcher:
     ) -> None:
         self._observer = observer
         self._tracer = tracer
-        self._store = store
+        self._ledger = ledger
         self._profiles = profiles
         self._pipeline = pipeline
         self._relay = relay
@@ -135,7 +135,7 @@ class Dispatcher:
         return len(self._sends)
 
     async def start(self) -> None:
-        again, unsure = await self._store.recover_interrupted(relay_idempotent=self._relay.idempotent)
+        again, unsure = await self._ledger.recover_interrupted(relay_idempotent=self._relay.idempotent)
         if again or unsure:
             log.warning(
                 "after a restart: %d interrupted sends scheduled again, %d marked uncertain (not resent)",
@@ -175,7 +175,7 @@ class Dispatcher:
             self._waiting_for_slot = free <= 0
             if free > 0:
                 try:
-                    due = await self._store.claim_due(self._clock(), free)
+                    due = await self._ledger.claim_due(self._clock(), free)
                 except Exception:
                     log.exception("claiming due sends failed; retrying shortly")
                 else:
@@ -240,7 +240,7 @@ class Dispatcher:
         if refusal is not None:
             status, reason, hold_until, reason_class = refusal
             if hold_until is not None:
-                await self._store.update_send(
+                await self._ledger.update_send(
                     record.id,
                     SendStatus.SCHEDULED,
                     expect=SendStatus.SENDING,
@@ -306,7 +306,7 @@ class Dispatcher:
         # The last look, right before the message leaves, in the transaction
         # that hands it over: an exit event, a suppression or another send
         # stored while the email rendered still stops it.
-        handover = await self._store.hand_over(
+        handover = await self._ledger.hand_over(
             record.id,
             relay=self._relay.name,
             template_version=rendered.version,
@@ -351,7 +351,7 @@ class Dispatcher:
             )
         relay_s = time.perf_counter() - relay_started
         accepted_at = self._clock()
-        await self._store.update_send(
+        await self._ledger.update_send(
             record.id,
             SendStatus.SENT,
             expect=SendStatus.RELAYING,
@@ -412,6 +412,7 @@ class Dispatcher:
             subjects=(record.profile_key, f"email:{email.lower()}") if group else (),
             cap_since=now - cap.period if cap is not None and capped else None,
             cap_count=cap.count if cap is not None and capped else 0,
+            attempt=record.attempts,
         )
 
     async def _refused_at_handover(self, record: SendRecord, handover: HandOver, render_s: float) -> Attempt:
@@ -445,7 +446,7 @@ class Dispatcher:
             )
             return True
         due = self._clock() + _RETRY_LATER_BASE * (2 ** (record.attempts - 1))
-        await self._store.update_send(
+        await self._ledger.update_send(
             record.id,
             SendStatus.SCHEDULED,
             expect=SendStatus.RELAYING,
@@ -465,7 +466,7 @@ class Dispatcher:
         expect: SendStatus = SendStatus.SENDING,
         attempt: tuple[int, str, str] | None = None,
     ) -> None:
-        await self._store.update_send(record.id, status, expect=expect, reason=reason, attempt=attempt)
+        await self._ledger.update_send(record.id, status, expect=expect, reason=reason, attempt=attempt)
 
 
 def _describe(span: Span, attempt: Attempt) -> None:

@@ -67,6 +67,9 @@ class GrpcSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: unanswered for keepalive_timeout_s: dead peers do not keep streams open.
     keepalive_interval_s: Seconds = 60.0
     keepalive_timeout_s: Seconds = 20.0
+    #: Share the port with other processes (SO_REUSEPORT). Set by
+    #: ``serve --workers`` for its workers; a lone server must fail loudly instead.
+    reuse_port: bool = False
 
 
 class HttpSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -88,6 +91,14 @@ class HttpSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Retry-After before its body is read. Decoding runs on the event loop:
     #: this keeps health checks and content calls answered during a flood.
     max_ingest_bytes_in_flight: Annotated[int, msgspec.Meta(ge=1)] = 2 * 1024 * 1024
+    #: As grpc.reuse_port.
+    reuse_port: bool = False
+
+
+class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    #: Processes serving the same two ports (``serve --workers`` overrides):
+    #: one host uses all its cores. More than one needs storage.backend = "postgres".
+    workers: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
 
 
 class StorageSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -105,10 +116,27 @@ class StorageSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     profile_flush_interval_s: Seconds = 1.0
     #: SQLite's page cache per connection, in MiB.
     sqlite_cache_mib: Annotated[int, msgspec.Meta(ge=1)] = 128
+    #: "sqlite" (one process, data_dir) or "postgres" (any number of replicas on postgres_dsn).
+    backend: str = "sqlite"
+    #: postgresql://user@host:port/database, for backend = "postgres".
+    postgres_dsn: str = ""
+    #: Connections each replica keeps to PostgreSQL.
+    postgres_pool_size: Annotated[int, msgspec.Meta(ge=2, le=100)] = 8
+    #: PostgreSQL: how long a claimed send stays with the replica that claimed it.
+    #: A send still "sending" after it is claimed again by another replica; one
+    #: still "relaying" is marked uncertain (never resent). Longer than a send
+    #: takes to render and relay.
+    claim_lease_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
 
     def __post_init__(self) -> None:
         if self.synchronous not in ("full", "normal"):
             raise ValueError("storage.synchronous must be 'full' or 'normal'")
+        if self.backend not in ("sqlite", "postgres"):
+            raise ValueError("storage.backend must be 'sqlite' or 'postgres'")
+        if self.backend == "postgres" and not self.postgres_dsn.startswith(("postgresql://", "postgres://")):
+            raise ValueError(
+                "storage.postgres_dsn must be a postgresql:// URL when storage.backend is 'postgres'"
+            )
 
 
 class ApiKey(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -403,6 +431,7 @@ class TracingSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     grpc: GrpcSettings = msgspec.field(default_factory=GrpcSettings)
     http: HttpSettings = msgspec.field(default_factory=HttpSettings)
     storage: StorageSettings = msgspec.field(default_factory=StorageSettings)

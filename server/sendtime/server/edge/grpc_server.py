@@ -420,8 +420,9 @@ def build_grpc_edge(
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
-            # a second server on the same port must fail loudly, not share it
-            ("grpc.so_reuseport", 0),
+            # a second server on the same port must fail loudly, not share it,
+            # unless it is one of the workers of `serve --workers`
+            ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
             *_limits(settings),
         ],
         # beyond it a call is answered RESOURCE_EXHAUSTED at once

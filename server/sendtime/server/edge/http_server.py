@@ -403,7 +403,7 @@ def _signature(source: WebhookSource, header: str | None, now: float) -> _Signat
 class _LimitedSite(web.BaseSite):
     """aiohttp's TCPSite, with each connection counted by a ConnectionLimiter."""
 
-    __slots__ = ("_host", "_limiter", "_port")
+    __slots__ = ("_host", "_limiter", "_port", "_reuse_port")
 
     def __init__(
         self,
@@ -413,11 +413,14 @@ class _LimitedSite(web.BaseSite):
         *,
         ssl_context: ssl.SSLContext | None,
         limiter: ConnectionLimiter,
+        reuse_port: bool,
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context)
         self._host = host
         self._port = port
         self._limiter = limiter
+        #: SO_REUSEPORT: only for the workers of `serve --workers`, which share the port
+        self._reuse_port = reuse_port
 
     @property
     def name(self) -> str:
@@ -433,7 +436,7 @@ class _LimitedSite(web.BaseSite):
             self._port,
             ssl=self._ssl_context,
             backlog=self._backlog,
-            reuse_port=False,
+            reuse_port=self._reuse_port,
         )
 
 
@@ -453,6 +456,7 @@ class HttpEdge:
             self.settings.port,
             ssl_context=self.ssl_context,
             limiter=self.limiter,
+            reuse_port=self.settings.reuse_port,
         )
         try:
             await site.start()

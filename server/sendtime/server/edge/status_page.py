@@ -6,7 +6,7 @@ is added to the hot paths): each view takes a snapshot of the cumulative
 counters and histogram buckets and keeps it in a small ring, and rates and
 percentiles are the difference from the oldest snapshot within the window.
 The first view after a start therefore reads "since the server started".
-Flows and the latest deliveries are read from the store.
+Flows and the latest deliveries are read from the ledger (deliveries.DeliveryQueries).
 
 The exact HTML of a sent email is not stored, so GET
 /v1/deliveries/{id}/preview renders the delivery's template for its user
@@ -40,14 +40,13 @@ from aiohttp import web
 
 from sendtime.server.auth import Authenticator
 from sendtime.server.cache import CacheFetcher
-from sendtime.server.deliveries import MAX_ID
+from sendtime.server.deliveries import MAX_ID, DeliveryQueries
 from sendtime.server.domain.content import ContentContext, ContentPipeline
 from sendtime.server.domain.errors import NotFound, PermissionDenied, Unauthenticated
 from sendtime.server.domain.events import Identity
 from sendtime.server.domain.sends import SendRecord
 from sendtime.server.observe.metrics import Metrics
 from sendtime.server.settings import Scope
-from sendtime.server.store.sqlite import SqliteStore
 
 REFRESH_S: Final = 5
 WINDOW_S: Final = 300.0
@@ -156,7 +155,7 @@ class _Window:
 @dataclass
 class StatusPage:
     authenticator: Authenticator
-    store: SqliteStore
+    deliveries: DeliveryQueries
     pipeline: ContentPipeline
     cache: CacheFetcher
     metrics: Metrics | None
@@ -176,8 +175,8 @@ class StatusPage:
         denied = self._deny(request)
         if denied is not None:
             return denied
-        flows = await self.store.flow_counts()
-        sends = await self.store.list_sends(limit=LATEST_DELIVERIES)
+        flows = await self.deliveries.flow_counts()
+        sends = await self.deliveries.latest(LATEST_DELIVERIES)
         body = "".join(
             (
                 self._traffic(),
@@ -195,7 +194,7 @@ class StatusPage:
             denied = self._deny(request)
             if denied is not None:
                 return denied
-        record = await self.store.get_send(send_id=send_id) if 0 < send_id < MAX_ID else None
+        record = await self.deliveries.find(send_id) if 0 < send_id < MAX_ID else None
         if record is None:
             raise NotFound("no delivery has that id")
         answer = await self.pipeline.email(

@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     from sendtime.server.domain.content import Block
     from sendtime.server.domain.events import Event
     from sendtime.server.domain.ingest import Ack
+    from sendtime.server.domain.ports import StoreStats
     from sendtime.server.domain.sends import SendRecord
-    from sendtime.server.store.sqlite import StoreStats
 
 
 class Kind(enum.StrEnum):
