@@ -42,16 +42,24 @@ from sendtime.server.domain.profiles import ProfileBook
 from sendtime.server.domain.queries import ProfileQueries
 from sendtime.server.domain.recommend import Recommender
 from sendtime.server.domain.sends import FrequencyCap, QuietHours
-from sendtime.server.domain.unsubscribe import UnsubscribeTokens
+from sendtime.server.domain.unsubscribe import EmailLinks
 from sendtime.server.edge.grpc_server import GrpcEdge, build_grpc_edge
 from sendtime.server.edge.http_server import HttpEdge, build_http_edge
 from sendtime.server.edge.status_page import StatusPage
 from sendtime.server.feedback import PostmarkFeedback, SendGridFeedback
 from sendtime.server.looplag import LoopLag
 from sendtime.server.observe import Telemetry
+from sendtime.server.preferences import Preferences
 from sendtime.server.relay import OutboxConfig, RelayConfig, build_retrying_relay
 from sendtime.server.rendering import RenderPool, TemplateStore
-from sendtime.server.settings import ContentSettings, DeliverySettings, FlowSettings, Settings
+from sendtime.server.settings import (
+    ContentSettings,
+    DeliverySettings,
+    FlowSettings,
+    Settings,
+    is_loopback_url,
+    public_base_url,
+)
 from sendtime.server.store.sqlite import SqliteStore
 from sendtime.server.upstream import UpstreamProvider
 
@@ -97,6 +105,11 @@ class Sendtime:
     def http_port(self) -> int:
         assert self._http is not None, "start() first"
         return self._http.port
+
+    @property
+    def public_base_url(self) -> str:
+        """Where the links in emails point (delivery.public_base_url, else the HTTP edge)."""
+        return public_base_url(self.settings, self.http_port)
 
     @property
     def store(self) -> SqliteStore:
@@ -195,7 +208,9 @@ class Sendtime:
         await profiles.start()
 
         delivery = settings.delivery
-        tokens = UnsubscribeTokens(await self._unsubscribe_secret(delivery))
+        # email links point at the HTTP edge's own port when no public address
+        # is configured, known once it listens (port 0 in tests)
+        links = EmailLinks(await self._unsubscribe_secret(delivery), lambda: self.public_base_url)
         relay = build_retrying_relay(_in_data_dir(delivery.relay, storage.data_dir))
         relay.observer = telemetry.relay_observer(relay.name)
         relay.tracer = tracer
@@ -204,7 +219,7 @@ class Sendtime:
             profiles=profiles,
             pipeline=pipeline,
             relay=relay,
-            tokens=tokens,
+            links=links,
             flows={f.id: f for f in flows},
             policy=_dispatch_policy(delivery),
             observer=telemetry.send_observer(),
@@ -241,7 +256,7 @@ class Sendtime:
             pipeline=pipeline,
             catalog=CatalogUpdater(self.catalog, store.save_products, pipeline.invalidate_catalog),
             default_deadline_s=default_deadline_s,
-            suppressions=Suppressions(store, tokens, self._clock),
+            suppressions=Suppressions(store, links.unsubscribe_tokens, self._clock),
             sendgrid=SendGridFeedback(feedback.sendgrid_public_key) if feedback.sendgrid_public_key else None,
             postmark=(
                 PostmarkFeedback(feedback.postmark_username, feedback.postmark_password)
@@ -253,9 +268,26 @@ class Sendtime:
             telemetry=telemetry,
             clock=self._clock,
             status_page=StatusPage(authenticator, store, pipeline, fetcher, metrics, [f.id for f in flows]),
+            preferences=Preferences(
+                tokens=links.preferences_tokens,
+                profiles=profiles,
+                store=store,
+                ingestor=ingestor,
+                groups=[f.subscription_group for f in flows],
+                require_opt_in=delivery.require_opt_in,
+                clock=self._clock,
+            ),
         )
         await self._grpc.start()
         await self._http.start()
+        if is_loopback_url(self.public_base_url) and not isinstance(delivery.relay, OutboxConfig):
+            log.warning(
+                "links in emails (unsubscribe, preferences) point at %s, which only this machine can open,"
+                " while the %s relay sends real emails: set delivery.public_base_url to this server's public"
+                " https address",
+                self.public_base_url,
+                relay.name,
+            )
 
     async def _unsubscribe_secret(self, delivery: DeliverySettings) -> bytes:
         """The configured secret, else one made once and kept beside the data."""
@@ -372,7 +404,6 @@ def _dispatch_policy(delivery: DeliverySettings) -> DispatchPolicy:
     quiet = delivery.quiet_hours
     return DispatchPolicy(
         default_sender=delivery.default_sender,
-        public_base_url=delivery.public_base_url,
         unsubscribe_mailto=delivery.unsubscribe_mailto,
         list_id=delivery.list_id,
         message_id_domain=delivery.message_id_domain,

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -262,8 +264,11 @@ class DeliverySettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     #: Marketing sends need the user's explicit opt-in to their group (GDPR,
     #: CASL). Off: anyone not opted out may get them (CAN-SPAM's rule).
     require_opt_in: bool = False
-    #: Where one-click unsubscribe links point: this server's public HTTPS address.
-    public_base_url: str = "http://127.0.0.1:8080"
+    #: Where the links in emails (one-click unsubscribe, email preferences)
+    #: point: this server's public HTTPS address. Empty: the HTTP edge's own
+    #: address (http://127.0.0.1:8080 with the defaults), which only this
+    #: machine can open: set it in production.
+    public_base_url: str = ""
     unsubscribe_mailto: str = ""
     #: Signs unsubscribe links. Empty: one is made and kept in the data folder
     #: (fine for one server; give every server the same one in production).
@@ -376,6 +381,31 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     tracing: TracingSettings = msgspec.field(default_factory=TracingSettings)
+
+
+def public_base_url(settings: Settings, http_port: int) -> str:
+    """Where email links point: ``delivery.public_base_url``, else the HTTP
+    edge's own address on the port it listens on (a wildcard host is shown as
+    the loopback address, the one a browser on this machine can open)."""
+    if settings.delivery.public_base_url:
+        return settings.delivery.public_base_url.rstrip("/")
+    http = settings.http
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(http.host, http.host)  # noqa: S104
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if http.tls else 'http'}://{host}:{http_port}"
+
+
+def is_loopback_url(url: str) -> bool:
+    """True when ``url`` names this machine only (localhost, 127.0.0.0/8, ::1):
+    a link no recipient elsewhere can open."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def hash_key(key: str) -> str:

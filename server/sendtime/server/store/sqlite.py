@@ -532,6 +532,20 @@ class SqliteStore:
 
         return await self._submit(add)
 
+    async def unsuppress(self, subject: str, group: str, reason: str) -> bool:
+        """Lift a suppression given for ``reason`` (a resubscribe lifts an
+        unsubscribe, never a bounce); False when there was none."""
+
+        def lift(conn: sqlite3.Connection) -> bool:
+            return bool(
+                conn.execute(
+                    "DELETE FROM suppressions WHERE subject = ? AND grp = ? AND reason = ?",
+                    (subject, group, reason),
+                ).rowcount
+            )
+
+        return await self._submit(lift)
+
     async def is_suppressed(self, subjects: Sequence[str], group: str) -> bool:
         return await asyncio.to_thread(self._with_reader, _select_suppressed, (list(subjects), group))
 
