@@ -857,10 +857,34 @@ def _flows(client: Client, args: argparse.Namespace) -> dict[str, Any]:
                 "subscription_group": flow.subscription_group,
                 "transactional": flow.transactional,
                 **{status: getattr(flow, status) for status in _FLOW_COUNTS},
+                # what is scheduled, not what the delay says: a send keeps the due
+                # time it got when it was planned (under another delay, say)
+                "next_due_time": _iso(_next_due(client, flow.id, flow.scheduled)),
             }
             for flow in client.list_flows()
-        ]
+        ],
+        "_now": dt.datetime.now(dt.UTC),
     }
+
+
+def _next_due(client: Client, flow_id: str, scheduled: int) -> dt.datetime | None:
+    """When the flow's earliest scheduled send is due: read page by page until
+    every one of its ``scheduled`` sends was seen (newest first, so usually
+    on the first page)."""
+    due: list[dt.datetime] = []
+    seen = 0
+    token = ""
+    while seen < scheduled:
+        page = client.list_deliveries(flow_id=flow_id, page_size=MAX_PAGE_SIZE, page_token=token or None)
+        for delivery in page.deliveries:
+            if delivery.status is DeliveryStatus.SCHEDULED:
+                seen += 1
+                if delivery.due_time is not None:
+                    due.append(delivery.due_time)
+        token = page.next_page_token
+        if not token or not page.deliveries:
+            break
+    return min(due, default=None)
 
 
 # --------------------------------------------------------------- demo data
@@ -1572,6 +1596,11 @@ def _show_flows(result: dict[str, Any]) -> str:
                 f"  {counts}",
             ]
         )
+        if flow["next_due_time"] is not None:
+            due = dt.datetime.fromisoformat(flow["next_due_time"])
+            wait = (due - result["_now"]).total_seconds()
+            when = f"in {_span(wait)}" if wait > 0 else "now"
+            lines.append(f"  next scheduled send due {when} ({due:%Y-%m-%d %H:%M:%S} UTC)")
     return "\n".join(lines)
 
 
