@@ -48,13 +48,13 @@ def cart_emails(outbox: Path) -> list[str]:
 
 
 async def test_make_demo_after_make_run_puts_the_email_in_the_demo_outbox(tmp_path: Path) -> None:
-    # a checkout's folder: each server keeps the data folder its settings name
-    # under it; the templates and catalog are the checkout's
-    shared = {
-        "SENDTIME_CONTENT__TEMPLATES_DIR": str(REPO / "templates"),
-        "SENDTIME_CONTENT__CATALOG_FILE": str(REPO / "demo" / "catalog.json"),
-    }
-    run = await start_server(None, cwd=tmp_path, env=shared)  # make run
+    # tmp_path stands for a checkout: make run keeps its data in ./.sendtime,
+    # the demo config (in ./demo) names its own folder; templates and catalog
+    # are the ones shipped with sendtime
+    (tmp_path / "demo").mkdir()
+    demo_config = tmp_path / "demo" / "sendtime.toml"
+    demo_config.write_text(DEMO_CONFIG.read_text())
+    run = await start_server(None, cwd=tmp_path)  # make run
     try:
         code, out, err = await cli("demo-data", "--json", "--target", run.target, cwd=tmp_path)
         assert code == 0, err
@@ -63,7 +63,7 @@ async def test_make_demo_after_make_run_puts_the_email_in_the_demo_outbox(tmp_pa
         run.terminate()
         await run.wait()
 
-    demo = await start_server(None, config=DEMO_CONFIG, cwd=tmp_path, env=shared)  # make demo
+    demo = await start_server(None, config=demo_config, cwd=tmp_path)  # make demo
     try:
         code, out, err = await cli("demo-data", "--json", "--target", demo.target, cwd=tmp_path)
         assert code == 0, err
@@ -88,10 +88,9 @@ async def test_make_demo_after_make_run_puts_the_email_in_the_demo_outbox(tmp_pa
 
 
 def test_the_demo_config_keeps_its_data_apart_from_make_run() -> None:
-    assert (
-        load_settings(DEMO_CONFIG, environ={}).storage.data_dir
-        != load_settings(None, environ={}).storage.data_dir
-    )
+    # the demo's folder is named relative to demo/sendtime.toml; make run's, to the checkout
+    assert load_settings(DEMO_CONFIG, environ={}).storage.data_dir == REPO / ".sendtime-demo"
+    assert load_settings(None, environ={}).storage.data_dir == Path(".sendtime")
 
 
 async def test_flows_says_when_a_send_planned_under_another_delay_is_due(

@@ -60,13 +60,13 @@ from sendtime.server.settings import (
     is_loopback_url,
     public_base_url,
 )
+from sendtime.server.shipped import DEMO_CATALOG, TEMPLATES, shipped
 from sendtime.server.store.sqlite import SqliteStore
 from sendtime.server.upstream import UpstreamProvider
 
 log = logging.getLogger("sendtime")
 
 DB_FILE = "sendtime.sqlite3"
-DEFAULT_CATALOG = ContentSettings().catalog_file
 
 
 class Sendtime:
@@ -176,7 +176,7 @@ class Sendtime:
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=content.upstream_connections_per_host)
         )
         allowed = frozenset(content.allowed_upstream_hosts)
-        templates = TemplateStore(content.templates_dir)
+        templates = TemplateStore(_templates_dir(content))
         self._render_pool = render_pool = RenderPool(content.render_processes)
         await render_pool.start()
         pipeline = ContentPipeline(
@@ -304,16 +304,13 @@ class Sendtime:
         return path.read_text().strip().encode()
 
     async def _load_catalog(self, content: ContentSettings) -> None:
-        path = content.catalog_file
-        if path is not None:
-            if path.exists():
-                self.catalog.upsert(load_products(path))
-            elif path == DEFAULT_CATALOG:
-                log.warning(
-                    "no catalog at %s: starting with the products stored by the catalog API only", path
-                )
-            else:
-                raise Unavailable(f"content.catalog_file {path} does not exist")
+        path = content.catalog_file or shipped(DEMO_CATALOG)
+        if path.exists():
+            self.catalog.upsert(load_products(path))
+        elif content.catalog_file is None:
+            log.warning("no catalog at %s: starting with the products stored by the catalog API only", path)
+        else:
+            raise Unavailable(f"content.catalog_file {path} does not exist")
         # updates made through the API since are newer than the file
         self.catalog.upsert(await self.store.load_products())
         log.info("catalog: %d products", len(self.catalog))
@@ -350,6 +347,15 @@ class Sendtime:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+
+
+def _templates_dir(content: ContentSettings) -> Path:
+    """The configured templates folder, which must exist, else the shipped one."""
+    if content.templates_dir is None:
+        return shipped(TEMPLATES)
+    if not content.templates_dir.is_dir():
+        raise Unavailable(f"content.templates_dir {content.templates_dir} is not a folder")
+    return content.templates_dir
 
 
 def _policy(content: ContentSettings) -> ContentPolicy:

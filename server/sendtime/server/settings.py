@@ -4,6 +4,11 @@ Read from an optional TOML file, then SENDTIME_* environment variables on top
 (nested keys joined by a double underscore: ``SENDTIME_GRPC__PORT=0``), then
 validated at once, so a bad setting stops the start with a message naming it.
 The defaults are what ``make run`` serves with.
+
+A relative path in the file is relative to the file's folder (one in an
+environment variable, to the folder the server starts in), so that a server
+started elsewhere finds the same files. The outbox relay's folder is the
+exception: a relative one lives in the data folder.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Annotated, Any, Final
 from urllib.parse import urlsplit
 
 import msgspec
+import msgspec.inspect
 
 from sendtime.server.relay.config import OutboxConfig, RelayConfig
 
@@ -164,8 +170,12 @@ class ContentSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     recommendations_size: Annotated[int, msgspec.Meta(ge=1, le=50)] = 4
     recently_viewed_size: Annotated[int, msgspec.Meta(ge=1, le=50)] = 4
     drop_out_of_stock: bool = False
-    catalog_file: Path | None = Path("demo/catalog.json")
-    templates_dir: Path = Path("templates")
+    #: The products loaded at start (a JSON array or CSV); the catalog API
+    #: updates them. Not set: the demo catalog shipped with sendtime.
+    catalog_file: Path | None = None
+    #: The folder of <id>.mjml.liquid templates. Not set: the templates shipped
+    #: with sendtime (abandoned_cart, browse_abandonment, post_purchase).
+    templates_dir: Path | None = None
     #: Worker processes that render emails (Liquid, MJML, text part) beside the
     #: event loop, which would otherwise stall for each render; 0 renders on
     #: the event loop itself.
@@ -424,11 +434,39 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
             raise SettingsError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+        # before the environment's values, which stay relative to the working folder
+        _resolve_paths(raw, msgspec.inspect.type_info(Settings), path.expanduser().absolute().parent)
     _apply_env(raw, os.environ if environ is None else environ)
     try:
         return msgspec.convert(raw, Settings, strict=False, dec_hook=_decode_path)
     except msgspec.ValidationError as exc:
         raise SettingsError(f"invalid settings: {_readable(str(exc))}") from None
+
+
+def _is_path(info: msgspec.inspect.Type) -> bool:
+    if isinstance(info, msgspec.inspect.UnionType):
+        return any(_is_path(t) for t in info.types)
+    return isinstance(info, msgspec.inspect.CustomType) and info.cls is Path
+
+
+def _resolve_paths(raw: dict[str, Any], info: msgspec.inspect.Type, base: Path) -> None:
+    """Make the relative paths in a config file's tables relative to ``base``."""
+    if isinstance(info, msgspec.inspect.UnionType):
+        tables = [t for t in info.types if isinstance(t, msgspec.inspect.StructType)]
+        # an optional table ([grpc.tls]); a union of several (the relay kinds) keeps its own rules
+        if len(tables) == 1:
+            _resolve_paths(raw, tables[0], base)
+        return
+    if not isinstance(info, msgspec.inspect.StructType):
+        return
+    for field in info.fields:
+        value = raw.get(field.encode_name)
+        if isinstance(value, str) and _is_path(field.type):
+            given = Path(value).expanduser()
+            if not given.is_absolute():
+                raw[field.encode_name] = os.path.normpath(base / given)
+        elif isinstance(value, dict):
+            _resolve_paths(value, field.type, base)
 
 
 def _decode_path(type_: type, value: Any) -> Any:
