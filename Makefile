@@ -32,9 +32,11 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/buf lint
 	$(BIN)/python tools/gen_protos.py --check
+	$(BIN)/python tools/gen_example_config.py --check
 
 gen: $(STAMP)
 	$(BIN)/python tools/gen_protos.py
+	$(BIN)/python tools/gen_example_config.py
 	$(BIN)/buf lint
 
 # Every benchmark, then benchmarks/report/: JSON results, PNG plots, README.md (several minutes).
