@@ -354,7 +354,8 @@ def _templates_dir(content: ContentSettings) -> Path:
     if content.templates_dir is None:
         return shipped(TEMPLATES)
     if not content.templates_dir.is_dir():
-        raise Unavailable(f"content.templates_dir {content.templates_dir} is not a folder")
+        problem = "is not a folder" if content.templates_dir.exists() else "does not exist"
+        raise Unavailable(f"content.templates_dir {content.templates_dir} {problem}")
     return content.templates_dir
 
 
