@@ -35,6 +35,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/buf lint
 	$(BIN)/python tools/gen_protos.py --check
+	$(BIN)/python tools/gen_example_config.py --check
 
 # Known vulnerabilities in constraints.txt, from PyPI's vulnerability data
 # (tools/audit.py; ops/audit-allowlist.toml lists the ones let through, each with a reason).
@@ -43,6 +44,7 @@ audit:
 
 gen: $(STAMP)
 	$(BIN)/python tools/gen_protos.py
+	$(BIN)/python tools/gen_example_config.py
 	$(BIN)/buf lint
 
 # Every benchmark, then benchmarks/report/: JSON results, PNG plots, README.md (several minutes).

@@ -230,3 +230,14 @@ async def test_suppressions_are_kept_once_by_subject_and_group(backend: Backend)
     assert not await suppressions.is_suppressed(["u:ada"], "news")
     assert await suppressions.suppress("email:bob@example.com", "*", "complaint", "webhook")
     assert await suppressions.is_suppressed(["u:bob", "email:bob@example.com"], "news")
+
+
+async def test_unsuppress_lifts_only_a_suppression_given_for_that_reason(backend: Backend) -> None:
+    suppressions = backend.storage.suppressions
+    await suppressions.suppress("u:ada", "marketing", "unsubscribed", "link")
+    await suppressions.suppress("email:ada@example.com", "*", "bounce", "sendgrid")
+    assert not await suppressions.unsuppress("email:ada@example.com", "*", "unsubscribed")
+    assert await suppressions.is_suppressed(["email:ada@example.com"], "marketing")
+    assert await suppressions.unsuppress("u:ada", "marketing", "unsubscribed")
+    assert not await suppressions.unsuppress("u:ada", "marketing", "unsubscribed")
+    assert not await suppressions.is_suppressed(["u:ada"], "marketing")

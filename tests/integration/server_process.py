@@ -42,22 +42,32 @@ class ServerProcess:
 
 
 async def start_server(
-    data_dir: Path, *, grpc_port: int = 0, http_port: int = 0, config: Path | None = None
+    data_dir: Path | None,
+    *,
+    grpc_port: int = 0,
+    http_port: int = 0,
+    config: Path | None = None,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> ServerProcess:
-    env = {
+    """``data_dir`` None: the settings' own (a relative one under ``cwd``)."""
+    environ = {
         **os.environ,
         "SENDTIME_GRPC__PORT": str(grpc_port),
         "SENDTIME_HTTP__PORT": str(http_port),
-        "SENDTIME_STORAGE__DATA_DIR": str(data_dir),
         "SENDTIME_SHUTDOWN_GRACE_S": "5",
+        **(env or {}),
     }
+    if data_dir is not None:
+        environ["SENDTIME_STORAGE__DATA_DIR"] = str(data_dir)
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "sendtime.server",
         "serve",
         *(["--config", str(config)] if config is not None else []),
-        env=env,
+        env=environ,
+        cwd=cwd,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

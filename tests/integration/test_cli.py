@@ -26,6 +26,11 @@ class Result:
     def json(self) -> Any:
         return json.loads(self.stdout)
 
+    def error(self) -> Any:
+        """With --json, an error is one JSON object on stderr, and stdout is empty."""
+        assert self.stdout == "", self.stdout
+        return json.loads(self.stderr)
+
 
 RunCli = Callable[..., Awaitable[Result]]
 
@@ -166,7 +171,7 @@ async def test_a_rejected_event_names_the_field_and_fails(cli: RunCli) -> None:
 
     as_json = await cli("track", "Product Added", "--user", "u1", "--properties", '{"price": -1}', "--json")
     assert as_json.code == 1
-    error = as_json.json()["error"]
+    error = as_json.error()["error"]
     assert error["code"] == "INVALID_ARGUMENT"
     assert [v["field"] for v in error["field_violations"]] == ["event.track.properties_json.price"]
 
@@ -179,7 +184,7 @@ async def test_server_refusals_fail_with_a_clear_message(cli: RunCli, server: Se
 
     stranger = await cli("profile", "u1", "--api-key", "wrong-key", "--json")
     assert stranger.code == 1
-    assert stranger.json()["error"]["code"] == "UNAUTHENTICATED"
+    assert stranger.error()["error"]["code"] == "UNAUTHENTICATED"
     assert "unknown API key" in stranger.stderr
 
 

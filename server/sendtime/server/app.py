@@ -44,7 +44,7 @@ from sendtime.server.domain.profiles import ProfileBook
 from sendtime.server.domain.queries import ProfileQueries
 from sendtime.server.domain.recommend import Recommender
 from sendtime.server.domain.sends import FrequencyCap, QuietHours
-from sendtime.server.domain.unsubscribe import UnsubscribeTokens
+from sendtime.server.domain.unsubscribe import EmailLinks
 from sendtime.server.edge.grpc_server import GrpcEdge, build_grpc_edge
 from sendtime.server.edge.http_server import HttpEdge, build_http_edge
 from sendtime.server.edge.status_page import StatusPage
@@ -52,9 +52,18 @@ from sendtime.server.fdlimit import fit_open_files
 from sendtime.server.feedback import PostmarkFeedback, SendGridFeedback
 from sendtime.server.looplag import LoopLag
 from sendtime.server.observe import Telemetry
+from sendtime.server.preferences import Preferences
 from sendtime.server.relay import OutboxConfig, RelayConfig, build_retrying_relay
 from sendtime.server.rendering import RenderPool, TemplateStore
-from sendtime.server.settings import ContentSettings, DeliverySettings, FlowSettings, Settings
+from sendtime.server.settings import (
+    ContentSettings,
+    DeliverySettings,
+    FlowSettings,
+    Settings,
+    is_loopback_url,
+    public_base_url,
+)
+from sendtime.server.shipped import DEMO_CATALOG, TEMPLATES, shipped
 from sendtime.server.store.postgres import PostgresBackend, migrate_database
 from sendtime.server.store.sqlite import SqliteBackend
 from sendtime.server.upstream import UpstreamProvider
@@ -62,7 +71,6 @@ from sendtime.server.upstream import UpstreamProvider
 log = logging.getLogger("sendtime")
 
 DB_FILE = "sendtime.sqlite3"
-DEFAULT_CATALOG = ContentSettings().catalog_file
 
 
 class Sendtime:
@@ -107,6 +115,11 @@ class Sendtime:
     def storage(self) -> Storage:
         assert self._storage is not None, "start() first"
         return self._storage
+
+    @property
+    def public_base_url(self) -> str:
+        """Where the links in emails point (delivery.public_base_url, else the HTTP edge)."""
+        return public_base_url(self.settings, self.http_port)
 
     @property
     def cache(self) -> CacheFetcher:
@@ -158,7 +171,7 @@ class Sendtime:
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=content.upstream_connections_per_host)
         )
         allowed = frozenset(content.allowed_upstream_hosts)
-        templates = TemplateStore(content.templates_dir)
+        templates = TemplateStore(_templates_dir(content))
         self._render_pool = render_pool = RenderPool(content.render_processes)
         await render_pool.start()
         pipeline = ContentPipeline(
@@ -189,7 +202,9 @@ class Sendtime:
         await profiles.start()
 
         delivery = settings.delivery
-        tokens = UnsubscribeTokens(await self._unsubscribe_secret(delivery))
+        # email links point at the HTTP edge's own port when no public address
+        # is configured, known once it listens (port 0 in tests)
+        links = EmailLinks(await self._unsubscribe_secret(delivery), lambda: self.public_base_url)
         relay = build_retrying_relay(_in_data_dir(delivery.relay, storage.data_dir))
         relay.observer = telemetry.relay_observer(relay.name)
         relay.tracer = tracer
@@ -198,7 +213,7 @@ class Sendtime:
             profiles=profiles,
             pipeline=pipeline,
             relay=relay,
-            tokens=tokens,
+            links=links,
             flows={f.id: f for f in flows},
             policy=_dispatch_policy(delivery),
             observer=telemetry.send_observer(),
@@ -248,7 +263,7 @@ class Sendtime:
             pipeline=pipeline,
             catalog=CatalogUpdater(self.catalog, backend.catalog.save_products, pipeline.invalidate_catalog),
             default_deadline_s=default_deadline_s,
-            suppressions=Suppressions(backend.suppressions, tokens, self._clock),
+            suppressions=Suppressions(backend.suppressions, links.unsubscribe_tokens, self._clock),
             sendgrid=(
                 SendGridFeedback(feedback.sendgrid_public_key, tolerance_s=feedback.sendgrid_tolerance_s)
                 if feedback.sendgrid_public_key
@@ -273,9 +288,26 @@ class Sendtime:
             ),
             # refused before their bodies are read, rather than decoded and then refused by the store
             ingest_backlogged=lambda: backend.stats().queued_events >= storage.max_queued_events,
+            preferences=Preferences(
+                tokens=links.preferences_tokens,
+                profiles=profiles,
+                suppressions=backend.suppressions,
+                ingestor=ingestor,
+                groups=[f.subscription_group for f in flows],
+                require_opt_in=delivery.require_opt_in,
+                clock=self._clock,
+            ),
         )
         await self._grpc.start()
         await self._http.start()
+        if is_loopback_url(self.public_base_url) and not isinstance(delivery.relay, OutboxConfig):
+            log.warning(
+                "links in emails (unsubscribe, preferences) point at %s, which only this machine can open,"
+                " while the %s relay sends real emails: set delivery.public_base_url to this server's public"
+                " https address",
+                self.public_base_url,
+                relay.name,
+            )
 
     async def _open_storage(self) -> Storage:
         """The one place that picks a backend."""
@@ -317,16 +349,13 @@ class Sendtime:
         return path.read_text().strip().encode()
 
     async def _load_catalog(self, content: ContentSettings) -> None:
-        path = content.catalog_file
-        if path is not None:
-            if path.exists():
-                self.catalog.upsert(load_products(path))
-            elif path == DEFAULT_CATALOG:
-                log.warning(
-                    "no catalog at %s: starting with the products stored by the catalog API only", path
-                )
-            else:
-                raise Unavailable(f"content.catalog_file {path} does not exist")
+        path = content.catalog_file or shipped(DEMO_CATALOG)
+        if path.exists():
+            self.catalog.upsert(load_products(path))
+        elif content.catalog_file is None:
+            log.warning("no catalog at %s: starting with the products stored by the catalog API only", path)
+        else:
+            raise Unavailable(f"content.catalog_file {path} does not exist")
         # updates made through the API since are newer than the file
         self.catalog.upsert(await self.storage.catalog.load_products())
         log.info("catalog: %d products", len(self.catalog))
@@ -365,6 +394,16 @@ class Sendtime:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+
+
+def _templates_dir(content: ContentSettings) -> Path:
+    """The configured templates folder, which must exist, else the shipped one."""
+    if content.templates_dir is None:
+        return shipped(TEMPLATES)
+    if not content.templates_dir.is_dir():
+        problem = "is not a folder" if content.templates_dir.exists() else "does not exist"
+        raise Unavailable(f"content.templates_dir {content.templates_dir} {problem}")
+    return content.templates_dir
 
 
 def _policy(content: ContentSettings) -> ContentPolicy:
@@ -419,7 +458,6 @@ def _dispatch_policy(delivery: DeliverySettings) -> DispatchPolicy:
     quiet = delivery.quiet_hours
     return DispatchPolicy(
         default_sender=delivery.default_sender,
-        public_base_url=delivery.public_base_url,
         unsubscribe_mailto=delivery.unsubscribe_mailto,
         list_id=delivery.list_id,
         message_id_domain=delivery.message_id_domain,

@@ -6,7 +6,7 @@
     sendtime keygen --name N --scopes ingest,content
                                        make an API key and the hash to configure
 
-Client commands talk to a running server (--target, --api-key; see
+Client commands talk to a running server (see CLIENT_HELP below and
 ``sendtime COMMAND --help``): track, identify, profile, content, render,
 preview, demo-data, send, deliveries, flows.
 """
@@ -24,6 +24,18 @@ from pathlib import Path
 from sendtime.server.settings import DEV_KEY, Scope, Settings, SettingsError, hash_key, load_settings
 
 Command = Callable[[argparse.Namespace], int]
+
+CLIENT_HELP = """\
+client commands (track ... flows) reach the server these settings describe,
+as `sendtime serve` reads them:
+  --config FILE or SENDTIME_CONFIG      the server's TOML file (its [grpc] host, port, tls)
+  SENDTIME_GRPC__PORT=6000 and others   the same overrides the server takes
+  --target HOST:PORT or SENDTIME_TARGET a server's gRPC address outright
+  --api-key KEY or SENDTIME_API_KEY     the API key (default: dev-key, for make run)
+With none of them: 127.0.0.1:50051 and dev-key, what `make run` serves.
+Over gRPC the key travels as the metadata "authorization: Bearer KEY".
+Example: SENDTIME_GRPC__PORT=51051 sendtime profile ada --json
+"""
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -127,7 +139,12 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sendtime", description="Real-time email personalization service.")
+    parser = argparse.ArgumentParser(
+        prog="sendtime",
+        description="Real-time email personalization service.",
+        epilog=CLIENT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the server")

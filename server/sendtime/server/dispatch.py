@@ -42,7 +42,7 @@ from sendtime.server.domain.ports import DeliveryLedger, HandOver, LastChecks
 from sendtime.server.domain.profile import Profile
 from sendtime.server.domain.profiles import ProfileBook
 from sendtime.server.domain.sends import FrequencyCap, QuietHours, SendRecord, SendStatus
-from sendtime.server.domain.unsubscribe import UnsubscribeTokens
+from sendtime.server.domain.unsubscribe import EmailLinks
 from sendtime.server.relay import message as mime
 from sendtime.server.relay.base import PermanentFailure, RetryingRelay, TransientFailure, UncertainFailure
 
@@ -81,7 +81,6 @@ class SendObserver(Protocol):
 @dataclass(frozen=True, slots=True)
 class DispatchPolicy:
     default_sender: str
-    public_base_url: str
     unsubscribe_mailto: str
     list_id: str
     message_id_domain: str
@@ -103,7 +102,7 @@ class Dispatcher:
         profiles: ProfileBook,
         pipeline: ContentPipeline,
         relay: RetryingRelay,
-        tokens: UnsubscribeTokens,
+        links: EmailLinks,
         flows: Mapping[str, Flow],
         policy: DispatchPolicy,
         clock: Callable[[], datetime] = utc_now,
@@ -116,7 +115,7 @@ class Dispatcher:
         self._profiles = profiles
         self._pipeline = pipeline
         self._relay = relay
-        self._tokens = tokens
+        self._links = links
         self._flows = dict(flows)
         self._policy = policy
         self._clock = clock
@@ -253,16 +252,17 @@ class Dispatcher:
             return Attempt(status.value, reason_class)
 
         group = record.subscription_group
-        unsubscribe_url = ""
-        if group:
-            token = self._tokens.issue(record.profile_key, group, now)
-            unsubscribe_url = f"{self._policy.public_base_url.rstrip('/')}/v1/unsubscribe/{token}"
+        unsubscribe_url = self._links.unsubscribe_url(record.profile_key, group, now) if group else ""
+        # every email, transactional ones too, links its recipient's preferences page
+        links = [("preferences_url", self._links.preferences_url(record.profile_key, now))]
+        if unsubscribe_url:
+            # the body's Unsubscribe link is the same one-click URL as the header's
+            links.append(("unsubscribe_url", unsubscribe_url))
         identity = Identity(record.user_id, record.anonymous_id)
         context = ContentContext(
             campaign=record.flow_id,
             cart_id=record.entry_key if flow is not None and flow.entry_key == "cart_id" else "",
-            # the body's Unsubscribe link is the same one-click URL as the header's
-            links=(("unsubscribe_url", unsubscribe_url),) if unsubscribe_url else (),
+            links=tuple(links),
         )
         render_started = time.perf_counter()
         try:

@@ -4,6 +4,11 @@ Read from an optional TOML file, then SENDTIME_* environment variables on top
 (nested keys joined by a double underscore: ``SENDTIME_GRPC__PORT=0``), then
 validated at once, so a bad setting stops the start with a message naming it.
 The defaults are what ``make run`` serves with.
+
+A relative path in the file is relative to the file's folder (one in an
+environment variable, to the folder the server starts in), so that a server
+started elsewhere finds the same files. The outbox relay's folder is the
+exception: a relative one lives in the data folder.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final
+from urllib.parse import urlsplit
 
 import msgspec
+import msgspec.inspect
 
 from sendtime.server.relay.config import OutboxConfig, RelayConfig
 
@@ -227,8 +234,12 @@ class ContentSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     recommendations_size: Annotated[int, msgspec.Meta(ge=1, le=50)] = 4
     recently_viewed_size: Annotated[int, msgspec.Meta(ge=1, le=50)] = 4
     drop_out_of_stock: bool = False
-    catalog_file: Path | None = Path("demo/catalog.json")
-    templates_dir: Path = Path("templates")
+    #: The products loaded at start (a JSON array or CSV); the catalog API
+    #: updates them. Not set: the demo catalog shipped with sendtime.
+    catalog_file: Path | None = None
+    #: The folder of <id>.mjml.liquid templates. Not set: the templates shipped
+    #: with sendtime (abandoned_cart, browse_abandonment, post_purchase).
+    templates_dir: Path | None = None
     #: Worker processes that render emails (Liquid, MJML, text part) beside the
     #: event loop, which would otherwise stall for each render; 0 renders on
     #: the event loop itself.
@@ -330,8 +341,11 @@ class DeliverySettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     #: Marketing sends need the user's explicit opt-in to their group (GDPR,
     #: CASL). Off: anyone not opted out may get them (CAN-SPAM's rule).
     require_opt_in: bool = False
-    #: Where one-click unsubscribe links point: this server's public HTTPS address.
-    public_base_url: str = "http://127.0.0.1:8080"
+    #: Where the links in emails (one-click unsubscribe, email preferences)
+    #: point: this server's public HTTPS address. Empty: the HTTP edge's own
+    #: address (http://127.0.0.1:8080 with the defaults), which only this
+    #: machine can open: set it in production.
+    public_base_url: str = ""
     unsubscribe_mailto: str = ""
     #: Signs unsubscribe links. Empty: one is made and kept in the data folder
     #: (fine for one server; give every server the same one in production).
@@ -485,6 +499,31 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def public_base_url(settings: Settings, http_port: int) -> str:
+    """Where email links point: ``delivery.public_base_url``, else the HTTP
+    edge's own address on the port it listens on (a wildcard host is shown as
+    the loopback address, the one a browser on this machine can open)."""
+    if settings.delivery.public_base_url:
+        return settings.delivery.public_base_url.rstrip("/")
+    http = settings.http
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(http.host, http.host)  # noqa: S104
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if http.tls else 'http'}://{host}:{http_port}"
+
+
+def is_loopback_url(url: str) -> bool:
+    """True when ``url`` names this machine only (localhost, 127.0.0.0/8, ::1):
+    a link no recipient elsewhere can open."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def hash_key(key: str) -> str:
     """The stored form of an API key. Keys are long random tokens, so a fast
     hash is enough: nobody can brute-force 32 random bytes."""
@@ -501,11 +540,39 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
             raise SettingsError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+        # before the environment's values, which stay relative to the working folder
+        _resolve_paths(raw, msgspec.inspect.type_info(Settings), path.expanduser().absolute().parent)
     _apply_env(raw, os.environ if environ is None else environ)
     try:
         return msgspec.convert(raw, Settings, strict=False, dec_hook=_decode_path)
     except msgspec.ValidationError as exc:
         raise SettingsError(f"invalid settings: {_readable(str(exc))}") from None
+
+
+def _is_path(info: msgspec.inspect.Type) -> bool:
+    if isinstance(info, msgspec.inspect.UnionType):
+        return any(_is_path(t) for t in info.types)
+    return isinstance(info, msgspec.inspect.CustomType) and info.cls is Path
+
+
+def _resolve_paths(raw: dict[str, Any], info: msgspec.inspect.Type, base: Path) -> None:
+    """Make the relative paths in a config file's tables relative to ``base``."""
+    if isinstance(info, msgspec.inspect.UnionType):
+        tables = [t for t in info.types if isinstance(t, msgspec.inspect.StructType)]
+        # an optional table ([grpc.tls]); a union of several (the relay kinds) keeps its own rules
+        if len(tables) == 1:
+            _resolve_paths(raw, tables[0], base)
+        return
+    if not isinstance(info, msgspec.inspect.StructType):
+        return
+    for field in info.fields:
+        value = raw.get(field.encode_name)
+        if isinstance(value, str) and _is_path(field.type):
+            given = Path(value).expanduser()
+            if not given.is_absolute():
+                raw[field.encode_name] = os.path.normpath(base / given)
+        elif isinstance(value, dict):
+            _resolve_paths(value, field.type, base)
 
 
 def _decode_path(type_: type, value: Any) -> Any:

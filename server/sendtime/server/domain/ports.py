@@ -260,6 +260,11 @@ class SuppressionList(Protocol):
 
     async def is_suppressed(self, subjects: Sequence[str], group: str) -> bool: ...
 
+    async def unsuppress(self, subject: str, group: str, reason: str) -> bool:
+        """Lift a suppression given for ``reason`` (a resubscribe lifts an
+        unsubscribe, never a bounce); False when there was none."""
+        ...
+
 
 class ExitLog(Protocol):
     async def exit_since(self, profile_key: str, flow_id: str, entry_key: str, since: datetime) -> str | None:

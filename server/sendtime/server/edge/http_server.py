@@ -11,6 +11,8 @@
 - POST /v1/catalog/products: upsert products (admin scope).
 - GET and POST /v1/unsubscribe/{token}: RFC 8058 one-click unsubscribe (the
   POST mailbox providers make) and a confirmation page for people.
+- GET and POST /v1/preferences/{token}: the email preferences page (each
+  subscription group on or off), linked from every email.
 - POST /v1/feedback/sendgrid, /v1/feedback/postmark: ESP bounce and complaint
   webhooks into the suppression list.
 - GET /healthz (alive) and /readyz (serving).
@@ -55,13 +57,14 @@ from sendtime.server.domain.errors import (
 from sendtime.server.domain.events import MAX_EVENT_BYTES, EventKind, Identity, IncomingEvent
 from sendtime.server.domain.ingest import Ack, Ingestor, Outcome, Undecodable, utc_now
 from sendtime.server.domain.queries import ProfileQueries
-from sendtime.server.edge import segment
+from sendtime.server.edge import preferences_page, segment
 from sendtime.server.edge.http_errors import error_body, error_response
 from sendtime.server.edge.http_limits import ConnectionLimiter, IngestAdmission, read_body
 from sendtime.server.edge.http_observe import observe_middleware
 from sendtime.server.edge.status_page import StatusPage
 from sendtime.server.feedback import PostmarkFeedback, SendGridFeedback
 from sendtime.server.observe import Telemetry
+from sendtime.server.preferences import Preferences
 from sendtime.server.settings import HttpSettings, Scope, WebhookSource
 
 SIGNATURE_HEADER: Final = "Sendtime-Signature"
@@ -135,6 +138,7 @@ class _Routes:
     ready: Callable[[], bool]
     telemetry: Telemetry
     clock: Callable[[], datetime] = utc_now
+    preferences: Preferences | None = None
 
     async def single(self, request: web.Request) -> web.Response:
         route = request.match_info["kind"]
@@ -284,6 +288,34 @@ class _Routes:
         if one_click:
             return _json_response({"success": True})
         return _page(200, "You are unsubscribed", f"You will get no more {what.group} emails from us.")
+
+    async def preferences_page(self, request: web.Request) -> web.Response:
+        """The page every email links: the recipient's subscription groups,
+        each on or off. A GET changes nothing."""
+        return await self._preferences(request, None)
+
+    async def update_preferences(self, request: web.Request) -> web.Response:
+        """The page's form: turns groups on and off, durably, then shows them."""
+        return await self._preferences(request, await _read(request, preferences_page.MAX_FORM_BYTES))
+
+    async def _preferences(self, request: web.Request, form: bytes | None) -> web.Response:
+        if self.preferences is None:
+            raise NotFound("the preferences page is not set up")
+        token = request.match_info["token"]
+        as_json = preferences_page.wants_json(request)
+        try:
+            if form is None:
+                view = await self.preferences.show(token)
+            else:
+                view = await self.preferences.update(token, preferences_page.wanted_groups(form))
+        except SendtimeError as error:
+            if as_json:
+                raise
+            return _page(error_response(error).status, "This link does not work", error.message)
+        saved = form is not None
+        if as_json:
+            return _json_response(preferences_page.as_json(view, saved=saved))
+        return preferences_page.page(view, f"/v1/preferences/{token}", saved=saved)
 
     async def sendgrid_feedback(self, request: web.Request) -> web.Response:
         if self.sendgrid is None:
@@ -490,6 +522,7 @@ def build_http_edge(
     clock: Callable[[], datetime] = utc_now,
     status_page: StatusPage | None = None,
     ingest_backlogged: Callable[[], bool] = lambda: False,
+    preferences: Preferences | None = None,
 ) -> HttpEdge:
     routes = _Routes(
         ingestor,
@@ -505,6 +538,7 @@ def build_http_edge(
         ready,
         telemetry,
         clock,
+        preferences=preferences,
     )
     limiter = ConnectionLimiter(settings.max_connections)
     middlewares: list[Middleware] = [limiter.middleware, _errors]
@@ -541,6 +575,8 @@ def build_http_edge(
     app.router.add_post("/v1/catalog/products", routes.upsert_products)
     app.router.add_get("/v1/unsubscribe/{token}", routes.unsubscribe_page)
     app.router.add_post("/v1/unsubscribe/{token}", routes.unsubscribe)
+    app.router.add_get("/v1/preferences/{token}", routes.preferences_page)
+    app.router.add_post("/v1/preferences/{token}", routes.update_preferences)
     app.router.add_post("/v1/feedback/sendgrid", routes.sendgrid_feedback)
     app.router.add_post("/v1/feedback/postmark", routes.postmark_feedback)
     app.router.add_get("/healthz", routes.healthz)

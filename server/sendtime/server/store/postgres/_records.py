@@ -91,3 +91,13 @@ class PostgresSuppressions:
                 group,
             )
         return row is not None
+
+    async def unsuppress(self, subject: str, group: str, reason: str) -> bool:
+        async with self._pool.acquire() as conn:
+            status = await conn.execute(
+                "DELETE FROM suppressions WHERE subject = $1 AND grp = $2 AND reason = $3",
+                subject,
+                group,
+                reason,
+            )
+        return str(status).endswith(" 1")

@@ -110,6 +110,17 @@ class SqliteSuppressions:
     async def is_suppressed(self, subjects: Sequence[str], group: str) -> bool:
         return await self._db.read(select_suppressed, (list(subjects), group))
 
+    async def unsuppress(self, subject: str, group: str, reason: str) -> bool:
+        def lift(conn: sqlite3.Connection) -> bool:
+            return bool(
+                conn.execute(
+                    "DELETE FROM suppressions WHERE subject = ? AND grp = ? AND reason = ?",
+                    (subject, group, reason),
+                ).rowcount
+            )
+
+        return await self._db.submit(lift)
+
 
 class SqliteExits:
     def __init__(self, db: SqliteDatabase) -> None:
