@@ -1,5 +1,6 @@
-"""Servers under test, each in a process of its own: started, awaited until
-they print their ready line, and stopped with SIGTERM (graceful)."""
+"""Servers under test, each in a process of its own: started (on given cores
+with ``taskset`` when asked), awaited until they print their ready line, and
+stopped with SIGTERM (graceful)."""
 
 from __future__ import annotations
 
@@ -42,9 +43,12 @@ class ServerProcess:
         log_path: Path,
         env: Mapping[str, str] | None = None,
         start_timeout_s: float = 30.0,
+        cores: str | None = None,
     ) -> None:
         self.name = name
-        self._argv = list(argv)
+        #: taskset's core list the process (and what it starts) runs on; None: any
+        self.cores = cores
+        self._argv = ["taskset", "-c", cores, *argv] if cores is not None else list(argv)
         self._ready = ready
         self.log_path = log_path
         # the server is configured here only, not by SENDTIME_* settings of the caller's shell
@@ -138,7 +142,12 @@ def echo_server(log_dir: Path) -> ServerProcess:
 
 
 def sendtime_server(
-    data_dir: Path, log_dir: Path, overrides: Mapping[str, str] | None = None
+    data_dir: Path,
+    log_dir: Path,
+    overrides: Mapping[str, str] | None = None,
+    *,
+    cores: str | None = None,
+    start_timeout_s: float = 30.0,
 ) -> ServerProcess:
     """``sendtime serve`` as production runs it (uvloop, graceful SIGTERM), on free ports."""
     env = {
@@ -156,4 +165,6 @@ def sendtime_server(
         ready=_SENDTIME_READY,
         log_path=log_dir / "sendtime.log",
         env=env,
+        cores=cores,
+        start_timeout_s=start_timeout_s,
     )
