@@ -183,7 +183,9 @@ end
 
 def lua_string(text: str) -> str:
     """``text`` as a Lua string literal."""
-    return json.dumps(text)  # JSON string escapes are valid Lua escapes for this text
+    # JSON's escapes (\" \\ \n \t ...) are Lua's too; non-ASCII stays as UTF-8 bytes,
+    # since LuaJIT (wrk's Lua) has no \u escapes
+    return json.dumps(text, ensure_ascii=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -86,8 +86,7 @@ from typing import Any, Final
 import grpc
 import msgspec
 
-from benchmarks.harness import process_cpu_s
-from benchmarks.ingest import summarize_stacks
+from benchmarks.harness import process_cpu_s, summarize_stacks
 from benchmarks.load import machine_cpu
 from benchmarks.relay_load import RelayLoadResult, email_of
 from benchmarks.servers import REPO, ServerProcess, sendtime_server
