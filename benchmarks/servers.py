@@ -22,7 +22,6 @@ REPO: Final = Path(__file__).resolve().parent.parent
 _SENDTIME_READY: Final = re.compile(
     r"sendtime serving gRPC on (?P<grpc>\S+):(?P<grpc_port>\d+), HTTP on (?P<http>https?://\S+:\d+),"
 )
-_ECHO_READY: Final = re.compile(r"echo serving gRPC on (?P<grpc>\S+):(?P<grpc_port>\d+)")
 
 
 class ServerFailed(RuntimeError):
@@ -130,15 +129,6 @@ class ServerProcess:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-
-
-def echo_server(log_dir: Path) -> ServerProcess:
-    return ServerProcess(
-        "echo server",
-        [sys.executable, "-m", "benchmarks.echo_server", "--port", "0"],
-        ready=_ECHO_READY,
-        log_path=log_dir / "echo.log",
-    )
 
 
 def sendtime_server(
