@@ -5,7 +5,7 @@ data, in one invocation.
 The shape (GUIDE.md section 5): a send asks for each user's content once, so
 most calls are **first touches** (nothing cached for that user), and many ask
 for the **whole email**. The data: a 1,000-product catalog and --users
-shoppers (150,000 by default), each with a 3-line cart, 5 views and for about
+shoppers (100,000 by default), each with a 3-line cart, 5 views and for about
 a third an earlier order (benchmarks.content_workload), loaded through
 ``POST /v1/batch`` into sendtime and into the baseline alike; --warm-users
 more (1,000) for the warm runs. sendtime's profile cache is sized to hold them
@@ -773,7 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--warmup", type=float, default=None, help="gRPC runs' unmeasured seconds (default 1)"
     )
-    parser.add_argument("--users", type=int, default=None, help="first-touch shoppers (default 150,000)")
+    parser.add_argument("--users", type=int, default=None, help="first-touch shoppers (default 100,000)")
     parser.add_argument(
         "--warm-users", type=int, default=None, help="shoppers of the warm runs (default 1,000)"
     )
@@ -788,7 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    defaults = (1.0, 0.5, 10_000, 200) if args.quick else (6.0, 1.0, 150_000, 1000)
+    defaults = (1.0, 0.5, 10_000, 200) if args.quick else (6.0, 1.0, 100_000, 1000)
     for name, value in zip(("duration", "warmup", "users", "warm_users"), defaults, strict=True):
         if getattr(args, name) is None:
             setattr(args, name, value)

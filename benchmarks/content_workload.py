@@ -20,6 +20,7 @@ import asyncio
 import base64
 import json
 import random
+import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -194,7 +195,7 @@ def _chunks(items: Sequence[bytes], workers: int) -> Iterator[Sequence[bytes]]:
         yield items[k::workers]
 
 
-async def load_batches(base_url: str, bodies: Sequence[bytes], *, connections: int = 4) -> dict[str, int]:
+async def load_batches(base_url: str, bodies: Sequence[bytes], *, connections: int = 8) -> dict[str, int]:
     """POSTs every body to ``base_url``/v1/batch, ``connections`` at a time;
     returns how many requests were answered with each status."""
     basic = base64.b64encode(f"{API_KEY}:".encode()).decode()
@@ -203,12 +204,17 @@ async def load_batches(base_url: str, bodies: Sequence[bytes], *, connections: i
     url = f"{base_url.rstrip('/')}/v1/batch"
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+        done = 0
 
         async def post(chunk: Sequence[bytes]) -> None:
+            nonlocal done
             for body in chunk:
                 async with session.post(url, data=body) as response:
                     await response.read()
                     statuses[str(response.status)] = statuses.get(str(response.status), 0) + 1
+                done += 1
+                if done % max(1, len(bodies) // 10) == 0:
+                    print(f"bench: loaded {done:,} of {len(bodies):,} batches", file=sys.stderr, flush=True)
 
         await asyncio.gather(*(post(chunk) for chunk in _chunks(bodies, connections)))
     return statuses

@@ -23,6 +23,7 @@ import collections
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -85,6 +86,17 @@ def process_cpu_s(pid: int) -> float | None:
     """User + system CPU seconds of a process (all its threads), from /proc."""
     fields = _stat_fields(pid)
     return None if fields is None else (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def machine_cpu() -> tuple[float, float] | None:
+    """(busy, total) CPU ticks of the machine since boot, from /proc/stat."""
+    try:
+        with open("/proc/stat", "rb") as stat:
+            ticks = [int(v) for v in stat.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+    return float(sum(ticks) - idle), float(sum(ticks))
 
 
 def children(pid: int) -> list[int]:
@@ -212,6 +224,10 @@ class WrkResult:
     #: the server's CPU (its worker processes included) over the run
     server_cpu_pct: float | None
     server_cpu_us_per_request: float | None
+    #: wrk's own CPU, and the whole machine's (200 = both cores busy) over the
+    #: run: what is left of the machine's use was other work on this shared machine
+    load_cpu_pct: float | None
+    machine_busy_pct: float | None
     load_cores: str | None
     server_cores: str | None
 
@@ -258,7 +274,11 @@ def run_wrk(
     cpu = ServerCpu(server_pid) if server_pid else None
     if cpu:
         cpu.start()
+    machine_before, wrk_before = machine_cpu(), _children_cpu_s()
+    started = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    wall = time.perf_counter() - started
+    machine_after, wrk_after = machine_cpu(), _children_cpu_s()
     if cpu:
         cpu.stop()
     found = [line for line in done.stdout.splitlines() if line.startswith(_RESULT_MARK)]
@@ -268,11 +288,22 @@ def run_wrk(
         )
     raw = json.loads(found[-1].removeprefix(_RESULT_MARK))
     result = parse_wrk(label, url, connections, raw, cpu)
-    result = _with_cores(result, load_cores, server_cores)
+    machine_busy = None
+    if machine_before and machine_after and machine_after[1] > machine_before[1]:
+        share = (machine_after[0] - machine_before[0]) / (machine_after[1] - machine_before[1])
+        machine_busy = round(100 * share * (os.cpu_count() or 1), 1)
+    result = _with(
+        result,
+        load_cores=load_cores,
+        server_cores=server_cores,
+        load_cpu_pct=round(100 * (wrk_after - wrk_before) / wall, 1),
+        machine_busy_pct=machine_busy,
+    )
     progress(
         f"{label}: {result.rps:,.0f} req/s, p50 {result.p50_ms:,.1f} ms, p99 {result.p99_ms:,.1f} ms,"
         f" {result.requests - result.ok:,} errors {result.errors or ''}, server CPU"
-        f" {result.server_cpu_us_per_request} us/req ({result.server_cpu_pct}% of a core)"
+        f" {result.server_cpu_us_per_request} us/req ({result.server_cpu_pct}% of a core;"
+        f" wrk {result.load_cpu_pct}%, machine {result.machine_busy_pct}% (100 = one core))"
     )
     return result
 
@@ -314,15 +345,21 @@ def parse_wrk(
         wraps=int(raw["wraps"]),
         server_cpu_pct=cpu.pct() if cpu else None,
         server_cpu_us_per_request=cpu.us_per(ok) if cpu else None,
+        load_cpu_pct=None,
+        machine_busy_pct=None,
         load_cores=None,
         server_cores=None,
     )
 
 
-def _with_cores(result: WrkResult, load: str | None, server: str | None) -> WrkResult:
-    fields = asdict(result)
-    fields.update(load_cores=load, server_cores=server)
-    return WrkResult(**fields)
+def _with(result: WrkResult, **changes: Any) -> WrkResult:
+    return WrkResult(**{**asdict(result), **changes})
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds of this process's children that have been waited for (wrk)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # -- the server's own counters ------------------------------------------------------------

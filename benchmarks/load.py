@@ -34,7 +34,7 @@ import grpc.aio
 import msgspec
 import uvloop
 
-from benchmarks.harness import process_cpu_s
+from benchmarks.harness import machine_cpu, process_cpu_s
 from benchmarks.workload import (
     EventSpec,
     Requests,
@@ -193,18 +193,7 @@ class Window:
         self._freed.set()
 
 
-# -- CPU accounting (process_cpu_s: benchmarks.harness) ------------------------
-
-
-def machine_cpu() -> tuple[float, float] | None:
-    """(busy, total) CPU ticks of the machine since boot, from /proc/stat."""
-    try:
-        with open("/proc/stat", "rb") as stat:
-            ticks = [int(v) for v in stat.readline().split()[1:]]
-    except OSError:
-        return None
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
-    return float(sum(ticks) - idle), float(sum(ticks))
+# -- CPU accounting (process_cpu_s, machine_cpu: benchmarks.harness) -------------
 
 
 class CpuWindow:

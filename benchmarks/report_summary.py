@@ -420,13 +420,15 @@ def _machine_line(results: Mapping[str, Mapping[str, Any]], meta: Mapping[str, A
 
 def _other_work(name: str, r: Mapping[str, Any]) -> str:
     """What the benchmark itself saw of the machine's load, where it records it."""
-    if name == "ingest" and r.get("server_cpu_pct") is not None:
-        return f"sendtime {r['server_cpu_pct']:g}% of its core, /v1/batch run"
-    if name == "content":
-        warm = ((r.get("runs") or {}).get("grpc") or {}).get("grpc_warm") or {}
-        busy = warm.get("machine_busy_pct")
-        if busy is not None:
-            return f"machine busy {busy:g}% of one core, gRPC warm run"
+    if name in ("ingest", "content"):
+        key = "sendtime_http_wrk" if name == "ingest" else "http_first_touch"
+        runs = r.get("runs") or {}
+        run = (runs if name == "ingest" else runs.get("wrk") or {}).get(key) or {}
+        if run.get("machine_busy_pct") is not None:
+            return (
+                f"machine {run['machine_busy_pct']:g}% of one core (sendtime {run.get('server_cpu_pct')}%,"
+                f" wrk {run.get('load_cpu_pct')}%), {key.replace('_', ' ')} run"
+            )
     if name == "relay":
         cpu = (r.get("main") or {}).get("cpu_pct_of_one_core") or {}
         if cpu.get("others") is not None:
