@@ -155,7 +155,9 @@ class ServerCpu:
 
 #: The last function of every wrk script: one JSON line with what the run did.
 #: ``late_pct`` is the share of answers slower than ``deadline_us`` (a global
-#: the script sets; 0 for none), found by bisecting wrk's percentiles.
+#: the script sets; 0 for none), found by bisecting wrk's percentiles;
+#: ``statuses`` counts answers by HTTP status where the script keeps a global
+#: table ``statuses`` (COUNT_STATUSES; it makes wrk hand each answer to Lua).
 WRK_DONE: Final = r"""
 local threads = {}
 function setup(thread)
@@ -174,21 +176,37 @@ local function late_share(latency, limit)
 end
 
 function done(summary, latency, requests)
-  local used, wraps = 0, 0
+  local used, wraps, by_status = 0, 0, {}
   for _, thread in ipairs(threads) do
     used = used + (thread:get("used") or 0)
     wraps = wraps + (thread:get("wraps") or 0)
+    for status, n in pairs(thread:get("statuses") or {}) do
+      by_status[status] = (by_status[status] or 0) + n
+    end
+  end
+  local counted = {}
+  for status, n in pairs(by_status) do
+    table.insert(counted, string.format('"%d": %d', status, n))
   end
   local e = summary.errors
   io.write(string.format(
     'wrk-result {"requests": %d, "duration_us": %d, "bytes": %d,'
     .. ' "p50_us": %d, "p90_us": %d, "p99_us": %d, "max_us": %d, "mean_us": %.1f,'
     .. ' "connect_errors": %d, "read_errors": %d, "write_errors": %d, "status_errors": %d,'
-    .. ' "timeouts": %d, "late_pct": %.4f, "used": %d, "wraps": %d}\n',
+    .. ' "timeouts": %d, "late_pct": %.4f, "used": %d, "wraps": %d, "statuses": {%s}}\n',
     summary.requests, summary.duration, summary.bytes,
     latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max, latency.mean,
     e.connect, e.read, e.write, e.status, e.timeout,
-    late_share(latency, deadline_us or 0), used, wraps))
+    late_share(latency, deadline_us or 0), used, wraps, table.concat(counted, ", ")))
+end
+"""
+
+
+#: A response() that counts answers by status, for scripts that want ``statuses``.
+COUNT_STATUSES: Final = r"""
+statuses = {}
+function response(status, headers, body)
+  statuses[status] = (statuses[status] or 0) + 1
 end
 """
 
@@ -216,6 +234,8 @@ class WrkResult:
     max_ms: float
     mean_response_bytes: float | None
     errors: dict[str, int]
+    #: answers by HTTP status, where the script counted them (COUNT_STATUSES)
+    statuses: dict[str, int]
     #: answers slower than the deadline the script was given (estimated from percentiles)
     late_pct: float
     #: distinct users (or bodies) the script took, and how often it ran out and began again
@@ -340,6 +360,7 @@ def parse_wrk(
         max_ms=round(raw["max_us"] / 1000, 2),
         mean_response_bytes=round(raw["bytes"] / requests, 1) if requests else None,
         errors=errors,
+        statuses={str(k): int(v) for k, v in raw.get("statuses", {}).items()},
         late_pct=round(float(raw["late_pct"]), 3),
         used=int(raw["used"]),
         wraps=int(raw["wraps"]),

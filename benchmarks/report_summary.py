@@ -267,8 +267,9 @@ def content_rows(r: Mapping[str, Any]) -> list[Row]:
             None,
         ),
         (
-            f"overload: emails offered at {_n(overload.get('offered_rps'))}/s, answered/s, p99",
-            f"{_n(overload.get('answered_rps'))}, {_ms(overload.get('p99_ms'))}",
+            f"overload: emails offered at {_n(overload.get('offered_rps'))}/s: answered/s, refused (429), p99",
+            f"{_n(overload.get('answered_rps'))}, {_n(overload.get('refused_429'))},"
+            f" {_ms(overload.get('p99_ms'))}",
             "",
             "",
             None,

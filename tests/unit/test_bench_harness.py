@@ -53,12 +53,14 @@ def test_wrk_result_line_parses_into_rates_and_errors() -> None:
         "late_pct": 0.5,
         "used": 1064,
         "wraps": 0,
+        "statuses": {"200": 900, "429": 100},
     }
     result = parse_wrk("run", "http://127.0.0.1:1", 64, json.loads(json.dumps(raw)), None)
     # answers with an error status are not counted as served
     assert (result.ok, result.rps) == (900, 450.0)
     assert (result.p50_ms, result.p99_ms, result.max_ms) == (1.5, 9.0, 12.0)
     assert result.errors == {"status": 100, "timeout": 2}
+    assert result.statuses == {"200": 900, "429": 100}
     assert result.mean_response_bytes == 50.0
     assert (result.used, result.wraps) == (1064, 0)
 
