@@ -329,8 +329,16 @@ def content_headline(r: Mapping[str, Any]) -> str:
     return (
         f"first touch {_n(r['http_first_touch_rps'])}/s ({_n(vs.get('first_touch'), '{:.2f}')} {TIMES} plain),"
         f" email {_n(r['http_email_rps'])}/s ({_n(vs.get('email'), '{:.2f}')} {TIMES} plain),"
-        f" warm {_n(r['http_warm_rps'])}/s; {r['late_answers']} late under overload"
+        f" warm {_n(r['http_warm_rps'])}/s; " + _late_headline(r)
     )
+
+
+def _late_headline(r: Mapping[str, Any]) -> str:
+    overload = r.get("overload") or {}
+    if (r.get("server_counters_exposed") or {}).get(LATE_COUNTER):
+        return f"{r['late_answers']} late under overload"
+    slow = _n(overload.get("slower_than_deadline_at_client_pct"), "{:.1f}")
+    return f"no late-answer counter; under overload {slow}% slower than {_n(r.get('deadline_ms'), '{:g}')} ms at wrk"
 
 
 def relay_rows(r: Mapping[str, Any]) -> list[Row]:
