@@ -212,7 +212,7 @@ def ingest_latency(result: Mapping[str, Any], path: Path) -> None:
         fontsize=11,
     )
     # below the axes: no curve runs under it, whatever the figures
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, fontsize=9)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=1, fontsize=9)
     _save(fig, path)
 
 
