@@ -571,9 +571,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # a whole email refused with 429 (it could not be made in time) is the
         # server shedding, counted in refused_429; anything else is an error
         "no_http_errors": all(_only_refusals(r) for r in all_wrk.values()),
-        # DEADLINE_EXCEEDED is the server's own failure to answer in time: counted
-        # in grpc_deadline_misses, not an error of the benchmark's
-        "no_grpc_errors": not any(set(r.errors_by_code) - {"DEADLINE_EXCEEDED"} for r in all_grpc.values()),
+        # DEADLINE_EXCEEDED is the server's own failure to answer in time (counted
+        # in grpc_deadline_misses), RESOURCE_EXHAUSTED its refusal of an email it
+        # cannot make in time (grpc_refused): neither is the benchmark's error
+        "no_grpc_errors": not any(
+            set(r.errors_by_code) - {"DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"} for r in all_grpc.values()
+        ),
         "first_touch_no_user_asked_twice": all(r.wraps == 0 for r in fresh_wrk)
         and all(r.user_wraps == 0 for r in fresh_grpc),
         "grpc_warm_blocks_cached": _count(
@@ -629,6 +632,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "http_slower_than_deadline_pct": {name: r.late_pct for name, r in all_wrk.items()},
         "http_refused_429": {name: r.statuses.get("429", 0) for name, r in all_wrk.items()},
         "grpc_deadline_misses": {name: r.deadline_misses for name, r in all_grpc.items()},
+        "grpc_refused": {name: r.errors_by_code.get("RESOURCE_EXHAUSTED", 0) for name, r in all_grpc.items()},
         # CPU per call of the server (render workers included), pinned runs
         "server_cpu_us_per_call": {
             **{f"http_{k}": v.server_cpu_us_per_request for k, v in http_runs.items()},
