@@ -157,7 +157,7 @@ class ServerCpu:
 #: ``late_pct`` is the share of answers slower than ``deadline_us`` (a global
 #: the script sets; 0 for none), found by bisecting wrk's percentiles;
 #: ``statuses`` counts answers by HTTP status where the script keeps a global
-#: table ``statuses`` (COUNT_STATUSES; it makes wrk hand each answer to Lua).
+#: table ``statuses`` (filled by its response(), which makes wrk hand each answer to Lua).
 WRK_DONE: Final = r"""
 local threads = {}
 function setup(thread)
@@ -202,15 +202,6 @@ end
 """
 
 
-#: A response() that counts answers by status, for scripts that want ``statuses``.
-COUNT_STATUSES: Final = r"""
-statuses = {}
-function response(status, headers, body)
-  statuses[status] = (statuses[status] or 0) + 1
-end
-"""
-
-
 def lua_string(text: str) -> str:
     """``text`` as a Lua string literal."""
     # JSON's escapes (\" \\ \n \t ...) are Lua's too; non-ASCII stays as UTF-8 bytes,
@@ -234,7 +225,7 @@ class WrkResult:
     max_ms: float
     mean_response_bytes: float | None
     errors: dict[str, int]
-    #: answers by HTTP status, where the script counted them (COUNT_STATUSES)
+    #: answers by HTTP status, where the script counted them
     statuses: dict[str, int]
     #: answers slower than the deadline the script was given (estimated from percentiles)
     late_pct: float

@@ -66,15 +66,20 @@ def test_wrk_result_line_parses_into_rates_and_errors() -> None:
 
 
 def test_first_touch_users_are_handed_out_once() -> None:
-    users = Users(1000)
-    first = users.next
+    users = Users(5000)
+    assert users.take() == (0, 5000)
     users.took(300)
-    assert (first, users.next, users.left) == (0, 300, 700)
-    script = content_script(users.next, users.left, "?blocks=cart")
+    first, left = users.take()
+    assert (first, left, users.exhausted) == (300, 4700, False)
+    script = content_script(first, left, "?blocks=cart")
     # the script starts where the last run stopped, over the users left, and
     # ends with the shared done() that reports how many it took
-    assert "local first, count, n = 300, 700, 0" in script
+    assert "local first, count, n = 300, 4700, 0" in script
     assert script.endswith(WRK_DONE)
+    # run out: the next run starts over, and says so
+    users.took(4200)
+    assert users.take() == (0, 5000)
+    assert users.exhausted
 
 
 def test_lua_strings_keep_quotes_and_non_ascii_as_they_are() -> None:
