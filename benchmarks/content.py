@@ -32,6 +32,10 @@ request its own user; benchmarks.harness):
   ``server_counters_exposed`` says which it did). wrk's share of answers slower
   than the deadline is reported beside them.
 No deadline header is sent: the server's default budget (300 ms) applies.
+A whole email refused with 429 (the server could not make it in time) is
+counted (``http_refused_429``), not served, and its connection waits the
+answer's Retry-After before its next call, as an ESP's sender would (not in the
+overload run, whose offered rate is the point).
 
 gRPC, with the project's generator (benchmarks.content_load, grpc.aio on core
 1): warm GetContent, first-touch GetContent and first-touch RenderEmail,
