@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all run demo test lint gen check-gen bench soak install clean audit
+.PHONY: all run demo test lint gen check-gen bench wrk soak install clean audit
 
 all: lint test
 
@@ -48,8 +48,15 @@ gen: $(STAMP)
 	$(BIN)/buf lint
 
 # Every benchmark, then benchmarks/report/: JSON results, PNG plots, README.md (several minutes).
-bench: $(STAMP)
+# The ingest and content benchmarks drive the servers with Debian's wrk: installed here when
+# missing and run as root with apt-get, else they stop saying how to install it.
+bench: $(STAMP) wrk
 	$(BIN)/python -m benchmarks.report --run
+
+wrk:
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null); } \
+		|| echo "wrk is missing: apt-get install wrk (Debian) before make bench"
 
 # Ten minutes of mixed traffic with a kill -9 in the middle, then an audit (benchmarks/report/soak.*).
 soak: $(STAMP)
