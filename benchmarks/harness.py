@@ -110,6 +110,18 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def rss_mib(pid: int) -> float:
+    """The resident memory of ``pid`` and its child processes (render
+    workers), in MiB; 0 when it is gone."""
+    total_kib = 0
+    for each in (pid, *children(pid)):
+        with suppress(OSError):
+            for line in Path(f"/proc/{each}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total_kib += int(line.split()[1])
+    return total_kib / 1024
+
+
 def children_cpu_s(pid: int) -> dict[int, float]:
     """CPU seconds of each child process of ``pid`` (the server's render workers)."""
     return {child: cpu for child in children(pid) if (cpu := process_cpu_s(child)) is not None}
