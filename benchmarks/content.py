@@ -112,6 +112,7 @@ from benchmarks.harness import (
     set_affinity,
     version,
     work_dir,
+    wrk_answers,
 )
 from benchmarks.servers import REPO, ServerProcess, sendtime_server
 
@@ -200,13 +201,10 @@ def content_script(
     cost the server little would come back at once, thousands a second, and
     use up the users. With ``pace_ms``, each connection also pauses a random
     lo..hi ms before each request (the overload run)."""
-    pacing = f"math.random({pace_ms[0]}, {pace_ms[1]})" if pace_ms is not None else "0"
     return f"""deadline_us = {round(DEFAULT_DEADLINE_MS * 1000)}
-used, wraps, statuses = 0, 0, {{}}
+used, wraps = 0, 0
 local first, count, n = {first}, {count}, 0
 local query = {lua_string(query)}
-local back_off = {"true" if back_off else "false"}
-local pauses = {{}}
 wrk.headers["Authorization"] = "Bearer dev-key"
 
 function request()
@@ -219,23 +217,7 @@ function request()
   used = used + 1
   return wrk.format("GET", path)
 end
-
-function response(status, headers, body)
-  statuses[status] = (statuses[status] or 0) + 1
-  if back_off and (status == 429 or status == 503) then
-    local after = tonumber(headers["Retry-After"] or headers["retry-after"] or "1") or 1
-    table.insert(pauses, math.floor(after * 1000))
-  end
-end
-
-function delay()
-  local pause = {pacing}
-  if #pauses > 0 then
-    pause = pause + table.remove(pauses, 1)
-  end
-  return pause
-end
-{WRK_DONE}"""
+{wrk_answers(pace_ms, back_off=back_off)}{WRK_DONE}"""
 
 
 # -- runs -------------------------------------------------------------------------

@@ -214,6 +214,37 @@ end
 """
 
 
+def wrk_answers(pace_ms: tuple[int, int] | None = None, *, back_off: bool = True) -> str:
+    """Lua for a script that counts its answers by status (``statuses``, which
+    WRK_DONE reports). With ``back_off``, a connection whose call was refused
+    (429, or 503) waits the answer's Retry-After (1 s without one) before its
+    next call, as an ESP's sender does: without it, refusals that cost the
+    server little would come back at once, thousands a second. With
+    ``pace_ms``, each connection also pauses a random lo..hi ms before each
+    request, so many connections offer about a fixed rate (the overload runs)."""
+    pacing = f"math.random({pace_ms[0]}, {pace_ms[1]})" if pace_ms is not None else "0"
+    return f"""statuses = {{}}
+local back_off = {"true" if back_off else "false"}
+local pauses = {{}}
+
+function response(status, headers, body)
+  statuses[status] = (statuses[status] or 0) + 1
+  if back_off and (status == 429 or status == 503) then
+    local after = tonumber(headers["Retry-After"] or headers["retry-after"] or "1") or 1
+    table.insert(pauses, math.floor(after * 1000))
+  end
+end
+
+function delay()
+  local pause = {pacing}
+  if #pauses > 0 then
+    pause = pause + table.remove(pauses, 1)
+  end
+  return pause
+end
+"""
+
+
 def lua_string(text: str) -> str:
     """``text`` as a Lua string literal."""
     # JSON's escapes (\" \\ \n \t ...) are Lua's too; non-ASCII stays as UTF-8 bytes,

@@ -58,7 +58,6 @@ from typing import Any, Final
 from benchmarks.content import content_query, content_script
 from benchmarks.content_workload import TEMPLATE, batch_bodies, load_batches, make_catalog, write_catalog
 from benchmarks.harness import (
-    COUNT_STATUSES,
     LOAD_CORES,
     SERVER_CORES,
     WRK_DONE,
@@ -71,6 +70,7 @@ from benchmarks.harness import (
     rss_mib,
     run_wrk,
     work_dir,
+    wrk_answers,
 )
 from benchmarks.ingest import EVENTS_PER_BATCH, batch_script, count_rows
 from benchmarks.servers import sendtime_server
@@ -146,21 +146,21 @@ class Watch:
                 thread.join()
 
 
-def paced(pace_ms: tuple[int, int]) -> str:
-    """Put before a script: each connection pauses a random lo..hi ms before
-    each request, so many connections offer about a fixed rate."""
-    return f"function delay()\n  return math.random({pace_ms[0]}, {pace_ms[1]})\nend\n"
+Pace = tuple[int, int] | None
 
 
-def status_page_script() -> str:
+def status_page_script(pace_ms: Pace) -> str:
     return f"""\
 deadline_us = {round(BUDGET_MS["status_page"] * 1000)}
 wrk.headers["Authorization"] = "Bearer dev-key"
-{WRK_DONE}"""
+{wrk_answers(pace_ms)}{WRK_DONE}"""
 
 
-def with_budget(script: str, door: str) -> str:
-    return f"deadline_us = {round(BUDGET_MS[door] * 1000)}\n{script}"
+def ingest_script(args: argparse.Namespace, pace_ms: Pace) -> str:
+    """benchmarks.ingest's batches (message ids never sent before, each time
+    it is made), answers counted, paced when asked."""
+    budget = f"deadline_us = {round(BUDGET_MS['ingest'] * 1000)}\n"
+    return budget + wrk_answers(pace_ms) + batch_script(args.templates, args.users)
 
 
 class Users:
@@ -170,9 +170,9 @@ class Users:
         self.count = count
         self.next = 0
 
-    def script(self, door: str) -> str:
+    def script(self, door: str, pace_ms: Pace) -> str:
         query = content_query(TEMPLATE if door == "email" else None)
-        return content_script(self.next, max(1, self.count - self.next), query)
+        return content_script(self.next, max(1, self.count - self.next), query, pace_ms=pace_ms)
 
     def took(self, run: WrkResult) -> None:
         self.next += run.used
@@ -180,7 +180,7 @@ class Users:
 
 def overload_door(
     name: str,
-    script: Callable[[], str],
+    script: Callable[[Pace], str],
     *,
     base_url: str,
     pid: int,
@@ -188,13 +188,15 @@ def overload_door(
     tmp: Path,
     users: Users | None = None,
 ) -> Door:
-    """``script()`` makes each run's wrk script (fresh message ids or users every time)."""
+    """``script(pace)`` makes each run's wrk script (fresh message ids or users
+    every time), counting answers by status and backing off on a refusal's
+    Retry-After as an ESP's sender does; paced for the overload run."""
 
     def wrk(label: str, body: str, connections: int) -> WrkResult:
         return run_wrk(
             label,
             base_url,
-            COUNT_STATUSES + body,
+            body,
             work_dir=tmp,
             duration_s=args.duration,
             connections=connections,
@@ -202,7 +204,7 @@ def overload_door(
             timeout_s=10.0,
         )
 
-    saturate = wrk(f"{name}-saturate", script(), SATURATING_CONNECTIONS)
+    saturate = wrk(f"{name}-saturate", script(None), SATURATING_CONNECTIONS)
     if users:
         users.took(saturate)
     offered = max(2.0 * saturate.rps, 20.0)
@@ -217,7 +219,7 @@ def overload_door(
     watch = Watch(pid, base_url)
     before = prometheus_counters(base_url, (LATE_COUNTER,))
     with watch.running():
-        overload = wrk(f"{name}-overload", paced(pace) + script(), connections)
+        overload = wrk(f"{name}-overload", script(pace), connections)
     after = prometheus_counters(base_url, (LATE_COUNTER,))
     if users:
         users.took(overload)
@@ -277,11 +279,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if set(statuses) != {"200"}:
                 raise SystemExit(f"loading the shoppers failed: {statuses}")
             users = Users(args.users)
-            scripts: dict[str, Callable[[], str]] = {
-                # each run's bodies carry message ids never sent before
-                "ingest": lambda: with_budget(batch_script(args.templates, args.users), "ingest"),
-                "content": lambda: users.script("content"),
-                "email": lambda: users.script("email"),
+            scripts: dict[str, Callable[[Pace], str]] = {
+                "ingest": lambda pace: ingest_script(args, pace),
+                "content": lambda pace: users.script("content", pace),
+                "email": lambda pace: users.script("email", pace),
                 "status_page": status_page_script,
             }
             doors = {

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import json
 import random
@@ -52,6 +51,7 @@ from typing import Any, Final
 
 from aiosmtpd.controller import Controller
 
+from benchmarks.harness import rss_mib
 from benchmarks.servers import ServerProcess, sendtime_server
 from sendtime.client import AsyncClient, DeliveryStatus, Outcome, SendtimeError, identify_event, track_event
 from sendtime.v1 import event_pb2
@@ -270,21 +270,6 @@ class Load:
 
 
 # -- memory ---------------------------------------------------------------------
-
-
-def rss_mib(pid: int) -> float:
-    """The RSS of ``pid`` and its children (the render workers), in MiB."""
-    total_kib = 0
-    pids = [pid]
-    while pids:
-        current = pids.pop()
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total_kib += int(line.split()[1])
-            for task in Path(f"/proc/{current}/task").iterdir():
-                pids.extend(int(child) for child in (task / "children").read_text().split())
-    return total_kib / 1024
 
 
 async def sample_rss(server: list[ServerProcess], tally: Tally, until: float) -> None:
