@@ -391,8 +391,7 @@ class ContentPipeline:
     # -- one block ------------------------------------------------------------
 
     def _cache_key(self, request: _Request, name: str) -> str:
-        context = request.context
-        return f"{name}|{request.identity.key}|{context.campaign}|{context.cart_id}"
+        return request.cache_key(name)
 
     def _cached_block(self, request: _Request, name: str) -> Block | None:
         if not self._policy.cache_results or name not in _BUILT_IN:
@@ -468,7 +467,7 @@ class ContentPipeline:
         if not self._policy.cache_results:
             return await self._uncached(request, name, fetch)
         fetched = await self._cache.get_or_fetch(
-            f"upstream|{name}|{url}",
+            f"upstream|{len(name)}:{name}|{url}",  # unlike any block key, which starts with a digit
             fetch,
             ttl=upstream.ttl_s,
             stale_ttl=upstream.stale_ttl_s,
@@ -528,9 +527,19 @@ class _Request:
         self.context = context
         self.deadline = deadline
         self._profile: asyncio.Future[ProfileView | None] | None = None
+        self._key_prefix: str | None = None
 
     def remaining(self) -> float:
         return self.deadline - self.pipeline._clock()
+
+    def cache_key(self, name: str) -> str:
+        """The block's cache key for this user and context. Every part but the
+        last is length-prefixed, so no user id, campaign or cart id (which may
+        hold any character, the separator too) can spell another call's key."""
+        if self._key_prefix is None:
+            key, campaign = self.identity.key, self.context.campaign
+            self._key_prefix = f"{len(key)}:{key}|{len(campaign)}:{campaign}|{self.context.cart_id}"
+        return f"{len(name)}:{name}|{self._key_prefix}"
 
     async def profile(self) -> ProfileView | None:
         if self._profile is None:
