@@ -130,6 +130,20 @@ class BlockCache(Protocol):
 
     def invalidate_tag(self, tag: str) -> int: ...
 
+    def fill_now(
+        self,
+        key: str,
+        compute: Callable[[], Any],
+        *,
+        ttl: float,
+        stale_ttl: float,
+        tags: Sequence[str],
+        negative_ttl: float,
+    ) -> Fetched | None:
+        """Compute and store a value that needs no I/O, with no task; None when
+        a fetch for the key is under way or failed lately (then get_or_fetch)."""
+        ...
+
 
 class RenderedEmail(Protocol):
     @property
@@ -373,12 +387,19 @@ class ContentPipeline:
                 # Fresh cached built-in blocks are answered here, with no task
                 # each: the warm path is mostly cache hits.
                 ready = [self._cached_block(request, name) for name in names]
+                if self._tracer is None and request.profile_in_memory():
+                    # First touch of a user whose profile is in memory: the
+                    # built-in blocks are computed here, with no task each.
+                    ready = [
+                        block if block is not None else self._computed_now(request, name)
+                        for name, block in zip(names, ready, strict=True)
+                    ]
                 fetches: list[Awaitable[Block | None]] = [
                     self._block(request, name)
                     for name, block in zip(names, ready, strict=True)
                     if block is None
                 ]
-                if with_user:
+                if with_user and not request.profile_in_memory():
                     fetches.append(request.user_in_time())
                 fetched = iter(await asyncio.gather(*fetches)) if fetches else iter(())
                 blocks = [block if block is not None else _not_none(next(fetched)) for block in ready]
@@ -401,6 +422,29 @@ class ContentPipeline:
             return None  # a miss or a stale entry: get_or_fetch decides
         value, age, _fresh = found
         return Block(name, value, Source.CACHED, None, age) if value is not None else _missing(name)
+
+    def _computed_now(self, request: _Request, name: str) -> Block | None:
+        """A built-in block computed in place from the profile in memory; None
+        for any other block, or when the cache wants a fetch to decide."""
+        compute = _BUILT_IN.get(name)
+        if compute is None or name in self._upstreams:
+            return None
+        profile = request.profile_now()
+        if not self._policy.cache_results:
+            try:
+                data = compute(self, profile, request)
+            except Exception as error:  # a block's failure is the block's, never the call's
+                return Block(name, None, Source.FALLBACK, Reason.UPSTREAM_ERROR, detail=str(error))
+            return Block(name, data, Source.FRESH) if data is not None else _missing(name)
+        fetched = self._cache.fill_now(
+            self._cache_key(request, name),
+            lambda: compute(self, profile, request),
+            ttl=self._policy.block_ttl_s,
+            stale_ttl=self._policy.block_stale_ttl_s,
+            tags=(request.identity.key, "catalog"),
+            negative_ttl=self._policy.negative_ttl_s,
+        )
+        return _from_fetched(name, fetched) if fetched is not None else None
 
     def _without_fetching(self, request: _Request, name: str, reason: Reason) -> Block:
         found = self._cache.lookup_stale_ok(self._cache_key(request, name))
@@ -541,9 +585,29 @@ class _Request:
             self._key_prefix = f"{len(key)}:{key}|{len(campaign)}:{campaign}|{self.context.cart_id}"
         return f"{len(name)}:{name}|{self._key_prefix}"
 
-    async def profile(self) -> ProfileView | None:
+    def profile_in_memory(self) -> bool:
+        """True when the profile has been read, or is in memory (then it is
+        read now, with no task and no store hop)."""
         if self._profile is None:
+            stored = self.pipeline._profiles.in_memory(self.identity.key)
+            if stored is None:
+                return False
+            self._profile = asyncio.get_running_loop().create_future()
+            self._profile.set_result(view(stored))
+            return True
+        return self._profile.done() and not self._profile.cancelled() and self._profile.exception() is None
+
+    def profile_now(self) -> ProfileView | None:
+        """The profile read already (profile_in_memory() said True)."""
+        assert self._profile is not None
+        return self._profile.result()
+
+    async def profile(self) -> ProfileView | None:
+        if self._profile is None and not self.profile_in_memory():
             self._profile = asyncio.ensure_future(self._load_profile())
+        assert self._profile is not None
+        if self._profile.done():
+            return self._profile.result()
         return await asyncio.shield(self._profile)
 
     async def user_in_time(self) -> None:

@@ -12,6 +12,8 @@ products kept.
 
 from __future__ import annotations
 
+import bisect
+import heapq
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -40,6 +42,9 @@ class Recommender:
         self._viewed_with: dict[str, dict[str, float]] = {}
         self._bought_with: dict[str, dict[str, float]] = {}
         self._popularity: dict[str, float] = {}
+        #: The popular products ranked as recommend() walks them, most popular
+        #: first (ties by id), kept in order as popularity changes: (-score, id).
+        self._popular_ranked: list[tuple[float, str]] = []
         self._recent_views: OrderedDict[str, list[str]] = OrderedDict()
 
     # -- learning ---------------------------------------------------------------
@@ -77,10 +82,20 @@ class Recommender:
                 graph[x] = dict(keep)
 
     def _bump(self, product_id: str, weight: float) -> None:
-        self._popularity[product_id] = self._popularity.get(product_id, 0.0) + weight
+        old = self._popularity.get(product_id)
+        new = (old or 0.0) + weight
+        self._popularity[product_id] = new
         if len(self._popularity) > 2 * self._max_popular:
+            # Rare: the same cut as ever (by score, ties in the order learned), then ranked afresh.
             keep = sorted(self._popularity.items(), key=lambda kv: kv[1], reverse=True)[: self._max_popular]
             self._popularity = dict(keep)
+            self._popular_ranked = sorted((-score, p) for p, score in keep)
+            return
+        # One product moves up the ranking: two binary searches, no sort.
+        ranked = self._popular_ranked
+        if old is not None:
+            del ranked[bisect.bisect_left(ranked, (-old, product_id))]
+        bisect.insort(ranked, (-new, product_id))
 
     # -- recommending -----------------------------------------------------------
 
@@ -94,33 +109,54 @@ class Recommender:
     ) -> Recommendation:
         """Up to ``size`` products for a shopper whose interest is ``seeds``
         (cart, views, purchases; most telling first), never one in ``exclude``
-        or one ``available`` says no to (out of stock, unknown)."""
-        excluded = set(exclude)
+        or one ``available`` says no to (out of stock, unknown).
+
+        The work is bounded by the seeds' neighbour lists (each at most twice
+        max_neighbours long), never by the catalog or the number of shoppers:
+        candidates are scored in one pass, then taken best first from a heap
+        until ``size`` are available (only those are checked), then the
+        popular ones in their kept ranking, again only until ``size``."""
+        excluded = exclude if isinstance(exclude, set | frozenset) else set(exclude)
         scores: dict[str, float] = {}
-        drivers: dict[str, str] = {}
+        bought_together: set[str] = set()
+        bought_with, viewed_with = self._bought_with, self._viewed_with
         for rank, seed in enumerate(dict.fromkeys(seeds)):
             damping = 1.0 / (1 + rank * 0.25)  # earlier seeds say more
-            for graph, label in (
-                (self._bought_with, "bought_together"),
-                (self._viewed_with, "viewed_together"),
-            ):
-                for candidate, weight in graph.get(seed, {}).items():
-                    if candidate in excluded:
-                        continue
-                    score = weight * damping
-                    scores[candidate] = scores.get(candidate, 0.0) + score
-                    if label == "bought_together":
-                        drivers[candidate] = label  # the stronger signal names the strategy
-                    else:
-                        drivers.setdefault(candidate, label)
-        ranked = sorted(scores, key=lambda p: (-scores[p], p))
-        picks = [p for p in ranked if available is None or available(p)][:size]
-        strategy = drivers[picks[0]] if picks else "popular"
+            # Bought-with before viewed-with, per seed: a candidate's score adds
+            # up in that order (float sums depend on it).
+            neighbours = bought_with.get(seed)
+            if neighbours:
+                for candidate, weight in neighbours.items():
+                    if candidate not in excluded:
+                        scores[candidate] = scores.get(candidate, 0.0) + weight * damping
+                        bought_together.add(candidate)  # the stronger signal names the strategy
+            neighbours = viewed_with.get(seed)
+            if neighbours:
+                for candidate, weight in neighbours.items():
+                    if candidate not in excluded:
+                        scores[candidate] = scores.get(candidate, 0.0) + weight * damping
+        picks: list[str] = []
+        if scores:
+            # Best first, ties by id: a heap, popped only as far as needed.
+            heap = [(-score, candidate) for candidate, score in scores.items()]
+            heapq.heapify(heap)
+            while heap and len(picks) < size:
+                candidate = heapq.heappop(heap)[1]
+                if available is None or available(candidate):
+                    picks.append(candidate)
+        if not picks:
+            strategy = "popular"
+        else:
+            strategy = "bought_together" if picks[0] in bought_together else "viewed_together"
         if len(picks) < size:
-            chosen = set(picks) | excluded
-            for product_id, _ in sorted(self._popularity.items(), key=lambda kv: (-kv[1], kv[0])):
+            chosen = set(picks)
+            for _, product_id in self._popular_ranked:
                 if len(picks) >= size:
                     break
-                if product_id not in chosen and (available is None or available(product_id)):
+                if (
+                    product_id not in chosen
+                    and product_id not in excluded
+                    and (available is None or available(product_id))
+                ):
                     picks.append(product_id)
         return Recommendation(product_ids=picks, strategy=strategy)
