@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,13 +27,17 @@ from opentelemetry.trace import Tracer
 
 from sendtime.server.domain import blocks as builtin
 from sendtime.server.domain.catalog import Catalog
-from sendtime.server.domain.errors import InvalidInput
+from sendtime.server.domain.errors import InvalidInput, Overloaded
 from sendtime.server.domain.events import Identity
 from sendtime.server.domain.profile import Profile, ProfileView, view
 from sendtime.server.domain.profiles import ProfileBook
 from sendtime.server.domain.recommend import Recommender
 
 MAX_BLOCKS: Final = 20
+#: What a whole-email render is assumed to cost before one has been measured.
+_FIRST_RENDER_COST_S: Final = 0.002
+#: Weight of the latest render in the running estimate of a render's cost.
+_RENDER_COST_WEIGHT: Final = 0.1
 
 
 class Source(enum.StrEnum):
@@ -79,6 +84,9 @@ class ContentAnswer:
     budget_s: float
     elapsed_s: float
     user: dict[str, Any] = field(default_factory=dict)
+    #: When the caller's whole budget runs out (the pipeline's clock): an edge
+    #: tells ContentPipeline.left when the answer goes, to count late ones.
+    deadline: float = math.inf
 
 
 @dataclass(slots=True)
@@ -89,6 +97,7 @@ class EmailAnswer:
     blocks: list[Block]
     content: ContentAnswer
     elapsed_s: float
+    deadline: float = math.inf
 
 
 class Fetched(Protocol):
@@ -211,6 +220,15 @@ class ContentObserver(Protocol):
         """``call`` is "content" or "email"; ``budget_s`` the caller's whole budget."""
         ...
 
+    def shed(self, call: str) -> None:
+        """A call was turned away at admission: its blocks from cache or
+        fallback at once ("content"), or refused as overloaded ("email")."""
+        ...
+
+    def late(self, call: str) -> None:
+        """An answer left after its caller's deadline."""
+        ...
+
 
 class MissingValueError(Exception):
     """The block needs a user field the profile lacks (raised by UpstreamSource.url_for)."""
@@ -279,6 +297,9 @@ class ContentPipeline:
         self._clock = clock
         self._max_concurrent = max_concurrent
         self._in_flight = 0
+        #: A running estimate of what rendering an email takes (wall time, as
+        #: the caller waits it): admission refuses an email that cannot make it.
+        self._render_cost_s = _FIRST_RENDER_COST_S
 
     @property
     def in_flight(self) -> int:
@@ -298,24 +319,70 @@ class ContentPipeline:
         wanted = list(dict.fromkeys(names)) or list(builtin.BUILT_IN_BLOCKS)
         if len(wanted) > MAX_BLOCKS:
             raise InvalidInput.field("blocks", f"asks for {len(wanted)} blocks; the limit is {MAX_BLOCKS}")
+        started = self._clock()
         answer = await self._gather(
-            identity, wanted, context, budget_s - self._answer_reserve(budget_s), with_user=False
+            identity,
+            wanted,
+            context,
+            budget_s - self._answer_reserve(budget_s),
+            with_user=False,
+            call="content",
         )
+        answer.deadline = started + budget_s
         if self._observer is not None:
             self._observer.answered("content", answer.blocks, budget_s, answer.elapsed_s)
         return answer
 
+    def left(self, call: str, deadline: float) -> None:
+        """An edge hands the answer of ``call`` ("content" or "email") to its
+        transport now: counted if that is after the caller's deadline."""
+        if self._clock() > deadline and self._observer is not None:
+            self._observer.late(call)
+
+    def _shed_email(self, budget_s: float, answer_reserve: float) -> str | None:
+        """Why a whole email cannot be made within ``budget_s`` now, or None:
+        the render alone (as lately measured), on a loop that runs late, must
+        fit what is left once the answer's reserve is kept."""
+        if self._in_flight >= self._max_concurrent:
+            return f"{self._in_flight} content calls are being answered already"
+        lag = self._loop_lag() if self._loop_lag is not None else 0.0
+        needed = lag + self._render_cost_s + self._policy.min_fetch_s
+        if budget_s - answer_reserve < needed:
+            return (
+                f"an email takes about {needed * 1000:.0f} ms now (the server runs {lag * 1000:.0f} ms behind)"
+                f" and the budget is {budget_s * 1000:.0f} ms"
+            )
+        return None
+
     async def email(
-        self, template_id: str, identity: Identity, context: ContentContext, budget_s: float
+        self,
+        template_id: str,
+        identity: Identity,
+        context: ContentContext,
+        budget_s: float,
+        *,
+        may_shed: bool = True,
     ) -> EmailAnswer:
         """A whole email from a template: its blocks within the budget less the
-        render reserve, then Liquid and MJML with each missing block's fallback."""
+        render reserve, then Liquid and MJML with each missing block's fallback.
+        Raises Overloaded, before any work, when it cannot be made within the
+        budget now, unless ``may_shed`` is False (a flow send, which has no
+        caller waiting and must not be dropped)."""
         started = self._clock()
         template = self._templates.get(template_id)
         answer_reserve = self._answer_reserve(budget_s)
+        refused = self._shed_email(budget_s, answer_reserve) if may_shed else None
+        if refused is not None:
+            # Shed at admission, before any work: an email that would come
+            # after its deadline helps nobody. The caller retries later.
+            if self._observer is not None:
+                self._observer.shed("email")
+            raise Overloaded(f"the email cannot be made in time: {refused}; retry in a second")
         render_deadline = started + budget_s - answer_reserve
         fetch_budget = budget_s - answer_reserve - self._policy.render_reserve_s
-        content = await self._gather(identity, list(template.blocks), context, fetch_budget, with_user=True)
+        content = await self._gather(
+            identity, list(template.blocks), context, fetch_budget, with_user=True, call="email"
+        )
         render_context: dict[str, Any] = {block.name: block.data for block in content.blocks}
         render_context["user"] = content.user
         render_context["links"] = {**self._policy.links, **dict(context.links)}
@@ -342,16 +409,23 @@ class ContentPipeline:
         elapsed_s = self._clock() - started
         if self._observer is not None:
             self._observer.answered("email", blocks, budget_s, elapsed_s)
-        return EmailAnswer(email=email, blocks=blocks, content=content, elapsed_s=elapsed_s)
+        return EmailAnswer(
+            email=email, blocks=blocks, content=content, elapsed_s=elapsed_s, deadline=started + budget_s
+        )
 
     async def _render(
         self, template: EmailTemplate, context: Mapping[str, Any], deadline: float
     ) -> RenderedEmail:
+        started = self._clock()
         if self._renderer is None:
-            return template.render(context)
-        # Half the time left for another process; the other half stays for
-        # rendering in place should it be late (a render costs the same here).
-        return await self._renderer.render(template, context, timeout_s=(deadline - self._clock()) / 2)
+            email = template.render(context)
+        else:
+            # Half the time left for another process; the other half stays for
+            # rendering in place should it be late (a render costs the same here).
+            email = await self._renderer.render(template, context, timeout_s=(deadline - started) / 2)
+        took = self._clock() - started
+        self._render_cost_s += _RENDER_COST_WEIGHT * (took - self._render_cost_s)
+        return email
 
     def _answer_reserve(self, budget_s: float) -> float:
         # Under load the answer spends a while in the event loop and the
@@ -374,13 +448,21 @@ class ContentPipeline:
         budget_s: float,
         *,
         with_user: bool,
+        call: str,
     ) -> ContentAnswer:
         started = self._clock()
         request = _Request(self, identity, context, started + budget_s)
-        if self._in_flight >= self._max_concurrent:
-            blocks = [self._without_fetching(request, name, Reason.OVERLOADED) for name in names]
-        elif budget_s < self._policy.min_fetch_s:
+        if budget_s < self._policy.min_fetch_s:
             blocks = [self._without_fetching(request, name, Reason.DEADLINE_TOO_SHORT) for name in names]
+        elif self._in_flight >= self._max_concurrent or (
+            self._loop_lag is not None and self._loop_lag() >= budget_s
+        ):
+            # Shed at admission: too many calls at once, or the loop runs so
+            # late that no fetch could finish in time. Cached or fallback
+            # content at once, each block saying so.
+            if self._observer is not None:
+                self._observer.shed(call)
+            blocks = [self._without_fetching(request, name, Reason.OVERLOADED) for name in names]
         else:
             self._in_flight += 1
             try:
