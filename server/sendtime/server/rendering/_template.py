@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import unicodedata
+from collections import OrderedDict
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from pathlib import Path
@@ -23,7 +25,7 @@ from liquid.exceptions import LiquidError
 from liquid.span import Span
 
 from ._errors import TemplateError
-from ._liquid import ALLOWED_GLOBALS, RESERVED_NAMES, make_environment
+from ._liquid import ALLOWED_GLOBALS, MARK_CLOSE, MARK_OPEN, MARKS, RESERVED_NAMES, make_environment
 from ._spec import BlockSpec, SourceParts, TemplateSpec, split_source
 from ._text import html_to_text
 
@@ -45,6 +47,18 @@ _HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff\ufffe
 _XML_INVALID = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]+")
 _SPACES = re.compile(r" {2,}")
 _MJML_POSITION = re.compile(r"position (\d+):(\d+)")
+_MARK = re.compile(f"{MARK_OPEN}(\\d+){MARK_CLOSE}")
+#: A value that takes the whole-markup path: ASCII controls, a mark's opening,
+#: and whitespace other than single inner spaces, which markup may fold...
+_NOT_PLAIN_ASCII = re.compile(f"[\\x00-\\x1f\\x7f]|  |^ | $|{re.escape(MARK_OPEN)}")
+#: ... and, beyond ASCII, characters MJML writes escaped in attributes
+#: (Rust's escape_debug: controls, format characters, surrogates, private
+#: use, unassigned, line and paragraph separators, combining marks).
+_ESCAPED_BY_MJML: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Mn", "Me"})
+#: Distinct markup shapes compiled per template (LRU): a shape is the markup
+#: with every data value replaced by a mark, so it varies only with the
+#: template's branches and loop counts (cart lines, price drops, offers...).
+MAX_SHAPES: Final = 512
 
 
 class RenderedEmail(msgspec.Struct, frozen=True, kw_only=True):
@@ -84,7 +98,7 @@ def _no_include(path: str) -> str:
 class Template:
     """A parsed template. Build with ``parse_template`` or ``load_template``."""
 
-    __slots__ = ("_body", "_preheader", "_subject", "blocks", "id", "path", "spec", "version")
+    __slots__ = ("_body", "_preheader", "_shapes", "_subject", "blocks", "id", "path", "spec", "version")
 
     def __init__(
         self,
@@ -104,6 +118,10 @@ class Template:
         self._subject = subject
         self._preheader = preheader
         self._body = body
+        #: Marked markup -> its compiled HTML (marks in place of the values),
+        #: or None when the shape was found not to compile value-for-value.
+        #: None for a template whose own text holds a mark's opening.
+        self._shapes: OrderedDict[str, str | None] | None = OrderedDict()
 
     def __repr__(self) -> str:
         return f"Template(id={self.id!r}, version={self.version!r}, path={str(self.path)!r})"
@@ -137,6 +155,60 @@ class Template:
         return scope, fell_back
 
     def _render(self, scope: dict[str, Any], fell_back: list[str]) -> RenderedEmail:
+        subject = header_text(self._subject.render(scope))
+        preheader = header_text(self._preheader.render(scope))
+        scope["email"] = {"subject": subject, "preheader": preheader, "template_id": self.id}
+        html = self._html(scope)
+        return RenderedEmail(
+            template_id=self.id,
+            version=self.version,
+            subject=subject,
+            preheader=preheader,
+            html=html,
+            text=html_to_text(html, self.spec.text),
+            fell_back=tuple(fell_back),
+        )
+
+    def _html(self, scope: dict[str, Any]) -> str:
+        """The body's HTML: the same as compile_mjml(body markup), made without
+        compiling MJML per user. Liquid runs with every data value recorded and
+        a mark written in its place; the marked markup's HTML is compiled once
+        per shape and the escaped values put back in. A shape is used only if,
+        the first time, putting the values back gave exactly the HTML that
+        compiling the whole markup gave; values MJML could treat differently
+        take the whole-markup path."""
+        shapes = self._shapes
+        if shapes is None:
+            return compile_mjml(self._body.render(scope))
+        values: list[str] = []
+        marked = self._body.render({**scope, MARKS: values})
+        if not all(map(_plain, values)):
+            return compile_mjml(_unmark(marked, values))
+        compiled = shapes.get(marked, _UNSEEN)
+        if compiled is _UNSEEN:
+            html = compile_mjml(_unmark(marked, values))
+            try:
+                compiled = compile_mjml(marked)
+            except ValueError:
+                compiled = None
+            if compiled is not None and _unmark(compiled, values) != html:
+                log.info(
+                    "template %s: a markup shape compiles differently with its values; not reused", self.id
+                )
+                compiled = None
+            shapes[marked] = compiled
+            if len(shapes) > MAX_SHAPES:
+                shapes.popitem(last=False)
+            return html
+        shapes.move_to_end(marked)
+        if compiled is None:
+            return compile_mjml(_unmark(marked, values))
+        return _unmark(compiled, values)
+
+    def render_whole(self, context: Mapping[str, Any]) -> RenderedEmail:
+        """Render as every template was rendered before shapes: Liquid, then
+        MJML over the whole markup, then the text part. For comparison only."""
+        scope, fell_back = self._scope(context)
         subject = header_text(self._subject.render(scope))
         preheader = header_text(self._preheader.render(scope))
         scope["email"] = {"subject": subject, "preheader": preheader, "template_id": self.id}
@@ -195,6 +267,22 @@ class Template:
             raise TemplateError(self.path, f"MJML: {_mjml_problem(str(err), markup)}") from None
 
 
+_UNSEEN: Final = "\x00unseen"
+
+
+def _plain(value: str) -> bool:
+    """True if MJML copies ``value`` as it is wherever it stands."""
+    if _NOT_PLAIN_ASCII.search(value):
+        return False
+    return value.isascii() or not any(unicodedata.category(c) in _ESCAPED_BY_MJML for c in value)
+
+
+def _unmark(marked: str, values: list[str]) -> str:
+    if not values:
+        return marked
+    return _MARK.sub(lambda mark: values[int(mark.group(1))], marked)
+
+
 def compile_mjml(markup: str) -> str:
     try:
         return mjml.mjml2html(markup, disable_comments=True, include_loader=_no_include)
@@ -243,6 +331,8 @@ def parse_template(path: Path, source: bytes, *, dialect: Dialect | None = None)
         preheader=preheader.parse(dialect.plain, known_names),
         body=body.parse(dialect.html, known_names),
     )
+    if MARK_OPEN in text:
+        template._shapes = None  # its own text could pass for a mark
     template._trial_render(parts)
     return template
 
