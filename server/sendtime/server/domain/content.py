@@ -34,10 +34,6 @@ from sendtime.server.domain.profiles import ProfileBook
 from sendtime.server.domain.recommend import Recommender
 
 MAX_BLOCKS: Final = 20
-#: What a whole-email render is assumed to cost before one has been measured.
-_FIRST_RENDER_COST_S: Final = 0.002
-#: Weight of the latest render in the running estimate of a render's cost.
-_RENDER_COST_WEIGHT: Final = 0.1
 
 
 class Source(enum.StrEnum):
@@ -297,9 +293,6 @@ class ContentPipeline:
         self._clock = clock
         self._max_concurrent = max_concurrent
         self._in_flight = 0
-        #: A running estimate of what rendering an email takes (wall time, as
-        #: the caller waits it): admission refuses an email that cannot make it.
-        self._render_cost_s = _FIRST_RENDER_COST_S
 
     @property
     def in_flight(self) -> int:
@@ -341,12 +334,15 @@ class ContentPipeline:
 
     def _shed_email(self, budget_s: float, answer_reserve: float) -> str | None:
         """Why a whole email cannot be made within ``budget_s`` now, or None:
-        the render alone (as lately measured), on a loop that runs late, must
-        fit what is left once the answer's reserve is kept."""
+        on a loop that runs late by ``lag``, the shortest fetch and the render
+        reserve (a render in place, the worst case: a late worker is not waited
+        for) must fit what is left once the answer's reserve is kept. (Not a
+        measured render time: one measured while workers queue is long, and an
+        estimate only renders that are let in could lower would never come down.)"""
         if self._in_flight >= self._max_concurrent:
             return f"{self._in_flight} content calls are being answered already"
         lag = self._loop_lag() if self._loop_lag is not None else 0.0
-        needed = lag + self._render_cost_s + self._policy.min_fetch_s
+        needed = lag + self._policy.render_reserve_s + self._policy.min_fetch_s
         if budget_s - answer_reserve < needed:
             return (
                 f"an email takes about {needed * 1000:.0f} ms now (the server runs {lag * 1000:.0f} ms behind)"
@@ -416,16 +412,11 @@ class ContentPipeline:
     async def _render(
         self, template: EmailTemplate, context: Mapping[str, Any], deadline: float
     ) -> RenderedEmail:
-        started = self._clock()
         if self._renderer is None:
-            email = template.render(context)
-        else:
-            # Half the time left for another process; the other half stays for
-            # rendering in place should it be late (a render costs the same here).
-            email = await self._renderer.render(template, context, timeout_s=(deadline - started) / 2)
-        took = self._clock() - started
-        self._render_cost_s += _RENDER_COST_WEIGHT * (took - self._render_cost_s)
-        return email
+            return template.render(context)
+        # Half the time left for another process; the other half stays for
+        # rendering in place should it be late (a render costs the same here).
+        return await self._renderer.render(template, context, timeout_s=(deadline - self._clock()) / 2)
 
     def _answer_reserve(self, budget_s: float) -> float:
         # Under load the answer spends a while in the event loop and the
