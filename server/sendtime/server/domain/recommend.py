@@ -13,11 +13,13 @@ products kept.
 from __future__ import annotations
 
 import bisect
-import heapq
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
+
+import numpy as np
+import numpy.typing as npt
 
 VIEW_WEIGHT: Final = 1.0
 BOUGHT_WEIGHT: Final = 3.0
@@ -46,6 +48,12 @@ class Recommender:
         #: first (ties by id), kept in order as popularity changes: (-score, id).
         self._popular_ranked: list[tuple[float, str]] = []
         self._recent_views: OrderedDict[str, list[str]] = OrderedDict()
+        #: Every product the graphs name, numbered in the order first seen.
+        self._number: dict[str, int] = {}
+        self._names: list[str] = []
+        #: Each product's neighbours as arrays (numbers, weights), in the
+        #: graph's order, made when first asked for and dropped when they change.
+        self._arrays: dict[tuple[int, str], tuple[npt.NDArray[np.intp], npt.NDArray[np.float64]]] = {}
 
     # -- learning ---------------------------------------------------------------
 
@@ -74,6 +82,9 @@ class Recommender:
                 self._link(self._bought_with, first, second, BOUGHT_WEIGHT)
 
     def _link(self, graph: dict[str, dict[str, float]], a: str, b: str, weight: float) -> None:
+        which = id(graph)
+        self._arrays.pop((which, a), None)
+        self._arrays.pop((which, b), None)
         for x, y in ((a, b), (b, a)):
             neighbours = graph.setdefault(x, {})
             neighbours[y] = neighbours.get(y, 0.0) + weight
@@ -117,37 +128,49 @@ class Recommender:
         until ``size`` are available (only those are checked), then the
         popular ones in their kept ranking, again only until ``size``."""
         excluded = exclude if isinstance(exclude, set | frozenset) else set(exclude)
-        scores: dict[str, float] = {}
-        bought_together: set[str] = set()
-        bought_with, viewed_with = self._bought_with, self._viewed_with
+        numbers: list[npt.NDArray[np.intp]] = []
+        weights: list[npt.NDArray[np.float64]] = []
+        from_bought: list[npt.NDArray[np.float64]] = []
         for rank, seed in enumerate(dict.fromkeys(seeds)):
             damping = 1.0 / (1 + rank * 0.25)  # earlier seeds say more
-            # Bought-with before viewed-with, per seed: a candidate's score adds
-            # up in that order (float sums depend on it).
-            neighbours = bought_with.get(seed)
-            if neighbours:
-                for candidate, weight in neighbours.items():
-                    if candidate not in excluded:
-                        scores[candidate] = scores.get(candidate, 0.0) + weight * damping
-                        bought_together.add(candidate)  # the stronger signal names the strategy
-            neighbours = viewed_with.get(seed)
-            if neighbours:
-                for candidate, weight in neighbours.items():
-                    if candidate not in excluded:
-                        scores[candidate] = scores.get(candidate, 0.0) + weight * damping
+            # Bought-with before viewed-with, per seed, each in the graph's
+            # order: a candidate's score adds up in that order (float sums
+            # depend on it), as it always has.
+            for graph, bought in ((self._bought_with, 1.0), (self._viewed_with, 0.0)):
+                neighbours, weight = self._neighbours(graph, seed)
+                if len(neighbours):
+                    numbers.append(neighbours)
+                    weights.append(weight * damping)
+                    from_bought.append(np.full(len(neighbours), bought))
         picks: list[str] = []
-        if scores:
-            # Best first, ties by id: a heap, popped only as far as needed.
-            heap = [(-score, candidate) for candidate, score in scores.items()]
-            heapq.heapify(heap)
-            while heap and len(picks) < size:
-                candidate = heapq.heappop(heap)[1]
-                if available is None or available(candidate):
-                    picks.append(candidate)
-        if not picks:
-            strategy = "popular"
-        else:
-            strategy = "bought_together" if picks[0] in bought_together else "viewed_together"
+        strategy = "popular"
+        if numbers:
+            # Summed per candidate in C (bincount adds in array order), then
+            # taken best first, ties by id, only until `size` are available.
+            candidates, where = np.unique(np.concatenate(numbers), return_inverse=True)
+            scores = np.bincount(where, weights=np.concatenate(weights))
+            bought_together = np.bincount(where, weights=np.concatenate(from_bought)) > 0
+            for product_id in excluded:
+                number = self._number.get(product_id)
+                if number is not None:
+                    at = int(np.searchsorted(candidates, number))
+                    if at < len(candidates) and candidates[at] == number:
+                        scores[at] = -np.inf
+            order = np.argsort(-scores, kind="stable")
+            descending = -scores[order]
+            names = self._names
+            start, count = 0, len(order)
+            while start < count and len(picks) < size and descending[start] != np.inf:
+                end = int(np.searchsorted(descending, descending[start], side="right"))
+                tied = sorted((names[candidates[k]], k) for k in order[start:end].tolist())
+                for product_id, k in tied:
+                    if available is None or available(product_id):
+                        if not picks:
+                            strategy = "bought_together" if bought_together[k] else "viewed_together"
+                        picks.append(product_id)
+                        if len(picks) >= size:
+                            break
+                start = end
         if len(picks) < size:
             chosen = set(picks)
             for _, product_id in self._popular_ranked:
@@ -160,3 +183,22 @@ class Recommender:
                 ):
                     picks.append(product_id)
         return Recommendation(product_ids=picks, strategy=strategy)
+
+    def _neighbours(
+        self, graph: dict[str, dict[str, float]], product_id: str
+    ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float64]]:
+        key = (id(graph), product_id)
+        arrays = self._arrays.get(key)
+        if arrays is None:
+            found = graph.get(product_id, {})
+            number = self._number
+            for name in found:
+                if name not in number:
+                    number[name] = len(self._names)
+                    self._names.append(name)
+            arrays = (
+                np.fromiter((number[name] for name in found), np.intp, len(found)),
+                np.fromiter(found.values(), np.float64, len(found)),
+            )
+            self._arrays[key] = arrays
+        return arrays
