@@ -124,9 +124,9 @@ class Recommender:
 
         The work is bounded by the seeds' neighbour lists (each at most twice
         max_neighbours long), never by the catalog or the number of shoppers:
-        candidates are scored in one pass, then taken best first from a heap
-        until ``size`` are available (only those are checked), then the
-        popular ones in their kept ranking, again only until ``size``."""
+        candidates are scored in one pass, then taken best first until
+        ``size`` are available (only those are checked), then the popular ones
+        in their kept ranking, again only until ``size``."""
         excluded = exclude if isinstance(exclude, set | frozenset) else set(exclude)
         numbers: list[npt.NDArray[np.intp]] = []
         weights: list[npt.NDArray[np.float64]] = []
