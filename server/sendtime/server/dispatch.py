@@ -267,7 +267,7 @@ class Dispatcher:
         render_started = time.perf_counter()
         try:
             answer = await self._pipeline.email(
-                record.template_id, identity, context, self._policy.render_budget_s
+                record.template_id, identity, context, self._policy.render_budget_s, may_shed=False
             )
         except SendtimeError as error:
             detail = f"cannot render {record.template_id}: {error.message}"

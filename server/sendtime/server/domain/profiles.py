@@ -142,6 +142,14 @@ class ProfileBook:
 
     # -- reading ------------------------------------------------------------
 
+    def in_memory(self, key: str) -> Profile | None:
+        """The profile if it is in memory now (no store read), else None.
+        Callers must not change it."""
+        profile = self._profiles.get(key)
+        if profile is not None:
+            self._profiles.move_to_end(key)
+        return profile
+
     async def get(self, key: str) -> Profile | None:
         """The profile as of the last folded round. Callers must not change it."""
         profile = self._profiles.get(key)

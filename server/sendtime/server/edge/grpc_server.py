@@ -270,11 +270,13 @@ class ContentService(content_service_pb2_grpc.ContentServiceServicer):
             convert.content_context(request.context),
             budget,
         )
-        return content_service_pb2.GetContentResponse(
+        response = content_service_pb2.GetContentResponse(
             blocks=[convert.content_block(b) for b in answer.blocks],
             server_time=convert.duration(answer.elapsed_s),
             budget=convert.duration(budget),
         )
+        self._pipeline.left("content", answer.deadline)
+        return response
 
     @mapped_errors
     async def RenderEmail(
@@ -290,7 +292,7 @@ class ContentService(content_service_pb2_grpc.ContentServiceServicer):
             budget,
         )
         email = answer.email
-        return content_service_pb2.RenderEmailResponse(
+        response = content_service_pb2.RenderEmailResponse(
             subject=email.subject,
             preheader=email.preheader,
             html=email.html,
@@ -301,6 +303,8 @@ class ContentService(content_service_pb2_grpc.ContentServiceServicer):
             server_time=convert.duration(answer.elapsed_s),
             budget=convert.duration(budget),
         )
+        self._pipeline.left("email", answer.deadline)
+        return response
 
 
 class DeliveryService(delivery_service_pb2_grpc.DeliveryServiceServicer):

@@ -219,11 +219,12 @@ class _Routes:
                 "html": email.html,
                 "text": email.text,
             }
-            elapsed = rendered.elapsed_s
+            elapsed, deadline, call = rendered.elapsed_s, rendered.deadline, "email"
         else:
             names = [n for n in query.get("blocks", "").split(",") if n.strip()]
             answer = await self.pipeline.content(identity, [n.strip() for n in names], context, budget)
             blocks, elapsed = answer.blocks, answer.elapsed_s
+            deadline, call = answer.deadline, "content"
         body["blocks"] = {
             b.name: {
                 "data": b.data,
@@ -236,7 +237,9 @@ class _Routes:
         }
         body["server_time_ms"] = round(elapsed * 1000, 2)
         body["budget_ms"] = round(budget * 1000, 1)
-        return _json_response(body)
+        response = _json_response(body)
+        self.pipeline.left(call, deadline)
+        return response
 
     def _budget(self, request: web.Request) -> float:
         for header in DEADLINE_HEADERS:

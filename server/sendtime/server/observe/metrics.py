@@ -133,6 +133,19 @@ CATALOGUE: Final[tuple[MetricInfo, ...]] = (
         _BUDGET_RATIO,
     ),
     MetricInfo("sendtime_content_requests_in_flight", G, "Content requests being answered now."),
+    MetricInfo(
+        "sendtime_content_late_answers_total",
+        C,
+        "Content answers (blocks or whole email) handed to the transport after the caller's deadline.",
+        ("call",),
+    ),
+    MetricInfo(
+        "sendtime_content_shed_total",
+        C,
+        "Content calls shed at admission: blocks served from cache or fallback at once (call=content),"
+        " or a whole email refused with RESOURCE_EXHAUSTED / 429 (call=email).",
+        ("call",),
+    ),
     # -- the block cache (MemoryCache.stats and CacheFetcher.stats, read at scrape)
     MetricInfo(
         "sendtime_cache_lookups_total",
@@ -329,6 +342,8 @@ class Metrics:
         self.http_durations = _histogram("sendtime_http_request_duration_seconds")
         self.content_blocks = _counter("sendtime_content_blocks_total")
         self.budget_ratio = _histogram("sendtime_content_budget_used_ratio")
+        self.content_late = _counter("sendtime_content_late_answers_total")
+        self.content_shed = _counter("sendtime_content_shed_total")
         self.upstream_requests = _counter("sendtime_upstream_requests_total")
         self.upstream_durations = _histogram("sendtime_upstream_request_duration_seconds")
         self.ingest_events = _counter("sendtime_ingest_events_total")
@@ -351,6 +366,8 @@ class Metrics:
             self.http_durations,
             self.content_blocks,
             self.budget_ratio,
+            self.content_late,
+            self.content_shed,
             self.upstream_requests,
             self.upstream_durations,
             self.ingest_events,
@@ -496,6 +513,9 @@ class ContentMetrics:
         self._known = known_blocks
         self._blocks: dict[tuple[str, str, str | None], Counter] = {}
         self._ratio = {call: metrics.budget_ratio.labels(call) for call in ("content", "email")}
+        # Made up front, so both series show 0 before the first late or shed call.
+        self._late = {call: metrics.content_late.labels(call) for call in ("content", "email")}
+        self._shed = {call: metrics.content_shed.labels(call) for call in ("content", "email")}
 
     def answered(self, call: str, blocks: Sequence[Block], budget_s: float, elapsed_s: float) -> None:
         children = self._blocks
@@ -506,6 +526,12 @@ class ContentMetrics:
                 child = self._child(key)
             child.value += 1
         self._ratio[call].observe(elapsed_s / budget_s if budget_s > 0 else 1.0)
+
+    def shed(self, call: str) -> None:
+        self._shed[call].value += 1
+
+    def late(self, call: str) -> None:
+        self._late[call].value += 1
 
     def _child(self, key: tuple[str, str, str | None]) -> Counter:
         name, source, reason = key
