@@ -164,3 +164,21 @@ async def test_a_person_sees_the_page_in_chromium(sent: Sendtime, tmp_path: Path
     assert "<td>sent</td>" in dom
     assert 'href="/v1/deliveries/1/preview?token=' in dom
     assert "dev-key" not in dom
+
+
+async def test_draws_beyond_the_bound_are_refused_at_once(make_settings: SettingsFactory) -> None:
+    """Twenty operators' tabs at once, one draw allowed: the others are told to
+    retry (429, Retry-After) instead of queueing behind the event loop."""
+    async with Sendtime(make_settings(http__max_status_page_draws="1")) as app:
+        url = f"http://127.0.0.1:{app.http_port}/"
+        headers = {"Authorization": "Bearer dev-key"}
+        async with aiohttp.ClientSession() as session:
+
+            async def draw() -> tuple[int, str | None]:
+                async with session.get(url, headers=headers) as response:
+                    await response.read()
+                    return response.status, response.headers.get("Retry-After")
+
+            answers = await asyncio.gather(*(draw() for _ in range(20)))
+    assert {status for status, _ in answers} == {200, 429}
+    assert all(after == "1" for status, after in answers if status == 429)

@@ -98,6 +98,9 @@ class HttpSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Retry-After before its body is read. Decoding runs on the event loop:
     #: this keeps health checks and content calls answered during a flood.
     max_ingest_bytes_in_flight: Annotated[int, msgspec.Meta(ge=1)] = 2 * 1024 * 1024
+    #: Status pages and previews drawn at once; more are answered 429 with
+    #: Retry-After at once (a page costs milliseconds of the event loop).
+    max_status_page_draws: Annotated[int, msgspec.Meta(ge=1)] = 4
     #: As grpc.reuse_port.
     reuse_port: bool = False
 

@@ -31,7 +31,8 @@ import html
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final
@@ -42,7 +43,7 @@ from sendtime.server.auth import Authenticator
 from sendtime.server.cache import CacheFetcher
 from sendtime.server.deliveries import MAX_ID, DeliveryQueries
 from sendtime.server.domain.content import ContentContext, ContentPipeline
-from sendtime.server.domain.errors import NotFound, PermissionDenied, Unauthenticated
+from sendtime.server.domain.errors import NotFound, Overloaded, PermissionDenied, Unauthenticated
 from sendtime.server.domain.events import Identity
 from sendtime.server.domain.sends import SendRecord
 from sendtime.server.observe.metrics import Metrics
@@ -164,6 +165,22 @@ class StatusPage:
     _ring: deque[tuple[float, Samples]] = field(default_factory=lambda: deque(maxlen=512))
     #: Signs preview links; made anew at each start (old links stop working).
     _link_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    #: Pages and previews drawn at once; more are answered 429 at once. A page
+    #: costs milliseconds of the loop (a preview renders an email): a crowd of
+    #: operators' tabs or a misbehaving scraper must not delay content calls,
+    #: and an answer that would come late is worth less than a quick "retry".
+    max_drawing: int = 4
+    _drawing: int = 0
+
+    @contextmanager
+    def _admitted(self) -> Iterator[None]:
+        if self._drawing >= self.max_drawing:
+            raise Overloaded(f"the status page is being drawn {self._drawing} times at once; retry shortly")
+        self._drawing += 1
+        try:
+            yield
+        finally:
+            self._drawing -= 1
 
     def register(self, app: web.Application) -> None:
         app.router.add_get("/", self.page)
@@ -175,16 +192,17 @@ class StatusPage:
         denied = self._deny(request)
         if denied is not None:
             return denied
-        flows = await self.deliveries.flow_counts()
-        sends = await self.deliveries.latest(LATEST_DELIVERIES)
-        body = "".join(
-            (
-                self._traffic(),
-                self._cache(),
-                self._flows(flows),
-                self._deliveries(sends),
+        with self._admitted():
+            flows = await self.deliveries.flow_counts()
+            sends = await self.deliveries.latest(LATEST_DELIVERIES)
+            body = "".join(
+                (
+                    self._traffic(),
+                    self._cache(),
+                    self._flows(flows),
+                    self._deliveries(sends),
+                )
             )
-        )
         return _html(_document("sendtime status", body, refresh=True))
 
     async def preview(self, request: web.Request) -> web.Response:
@@ -197,12 +215,13 @@ class StatusPage:
         record = await self.deliveries.find(send_id) if 0 < send_id < MAX_ID else None
         if record is None:
             raise NotFound("no delivery has that id")
-        answer = await self.pipeline.email(
-            record.template_id,
-            Identity(record.user_id, record.anonymous_id),
-            ContentContext(campaign=record.flow_id),
-            budget_s=1.0,
-        )
+        with self._admitted():
+            answer = await self.pipeline.email(
+                record.template_id,
+                Identity(record.user_id, record.anonymous_id),
+                ContentContext(campaign=record.flow_id),
+                budget_s=1.0,
+            )
         response = web.Response(text=answer.email.html, content_type="text/html")
         # the email's HTML is the template's: it runs nothing and loads only images
         response.headers["Content-Security-Policy"] = (
