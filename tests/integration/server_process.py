@@ -104,20 +104,19 @@ def child_server(data_dir: Path, *, config: Path | None = None) -> Iterator[Chil
         "SENDTIME_SHUTDOWN_GRACE_S": "5",
         "SENDTIME_LOG_LEVEL": "WARNING",
     }
-    process = subprocess.Popen(
+    with subprocess.Popen(  # leaving the block closes the pipe and reaps the process
         [sys.executable, "-m", "sendtime.server", "serve", *(["--config", str(config)] if config else [])],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
-    )
-    assert process.stdout is not None
-    match = READY.search(process.stdout.readline())
-    if match is None:
-        process.kill()
-        process.wait(30)
-        raise AssertionError("sendtime did not start")
-    try:
-        yield ChildServer(process, int(match["grpc"]), int(match["http"]))
-    finally:
-        process.terminate()
-        process.wait(30)
+    ) as process:
+        assert process.stdout is not None
+        match = READY.search(process.stdout.readline())
+        if match is None:
+            process.kill()
+            raise AssertionError("sendtime did not start")
+        try:
+            yield ChildServer(process, int(match["grpc"]), int(match["http"]))
+        finally:
+            process.terminate()
+            process.wait(30)
