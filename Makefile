@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all run demo test lint gen check-gen bench wrk soak install clean audit
+.PHONY: all run demo test fuzz lint gen check-gen bench wrk soak install clean audit
 
 all: lint test
 
@@ -28,6 +28,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The property tests at every door with 2,000 examples each instead of a few dozen (several minutes).
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-2000} $(BIN)/python -m pytest -q tests/integration/test_surface_fuzz.py tests/integration/test_ingest_fuzz.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

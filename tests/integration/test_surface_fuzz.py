@@ -22,24 +22,16 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from sendtime.server.edge.http_server import sign
 from sendtime.v1 import content_service_pb2, delivery_service_pb2, profile_service_pb2
+from tests.fuzzing import door_settings
 from tests.integration.server_process import ChildServer, child_server
 
 WEBHOOK_SECRET = "a-webhook-secret-of-some-length"
-FUZZ = settings(
-    max_examples=30,
-    deadline=None,
-    database=None,
-    suppress_health_check=[
-        HealthCheck.too_slow,
-        HealthCheck.data_too_large,
-        HealthCheck.function_scoped_fixture,
-    ],
-)
+FUZZ = door_settings(30)
 #: gRPC codes a caller may get for bad input; UNKNOWN and INTERNAL never.
 ALLOWED_CODES = {
     grpc.StatusCode.OK,
