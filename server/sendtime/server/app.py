@@ -34,7 +34,7 @@ from sendtime.server.domain.blocks import BUILT_IN_BLOCKS, OfferRule
 from sendtime.server.domain.catalog import Catalog, CatalogUpdater, load_products
 from sendtime.server.domain.content import ContentPipeline, ContentPolicy
 from sendtime.server.domain.errors import Unavailable
-from sendtime.server.domain.events import known_payload
+from sendtime.server.domain.events import EventWindow, known_payload
 from sendtime.server.domain.flows import ExitOn, Flow, FlowPlanner, Reentry
 from sendtime.server.domain.ingest import Ingestor, utc_now
 from sendtime.server.domain.learning import LEARNED_EVENTS, EventLearner
@@ -218,7 +218,16 @@ class Sendtime:
         deliveries = Deliveries(store, flows, templates.get, self._clock)
         feedback = delivery.feedback
 
-        ingestor = Ingestor(store, profiles, self._clock, observer=telemetry.ingest_observer())
+        ingestor = Ingestor(
+            store,
+            profiles,
+            self._clock,
+            observer=telemetry.ingest_observer(),
+            window=EventWindow(
+                max_ahead=timedelta(seconds=settings.events.max_ahead_s),
+                max_age=timedelta(seconds=settings.events.max_age_s),
+            ),
+        )
         queries = ProfileQueries(profiles)
         authenticator = Authenticator(settings.auth)
         default_deadline_s = content.default_deadline_ms / 1000
