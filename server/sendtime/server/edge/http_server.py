@@ -38,6 +38,7 @@ from typing import Any, Final
 import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from aiohttp.web_protocol import RequestPayloadError
 
 from sendtime.server.auth import Authenticator
 from sendtime.server.deliveries import Suppressions
@@ -79,7 +80,11 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except SendtimeError as error:
-        return error_response(error)
+        response = error_response(error)
+        if request.content.exception() is not None:
+            # the body could not be read to its end: the connection cannot carry another request
+            response.force_close()
+        return response
     except web.HTTPRequestEntityTooLarge as exc:
         return error_response(PayloadTooLarge(f"the body is larger than {exc.text or 'allowed'}"))
 
@@ -103,10 +108,31 @@ def _api_key(request: web.Request, body: bytes | None = None) -> str | None:
     return segment.write_key_in_body(body) if body else None
 
 
+#: What aiohttp decodes by itself. It passes any other coding through as is
+#: (the handler would read compressed bytes as the body) and answers br and
+#: zstd itself, without the Brotli and zstandard packages, in plain text.
+_BODY_CODINGS: Final = frozenset({"", "identity", "gzip", "deflate"})
+
+
 async def _read(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"the body is {request.content_length} bytes; the limit is {limit}")
-    body = await request.read()
+    coding = request.headers.get("Content-Encoding", "").strip().lower()
+    if coding not in _BODY_CODINGS:
+        raise InvalidInput.field(
+            "Content-Encoding", f"is {coding!r}; the body may be gzip, deflate or not encoded (identity)"
+        )
+    try:
+        body = await request.read()
+    except RequestPayloadError as exc:
+        root: BaseException = exc  # the decompressor's own words (zlib.error) are the clearest
+        while (inner := root.__cause__ or root.__context__) is not None:
+            root = inner
+        if coding in ("", "identity"):
+            raise InvalidInput.field("body", f"could not be read: {root}") from None
+        raise InvalidInput.field(  # a body that is not in the coding its header names
+            "Content-Encoding", f"is {coding}, but the body is not {coding} data: {root}"
+        ) from None
     if len(body) > limit:
         raise PayloadTooLarge(f"the body is {len(body)} bytes; the limit is {limit}")
     return body
