@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ async def child(tmp_path: Path) -> AsyncIterator[ServerProcess]:
 
 
 async def acks_until_error(
-    call: AsyncIterator[Any], decode: Callable[[Any], event_service_pb2.StreamEventsResponse] = lambda r: r
+    call: AsyncIterable[Any], decode: Callable[[Any], event_service_pb2.StreamEventsResponse] = lambda r: r
 ) -> tuple[list[event_pb2.EventAck], grpc.aio.AioRpcError]:
     """The acks a stream sent before it ended with an error, and the error."""
     acks: list[event_pb2.EventAck] = []
@@ -87,7 +87,7 @@ async def test_a_stream_message_over_the_event_limit_is_refused_and_the_server_l
     assert message.ByteSize() > 6_000_000
     first = event_service_pb2.StreamEventsRequest(events=[track("before-the-big-one", "Custom", {})])
     async with grpc.aio.insecure_channel(child.target) as channel:
-        call = event_stub(channel).StreamEvents(metadata=DEV_AUTH)
+        call = event_stub(channel).StreamEvents(None, metadata=DEV_AUTH)
         await call.write(first)
         await call.write(message)
         acks, error = await acks_until_error(call)
@@ -114,7 +114,7 @@ async def test_a_client_resetting_the_stream_does_not_crash_the_server(child: Se
                     for i in range(2500)
                 ]
             )
-            call = event_stub(channel).StreamEvents(metadata=DEV_AUTH)
+            call = event_stub(channel).StreamEvents(None, metadata=DEV_AUTH)
             await call.write(message)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 async for _ in call:
@@ -125,7 +125,7 @@ async def test_a_client_resetting_the_stream_does_not_crash_the_server(child: Se
 
 
 def _raw(channel: grpc.aio.Channel, method: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
-    return channel.unary_unary(method)
+    return channel.unary_unary(method, None, None)
 
 
 async def test_garbage_bytes_are_invalid_argument_with_the_reason(channel: grpc.aio.Channel) -> None:
@@ -135,7 +135,7 @@ async def test_garbage_bytes_are_invalid_argument_with_the_reason(channel: grpc.
         assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT, (method, caught.value.details())
         info, _ = details(caught.value)
         assert info.reason == UNDECODABLE
-    stream = channel.stream_stream(STREAM_EVENTS)(metadata=DEV_AUTH)
+    stream = channel.stream_stream(STREAM_EVENTS, None, None)(None, metadata=DEV_AUTH)
     good = event_service_pb2.StreamEventsRequest(events=[track("s-good", "Custom", {})]).SerializeToString()
     await stream.write(good)
     await stream.write(b"\x0a\xff\xff")  # an events field longer than the message
@@ -157,7 +157,7 @@ async def test_one_bad_event_in_a_batch_is_rejected_alone(channel: grpc.aio.Chan
     year_0001 = Timestamp()
     year_0001.FromJsonString("0001-01-01T00:00:00Z")
     deep = ("[" * 5000 + "]" * 5000).encode()
-    cart = {"cart_id": "c1", "product_id": "p1"}
+    cart: dict[str, object] = {"cart_id": "c1", "product_id": "p1"}
     batch = [
         track("good-1", "Product Added", cart, user="ada"),
         event_pb2.Event(

@@ -270,8 +270,8 @@ protobuf_bytes = st.binary(max_size=200) | mutated_bytes(_valid_batch())
 
 
 def assert_status(error: grpc.RpcError) -> None:
-    code = error.code()  # type: ignore[attr-defined]
-    assert code is grpc.StatusCode.INVALID_ARGUMENT, (code, error.details())  # type: ignore[attr-defined]
+    code = error.code()
+    assert code is grpc.StatusCode.INVALID_ARGUMENT, (code, error.details())
     status = rpc_status.from_call(error)  # type: ignore[arg-type]
     assert status is not None
     info = error_details_pb2.ErrorInfo()
@@ -284,7 +284,7 @@ def assert_status(error: grpc.RpcError) -> None:
 def test_event_rpcs_answer_raw_bytes_with_ok_or_invalid_argument(
     child: Child, data: bytes, method: str
 ) -> None:
-    call = child.channel.unary_unary(f"/sendtime.v1.EventService/{method}")
+    call = child.channel.unary_unary(f"/sendtime.v1.EventService/{method}", None, None)
     try:
         call(data, metadata=GRPC_AUTH, timeout=10)
     except grpc.RpcError as error:
@@ -296,7 +296,7 @@ def test_event_rpcs_answer_raw_bytes_with_ok_or_invalid_argument(
 def test_event_streams_answer_raw_bytes_with_ok_or_invalid_argument(
     child: Child, messages: list[bytes]
 ) -> None:
-    call = child.channel.stream_stream("/sendtime.v1.EventService/StreamEvents")
+    call = child.channel.stream_stream("/sendtime.v1.EventService/StreamEvents", None, None)
     try:
         for _ in call(iter(messages), metadata=GRPC_AUTH, timeout=10):
             pass

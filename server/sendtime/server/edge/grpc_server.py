@@ -178,8 +178,8 @@ class EventService:
     async def IngestEvents(
         self, request: decode.EventBatch | InvalidInput, context: Context
     ) -> event_service_pb2.IngestEventsResponse:
-        _check_batch(request)
-        acks = await self._ingestor.ingest([convert.incoming_event(e) for e in request.events])
+        events = _checked(request).events
+        acks = await self._ingestor.ingest([convert.incoming_event(e) for e in events])
         return event_service_pb2.IngestEventsResponse(acks=convert.event_acks(acks))
 
     async def StreamEvents(
@@ -199,8 +199,8 @@ class EventService:
             try:
                 async for request in request_iterator:
                     # ends the stream with this status once the messages before it are acked
-                    _check_batch(request, "in one message")
-                    incoming = [convert.incoming_event(e) for e in request.events]
+                    events = _checked(request, "in one message").events
+                    incoming = [convert.incoming_event(e) for e in events]
                     await window.acquire(len(incoming))
                     pending.put_nowait(
                         (len(incoming), asyncio.ensure_future(self._ingestor.ingest(incoming)))
@@ -242,7 +242,8 @@ class EventService:
             reader.cancel()
 
 
-def _check_batch(request: decode.EventBatch | InvalidInput, where: str = "") -> None:
+def _checked(request: decode.EventBatch | InvalidInput, where: str = "") -> decode.EventBatch:
+    """The batch, if it is one within the limit."""
     if isinstance(request, InvalidInput):
         raise request
     if len(request.events) > MAX_BATCH_EVENTS:
@@ -251,6 +252,7 @@ def _check_batch(request: decode.EventBatch | InvalidInput, where: str = "") -> 
             f"holds {len(request.events)} events; the limit is {MAX_BATCH_EVENTS}{' ' + where if where else ''}",
             reason="TOO_MANY_EVENTS",
         )
+    return request
 
 
 def add_event_service(servicer: EventService, server: grpc.aio.Server) -> None:
@@ -276,7 +278,8 @@ def add_event_service(servicer: EventService, server: grpc.aio.Server) -> None:
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
-    server.add_registered_method_handlers(name, handlers)
+    # as the generated code does (grpc's stubs do not know this method yet)
+    server.add_registered_method_handlers(name, handlers)  # type: ignore[attr-defined]
 
 
 class ProfileService(profile_service_pb2_grpc.ProfileServiceServicer):
