@@ -72,10 +72,10 @@ Money = Annotated[float, msgspec.Meta(ge=0, le=MAX_AMOUNT)]
 Quantity = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
 Position = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
 Currency = Annotated[str, msgspec.Meta(pattern="^[A-Za-z]{3}$")]
+# Control characters in string ids are refused after decoding (_check_property_ids):
+# a msgspec pattern would run a regex on every id of every event.
 Id = (
-    Annotated[
-        str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS, pattern=f"^[^{_CONTROL_CHARACTERS}]*$")
-    ]
+    Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
     # a 64-bit integer: what every database and JSON parser can hold
     | Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 )
@@ -314,7 +314,7 @@ def validate(incoming: IncomingEvent, received_at: datetime, window: EventWindow
                 violations.append(FieldViolation("name", "is required for a track event"))
             elif len(name) > MAX_EVENT_NAME_CHARS:
                 violations.append(FieldViolation("name", f"is longer than {MAX_EVENT_NAME_CHARS} characters"))
-            elif _CONTROL.search(name):
+            elif _has_control_character(name):
                 violations.append(FieldViolation("name", _CONTROL_DESCRIPTION))
         if (not_utf8 := _not_utf8(properties)) is not None:
             violations.append(FieldViolation("properties", not_utf8))
@@ -366,7 +366,7 @@ def _check_id(
         violations.append(FieldViolation(field, f"is longer than {limit} characters"))
     elif value.isspace():
         violations.append(FieldViolation(field, "is blank"))
-    elif _CONTROL.search(value):
+    elif _has_control_character(value):
         violations.append(FieldViolation(field, _CONTROL_DESCRIPTION))
 
 
@@ -461,10 +461,38 @@ def _decode_properties(violations: list[FieldViolation], name: str, properties: 
     except msgspec.DecodeError as exc:
         violations.append(FieldViolation("properties", f"is not valid JSON: {exc}"))
         return None
+    if _may_hold_control_characters(properties):
+        _check_property_ids(violations, payload)
     is_cart_change = name in _CART_CHANGES and isinstance(payload, CartChange)
     if is_cart_change and payload.product_id is None and payload.sku is None:  # type: ignore[union-attr]
         violations.append(FieldViolation("properties.product_id", f"{name} needs product_id or sku"))
     return payload
+
+
+#: The properties that are ids, in any schema and in each of its products.
+_PROPERTY_IDS: Final = ("product_id", "sku", "cart_id", "checkout_id", "order_id", "list_id")
+
+
+def _may_hold_control_characters(raw: bytes) -> bool:
+    """False when the JSON ``raw`` cannot hold a control character in any
+    string: JSON escapes U+0000-U+001F (a backslash); U+007F is byte 7F and
+    U+0080-U+009F are C2 80-C2 9F in UTF-8. Spares the check for most events."""
+    return b"\\" in raw or b"\xc2" in raw or b"\x7f" in raw
+
+
+def _check_property_ids(violations: list[FieldViolation], payload: KnownPayload) -> None:
+    items: list[tuple[str, object]] = [("", payload)]
+    items.extend((f".products[{i}]", p) for i, p in enumerate(getattr(payload, "products", ())))
+    for path, item in items:
+        for name in _PROPERTY_IDS:
+            value = getattr(item, name, None)
+            if type(value) is str and _has_control_character(value):
+                violations.append(FieldViolation(f"properties{path}.{name}", _CONTROL_DESCRIPTION))
+
+
+def _has_control_character(value: str) -> bool:
+    # isprintable is exact for ASCII (no control characters) and far cheaper than the regex
+    return not (value.isascii() and value.isprintable()) and _CONTROL.search(value) is not None
 
 
 def _violation_from_msgspec(prefix: str, message: str) -> FieldViolation:
