@@ -299,7 +299,10 @@ def validate(incoming: IncomingEvent, received_at: datetime, window: EventWindow
     timestamp = incoming.timestamp or received_at
     if timestamp.tzinfo is None:
         timestamp = timestamp.replace(tzinfo=UTC)
-    _check_time(violations, timestamp, received_at, window)
+    # differences, not sums: a datetime difference cannot overflow, while
+    # received_at + max_ahead could near the end of the calendar
+    if timestamp - received_at > window.max_ahead or received_at - timestamp > window.max_age:
+        _time_violation(violations, timestamp, received_at, window)
 
     name = incoming.name
     payload: KnownPayload | TraitsUpdate | None = None
@@ -314,14 +317,17 @@ def validate(incoming: IncomingEvent, received_at: datetime, window: EventWindow
                 violations.append(FieldViolation("name", "is required for a track event"))
             elif len(name) > MAX_EVENT_NAME_CHARS:
                 violations.append(FieldViolation("name", f"is longer than {MAX_EVENT_NAME_CHARS} characters"))
-            elif _has_control_character(name):
+            elif not (name.isascii() and name.isprintable()) and _CONTROL.search(name):
                 violations.append(FieldViolation("name", _CONTROL_DESCRIPTION))
-        if (not_utf8 := _not_utf8(properties)) is not None:
+        plain = _is_plain(properties)
+        if not plain and (not_utf8 := _not_utf8(properties)) is not None:
             violations.append(FieldViolation("properties", not_utf8))
-        elif nests_deeper(properties):
+        elif not plain and nests_deeper(properties):
             violations.append(FieldViolation("properties", _DEPTH_DESCRIPTION))
         else:
-            payload = _decode_properties(violations, name if kind is EventKind.TRACK else "", properties)
+            payload = _decode_properties(
+                violations, name if kind is EventKind.TRACK else "", properties, check_ids=not plain
+            )
     if kind is EventKind.IDENTIFY:
         payload = _traits(violations, incoming)
     if kind is EventKind.ALIAS:
@@ -366,7 +372,9 @@ def _check_id(
         violations.append(FieldViolation(field, f"is longer than {limit} characters"))
     elif value.isspace():
         violations.append(FieldViolation(field, "is blank"))
-    elif _has_control_character(value):
+    elif not (value.isascii() and value.isprintable()) and _CONTROL.search(
+        value
+    ):  # see _has_control_character
         violations.append(FieldViolation(field, _CONTROL_DESCRIPTION))
 
 
@@ -374,11 +382,9 @@ _CONTROL_DESCRIPTION: Final = "contains a control character (U+0000 to U+001F or
 _DEPTH_DESCRIPTION: Final = f"nests objects and arrays deeper than {MAX_JSON_DEPTH} levels"
 
 
-def _check_time(
+def _time_violation(
     violations: list[FieldViolation], timestamp: datetime, received_at: datetime, window: EventWindow
 ) -> None:
-    # differences, not sums: a datetime difference cannot overflow, while
-    # received_at + max_ahead could near the end of the calendar
     if timestamp - received_at > window.max_ahead:
         violations.append(
             FieldViolation(
@@ -448,7 +454,11 @@ def value_nests_deeper(value: object, limit: int = MAX_JSON_DEPTH) -> bool:
     return False
 
 
-def _decode_properties(violations: list[FieldViolation], name: str, properties: bytes) -> KnownPayload | None:
+def _decode_properties(
+    violations: list[FieldViolation], name: str, properties: bytes, *, check_ids: bool
+) -> KnownPayload | None:
+    """The typed properties of a known event (None for a custom one). ``check_ids``:
+    look for control characters in its ids (not needed for _is_plain JSON)."""
     decoder = _DECODERS.get(name)
     try:
         if decoder is None:
@@ -461,7 +471,7 @@ def _decode_properties(violations: list[FieldViolation], name: str, properties: 
     except msgspec.DecodeError as exc:
         violations.append(FieldViolation("properties", f"is not valid JSON: {exc}"))
         return None
-    if _may_hold_control_characters(properties):
+    if check_ids:
         _check_property_ids(violations, payload)
     is_cart_change = name in _CART_CHANGES and isinstance(payload, CartChange)
     if is_cart_change and payload.product_id is None and payload.sku is None:  # type: ignore[union-attr]
@@ -473,11 +483,18 @@ def _decode_properties(violations: list[FieldViolation], name: str, properties: 
 _PROPERTY_IDS: Final = ("product_id", "sku", "cart_id", "checkout_id", "order_id", "list_id")
 
 
-def _may_hold_control_characters(raw: bytes) -> bool:
-    """False when the JSON ``raw`` cannot hold a control character in any
-    string: JSON escapes U+0000-U+001F (a backslash); U+007F is byte 7F and
-    U+0080-U+009F are C2 80-C2 9F in UTF-8. Spares the check for most events."""
-    return b"\\" in raw or b"\xc2" in raw or b"\x7f" in raw
+def _is_plain(raw: bytes) -> bool:
+    """True for the JSON of most events: ASCII (so valid UTF-8), with fewer
+    brackets than the depth limit (so not nested deeper), and unable to hold a
+    control character in a string (JSON escapes U+0000-U+001F with a backslash;
+    U+007F is byte 7F; U+0080-U+009F are not ASCII). One cheap test spares the
+    exact ones: they cost a sizeable share of validating an event."""
+    return (
+        raw.isascii()
+        and b"\\" not in raw
+        and b"\x7f" not in raw
+        and raw.count(b"{") + raw.count(b"[") <= MAX_JSON_DEPTH
+    )
 
 
 def _check_property_ids(violations: list[FieldViolation], payload: KnownPayload) -> None:

@@ -49,12 +49,6 @@ _TIMESTAMP_RANGE: Final = (
 )
 
 
-def _datetime(stamp: Timestamp) -> datetime:
-    # protobuf's ToDatetime is pure Python and costs ~2 us; this is the same
-    # arithmetic, to the microsecond, at a fraction of it.
-    return _EPOCH + timedelta(0, stamp.seconds, stamp.nanos // 1000)  # (days, seconds, microseconds)
-
-
 def incoming_event(event: event_pb2.Event | InvalidInput) -> IncomingEvent | Undecodable:
     """The event as the domain takes it; an event whose bytes or timestamp
     cannot be read is rejected in its place (see grpc_decode)."""
@@ -64,9 +58,12 @@ def incoming_event(event: event_pb2.Event | InvalidInput) -> IncomingEvent | Und
     timestamp = None
     if event.HasField("timestamp"):
         stamp = event.timestamp
-        if stamp.seconds not in _TIMESTAMP_SECONDS or not 0 <= stamp.nanos < 1_000_000_000:
+        seconds, nanos = stamp.seconds, stamp.nanos  # each read of a upb field costs
+        if seconds not in _TIMESTAMP_SECONDS or not 0 <= nanos < 1_000_000_000:
             return Undecodable(event.message_id, InvalidInput.field("timestamp", _TIMESTAMP_RANGE))
-        timestamp = _datetime(stamp)
+        # protobuf's ToDatetime is pure Python and costs ~2 us; this is the same
+        # arithmetic, to the microsecond, at a fraction of it.
+        timestamp = _EPOCH + timedelta(0, seconds, nanos // 1000)  # (days, seconds, microseconds)
     if kind == "track":
         return IncomingEvent(
             message_id=event.message_id,
