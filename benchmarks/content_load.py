@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -43,10 +42,10 @@ import msgspec
 import uvloop
 
 from benchmarks.content_workload import GET_CONTENT_METHOD, METADATA, RENDER_EMAIL_METHOD, user_ids
+from benchmarks.harness import children_cpu_s
 from benchmarks.load import CpuWindow
 from sendtime.v1 import content_service_pb2
 
-_TICKS: Final = os.sysconf("SC_CLK_TCK")
 _SOURCES: Final = {
     value.number: value.name.removeprefix("BLOCK_SOURCE_").lower()
     for value in content_service_pb2.DESCRIPTOR.enum_types_by_name["BlockSource"].values
@@ -121,23 +120,10 @@ class ContentLoadResult(msgspec.Struct, kw_only=True):
     #: rates, these do not depend on how much of the machine the generator takes.
     server_cpu_us_per_call: float | None
     generator_cpu_us_per_call: float | None
-
-
-def children_cpu_s(pid: int) -> dict[int, float]:
-    """CPU seconds of each child process of ``pid`` (the server's render
-    workers), found by their parent pid in /proc."""
-    found: dict[int, float] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as stat:
-                fields = stat.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found[int(entry.name)] = (int(fields[11]) + int(fields[12])) / _TICKS
-    return found
+    #: --fresh: users taken (one per call, warm-up included), and how often
+    #: the walk ran out of users and began again (then users were asked twice)
+    users_used: int | None = None
+    user_wraps: int | None = None
 
 
 def progress(message: str) -> None:
@@ -265,6 +251,35 @@ async def _worker(
         n += 1
 
 
+class Cursor:
+    """One walk through the users shared by every worker (--fresh): each call
+    takes the next user, so no user is asked twice until all have been."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.used = 0
+
+    def take(self) -> int:
+        n = self.used
+        self.used += 1
+        return n % self.count
+
+    @property
+    def wraps(self) -> int:
+        return max(0, self.used - 1) // self.count if self.used else 0
+
+
+async def _fresh_worker(
+    call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes],
+    bodies: list[bytes],
+    cursor: Cursor,
+    meter: Meter,
+    stopping: asyncio.Event,
+) -> None:
+    while not stopping.is_set():
+        await _call_once(call, bodies[cursor.take()], meter)
+
+
 async def _prime(
     call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes],
     bodies: list[bytes],
@@ -289,7 +304,7 @@ def _percentile(ordered: list[float], fraction: float) -> float | None:
 
 
 async def run(args: argparse.Namespace) -> ContentLoadResult:
-    users = user_ids(args.users)
+    users = user_ids(args.users, args.first_user)
     render = args.method == "render"
     bodies: list[bytes]
     parse: Callable[[bytes], Any]
@@ -327,8 +342,13 @@ async def run(args: argparse.Namespace) -> ContentLoadResult:
                 f" {meter.calls:,} calls, {sum(meter.errors.values()):,} errors"
             )
         stopping = asyncio.Event()
+        cursor = Cursor(len(bodies))
         tasks = [
-            asyncio.ensure_future(_worker(call, bodies, k * len(bodies) // args.concurrency, meter, stopping))
+            asyncio.ensure_future(
+                _fresh_worker(call, bodies, cursor, meter, stopping)
+                if args.fresh
+                else _worker(call, bodies, k * len(bodies) // args.concurrency, meter, stopping)
+            )
             for k in range(args.concurrency)
         ]
 
@@ -421,6 +441,8 @@ async def run(args: argparse.Namespace) -> ContentLoadResult:
         machine_busy_pct=machine,
         server_cpu_us_per_call=per_call(None if server_cpu is None else server_cpu + (workers_cpu or 0.0)),
         generator_cpu_us_per_call=per_call(generator_cpu),
+        users_used=cursor.used if args.fresh else None,
+        user_wraps=cursor.wraps if args.fresh else None,
     )
 
 
@@ -442,6 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--degraded", default=None, help="every answer's block NAME must be stale or fallback")
         p.add_argument("--server-pid", type=int, default=None, help="report this process's CPU use")
         p.add_argument("--prime", action="store_true", help="send every request once before the warm-up")
+        p.add_argument("--first-user", type=int, default=0, help="the first user's number")
+        p.add_argument(
+            "--fresh",
+            action="store_true",
+            help="every call the next user, none asked twice until all have been (first touch)",
+        )
     return parser
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -35,6 +34,7 @@ import grpc.aio
 import msgspec
 import uvloop
 
+from benchmarks.harness import machine_cpu, process_cpu_s
 from benchmarks.workload import (
     EventSpec,
     Requests,
@@ -193,30 +193,7 @@ class Window:
         self._freed.set()
 
 
-# -- CPU accounting ---------------------------------------------------------
-
-_TICKS: Final = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def process_cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of a process (all its threads), from /proc."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / _TICKS
-
-
-def machine_cpu() -> tuple[float, float] | None:
-    """(busy, total) CPU ticks of the machine since boot, from /proc/stat."""
-    try:
-        with open("/proc/stat", "rb") as stat:
-            ticks = [int(v) for v in stat.readline().split()[1:]]
-    except OSError:
-        return None
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
-    return float(sum(ticks) - idle), float(sum(ticks))
+# -- CPU accounting (process_cpu_s, machine_cpu: benchmarks.harness) -------------
 
 
 class CpuWindow:

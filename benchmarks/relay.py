@@ -86,8 +86,7 @@ from typing import Any, Final
 import grpc
 import msgspec
 
-from benchmarks.ingest import summarize_stacks
-from benchmarks.load import machine_cpu, process_cpu_s
+from benchmarks.harness import machine_cpu, process_cpu_s, summarize_stacks
 from benchmarks.relay_load import RelayLoadResult, email_of
 from benchmarks.servers import REPO, ServerProcess, sendtime_server
 from sendtime.v1 import delivery_service_pb2, delivery_service_pb2_grpc

@@ -1,5 +1,6 @@
-"""Servers under test, each in a process of its own: started, awaited until
-they print their ready line, and stopped with SIGTERM (graceful)."""
+"""Servers under test, each in a process of its own: started (on given cores
+with ``taskset`` when asked), awaited until they print their ready line, and
+stopped with SIGTERM (graceful)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ REPO: Final = Path(__file__).resolve().parent.parent
 _SENDTIME_READY: Final = re.compile(
     r"sendtime serving gRPC on (?P<grpc>\S+):(?P<grpc_port>\d+), HTTP on (?P<http>https?://\S+:\d+),"
 )
-_ECHO_READY: Final = re.compile(r"echo serving gRPC on (?P<grpc>\S+):(?P<grpc_port>\d+)")
 
 
 class ServerFailed(RuntimeError):
@@ -42,9 +42,12 @@ class ServerProcess:
         log_path: Path,
         env: Mapping[str, str] | None = None,
         start_timeout_s: float = 30.0,
+        cores: str | None = None,
     ) -> None:
         self.name = name
-        self._argv = list(argv)
+        #: taskset's core list the process (and what it starts) runs on; None: any
+        self.cores = cores
+        self._argv = ["taskset", "-c", cores, *argv] if cores is not None else list(argv)
         self._ready = ready
         self.log_path = log_path
         # the server is configured here only, not by SENDTIME_* settings of the caller's shell
@@ -112,6 +115,15 @@ class ServerProcess:
         self._log.close()
         return process.returncode
 
+    def kill(self) -> None:
+        """SIGKILL: no drain, no last save (the soak's crash)."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+        self.exit_code = process.returncode if process is not None else None
+        self._log.close()
+
     def log_tail(self, lines: int = 20) -> str:
         try:
             return "\n".join(self.log_path.read_text().splitlines()[-lines:])
@@ -128,17 +140,13 @@ class ServerProcess:
         self.stop()
 
 
-def echo_server(log_dir: Path) -> ServerProcess:
-    return ServerProcess(
-        "echo server",
-        [sys.executable, "-m", "benchmarks.echo_server", "--port", "0"],
-        ready=_ECHO_READY,
-        log_path=log_dir / "echo.log",
-    )
-
-
 def sendtime_server(
-    data_dir: Path, log_dir: Path, overrides: Mapping[str, str] | None = None
+    data_dir: Path,
+    log_dir: Path,
+    overrides: Mapping[str, str] | None = None,
+    *,
+    cores: str | None = None,
+    start_timeout_s: float = 30.0,
 ) -> ServerProcess:
     """``sendtime serve`` as production runs it (uvloop, graceful SIGTERM), on free ports."""
     env = {
@@ -156,4 +164,6 @@ def sendtime_server(
         ready=_SENDTIME_READY,
         log_path=log_dir / "sendtime.log",
         env=env,
+        cores=cores,
+        start_timeout_s=start_timeout_s,
     )

@@ -6,7 +6,10 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,22 +42,32 @@ class ServerProcess:
 
 
 async def start_server(
-    data_dir: Path, *, grpc_port: int = 0, http_port: int = 0, config: Path | None = None
+    data_dir: Path | None,
+    *,
+    grpc_port: int = 0,
+    http_port: int = 0,
+    config: Path | None = None,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> ServerProcess:
-    env = {
+    """``data_dir`` None: the settings' own (a relative one under ``cwd``)."""
+    environ = {
         **os.environ,
         "SENDTIME_GRPC__PORT": str(grpc_port),
         "SENDTIME_HTTP__PORT": str(http_port),
-        "SENDTIME_STORAGE__DATA_DIR": str(data_dir),
         "SENDTIME_SHUTDOWN_GRACE_S": "5",
+        **(env or {}),
     }
+    if data_dir is not None:
+        environ["SENDTIME_STORAGE__DATA_DIR"] = str(data_dir)
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "sendtime.server",
         "serve",
         *(["--config", str(config)] if config is not None else []),
-        env=env,
+        env=environ,
+        cwd=cwd,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -66,3 +79,45 @@ async def start_server(
         stderr = (await process.stderr.read()).decode() if process.stderr else ""
         raise RuntimeError(f"sendtime did not start: {line!r} {stderr}")
     return ServerProcess(process, int(match["grpc"]), int(match["http"]))
+
+
+@dataclass
+class ChildServer:
+    """A ``sendtime serve`` child process for synchronous tests (hypothesis
+    drives them): a crash fails the test that caused it, not the whole run."""
+
+    process: subprocess.Popen[bytes]
+    grpc_port: int
+    http_port: int
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+@contextmanager
+def child_server(data_dir: Path, *, config: Path | None = None) -> Iterator[ChildServer]:
+    env = {
+        **os.environ,
+        "SENDTIME_GRPC__PORT": "0",
+        "SENDTIME_HTTP__PORT": "0",
+        "SENDTIME_STORAGE__DATA_DIR": str(data_dir),
+        "SENDTIME_SHUTDOWN_GRACE_S": "5",
+        "SENDTIME_LOG_LEVEL": "WARNING",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sendtime.server", "serve", *(["--config", str(config)] if config else [])],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    match = READY.search(process.stdout.readline())
+    if match is None:
+        process.kill()
+        process.wait(30)
+        raise AssertionError("sendtime did not start")
+    try:
+        yield ChildServer(process, int(match["grpc"]), int(match["http"]))
+    finally:
+        process.terminate()
+        process.wait(30)

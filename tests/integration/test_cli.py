@@ -26,6 +26,11 @@ class Result:
     def json(self) -> Any:
         return json.loads(self.stdout)
 
+    def error(self) -> Any:
+        """With --json, an error is one JSON object on stderr, and stdout is empty."""
+        assert self.stdout == "", self.stdout
+        return json.loads(self.stderr)
+
 
 RunCli = Callable[..., Awaitable[Result]]
 
@@ -166,7 +171,7 @@ async def test_a_rejected_event_names_the_field_and_fails(cli: RunCli) -> None:
 
     as_json = await cli("track", "Product Added", "--user", "u1", "--properties", '{"price": -1}', "--json")
     assert as_json.code == 1
-    error = as_json.json()["error"]
+    error = as_json.error()["error"]
     assert error["code"] == "INVALID_ARGUMENT"
     assert [v["field"] for v in error["field_violations"]] == ["event.track.properties_json.price"]
 
@@ -179,7 +184,7 @@ async def test_server_refusals_fail_with_a_clear_message(cli: RunCli, server: Se
 
     stranger = await cli("profile", "u1", "--api-key", "wrong-key", "--json")
     assert stranger.code == 1
-    assert stranger.json()["error"]["code"] == "UNAUTHENTICATED"
+    assert stranger.error()["error"]["code"] == "UNAUTHENTICATED"
     assert "unknown API key" in stranger.stderr
 
 
@@ -197,3 +202,16 @@ async def test_bad_arguments_exit_2_naming_the_flag(cli: RunCli) -> None:
     assert (naive.code, "UTC offset" in naive.stderr) == (2, True)
     both = await cli("profile", "u1", "--anonymous-id", "a1")
     assert (both.code, "exactly one" in both.stderr) == (2, True)
+
+
+async def test_serve_refuses_the_dev_key_on_an_edge_beyond_loopback(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SENDTIME_")}
+    env["SENDTIME_GRPC__HOST"] = "0.0.0.0"  # noqa: S104  (refused before anything binds)
+    env["SENDTIME_STORAGE__DATA_DIR"] = str(tmp_path / "data")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sendtime.server", "serve", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 2
+    assert "auth.dev_key is on while grpc.host = '0.0.0.0' listens beyond loopback" in err.decode()
+    assert not (tmp_path / "data").exists()  # refused before it made anything

@@ -48,6 +48,11 @@ class Result:
     def json(self) -> Any:
         return json.loads(self.stdout)
 
+    def error(self) -> Any:
+        """With --json, an error is one JSON object on stderr, and stdout is empty."""
+        assert self.stdout == "", self.stdout
+        return json.loads(self.stderr)
+
 
 RunCli = Callable[..., Awaitable[Result]]
 
@@ -273,7 +278,7 @@ async def test_render_an_unknown_template_names_it(cli: RunCli, demo: dict[str, 
     as_json = await cli("render", "no_such_template", "--user", "demo-shopper", "--json")
 
     assert as_json.code == 1
-    assert as_json.json()["error"]["reason"] == "TEMPLATE_NOT_FOUND"
+    assert as_json.error()["error"]["reason"] == "TEMPLATE_NOT_FOUND"
 
 
 # --------------------------------------------------------------------- preview
@@ -300,7 +305,7 @@ async def test_preview_without_chromium_says_how_to_install_it(
 
     assert on_path.code == 1
     assert "no Chromium on PATH (looked for chromium, chromium-browser, google-chrome)" in on_path.stderr
-    assert "apt-get install chromium" in on_path.json()["error"]["message"]
+    assert "apt-get install chromium" in on_path.error()["error"]["message"]
 
 
 @pytest.mark.skipif(

@@ -65,6 +65,11 @@ class Result:
     def json(self) -> Any:
         return json.loads(self.stdout)
 
+    def error(self) -> Any:
+        """With --json, an error is one JSON object on stderr, and stdout is empty."""
+        assert self.stdout == "", self.stdout
+        return json.loads(self.stderr)
+
 
 RunCli = Callable[..., Awaitable[Result]]
 
@@ -290,7 +295,7 @@ async def test_server_refusals_exit_1_with_the_reason(cli: RunCli, ada: str, out
     assert "not found: no template 'no_such_template'" in unknown.stderr
     as_json = await cli("send", "no_such_template", "--user", ada, "--key", "x1", "--json")
     assert as_json.code == 1
-    assert as_json.json()["error"]["reason"] == "TEMPLATE_NOT_FOUND"
+    assert as_json.error()["error"]["reason"] == "TEMPLATE_NOT_FOUND"
 
     too_long = await cli("send", "post_purchase", "--user", ada, "--key", "k" * 101)
     assert too_long.code == 1

@@ -23,7 +23,7 @@ from sendtime.v1 import delivery_service_pb2 as D
 from sendtime.v1 import delivery_service_pb2_grpc, event_pb2, event_service_pb2
 from tests.conftest import DEV_AUTH, SettingsFactory, event_stub
 from tests.integration.server_process import start_server
-from tests.integration.smtp_server import SmtpServer
+from tests.integration.smtp_server import Inbox, SmtpServer
 
 SENT = D.DELIVERY_STATUS_SENT
 
@@ -261,6 +261,42 @@ async def test_smtp_server_down_then_back_gets_the_email_once(make_settings: Set
             assert len(smtp.inbox.messages) == 1
         finally:
             smtp.stop()
+
+
+class SilentAfterData(Inbox):
+    """Takes the message, then never answers the end of DATA."""
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        await super().handle_DATA(server, session, envelope)
+        await asyncio.sleep(3)  # past the relay's timeout
+        return "250 2.0.0 Ok: queued as LATE"
+
+
+async def test_no_answer_after_the_message_went_out_is_uncertain_and_never_resent(
+    make_settings: SettingsFactory,
+) -> None:
+    smtp = SmtpServer()
+    smtp.inbox = inbox = SilentAfterData()
+    smtp.start()
+    relay = smtp_relay(smtp.port, attempts=3) + "timeout_s = 0.3\n"
+    try:
+        async with (
+            Sendtime(make_settings(flows_config(relay, delay_s=0.0))) as app,
+            channel_to(app) as channel,
+        ):
+            await ingest(channel, identify("i1"), add_to_cart("a1"))
+            delivery = await wait_for_status(channel, {D.DELIVERY_STATUS_UNCERTAIN})
+            await asyncio.sleep(0.5)  # a retry, if one were made, would land here
+            [again] = (
+                await deliveries(channel).ListDeliveries(
+                    D.ListDeliveriesRequest(user_id="ada"), metadata=DEV_AUTH
+                )
+            ).deliveries
+    finally:
+        smtp.stop()
+    assert len(inbox.messages) == 1
+    assert again.status == D.DELIVERY_STATUS_UNCERTAIN
+    assert "may have taken it" in delivery.reason
 
 
 async def test_kill_9_between_scheduling_and_sending_sends_exactly_once(

@@ -143,7 +143,10 @@ async def test_retried_body_without_message_id_is_a_duplicate(
 
 
 async def test_auth_errors(session: aiohttp.ClientSession, make_settings: SettingsFactory) -> None:
-    config = f'[[auth.keys]]\nname = "reader"\nhash = "{hash_key("reader-key")}"\nscopes = ["content"]\n'
+    config = (
+        f'[[auth.keys]]\nname = "reader"\nhash = "{hash_key("reader-key")}"\nscopes = ["content"]\n'
+        f'[[auth.keys]]\nname = "shop"\nhash = "{hash_key("shop-key")}"\nscopes = ["ingest"]\n'
+    )
     async with Sendtime(make_settings(config)) as app:
         url = f"http://127.0.0.1:{app.http_port}/v1/track"
         event = {"messageId": "m", "userId": "u", "event": "Custom"}
@@ -154,8 +157,11 @@ async def test_auth_errors(session: aiohttp.ClientSession, make_settings: Settin
         status, body = await post(session, url, event, auth="Bearer reader-key")
         assert (status, body["error"]["code"]) == (403, "PERMISSION_DENIED")
         # analytics clients also send the write key in the body
-        status, _ = await post(session, url, {**event, "writeKey": "dev-key"}, auth=None)
+        status, _ = await post(session, url, {**event, "writeKey": "shop-key"}, auth=None)
         assert status == 200
+        # with keys configured the dev key no longer works (issue 16)
+        status, _ = await post(session, url, {**event, "writeKey": "dev-key"}, auth=None)
+        assert status == 401
 
 
 async def test_segment_limits(session: aiohttp.ClientSession, http_url: str) -> None:

@@ -4,6 +4,7 @@ outcome and timings, and never a key, a body or an email address."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -49,6 +50,17 @@ def lines(caplog: pytest.LogCaptureFixture, logger: str) -> list[tuple[str, dict
     return found
 
 
+async def logged(
+    caplog: pytest.LogCaptureFixture, logger: str, count: int
+) -> list[tuple[str, dict[str, Any]]]:
+    """The lines of ``logger`` once there are ``count``: a gRPC call's access line
+    is written after its status has left for the client, so it can trail the call."""
+    async with asyncio.timeout(5):
+        while len(found := lines(caplog, logger)) < count:
+            await asyncio.sleep(0.01)
+    return found
+
+
 async def get_content(port: int, metadata: tuple[tuple[str, str], ...]) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         await content_service_pb2_grpc.ContentServiceStub(channel).GetContent(
@@ -62,7 +74,7 @@ async def test_one_json_line_per_grpc_call(server: Sendtime, caplog: pytest.LogC
     with pytest.raises(grpc.aio.AioRpcError):
         await get_content(server.grpc_port, (("authorization", "Bearer not-a-key-0123"),))
 
-    (ok_line, ok), (refused_line, refused) = lines(caplog, ACCESS_LOGGER)
+    (ok_line, ok), (refused_line, refused) = await logged(caplog, ACCESS_LOGGER, 2)
     assert ok["request_id"] == "req-from-caller-1"
     assert ok["transport"] == "grpc"
     assert ok["method"] == "sendtime.v1.ContentService/GetContent"

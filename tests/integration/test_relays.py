@@ -46,6 +46,7 @@ from sendtime.server.relay import (
     SmtpConfig,
     SmtpRelay,
     TransientFailure,
+    UncertainFailure,
     build_relay,
 )
 
@@ -460,6 +461,26 @@ async def test_smtp_concurrent_sends_share_a_small_pool() -> None:
     assert smtp.connections_opened <= 2
 
 
+async def test_smtp_no_reply_to_the_end_of_data_is_uncertain_and_not_retried() -> None:
+    """The whole message went out; the server never said whether it queued it."""
+
+    class Silent(Recorder):
+        async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+            self.received.append(Received(str(envelope.mail_from), [], b"", session.peer, False, None))
+            await asyncio.sleep(2)  # past the relay's timeout
+            return "250 OK"
+
+    handler = Silent()
+    with smtp_server(handler) as port:
+        relay = RetryingRelay(smtp_relay(port, timeout_s=0.3), policy=FAST)
+        try:
+            with pytest.raises(UncertainFailure, match="no reply to the end of DATA"):
+                await relay.send(make_email())
+        finally:
+            await relay.close()
+    assert len(handler.received) == 1
+
+
 async def test_smtp_silent_server_times_out_as_transient() -> None:
     async def never_greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()  # holds the connection open, says nothing
@@ -848,21 +869,56 @@ async def test_http_esp_down_is_transient(esp: Esp) -> None:
         await relay.close()
 
 
-async def test_http_esp_slow_answer_times_out_as_transient(esp: Esp) -> None:
+async def test_http_esp_slow_answer_is_uncertain_and_resent_only_with_our_key(esp: Esp) -> None:
+    """The request went out and no answer came: the ESP may have the message.
+    Only an ESP that drops a second copy by our idempotency key is tried again."""
     release = asyncio.Event()
+    requests = 0
 
     async def slow(request: web.Request) -> web.Response:
+        nonlocal requests
+        requests += 1
         await release.wait()
         return web.Response(status=500)
 
     async with http_server(slow) as url:
-        relay = build_relay(msgspec.structs.replace(esp.config(url), timeout_s=0.2))
+        relay = RetryingRelay(
+            build_relay(msgspec.structs.replace(esp.config(url), timeout_s=0.2)), policy=FAST
+        )
         try:
-            with pytest.raises(TransientFailure, match="Timeout"):
-                await relay.attempt(make_email())
+            if relay.idempotent:
+                with pytest.raises(TransientFailure, match="Timeout"):
+                    await relay.send(make_email())
+                assert requests == FAST.attempts
+            else:
+                with pytest.raises(UncertainFailure, match=r"Timeout.*after the request went out"):
+                    await relay.send(make_email())
+                assert requests == 1
         finally:
             release.set()
             await relay.close()
+
+
+async def test_http_esp_fresh_connection_lost_before_the_answer_is_uncertain(esp: Esp) -> None:
+    requests = 0
+
+    async def hang_up(request: web.Request) -> web.Response:
+        nonlocal requests
+        requests += 1
+        await request.read()
+        assert request.transport is not None
+        request.transport.abort()  # took the whole request, never answered
+        return web.Response(status=500)
+
+    async with http_server(hang_up) as url:
+        relay = RetryingRelay(build_relay(esp.config(url)), policy=FAST)
+        try:
+            failure = TransientFailure if relay.idempotent else UncertainFailure
+            with pytest.raises(failure, match="ServerDisconnectedError"):
+                await relay.send(make_email())
+        finally:
+            await relay.close()
+    assert requests == (FAST.attempts if relay.idempotent else 1)
 
 
 async def test_resend_sends_the_same_idempotency_key_on_every_try() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import html
+import re
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -86,13 +87,16 @@ async def test_the_page_shows_traffic_cache_flows_and_deliveries(sent: Sendtime)
     assert "Content (HTTP)" in body
     assert "Ingestion (gRPC)" in body
     assert "<th scope=row>abandoned_cart</th>" in body
-    assert "/v1/deliveries/1/preview?key=dev-key" in body
+    # the admin key that came in the URL is not copied into the page's links
+    # (issue 16): each preview link carries a token for that delivery alone
+    assert "dev-key" not in body
+    assert "/v1/deliveries/1/preview?token=" in body
     assert "the exact HTML sent is not stored" in body  # the page says what a preview is
     # a second view a moment later reads a window, not "since the server started"
     await asyncio.sleep(1.1)
     body = (await _get(f"{base}/", BEARER))[1]
     assert "over the last" in body
-    assert '/v1/deliveries/1/preview"' in body  # no key in links when it came in a header
+    assert "/v1/deliveries/1/preview?token=" in body  # the same when the key came in a header
 
 
 async def test_the_preview_renders_the_delivery_for_its_user(sent: Sendtime) -> None:
@@ -103,6 +107,23 @@ async def test_the_preview_renders_the_delivery_for_its_user(sent: Sendtime) -> 
     assert "<html" in body.lower()
     assert "sandbox" in headers["Content-Security-Policy"]
     assert (await _get(f"{base}/v1/deliveries/999/preview", BEARER))[0] == 404
+    # an id past 64 bits names no delivery: 404, not a 500 from the store
+    assert (await _get(f"{base}/v1/deliveries/{10**30}/preview", BEARER))[0] == 404
+
+
+async def test_the_pages_preview_links_work_without_the_key_for_their_delivery_only(sent: Sendtime) -> None:
+    base = f"http://127.0.0.1:{sent.http_port}"
+    page = (await _get(f"{base}/?key=dev-key"))[1]
+    link = html.unescape(re.search(r'href="(/v1/deliveries/1/preview\?token=[^"]+)"', page)[1])  # type: ignore[index]
+    assert "dev-key" not in link
+    assert (await _get(base + link))[0] == 200
+    token = link.partition("?token=")[2]
+    # the token is for delivery 1 only, and cannot be altered
+    assert (await _get(f"{base}/v1/deliveries/2/preview?token={token}"))[0] == 401
+    altered = token[:-1] + ("1" if token[-1] == "0" else "0")
+    assert (await _get(f"{base}/v1/deliveries/1/preview?token={altered}"))[0] == 401
+    expired = "1." + token.partition(".")[2]
+    assert (await _get(f"{base}/v1/deliveries/1/preview?token={expired}"))[0] == 401
 
 
 async def test_everything_shown_is_escaped(sent: Sendtime) -> None:
@@ -141,4 +162,23 @@ async def test_a_person_sees_the_page_in_chromium(sent: Sendtime, tmp_path: Path
     assert '<th scope="row">abandoned_cart</th>' in dom
     assert "<td>abandoned_cart</td>" in dom
     assert "<td>sent</td>" in dom
-    assert 'href="/v1/deliveries/1/preview?key=dev-key"' in dom
+    assert 'href="/v1/deliveries/1/preview?token=' in dom
+    assert "dev-key" not in dom
+
+
+async def test_draws_beyond_the_bound_are_refused_at_once(make_settings: SettingsFactory) -> None:
+    """Twenty operators' tabs at once, one draw allowed: the others are told to
+    retry (429, Retry-After) instead of queueing behind the event loop."""
+    async with Sendtime(make_settings(http__max_status_page_draws="1")) as app:
+        url = f"http://127.0.0.1:{app.http_port}/"
+        headers = {"Authorization": "Bearer dev-key"}
+        async with aiohttp.ClientSession() as session:
+
+            async def draw() -> tuple[int, str | None]:
+                async with session.get(url, headers=headers) as response:
+                    await response.read()
+                    return response.status, response.headers.get("Retry-After")
+
+            answers = await asyncio.gather(*(draw() for _ in range(20)))
+    assert {status for status, _ in answers} == {200, 429}
+    assert all(after == "1" for status, after in answers if status == 429)

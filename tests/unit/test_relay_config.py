@@ -133,6 +133,7 @@ def test_public_surface() -> None:
         "SmtpConfig",
         "SmtpRelay",
         "TransientFailure",
+        "UncertainFailure",
         "build_relay",
         "build_retrying_relay",
     ]

@@ -8,7 +8,7 @@ import pytest
 
 from sendtime.server.auth import Authenticator
 from sendtime.server.domain.errors import PermissionDenied, Unauthenticated
-from sendtime.server.settings import Scope, Settings, SettingsError, hash_key, load_settings
+from sendtime.server.settings import Scope, SettingsError, hash_key, load_settings
 
 
 def test_defaults_are_what_make_run_serves() -> None:
@@ -80,6 +80,41 @@ def test_malformed_key_hash_is_refused(tmp_path: Path) -> None:
         load_settings(config, environ={})
 
 
-def test_the_example_config_documents_the_defaults() -> None:
-    example = Path(__file__).resolve().parents[2] / "sendtime.example.toml"
-    assert load_settings(example, environ={}) == Settings()
+@pytest.mark.parametrize("edge", ["GRPC", "HTTP"])
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "shop-sendtime.internal"])  # noqa: S104  (settings only: nothing binds)
+def test_the_dev_key_is_refused_on_an_edge_beyond_loopback(edge: str, host: str) -> None:
+    with pytest.raises(SettingsError, match=rf"auth\.dev_key is on while {edge.lower()}\.host"):
+        load_settings(environ={f"SENDTIME_{edge}__HOST": host})
+    # with real keys it starts; forcing the dev key is possible, and said in the settings
+    keys = {"SENDTIME_AUTH__DEV_KEY": "false"}
+    assert load_settings(environ={f"SENDTIME_{edge}__HOST": host, **keys}).edges_beyond_loopback()
+    forced = load_settings(
+        environ={f"SENDTIME_{edge}__HOST": host, "SENDTIME_AUTH__DEV_KEY_BEYOND_LOOPBACK": "true"}
+    )
+    assert forced.auth.dev_key is True
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"])
+def test_loopback_edges_keep_the_dev_key(host: str) -> None:
+    settings = load_settings(environ={"SENDTIME_GRPC__HOST": host, "SENDTIME_HTTP__HOST": host})
+    assert settings.auth.dev_key is True
+    assert settings.edges_beyond_loopback() == []
+    assert settings.metrics_need_key() is False
+
+
+def test_metrics_need_a_key_when_http_listens_beyond_loopback() -> None:
+    exposed = {"SENDTIME_HTTP__HOST": "0.0.0.0", "SENDTIME_AUTH__DEV_KEY": "false"}  # noqa: S104
+    assert load_settings(environ=exposed).metrics_need_key() is True
+    said = {**exposed, "SENDTIME_METRICS__REQUIRE_ADMIN_KEY": "false"}
+    assert load_settings(environ=said).metrics_need_key() is False  # said so in the config: followed
+    assert load_settings(environ={"SENDTIME_METRICS__REQUIRE_ADMIN_KEY": "true"}).metrics_need_key() is True
+
+
+def test_a_configured_key_turns_the_dev_key_off_so_the_edge_may_listen_beyond_loopback(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "keys.toml"
+    config.write_text('[[auth.keys]]\nname = "shop"\nhash = "' + hash_key("k") + '"\nscopes = ["ingest"]\n')
+    settings = load_settings(config, environ={"SENDTIME_HTTP__HOST": "0.0.0.0"})  # noqa: S104
+    assert settings.auth.dev_key is True  # left on in the file, but no longer accepted
+    assert not settings.dev_key_works()

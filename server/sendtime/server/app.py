@@ -28,37 +28,49 @@ from opentelemetry.sdk.trace.export import SpanExporter
 
 from sendtime.server.auth import Authenticator
 from sendtime.server.cache import CacheFetcher, CircuitBreakers, MemoryCache
-from sendtime.server.deliveries import Deliveries, Suppressions
+from sendtime.server.deliveries import Deliveries, DeliveryQueries, Suppressions
 from sendtime.server.dispatch import Dispatcher, DispatchPolicy
 from sendtime.server.domain.blocks import BUILT_IN_BLOCKS, OfferRule
 from sendtime.server.domain.catalog import Catalog, CatalogUpdater, load_products
+from sendtime.server.domain.commits import AfterCommit
 from sendtime.server.domain.content import ContentPipeline, ContentPolicy
 from sendtime.server.domain.errors import Unavailable
 from sendtime.server.domain.events import EventWindow, known_payload
 from sendtime.server.domain.flows import ExitOn, Flow, FlowPlanner, Reentry
 from sendtime.server.domain.ingest import Ingestor, utc_now
 from sendtime.server.domain.learning import LEARNED_EVENTS, EventLearner
+from sendtime.server.domain.ports import EventStore, Storage
 from sendtime.server.domain.profiles import ProfileBook
 from sendtime.server.domain.queries import ProfileQueries
 from sendtime.server.domain.recommend import Recommender
 from sendtime.server.domain.sends import FrequencyCap, QuietHours
-from sendtime.server.domain.unsubscribe import UnsubscribeTokens
+from sendtime.server.domain.unsubscribe import EmailLinks
 from sendtime.server.edge.grpc_server import GrpcEdge, build_grpc_edge
 from sendtime.server.edge.http_server import HttpEdge, build_http_edge
 from sendtime.server.edge.status_page import StatusPage
+from sendtime.server.fdlimit import fit_open_files
 from sendtime.server.feedback import PostmarkFeedback, SendGridFeedback
 from sendtime.server.looplag import LoopLag
 from sendtime.server.observe import Telemetry
+from sendtime.server.preferences import Preferences
 from sendtime.server.relay import OutboxConfig, RelayConfig, build_retrying_relay
 from sendtime.server.rendering import RenderPool, TemplateStore
-from sendtime.server.settings import ContentSettings, DeliverySettings, FlowSettings, Settings
-from sendtime.server.store.sqlite import SqliteStore
+from sendtime.server.settings import (
+    ContentSettings,
+    DeliverySettings,
+    FlowSettings,
+    Settings,
+    is_loopback_url,
+    public_base_url,
+)
+from sendtime.server.shipped import DEMO_CATALOG, TEMPLATES, shipped
+from sendtime.server.store.postgres import PostgresBackend, migrate_database
+from sendtime.server.store.sqlite import SqliteBackend
 from sendtime.server.upstream import UpstreamProvider
 
 log = logging.getLogger("sendtime")
 
 DB_FILE = "sendtime.sqlite3"
-DEFAULT_CATALOG = ContentSettings().catalog_file
 
 
 class Sendtime:
@@ -75,7 +87,8 @@ class Sendtime:
         self._clock = clock
         self._span_exporter = span_exporter
         self._telemetry: Telemetry | None = None
-        self._store: SqliteStore | None = None
+        self._storage: Storage | None = None
+        self._after_commit: AfterCommit | None = None
         self._profiles: ProfileBook | None = None
         self._fetcher: CacheFetcher | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -99,9 +112,14 @@ class Sendtime:
         return self._http.port
 
     @property
-    def store(self) -> SqliteStore:
-        assert self._store is not None, "start() first"
-        return self._store
+    def storage(self) -> Storage:
+        assert self._storage is not None, "start() first"
+        return self._storage
+
+    @property
+    def public_base_url(self) -> str:
+        """Where the links in emails point (delivery.public_base_url, else the HTTP edge)."""
+        return public_base_url(self.settings, self.http_port)
 
     @property
     def cache(self) -> CacheFetcher:
@@ -128,28 +146,18 @@ class Sendtime:
         self._telemetry = telemetry = Telemetry(settings, span_exporter=self._span_exporter)
         metrics = telemetry.metrics
         tracer = telemetry.tracer
-        self._store = store = await SqliteStore.open(
-            storage.data_dir / DB_FILE,
-            synchronous="normal" if storage.synchronous == "normal" else "full",
-            dedupe_retention=timedelta(seconds=storage.dedupe_retention_s),
-            max_queued_events=storage.max_queued_events,
-            cache_mib=storage.sqlite_cache_mib,
-        )
+        self._storage = backend = await self._open_storage()
         self._profiles = profiles = ProfileBook(
-            store, max_cached=storage.profile_cache_size, flush_interval_s=storage.profile_flush_interval_s
+            backend.profiles,
+            max_cached=storage.profile_cache_size,
+            flush_interval_s=storage.profile_flush_interval_s,
         )
-        store.on_commit = profiles.committed
         if metrics is not None:
-            metrics.watch_store(store.stats)
+            metrics.watch_store(backend.stats)
         flows = [flow_from_settings(f, settings.delivery.default_sender) for f in settings.flows]
-        store.planner = FlowPlanner(flows)
 
         await self._load_catalog(content)
-        learner = EventLearner(self.recommender, lambda key: pipeline.invalidate_user(key))
-        learned = await store.replay_track_events(
-            LEARNED_EVENTS, lambda key, name, body: learner.learn(key, known_payload(name, body))
-        )
-        log.info("recommendations learned from %d stored events", learned)
+        learner = EventLearner(self.recommender)
 
         breakers = CircuitBreakers(
             failure_threshold=content.breaker_failures, reset_timeout=content.breaker_reset_s
@@ -163,7 +171,7 @@ class Sendtime:
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=content.upstream_connections_per_host)
         )
         allowed = frozenset(content.allowed_upstream_hosts)
-        templates = TemplateStore(content.templates_dir)
+        templates = TemplateStore(_templates_dir(content))
         self._render_pool = render_pool = RenderPool(content.render_processes)
         await render_pool.start()
         pipeline = ContentPipeline(
@@ -191,20 +199,21 @@ class Sendtime:
             renderer=render_pool,
         )
         self._loop_lag.start()
-        profiles.on_folded.append(learner.learned)
         await profiles.start()
 
         delivery = settings.delivery
-        tokens = UnsubscribeTokens(await self._unsubscribe_secret(delivery))
+        # email links point at the HTTP edge's own port when no public address
+        # is configured, known once it listens (port 0 in tests)
+        links = EmailLinks(await self._unsubscribe_secret(delivery), lambda: self.public_base_url)
         relay = build_retrying_relay(_in_data_dir(delivery.relay, storage.data_dir))
         relay.observer = telemetry.relay_observer(relay.name)
         relay.tracer = tracer
         self._dispatcher = dispatcher = Dispatcher(
-            store=store,
+            ledger=backend.ledger,
             profiles=profiles,
             pipeline=pipeline,
             relay=relay,
-            tokens=tokens,
+            links=links,
             flows={f.id: f for f in flows},
             policy=_dispatch_policy(delivery),
             observer=telemetry.send_observer(),
@@ -213,14 +222,27 @@ class Sendtime:
         if metrics is not None:
             metrics.watch_gauge("sendtime_content_requests_in_flight", lambda: pipeline.in_flight)
             metrics.watch_gauge("sendtime_sends_in_flight", lambda: dispatcher.in_flight)
-        store.on_scheduled = dispatcher.wake
+        # What follows a commit, and the event store that tells it (last: it
+        # needs them all). The stored track events teach the recommender first.
+        self._after_commit = after_commit = AfterCommit(
+            profiles=profiles,
+            learn=learner.learned,
+            invalidate_user=pipeline.invalidate_user,
+            wake_dispatcher=dispatcher.wake,
+        )
+        events: EventStore = backend.event_store(FlowPlanner(flows), after_commit)
+        learned = await events.replay_track_events(
+            LEARNED_EVENTS, lambda key, name, body: learner.learn(key, known_payload(name, body))
+        )
+        log.info("recommendations learned from %d stored events", learned)
+        after_commit.start()
         await dispatcher.start()
-        deliveries = Deliveries(store, flows, templates.get, self._clock)
+        deliveries = Deliveries(backend.ledger, flows, templates.get, dispatcher.wake, self._clock)
         feedback = delivery.feedback
 
         ingestor = Ingestor(
-            store,
-            profiles,
+            events,
+            after_commit,
             self._clock,
             observer=telemetry.ingest_observer(),
             window=EventWindow(
@@ -248,10 +270,14 @@ class Sendtime:
             authenticator=authenticator,
             webhooks=settings.webhooks,
             pipeline=pipeline,
-            catalog=CatalogUpdater(self.catalog, store.save_products, pipeline.invalidate_catalog),
+            catalog=CatalogUpdater(self.catalog, backend.catalog.save_products, pipeline.invalidate_catalog),
             default_deadline_s=default_deadline_s,
-            suppressions=Suppressions(store, tokens, self._clock),
-            sendgrid=SendGridFeedback(feedback.sendgrid_public_key) if feedback.sendgrid_public_key else None,
+            suppressions=Suppressions(backend.suppressions, links.unsubscribe_tokens, self._clock),
+            sendgrid=(
+                SendGridFeedback(feedback.sendgrid_public_key, tolerance_s=feedback.sendgrid_tolerance_s)
+                if feedback.sendgrid_public_key
+                else None
+            ),
             postmark=(
                 PostmarkFeedback(feedback.postmark_username, feedback.postmark_password)
                 if feedback.postmark_username
@@ -261,10 +287,62 @@ class Sendtime:
             shutdown_grace_s=settings.shutdown_grace_s,
             telemetry=telemetry,
             clock=self._clock,
-            status_page=StatusPage(authenticator, store, pipeline, fetcher, metrics, [f.id for f in flows]),
+            status_page=StatusPage(
+                authenticator,
+                DeliveryQueries(backend.ledger),
+                pipeline,
+                fetcher,
+                metrics,
+                [f.id for f in flows],
+                max_drawing=settings.http.max_status_page_draws,
+            ),
+            # refused before their bodies are read, rather than decoded and then refused by the store
+            ingest_backlogged=lambda: backend.stats().queued_events >= storage.max_queued_events,
+            preferences=Preferences(
+                tokens=links.preferences_tokens,
+                profiles=profiles,
+                suppressions=backend.suppressions,
+                ingestor=ingestor,
+                groups=[f.subscription_group for f in flows],
+                require_opt_in=delivery.require_opt_in,
+                clock=self._clock,
+            ),
         )
         await self._grpc.start()
         await self._http.start()
+        if is_loopback_url(self.public_base_url) and not isinstance(delivery.relay, OutboxConfig):
+            log.warning(
+                "links in emails (unsubscribe, preferences) point at %s, which only this machine can open,"
+                " while the %s relay sends real emails: set delivery.public_base_url to this server's public"
+                " https address",
+                self.public_base_url,
+                relay.name,
+            )
+
+    async def _open_storage(self) -> Storage:
+        """The one place that picks a backend."""
+        storage = self.settings.storage
+        if storage.backend == "postgres":
+            if not self.settings.delivery.unsubscribe_secret:
+                # each replica would make its own, and links would break across them
+                raise Unavailable(
+                    "delivery.unsubscribe_secret must be set with storage.backend = 'postgres':"
+                    " every replica must sign unsubscribe links with the same secret"
+                )
+            return await PostgresBackend.open(
+                storage.postgres_dsn,
+                pool_size=storage.postgres_pool_size,
+                lease=timedelta(seconds=storage.claim_lease_s),
+                dedupe_retention=timedelta(seconds=storage.dedupe_retention_s),
+                max_queued_events=storage.max_queued_events,
+            )
+        return await SqliteBackend.open(
+            storage.data_dir / DB_FILE,
+            synchronous="normal" if storage.synchronous == "normal" else "full",
+            dedupe_retention=timedelta(seconds=storage.dedupe_retention_s),
+            max_queued_events=storage.max_queued_events,
+            cache_mib=storage.sqlite_cache_mib,
+        )
 
     async def _unsubscribe_secret(self, delivery: DeliverySettings) -> bytes:
         """The configured secret, else one made once and kept beside the data."""
@@ -281,18 +359,15 @@ class Sendtime:
         return path.read_text().strip().encode()
 
     async def _load_catalog(self, content: ContentSettings) -> None:
-        path = content.catalog_file
-        if path is not None:
-            if path.exists():
-                self.catalog.upsert(load_products(path))
-            elif path == DEFAULT_CATALOG:
-                log.warning(
-                    "no catalog at %s: starting with the products stored by the catalog API only", path
-                )
-            else:
-                raise Unavailable(f"content.catalog_file {path} does not exist")
+        path = content.catalog_file or shipped(DEMO_CATALOG)
+        if path.exists():
+            self.catalog.upsert(load_products(path))
+        elif content.catalog_file is None:
+            log.warning("no catalog at %s: starting with the products stored by the catalog API only", path)
+        else:
+            raise Unavailable(f"content.catalog_file {path} does not exist")
         # updates made through the API since are newer than the file
-        self.catalog.upsert(await self.store.load_products())
+        self.catalog.upsert(await self.storage.catalog.load_products())
         log.info("catalog: %d products", len(self.catalog))
 
     async def stop(self) -> None:
@@ -312,10 +387,12 @@ class Sendtime:
             await self._fetcher.aclose()
         if self._session is not None:
             await self._session.close()
+        if self._after_commit is not None:
+            await self._after_commit.close()
         if self._profiles is not None:
             await self._profiles.close()
-        if self._store is not None:
-            await self._store.close()
+        if self._storage is not None:
+            await self._storage.close()
         if self._telemetry is not None:
             await self._telemetry.aclose()  # the last spans, exported
 
@@ -327,6 +404,16 @@ class Sendtime:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+
+
+def _templates_dir(content: ContentSettings) -> Path:
+    """The configured templates folder, which must exist, else the shipped one."""
+    if content.templates_dir is None:
+        return shipped(TEMPLATES)
+    if not content.templates_dir.is_dir():
+        problem = "is not a folder" if content.templates_dir.exists() else "does not exist"
+        raise Unavailable(f"content.templates_dir {content.templates_dir} {problem}")
+    return content.templates_dir
 
 
 def _policy(content: ContentSettings) -> ContentPolicy:
@@ -381,7 +468,6 @@ def _dispatch_policy(delivery: DeliverySettings) -> DispatchPolicy:
     quiet = delivery.quiet_hours
     return DispatchPolicy(
         default_sender=delivery.default_sender,
-        public_base_url=delivery.public_base_url,
         unsubscribe_mailto=delivery.unsubscribe_mailto,
         list_id=delivery.list_id,
         message_id_domain=delivery.message_id_domain,
@@ -409,6 +495,7 @@ def _dispatch_policy(delivery: DeliverySettings) -> DispatchPolicy:
 
 
 async def _serve(settings: Settings, on_ready: Callable[[Sendtime], None]) -> None:
+    fit_open_files(settings)
     app = Sendtime(settings)
     await app.start()
     # Everything built at start (modules, templates, the catalog, the profiles
@@ -424,6 +511,15 @@ async def _serve(settings: Settings, on_ready: Callable[[Sendtime], None]) -> No
     log.info("shutting down: draining for up to %.0f s", settings.shutdown_grace_s)
     await app.stop()
     log.info("stopped")
+
+
+def migrate(settings: Settings) -> str:
+    """``sendtime migrate``: bring the configured database's schema up to date
+    (replicas also do it as they start, under a lock); says what it did."""
+    if settings.storage.backend != "postgres":
+        return "the SQLite backend creates its schema as it starts: nothing to migrate"
+    applied = uvloop.run(migrate_database(settings.storage.postgres_dsn))
+    return f"applied schema migrations {applied}" if applied else "the schema is up to date"
 
 
 def serve(settings: Settings, on_ready: Callable[[Sendtime], None]) -> None:

@@ -22,8 +22,10 @@ class Principal:
 class Authenticator:
     def __init__(self, settings: AuthSettings) -> None:
         self._by_hash = {k.hash: Principal(k.name, frozenset(k.scopes)) for k in settings.keys}
-        if settings.dev_key:
-            self._by_hash.setdefault(hash_key(DEV_KEY), Principal("dev", frozenset(Scope)))
+        # Only while no key is configured: a server given real keys must not
+        # also open every scope to a key everybody knows.
+        if settings.dev_key and not settings.keys:
+            self._by_hash[hash_key(DEV_KEY)] = Principal("dev", frozenset(Scope))
 
     def authenticate(self, key: str | None) -> Principal:
         if not key:

@@ -12,9 +12,16 @@
     sendtime deliveries [--user u1] [--flow abandoned_cart] [--limit N | --all] [--json]
     sendtime flows                                      # flows and their deliveries by status
 
-Each talks to --target (default $SENDTIME_TARGET, else 127.0.0.1:50051) with
---api-key (default $SENDTIME_API_KEY, else the development key). Output is
-readable by default and one JSON object with --json. Exit status: 0 on
+Each talks to the server that ``sendtime serve`` would start with the same
+settings: --config FILE (default $SENDTIME_CONFIG) and the SENDTIME_* variables
+(SENDTIME_GRPC__PORT=6000) give its gRPC address, and TLS when [grpc.tls] is
+set. --target HOST:PORT (default $SENDTIME_TARGET) names a server outright.
+The key is --api-key (default $SENDTIME_API_KEY, else the development key,
+when the config accepts it). When nothing listens at the address the command
+says so at once, naming where the address came from.
+
+Output is readable by default and one JSON object with --json; with --json an
+error is one JSON object on stderr and stdout stays empty. Exit status: 0 on
 success, 1 when the server refuses or cannot be reached (or preview finds no
 Chromium, or ``send --wait`` ends in anything but sent), 2 for bad arguments.
 
@@ -36,6 +43,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +52,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from google.protobuf import json_format
 
@@ -61,10 +70,12 @@ from sendtime.client import (
     identify_event,
     track_event,
 )
+from sendtime.server.settings import DEV_KEY, SettingsError, load_settings
 from sendtime.v1 import event_pb2, profile_service_pb2
 
-DEFAULT_TARGET: Final = "127.0.0.1:50051"
-DEFAULT_API_KEY: Final = "dev-key"
+#: How long the check that something listens at the target may take: a
+#: refused connection answers at once, a silent host is given this long.
+CONNECT_CHECK_S: Final = 2.0
 
 #: The keys of a whole event given to ``track --event``, with Segment's
 #: camelCase spellings, mapped to the client's argument names.
@@ -141,16 +152,27 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     connection = argparse.ArgumentParser(add_help=False)
     group = connection.add_argument_group("connection")
     group.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the server's TOML settings: its gRPC host, port and TLS are dialled (default: "
+        "$SENDTIME_CONFIG; SENDTIME_GRPC__PORT and the other SENDTIME_* variables apply on top, "
+        "as for sendtime serve)",
+    )
+    group.add_argument(
         "--target",
-        default=os.environ.get("SENDTIME_TARGET", DEFAULT_TARGET),
-        help=f"server address host:port (default: $SENDTIME_TARGET, else {DEFAULT_TARGET})",
+        metavar="HOST:PORT",
+        help="the server's gRPC address, over the settings (default: $SENDTIME_TARGET, else the "
+        "settings' grpc.host:grpc.port, 127.0.0.1:50051 by default)",
     )
     group.add_argument(
         "--api-key",
-        default=os.environ.get("SENDTIME_API_KEY", DEFAULT_API_KEY),
-        help="API key (default: $SENDTIME_API_KEY, else the development key)",
+        help="API key (default: $SENDTIME_API_KEY, else the development key dev-key)",
     )
-    group.add_argument("--tls", action="store_true", help="connect with TLS (system root certificates)")
+    group.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect with TLS, system root certificates (on anyway when the settings have [grpc.tls])",
+    )
     group.add_argument("--timeout", type=float, default=5.0, help="seconds before giving up (default: 5)")
     group.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
@@ -396,6 +418,64 @@ def _add_event_id(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _connect(args: argparse.Namespace) -> None:
+    """Fill in args.target, args.tls and args.api_key as the flags, the
+    environment and the server's settings say, and args.target_from with
+    where the address came from (for the error when nothing listens)."""
+    if args.target:
+        args.target_from = "--target"
+    elif os.environ.get("SENDTIME_TARGET"):
+        args.target, args.target_from = os.environ["SENDTIME_TARGET"], "$SENDTIME_TARGET"
+    config = args.config or os.environ.get("SENDTIME_CONFIG")
+    try:
+        settings = load_settings(Path(config) if config else None)
+    except SettingsError as exc:
+        flag = "--config" if args.config else "$SENDTIME_CONFIG" if config else "SENDTIME_* variables"
+        raise UsageError(f"{flag}: {exc}") from None
+    if not args.target:
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(  # noqa: S104
+            settings.grpc.host, settings.grpc.host
+        )
+        args.target = f"[{host}]:{settings.grpc.port}" if ":" in host else f"{host}:{settings.grpc.port}"
+        sources = [f"the [grpc] settings of {config}"] if config else []
+        sources += sorted(name for name in os.environ if name.startswith("SENDTIME_GRPC__"))
+        args.target_from = " and ".join(sources) or "the default settings"
+        args.tls = args.tls or settings.grpc.tls is not None
+    if args.api_key is None:
+        args.api_key = os.environ.get("SENDTIME_API_KEY")
+    if args.api_key is None:
+        if config and not settings.auth.dev_key:
+            raise UsageError(
+                f"--api-key: {config} turns the development key off (auth.dev_key = false); "
+                "give a key with --api-key or $SENDTIME_API_KEY"
+            )
+        args.api_key = DEV_KEY
+
+
+def _check_listening(target: str, target_from: str, timeout: float) -> None:
+    """Fail at once when nothing listens at ``target``: gRPC would retry a
+    refused connection until the call's timeout, and say less."""
+    if "://" in target or target.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
+        return  # a gRPC name scheme: leave the resolving to gRPC
+    parts = urlsplit(f"//{target}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host or port is None:
+        raise UsageError(f"{target_from}: {target!r} is not HOST:PORT")
+    try:
+        with socket.create_connection((host, port), timeout=min(timeout, CONNECT_CHECK_S)):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise CommandError(
+            f"cannot reach sendtime at {target} (from {target_from}): {reason}. Is the server running? "
+            "Start it with `sendtime serve` (or `make run`), or point this command at it with "
+            "--config FILE, --target HOST:PORT or SENDTIME_GRPC__PORT as the server was started with."
+        ) from None
+
+
 def _command(run: Run, show: Show) -> Callable[[argparse.Namespace], int]:
     """Wrap a command: connect, run, print the result or a clear error."""
 
@@ -404,15 +484,21 @@ def _command(run: Run, show: Show) -> Callable[[argparse.Namespace], int]:
         try:
             if args.timeout <= 0:
                 raise UsageError("--timeout: must be positive")
+            _connect(args)
+            _check_listening(args.target, args.target_from, args.timeout)
             with Client(args.target, args.api_key, tls=args.tls, default_timeout=args.timeout) as client:
                 result = run(client, args)
         except UsageError as exc:
-            print(f"{prog}: error: {exc}", file=sys.stderr)
+            if args.json:
+                _json_error({"code": "INVALID_ARGUMENT", "message": str(exc)})
+            else:
+                print(f"{prog}: error: {exc}", file=sys.stderr)
             return 2
         except CommandError as exc:
-            print(f"{prog}: {exc}", file=sys.stderr)
             if args.json:
-                print(json.dumps({"error": {"code": "FAILED", "message": str(exc)}}, ensure_ascii=False))
+                _json_error({"code": "FAILED", "message": str(exc)})
+            else:
+                print(f"{prog}: {exc}", file=sys.stderr)
             return 1
         except SendtimeError as exc:
             _report(prog, args, exc)
@@ -429,7 +515,25 @@ def _command(run: Run, show: Show) -> Callable[[argparse.Namespace], int]:
     return main
 
 
+def _json_error(error: Mapping[str, Any]) -> None:
+    """With --json, an error is one JSON object on stderr: stdout holds only
+    results, so a script reading it never mistakes an error for one."""
+    print(json.dumps({"error": error}, ensure_ascii=False), file=sys.stderr)
+
+
 def _report(prog: str, args: argparse.Namespace, error: SendtimeError) -> None:
+    if args.json:
+        _json_error(
+            {
+                "code": error.code.name,
+                "reason": error.reason,
+                "message": error.message,
+                "field_violations": [
+                    {"field": v.field, "description": v.description} for v in error.field_violations
+                ],
+            }
+        )
+        return
     # A violation the message already states is named by its field only, so
     # the reason is said once.
     stated = [v.field for v in error.field_violations if v.description in error.message]
@@ -446,22 +550,6 @@ def _report(prog: str, args: argparse.Namespace, error: SendtimeError) -> None:
     for violation in error.field_violations:
         if violation.field not in stated:
             print(f"  {violation.field}: {violation.description}", file=sys.stderr)
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "error": {
-                        "code": error.code.name,
-                        "reason": error.reason,
-                        "message": error.message,
-                        "field_violations": [
-                            {"field": v.field, "description": v.description} for v in error.field_violations
-                        ],
-                    }
-                },
-                ensure_ascii=False,
-            )
-        )
 
 
 # ------------------------------------------------------------------ commands
@@ -635,9 +723,10 @@ def _demo_data(client: Client, args: argparse.Namespace) -> dict[str, Any]:
             for _, ack in rejected
         )
         raise CommandError(f"the server rejected {len(rejected)} of {len(events)} demo events: {problems}")
-    hint = (
-        "" if args.target == os.environ.get("SENDTIME_TARGET", DEFAULT_TARGET) else f" --target {args.target}"
-    )
+    # the commands to try reach the same server when run the same way
+    hint = f" --target {args.target}" if args.target_from == "--target" else ""
+    if args.config:
+        hint += f" --config {args.config}"
     return {
         "user": args.user,
         "buyer": args.buyer,
@@ -768,10 +857,34 @@ def _flows(client: Client, args: argparse.Namespace) -> dict[str, Any]:
                 "subscription_group": flow.subscription_group,
                 "transactional": flow.transactional,
                 **{status: getattr(flow, status) for status in _FLOW_COUNTS},
+                # what is scheduled, not what the delay says: a send keeps the due
+                # time it got when it was planned (under another delay, say)
+                "next_due_time": _iso(_next_due(client, flow.id, flow.scheduled)),
             }
             for flow in client.list_flows()
-        ]
+        ],
+        "_now": dt.datetime.now(dt.UTC),
     }
+
+
+def _next_due(client: Client, flow_id: str, scheduled: int) -> dt.datetime | None:
+    """When the flow's earliest scheduled send is due: read page by page until
+    every one of its ``scheduled`` sends was seen (newest first, so usually
+    on the first page)."""
+    due: list[dt.datetime] = []
+    seen = 0
+    token = ""
+    while seen < scheduled:
+        page = client.list_deliveries(flow_id=flow_id, page_size=MAX_PAGE_SIZE, page_token=token or None)
+        for delivery in page.deliveries:
+            if delivery.status is DeliveryStatus.SCHEDULED:
+                seen += 1
+                if delivery.due_time is not None:
+                    due.append(delivery.due_time)
+        token = page.next_page_token
+        if not token or not page.deliveries:
+            break
+    return min(due, default=None)
 
 
 # --------------------------------------------------------------- demo data
@@ -1483,6 +1596,11 @@ def _show_flows(result: dict[str, Any]) -> str:
                 f"  {counts}",
             ]
         )
+        if flow["next_due_time"] is not None:
+            due = dt.datetime.fromisoformat(flow["next_due_time"])
+            wait = (due - result["_now"]).total_seconds()
+            when = f"in {_span(wait)}" if wait > 0 else "now"
+            lines.append(f"  next scheduled send due {when} ({due:%Y-%m-%d %H:%M:%S} UTC)")
     return "\n".join(lines)
 
 

@@ -17,13 +17,15 @@ from sendtime.server.domain.errors import InvalidInput, NotFound
 from sendtime.server.domain.events import MAX_ID_CHARS, Identity
 from sendtime.server.domain.flows import Flow, PlannedSend, send_key
 from sendtime.server.domain.ingest import utc_now
+from sendtime.server.domain.ports import DeliveryLedger, SuppressionList
 from sendtime.server.domain.sends import SendRecord
 from sendtime.server.domain.unsubscribe import Unsubscribe, UnsubscribeTokens
 from sendtime.server.feedback import Suppression, dedupe
-from sendtime.server.store.sqlite import SqliteStore
 
 API_FLOW: Final = ""
 MAX_PAGE: Final = 500
+#: Delivery ids are 64-bit integers (SQLite's): a larger number names none.
+MAX_ID: Final = 2**63
 DEFAULT_PAGE: Final = 50
 
 
@@ -36,12 +38,14 @@ class FlowCounts:
 class Deliveries:
     def __init__(
         self,
-        store: SqliteStore,
+        ledger: DeliveryLedger,
         flows: Sequence[Flow],
         templates: Callable[[str], object],
+        wake_dispatcher: Callable[[datetime], None],
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
-        self._store = store
+        self._ledger = ledger
+        self._wake_dispatcher = wake_dispatcher
         self._flows = tuple(flows)
         self._check_template = templates
         self._clock = clock
@@ -79,18 +83,20 @@ class Deliveries:
             due_at=now,
             subscription_group=group,
         )
-        return await self._store.schedule_send(planned)
+        record = await self._ledger.schedule_send(planned)
+        self._wake_dispatcher(planned.due_at)
+        return record
 
     async def get(self, *, send_id: int = 0, idempotency_key: str = "") -> SendRecord:
         if bool(send_id) == bool(idempotency_key):
             raise InvalidInput.field("id", "give exactly one of id and idempotency_key")
         if send_id:
-            record = await self._store.get_send(send_id=send_id)
+            record = await self._ledger.get_send(send_id=send_id)
         else:
             # an API key, or a flow send's own key as the ledger shows it
-            record = await self._store.get_send(send_key=send_key("api", 1, "", idempotency_key))
+            record = await self._ledger.get_send(send_key=send_key("api", 1, "", idempotency_key))
             if record is None:
-                record = await self._store.get_send(send_key=idempotency_key)
+                record = await self._ledger.get_send(send_key=idempotency_key)
         if record is None:
             raise NotFound("no delivery has that id" if send_id else "no delivery has that idempotency key")
         return record
@@ -102,7 +108,7 @@ class Deliveries:
             raise InvalidInput.field("page_size", f"must be between 0 and {MAX_PAGE}")
         size = page_size or DEFAULT_PAGE
         before = _decode_token(page_token) if page_token else None
-        records = await self._store.list_sends(
+        records = await self._ledger.list_sends(
             profile_key=identity.key if identity is not None else None,
             flow_id=flow_id or None,
             limit=size + 1,
@@ -114,8 +120,25 @@ class Deliveries:
         return records, token
 
     async def flows(self) -> list[FlowCounts]:
-        counts = await self._store.flow_counts()
+        counts = await self._ledger.flow_counts()
         return [FlowCounts(flow, counts.get(flow.id, {})) for flow in self._flows]
+
+
+class DeliveryQueries:
+    """The ledger as the status page shows it."""
+
+    def __init__(self, ledger: DeliveryLedger) -> None:
+        self._ledger = ledger
+
+    async def flow_counts(self) -> dict[str, dict[str, int]]:
+        """Sends by flow id (every one in the ledger), then by status."""
+        return await self._ledger.flow_counts()
+
+    async def latest(self, limit: int) -> list[SendRecord]:
+        return await self._ledger.list_sends(limit=limit)
+
+    async def find(self, send_id: int) -> SendRecord | None:
+        return await self._ledger.get_send(send_id=send_id) if send_id > 0 else None
 
 
 def _check_identity(identity: Identity) -> None:
@@ -133,7 +156,10 @@ def _decode_token(token: str) -> int:
         kind, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
         if kind != "before":
             raise ValueError(kind)
-        return int(value)
+        last_id = int(value)
+        if not 0 < last_id < MAX_ID:  # the store's ids are 64-bit integers
+            raise ValueError(value)
+        return last_id
     except ValueError:
         raise InvalidInput.field("page_token", "is not a token from a previous page") from None
 
@@ -142,9 +168,12 @@ class Suppressions:
     """One-click unsubscribes and ESP feedback, into the suppression list."""
 
     def __init__(
-        self, store: SqliteStore, tokens: UnsubscribeTokens, clock: Callable[[], datetime] = utc_now
+        self,
+        suppressions: SuppressionList,
+        tokens: UnsubscribeTokens,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
-        self._store = store
+        self._suppressions = suppressions
         self._tokens = tokens
         self._clock = clock
 
@@ -154,12 +183,12 @@ class Suppressions:
 
     async def unsubscribe(self, token: str, *, source: str) -> Unsubscribe:
         request = self.check(token)
-        await self._store.suppress(request.profile_key, request.group, "unsubscribed", source)
+        await self._suppressions.suppress(request.profile_key, request.group, "unsubscribed", source)
         return request
 
     async def from_feedback(self, suppressions: Sequence[Suppression]) -> int:
         """Suppress each reported address; returns how many were new."""
         added = 0
         for item in dedupe(suppressions):
-            added += await self._store.suppress(item.subject, item.group, item.reason, item.source)
+            added += await self._suppressions.suppress(item.subject, item.group, item.reason, item.source)
         return added

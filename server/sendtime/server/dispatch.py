@@ -38,13 +38,13 @@ from sendtime.server.domain.errors import SendtimeError
 from sendtime.server.domain.events import Identity
 from sendtime.server.domain.flows import Flow
 from sendtime.server.domain.ingest import utc_now
+from sendtime.server.domain.ports import DeliveryLedger, HandOver, LastChecks
 from sendtime.server.domain.profile import Profile
 from sendtime.server.domain.profiles import ProfileBook
 from sendtime.server.domain.sends import FrequencyCap, QuietHours, SendRecord, SendStatus
-from sendtime.server.domain.unsubscribe import UnsubscribeTokens
+from sendtime.server.domain.unsubscribe import EmailLinks
 from sendtime.server.relay import message as mime
-from sendtime.server.relay.base import PermanentFailure, RetryingRelay, TransientFailure
-from sendtime.server.store.sqlite import HandOver, LastChecks, SqliteStore
+from sendtime.server.relay.base import PermanentFailure, RetryingRelay, TransientFailure, UncertainFailure
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ class Attempt:
     """What one go at a claimed send came to: for metrics and the log line."""
 
     #: "sent", "failed", "retry" (a transient failure: scheduled again later),
-    #: "skipped", "cancelled" or "held" (quiet hours: scheduled again later).
+    #: "uncertain" (the ESP may have taken it: not resent), "skipped",
+    #: "cancelled" or "held" (quiet hours: scheduled again later).
     outcome: str
     #: Why, as a class: no_email, opted_out, no_opt_in, suppressed, frequency_cap,
     #: quiet_hours, nothing_to_show, bad_address, exit, not_sending, render_error, refused,
@@ -80,7 +81,6 @@ class SendObserver(Protocol):
 @dataclass(frozen=True, slots=True)
 class DispatchPolicy:
     default_sender: str
-    public_base_url: str
     unsubscribe_mailto: str
     list_id: str
     message_id_domain: str
@@ -98,11 +98,11 @@ class Dispatcher:
     def __init__(
         self,
         *,
-        store: SqliteStore,
+        ledger: DeliveryLedger,
         profiles: ProfileBook,
         pipeline: ContentPipeline,
         relay: RetryingRelay,
-        tokens: UnsubscribeTokens,
+        links: EmailLinks,
         flows: Mapping[str, Flow],
         policy: DispatchPolicy,
         clock: Callable[[], datetime] = utc_now,
@@ -111,11 +111,11 @@ class Dispatcher:
     ) -> None:
         self._observer = observer
         self._tracer = tracer
-        self._store = store
+        self._ledger = ledger
         self._profiles = profiles
         self._pipeline = pipeline
         self._relay = relay
-        self._tokens = tokens
+        self._links = links
         self._flows = dict(flows)
         self._policy = policy
         self._clock = clock
@@ -134,7 +134,7 @@ class Dispatcher:
         return len(self._sends)
 
     async def start(self) -> None:
-        again, unsure = await self._store.recover_interrupted(relay_idempotent=self._relay.idempotent)
+        again, unsure = await self._ledger.recover_interrupted(relay_idempotent=self._relay.idempotent)
         if again or unsure:
             log.warning(
                 "after a restart: %d interrupted sends scheduled again, %d marked uncertain (not resent)",
@@ -174,7 +174,7 @@ class Dispatcher:
             self._waiting_for_slot = free <= 0
             if free > 0:
                 try:
-                    due = await self._store.claim_due(self._clock(), free)
+                    due = await self._ledger.claim_due(self._clock(), free)
                 except Exception:
                     log.exception("claiming due sends failed; retrying shortly")
                 else:
@@ -239,7 +239,7 @@ class Dispatcher:
         if refusal is not None:
             status, reason, hold_until, reason_class = refusal
             if hold_until is not None:
-                await self._store.update_send(
+                await self._ledger.update_send(
                     record.id,
                     SendStatus.SCHEDULED,
                     expect=SendStatus.SENDING,
@@ -252,21 +252,22 @@ class Dispatcher:
             return Attempt(status.value, reason_class)
 
         group = record.subscription_group
-        unsubscribe_url = ""
-        if group:
-            token = self._tokens.issue(record.profile_key, group, now)
-            unsubscribe_url = f"{self._policy.public_base_url.rstrip('/')}/v1/unsubscribe/{token}"
+        unsubscribe_url = self._links.unsubscribe_url(record.profile_key, group, now) if group else ""
+        # every email, transactional ones too, links its recipient's preferences page
+        links = [("preferences_url", self._links.preferences_url(record.profile_key, now))]
+        if unsubscribe_url:
+            # the body's Unsubscribe link is the same one-click URL as the header's
+            links.append(("unsubscribe_url", unsubscribe_url))
         identity = Identity(record.user_id, record.anonymous_id)
         context = ContentContext(
             campaign=record.flow_id,
             cart_id=record.entry_key if flow is not None and flow.entry_key == "cart_id" else "",
-            # the body's Unsubscribe link is the same one-click URL as the header's
-            links=(("unsubscribe_url", unsubscribe_url),) if unsubscribe_url else (),
+            links=tuple(links),
         )
         render_started = time.perf_counter()
         try:
             answer = await self._pipeline.email(
-                record.template_id, identity, context, self._policy.render_budget_s
+                record.template_id, identity, context, self._policy.render_budget_s, may_shed=False
             )
         except SendtimeError as error:
             detail = f"cannot render {record.template_id}: {error.message}"
@@ -305,7 +306,7 @@ class Dispatcher:
         # The last look, right before the message leaves, in the transaction
         # that hands it over: an exit event, a suppression or another send
         # stored while the email rendered still stops it.
-        handover = await self._store.hand_over(
+        handover = await self._ledger.hand_over(
             record.id,
             relay=self._relay.name,
             template_version=rendered.version,
@@ -326,6 +327,17 @@ class Dispatcher:
                 attempt=(record.attempts, "refused", f"{failure.reason} (after {failure.attempts} tries)"),
             )
             return Attempt("failed", "refused", failure.reason, failure.attempts, render_s, relay_s)
+        except UncertainFailure as failure:
+            # as if the server had died while "relaying": the ESP may have it
+            relay_s = time.perf_counter() - relay_started
+            await self._finish(
+                record,
+                SendStatus.UNCERTAIN,
+                f"the ESP may have taken it; not resent: {failure.reason}",
+                expect=SendStatus.RELAYING,
+                attempt=(record.attempts, "uncertain", failure.reason),
+            )
+            return Attempt("uncertain", "no_answer", failure.reason, failure.attempts, render_s, relay_s)
         except TransientFailure as failure:
             relay_s = time.perf_counter() - relay_started
             gave_up = await self._retry_later(record, failure)
@@ -339,7 +351,7 @@ class Dispatcher:
             )
         relay_s = time.perf_counter() - relay_started
         accepted_at = self._clock()
-        await self._store.update_send(
+        await self._ledger.update_send(
             record.id,
             SendStatus.SENT,
             expect=SendStatus.RELAYING,
@@ -400,6 +412,7 @@ class Dispatcher:
             subjects=(record.profile_key, f"email:{email.lower()}") if group else (),
             cap_since=now - cap.period if cap is not None and capped else None,
             cap_count=cap.count if cap is not None and capped else 0,
+            attempt=record.attempts,
         )
 
     async def _refused_at_handover(self, record: SendRecord, handover: HandOver, render_s: float) -> Attempt:
@@ -433,7 +446,7 @@ class Dispatcher:
             )
             return True
         due = self._clock() + _RETRY_LATER_BASE * (2 ** (record.attempts - 1))
-        await self._store.update_send(
+        await self._ledger.update_send(
             record.id,
             SendStatus.SCHEDULED,
             expect=SendStatus.RELAYING,
@@ -453,7 +466,7 @@ class Dispatcher:
         expect: SendStatus = SendStatus.SENDING,
         attempt: tuple[int, str, str] | None = None,
     ) -> None:
-        await self._store.update_send(record.id, status, expect=expect, reason=reason, attempt=attempt)
+        await self._ledger.update_send(record.id, status, expect=expect, reason=reason, attempt=attempt)
 
 
 def _describe(span: Span, attempt: Attempt) -> None:

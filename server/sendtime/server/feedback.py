@@ -3,7 +3,9 @@ become suppressions, so no marketing email goes to that address again.
 
 - SendGrid's Event Webhook: a JSON array of events, signed with ECDSA P-256
   (the signature is over the timestamp header followed by the raw body; the
-  public key is the one SendGrid shows for the webhook).
+  public key is the one SendGrid shows for the webhook). A timestamp further
+  from now than the tolerance is refused, so a captured request cannot be
+  replayed later.
 - Postmark's Bounce and Spam Complaint webhooks: one JSON object each;
   Postmark does not sign them, so the webhook URL carries Basic credentials
   that must match the configured ones.
@@ -17,7 +19,8 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -57,8 +60,16 @@ _array = msgspec.json.Decoder(list[dict[str, Any]])
 _object = msgspec.json.Decoder(dict[str, Any])
 
 
+#: Unix seconds have 10 digits until the year 2286: a longer timestamp is none.
+_MAX_TIMESTAMP_DIGITS: Final = 12
+
+
 class SendGridFeedback:
-    def __init__(self, public_key_base64: str) -> None:
+    def __init__(
+        self, public_key_base64: str, *, tolerance_s: float = 600.0, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._tolerance_s = tolerance_s
+        self._clock = clock
         try:
             key = serialization.load_der_public_key(base64.b64decode(public_key_base64))
         except (ValueError, binascii.Error) as exc:
@@ -70,14 +81,27 @@ class SendGridFeedback:
         self._key = key
 
     def verify(self, body: bytes, signature: str | None, timestamp: str | None) -> None:
-        if not signature or not timestamp:
-            raise Unauthenticated("SendGrid's signature and timestamp headers are required")
+        signature, timestamp = self.check_headers(signature, timestamp)
         try:
             self._key.verify(
                 base64.b64decode(signature), timestamp.encode() + body, ec.ECDSA(hashes.SHA256())
             )
         except (InvalidSignature, ValueError, binascii.Error):
             raise PermissionDenied("the SendGrid event webhook signature does not match") from None
+
+    def check_headers(self, signature: str | None, timestamp: str | None) -> tuple[str, str]:
+        """Both headers there and the timestamp recent (checked before the body
+        is read); returns them."""
+        if not signature or not timestamp:
+            raise Unauthenticated("SendGrid's signature and timestamp headers are required")
+        if not (timestamp.isascii() and timestamp.isdigit()) or len(timestamp) > _MAX_TIMESTAMP_DIGITS:
+            raise Unauthenticated("SendGrid's timestamp header must be Unix seconds")
+        age = abs(self._clock() - int(timestamp))
+        if age > self._tolerance_s:
+            raise Unauthenticated(
+                f"SendGrid's timestamp is {age:.0f} s away from now; the tolerance is {self._tolerance_s:.0f} s"
+            )
+        return signature, timestamp
 
     def suppressions(self, body: bytes) -> list[Suppression]:
         try:

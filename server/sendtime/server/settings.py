@@ -4,19 +4,27 @@ Read from an optional TOML file, then SENDTIME_* environment variables on top
 (nested keys joined by a double underscore: ``SENDTIME_GRPC__PORT=0``), then
 validated at once, so a bad setting stops the start with a message naming it.
 The defaults are what ``make run`` serves with.
+
+A relative path in the file is relative to the file's folder (one in an
+environment variable, to the folder the server starts in), so that a server
+started elsewhere finds the same files. The outbox relay's folder is the
+exception: a relative one lives in the data folder.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final
+from urllib.parse import urlsplit
 
 import msgspec
+import msgspec.inspect
 
 from sendtime.server.relay.config import OutboxConfig, RelayConfig
 
@@ -50,12 +58,57 @@ class GrpcSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_message_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 8 * 1024 * 1024
     #: Events a stream may have read but not yet acked before it stops reading.
     stream_window_events: Annotated[int, msgspec.Meta(ge=1)] = 20_000
+    #: Client connections open at once; more are refused (keeps file
+    #: descriptors for the HTTP edge and the store).
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 256
+    #: Calls (unary calls and open streams) served at once across all
+    #: connections; more are answered RESOURCE_EXHAUSTED at once.
+    max_concurrent_calls: Annotated[int, msgspec.Meta(ge=1)] = 2000
+    #: Streams one connection may have open at once (HTTP/2 SETTINGS).
+    max_streams_per_connection: Annotated[int, msgspec.Meta(ge=1)] = 100
+    #: A connection must finish its handshake (TLS, HTTP/2 preface) within this long.
+    handshake_timeout_s: Seconds = 10.0
+    #: A connection with no call open for this long is closed.
+    idle_timeout_s: Seconds = 300.0
+    #: Idle connections are pinged this often, and closed when a ping goes
+    #: unanswered for keepalive_timeout_s: dead peers do not keep streams open.
+    keepalive_interval_s: Seconds = 60.0
+    keepalive_timeout_s: Seconds = 20.0
+    #: Share the port with other processes (SO_REUSEPORT). Set by
+    #: ``serve --workers`` for its workers; a lone server must fail loudly instead.
+    reuse_port: bool = False
 
 
 class HttpSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
     port: Port = 8080
     tls: TlsSettings | None = None
+    #: Connections open at once. At the bound a new connection closes the one
+    #: that has waited longest for a request (idle, or a slow sender short of
+    #: its request head); when all are inside requests, the new one is closed.
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 512
+    #: A request head must arrive within this long of connecting or of the
+    #: previous answer (an idle keep-alive connection closes then too).
+    header_timeout_s: Seconds = 15.0
+    #: A request body must arrive within this long of its head (else 408).
+    body_timeout_s: Seconds = 30.0
+    #: Bytes of intake bodies (Segment API, webhooks) being read, decoded or
+    #: stored at once, counted from Content-Length (a chunked body counts as its
+    #: route's limit); a request that would pass it is answered 429 with
+    #: Retry-After before its body is read. Decoding runs on the event loop:
+    #: this keeps health checks and content calls answered during a flood.
+    max_ingest_bytes_in_flight: Annotated[int, msgspec.Meta(ge=1)] = 2 * 1024 * 1024
+    #: Status pages and previews drawn at once; more are answered 429 with
+    #: Retry-After at once (a page costs milliseconds of the event loop).
+    max_status_page_draws: Annotated[int, msgspec.Meta(ge=1)] = 4
+    #: As grpc.reuse_port.
+    reuse_port: bool = False
+
+
+class ServerSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    #: Processes serving the same two ports (``serve --workers`` overrides):
+    #: one host uses all its cores. More than one needs storage.backend = "postgres".
+    workers: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
 
 
 class StorageSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -73,10 +126,27 @@ class StorageSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     profile_flush_interval_s: Seconds = 1.0
     #: SQLite's page cache per connection, in MiB.
     sqlite_cache_mib: Annotated[int, msgspec.Meta(ge=1)] = 128
+    #: "sqlite" (one process, data_dir) or "postgres" (any number of replicas on postgres_dsn).
+    backend: str = "sqlite"
+    #: postgresql://user@host:port/database, for backend = "postgres".
+    postgres_dsn: str = ""
+    #: Connections each replica keeps to PostgreSQL.
+    postgres_pool_size: Annotated[int, msgspec.Meta(ge=2, le=100)] = 8
+    #: PostgreSQL: how long a claimed send stays with the replica that claimed it.
+    #: A send still "sending" after it is claimed again by another replica; one
+    #: still "relaying" is marked uncertain (never resent). Longer than a send
+    #: takes to render and relay.
+    claim_lease_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
 
     def __post_init__(self) -> None:
         if self.synchronous not in ("full", "normal"):
             raise ValueError("storage.synchronous must be 'full' or 'normal'")
+        if self.backend not in ("sqlite", "postgres"):
+            raise ValueError("storage.backend must be 'sqlite' or 'postgres'")
+        if self.backend == "postgres" and not self.postgres_dsn.startswith(("postgresql://", "postgres://")):
+            raise ValueError(
+                "storage.postgres_dsn must be a postgresql:// URL when storage.backend is 'postgres'"
+            )
 
 
 class EventSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -103,8 +173,13 @@ class ApiKey(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class AuthSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     keys: list[ApiKey] = []
-    #: Accept the key "dev-key" with every scope. For development only.
+    #: Accept the key "dev-key" with every scope while no keys are configured
+    #: (configuring a key turns it off). For development only: while it works,
+    #: the server refuses to start if an edge listens beyond loopback.
     dev_key: bool = True
+    #: Start with the dev key even on an edge that listens beyond loopback
+    #: (a shared test box behind a firewall); logged as an error at start.
+    dev_key_beyond_loopback: bool = False
 
 
 class WebhookSource(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -172,8 +247,12 @@ class ContentSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     recommendations_size: Annotated[int, msgspec.Meta(ge=1, le=50)] = 4
     recently_viewed_size: Annotated[int, msgspec.Meta(ge=1, le=50)] = 4
     drop_out_of_stock: bool = False
-    catalog_file: Path | None = Path("demo/catalog.json")
-    templates_dir: Path = Path("templates")
+    #: The products loaded at start (a JSON array or CSV); the catalog API
+    #: updates them. Not set: the demo catalog shipped with sendtime.
+    catalog_file: Path | None = None
+    #: The folder of <id>.mjml.liquid templates. Not set: the templates shipped
+    #: with sendtime (abandoned_cart, browse_abandonment, post_purchase).
+    templates_dir: Path | None = None
     #: Worker processes that render emails (Liquid, MJML, text part) beside the
     #: event loop, which would otherwise stall for each render; 0 renders on
     #: the event loop itself.
@@ -257,6 +336,9 @@ class FeedbackSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
 
     #: The Event Webhook's verification key SendGrid shows (base64 DER, ECDSA).
     sendgrid_public_key: str = ""
+    #: A signed SendGrid request whose timestamp is further than this from the
+    #: server's clock is refused: a captured request cannot be replayed later.
+    sendgrid_tolerance_s: Seconds = 600.0
     #: Basic credentials the Postmark webhook URL carries (Postmark does not sign).
     postmark_username: str = ""
     postmark_password: str = ""
@@ -272,8 +354,11 @@ class DeliverySettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     #: Marketing sends need the user's explicit opt-in to their group (GDPR,
     #: CASL). Off: anyone not opted out may get them (CAN-SPAM's rule).
     require_opt_in: bool = False
-    #: Where one-click unsubscribe links point: this server's public HTTPS address.
-    public_base_url: str = "http://127.0.0.1:8080"
+    #: Where the links in emails (one-click unsubscribe, email preferences)
+    #: point: this server's public HTTPS address. Empty: the HTTP edge's own
+    #: address (http://127.0.0.1:8080 with the defaults), which only this
+    #: machine can open: set it in production.
+    public_base_url: str = ""
     unsubscribe_mailto: str = ""
     #: Signs unsubscribe links. Empty: one is made and kept in the data folder
     #: (fine for one server; give every server the same one in production).
@@ -332,9 +417,10 @@ class MetricsSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     enabled: bool = True
     #: Ask for an API key with the admin scope (Prometheus sends it with
-    #: ``authorization`` in its scrape config). Off by default: the metrics
-    #: carry no user data, and the HTTP edge listens on 127.0.0.1 unless told.
-    require_admin_key: bool = False
+    #: ``authorization`` in its scrape config). Unset: asked for exactly when
+    #: the HTTP edge listens beyond loopback (the metrics carry no user data,
+    #: but they tell traffic, relays and upstreams to whoever can read them).
+    require_admin_key: bool | None = None
 
 
 class LoggingSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -372,6 +458,7 @@ class TracingSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     grpc: GrpcSettings = msgspec.field(default_factory=GrpcSettings)
     http: HttpSettings = msgspec.field(default_factory=HttpSettings)
     storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
@@ -387,6 +474,68 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     tracing: TracingSettings = msgspec.field(default_factory=TracingSettings)
+
+    def __post_init__(self) -> None:
+        exposed = self.edges_beyond_loopback()
+        if exposed and self.dev_key_works() and not self.auth.dev_key_beyond_loopback:
+            raise ValueError(
+                f"auth.dev_key is on while {' and '.join(exposed)} listens beyond loopback: anyone"
+                " who reaches it would have every scope with 'dev-key'. Configure [[auth.keys]] and"
+                " set auth.dev_key = false (or auth.dev_key_beyond_loopback = true to force it)"
+            )
+
+    def dev_key_works(self) -> bool:
+        """The dev key is accepted: on, and no API key configured (one turns it off)."""
+        return self.auth.dev_key and not self.auth.keys
+
+    def edges_beyond_loopback(self) -> list[str]:
+        """The edges reachable from other hosts, as "grpc.host = '0.0.0.0'"."""
+        return [
+            f"{name}.host = {edge.host!r}"
+            for name, edge in (("grpc", self.grpc), ("http", self.http))
+            if not is_loopback(edge.host)
+        ]
+
+    def metrics_need_key(self) -> bool:
+        if self.metrics.require_admin_key is not None:
+            return self.metrics.require_admin_key
+        return not is_loopback(self.http.host)
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine reaches ("localhost", 127.0.0.0/8,
+    ::1); a host name other than localhost, or a wildcard, counts as reachable."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def public_base_url(settings: Settings, http_port: int) -> str:
+    """Where email links point: ``delivery.public_base_url``, else the HTTP
+    edge's own address on the port it listens on (a wildcard host is shown as
+    the loopback address, the one a browser on this machine can open)."""
+    if settings.delivery.public_base_url:
+        return settings.delivery.public_base_url.rstrip("/")
+    http = settings.http
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(http.host, http.host)  # noqa: S104
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if http.tls else 'http'}://{host}:{http_port}"
+
+
+def is_loopback_url(url: str) -> bool:
+    """True when ``url`` names this machine only (localhost, 127.0.0.0/8, ::1):
+    a link no recipient elsewhere can open."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def hash_key(key: str) -> str:
@@ -405,11 +554,39 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
             raise SettingsError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+        # before the environment's values, which stay relative to the working folder
+        _resolve_paths(raw, msgspec.inspect.type_info(Settings), path.expanduser().absolute().parent)
     _apply_env(raw, os.environ if environ is None else environ)
     try:
         return msgspec.convert(raw, Settings, strict=False, dec_hook=_decode_path)
     except msgspec.ValidationError as exc:
         raise SettingsError(f"invalid settings: {_readable(str(exc))}") from None
+
+
+def _is_path(info: msgspec.inspect.Type) -> bool:
+    if isinstance(info, msgspec.inspect.UnionType):
+        return any(_is_path(t) for t in info.types)
+    return isinstance(info, msgspec.inspect.CustomType) and info.cls is Path
+
+
+def _resolve_paths(raw: dict[str, Any], info: msgspec.inspect.Type, base: Path) -> None:
+    """Make the relative paths in a config file's tables relative to ``base``."""
+    if isinstance(info, msgspec.inspect.UnionType):
+        tables = [t for t in info.types if isinstance(t, msgspec.inspect.StructType)]
+        # an optional table ([grpc.tls]); a union of several (the relay kinds) keeps its own rules
+        if len(tables) == 1:
+            _resolve_paths(raw, tables[0], base)
+        return
+    if not isinstance(info, msgspec.inspect.StructType):
+        return
+    for field in info.fields:
+        value = raw.get(field.encode_name)
+        if isinstance(value, str) and _is_path(field.type):
+            given = Path(value).expanduser()
+            if not given.is_absolute():
+                raw[field.encode_name] = os.path.normpath(base / given)
+        elif isinstance(value, dict):
+            _resolve_paths(value, field.type, base)
 
 
 def _decode_path(type_: type, value: Any) -> Any:

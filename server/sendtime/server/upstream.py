@@ -1,11 +1,12 @@
 """Upstream content providers: HTTP JSON endpoints declared in config.
 
 Each provider fills its URL template from the user's fields (URL-escaped), may
-only call allowed hosts, and fetches within the time the caller has left:
-every attempt's timeout is the remaining budget, and retries (transient
-failures only, exponential backoff with jitter) stop when the budget does.
-Caching, single flight and the circuit breaker sit around it in the content
-pipeline; this module only speaks HTTP.
+only call allowed hosts, never sends a path segment "." or ".." (a user id of
+".." would otherwise climb out of the path the template meant), and fetches
+within the time the caller has left: every attempt's timeout is the remaining
+budget, and retries (transient failures only, exponential backoff with jitter)
+stop when the budget does. Caching, single flight and the circuit breaker sit
+around it in the content pipeline; this module only speaks HTTP.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.trace import SpanKind, StatusCode, Tracer
 from yarl import URL
 
-from sendtime.server.domain.content import MissingValueError
+from sendtime.server.domain.content import MissingValueError, RefusedUrlError
 from sendtime.server.settings import UpstreamSettings
 
 _PLACEHOLDER: Final = re.compile(r"\{((?:user|context)\.[A-Za-z0-9_]+)\}")
 _RETRY_STATUSES: Final = frozenset({429, 500, 502, 503, 504})
 _BACKOFF_BASE_S: Final = 0.02
+_DOT_SEGMENTS: Final = frozenset({".", ".."})
 
 
 class UpstreamFailure(Exception):
@@ -94,9 +96,14 @@ class UpstreamProvider:
             return quote(value, safe="")
 
         url = _PLACEHOLDER.sub(fill, self.settings.url)
-        host = urlsplit(url).hostname or ""
+        parts = urlsplit(url)
+        host = parts.hostname or ""
         if host not in self._allowed:
-            raise UpstreamFailure(f"{self.name}: host {host!r} is not allowed")
+            raise RefusedUrlError(f"{self.name}: host {host!r} is not in content.allowed_upstream_hosts")
+        # quote() leaves dots alone, and a server (or a proxy on the way)
+        # resolves "." and ".." segments: refuse them rather than send them.
+        if any(segment in _DOT_SEGMENTS for segment in parts.path.split("/")):
+            raise RefusedUrlError(f"{self.name}: the user's fields make a path segment '.' or '..'")
         return url
 
     async def fetch(self, url: str, budget_s: float) -> Any:

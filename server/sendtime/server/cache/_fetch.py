@@ -167,6 +167,42 @@ class CacheFetcher:
         """MemoryCache.invalidate_tag: drops the entries and spoils fetches in flight."""
         return self._cache.invalidate_tag(tag)
 
+    def fill_now(
+        self,
+        key: str,
+        compute: Callable[[], T],
+        *,
+        ttl: float,
+        stale_ttl: float,
+        tags: Iterable[str] = (),
+        negative_ttl: float = 2.0,
+    ) -> Result[T] | None:
+        """``compute()``'s value for ``key``, computed here and now and stored,
+        for a value that needs no I/O (a block made from a profile already in
+        memory): no task, no wait. None when a fetch for the key is in flight
+        or a failure is remembered for it: get_or_fetch then decides, as for any
+        fetch. Nothing can invalidate the key between the computation and the
+        store (both run in this one synchronous step)."""
+        if self._closed or key in self._flights:
+            return None
+        cache = self._cache
+        now = cache.now()
+        remembered = self._negative.get(key)
+        if remembered is not None and now < remembered[0]:
+            return None
+        self._fetches += 1
+        try:
+            value = compute()
+        except Exception as exc:
+            failure = _Failure(Reason.UPSTREAM_ERROR, _describe(exc) or type(exc).__name__)
+            logger.warning("computing cache key %s failed: %s", _loggable(key), failure.detail)
+            self._fetch_failures += 1
+            if negative_ttl > 0:
+                self._negative.insert(key, (now + negative_ttl, failure))
+            return self._degraded(cache.lookup(key, now), failure, now)
+        cache.put(key, value, ttl=ttl, stale_ttl=stale_ttl, tags=tags)
+        return Result(value, Source.FRESH, None, 0.0)
+
     async def get_or_fetch(
         self,
         key: str,

@@ -7,6 +7,7 @@ the pipeline turns into the block's fallback with reason MISSING_DATA.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -116,19 +117,34 @@ def cart(
     }
 
 
+#: How far into the catalog a top-up looks for products in stock: the catalog
+#: tops up only while learned popularity is short (a fresh data folder), and
+#: this bounds that call's work whatever the catalog's size.
+CATALOG_TOP_UP_SCAN: Final = 256
+
+
 def recommendations(profile: ProfileView, catalog: Catalog, recommender: Recommender, *, size: int) -> Any:
     cart_ids = [line.product_id for c in profile.carts for line in c.lines]
     bought = [p for order in profile.orders for p in order.product_ids]
     viewed = [v.product.product_id for v in profile.recently_viewed]
+    excluded = {*cart_ids, *bought}
 
     def available(product_id: str) -> bool:
         product = catalog.get(product_id)
         return product is not None and product.in_stock
 
     picked = recommender.recommend(
-        seeds=[*cart_ids, *viewed, *bought], exclude=[*cart_ids, *bought], size=size, available=available
+        seeds=[*cart_ids, *viewed, *bought], exclude=excluded, size=size, available=available
     )
     products = [product_data(p) for p in map(catalog.get, picked.product_ids) if p is not None]
+    if len(products) < size:
+        # Learned popularity ran out: top up from the catalog, in its order.
+        chosen = {p["id"] for p in products}
+        for product in itertools.islice(catalog, CATALOG_TOP_UP_SCAN):
+            if len(products) >= size:
+                break
+            if product.in_stock and product.id not in chosen and product.id not in excluded:
+                products.append(product_data(product))
     if not products:
         return None
     return {"products": products, "strategy": picked.strategy}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from opentelemetry.trace import Tracer
 
 from sendtime.server.domain import blocks as builtin
 from sendtime.server.domain.catalog import Catalog
-from sendtime.server.domain.errors import InvalidInput
+from sendtime.server.domain.errors import InvalidInput, Overloaded
 from sendtime.server.domain.events import Identity
 from sendtime.server.domain.profile import Profile, ProfileView, view
 from sendtime.server.domain.profiles import ProfileBook
@@ -79,6 +80,9 @@ class ContentAnswer:
     budget_s: float
     elapsed_s: float
     user: dict[str, Any] = field(default_factory=dict)
+    #: When the caller's whole budget runs out (the pipeline's clock): an edge
+    #: tells ContentPipeline.left when the answer goes, to count late ones.
+    deadline: float = math.inf
 
 
 @dataclass(slots=True)
@@ -89,6 +93,7 @@ class EmailAnswer:
     blocks: list[Block]
     content: ContentAnswer
     elapsed_s: float
+    deadline: float = math.inf
 
 
 class Fetched(Protocol):
@@ -129,6 +134,20 @@ class BlockCache(Protocol):
     ) -> Fetched: ...
 
     def invalidate_tag(self, tag: str) -> int: ...
+
+    def fill_now(
+        self,
+        key: str,
+        compute: Callable[[], Any],
+        *,
+        ttl: float,
+        stale_ttl: float,
+        tags: Sequence[str],
+        negative_ttl: float,
+    ) -> Fetched | None:
+        """Compute and store a value that needs no I/O, with no task; None when
+        a fetch for the key is under way or failed lately (then get_or_fetch)."""
+        ...
 
 
 class RenderedEmail(Protocol):
@@ -197,9 +216,24 @@ class ContentObserver(Protocol):
         """``call`` is "content" or "email"; ``budget_s`` the caller's whole budget."""
         ...
 
+    def shed(self, call: str) -> None:
+        """A call was turned away at admission: its blocks from cache or
+        fallback at once ("content"), or refused as overloaded ("email")."""
+        ...
+
+    def late(self, call: str) -> None:
+        """An answer left after its caller's deadline."""
+        ...
+
 
 class MissingValueError(Exception):
     """The block needs a user field the profile lacks (raised by UpstreamSource.url_for)."""
+
+
+class RefusedUrlError(Exception):
+    """The URL the user's fields make is refused: a host not allowed, or a path
+    segment "." or "..". That block falls back; the call goes on (raised by
+    UpstreamSource.url_for)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,24 +318,73 @@ class ContentPipeline:
         wanted = list(dict.fromkeys(names)) or list(builtin.BUILT_IN_BLOCKS)
         if len(wanted) > MAX_BLOCKS:
             raise InvalidInput.field("blocks", f"asks for {len(wanted)} blocks; the limit is {MAX_BLOCKS}")
+        started = self._clock()
         answer = await self._gather(
-            identity, wanted, context, budget_s - self._answer_reserve(budget_s), with_user=False
+            identity,
+            wanted,
+            context,
+            budget_s - self._answer_reserve(budget_s),
+            with_user=False,
+            call="content",
         )
+        answer.deadline = started + budget_s
         if self._observer is not None:
             self._observer.answered("content", answer.blocks, budget_s, answer.elapsed_s)
         return answer
 
+    def left(self, call: str, deadline: float) -> None:
+        """An edge hands the answer of ``call`` ("content" or "email") to its
+        transport now: counted if that is after the caller's deadline."""
+        if self._clock() > deadline and self._observer is not None:
+            self._observer.late(call)
+
+    def _shed_email(self, budget_s: float, answer_reserve: float) -> str | None:
+        """Why a whole email cannot be made within ``budget_s`` now, or None:
+        on a loop that runs late by ``lag``, the shortest fetch and the render
+        reserve (a render in place, the worst case: a late worker is not waited
+        for) must fit what is left once the answer's reserve is kept. (Not a
+        measured render time: one measured while workers queue is long, and an
+        estimate only renders that are let in could lower would never come down.)"""
+        if self._in_flight >= self._max_concurrent:
+            return f"{self._in_flight} content calls are being answered already"
+        lag = self._loop_lag() if self._loop_lag is not None else 0.0
+        needed = lag + self._policy.render_reserve_s + self._policy.min_fetch_s
+        if budget_s - answer_reserve < needed:
+            return (
+                f"an email takes about {needed * 1000:.0f} ms now (the server runs {lag * 1000:.0f} ms behind)"
+                f" and the budget is {budget_s * 1000:.0f} ms"
+            )
+        return None
+
     async def email(
-        self, template_id: str, identity: Identity, context: ContentContext, budget_s: float
+        self,
+        template_id: str,
+        identity: Identity,
+        context: ContentContext,
+        budget_s: float,
+        *,
+        may_shed: bool = True,
     ) -> EmailAnswer:
         """A whole email from a template: its blocks within the budget less the
-        render reserve, then Liquid and MJML with each missing block's fallback."""
+        render reserve, then Liquid and MJML with each missing block's fallback.
+        Raises Overloaded, before any work, when it cannot be made within the
+        budget now, unless ``may_shed`` is False (a flow send, which has no
+        caller waiting and must not be dropped)."""
         started = self._clock()
         template = self._templates.get(template_id)
         answer_reserve = self._answer_reserve(budget_s)
+        refused = self._shed_email(budget_s, answer_reserve) if may_shed else None
+        if refused is not None:
+            # Shed at admission, before any work: an email that would come
+            # after its deadline helps nobody. The caller retries later.
+            if self._observer is not None:
+                self._observer.shed("email")
+            raise Overloaded(f"the email cannot be made in time: {refused}; retry in a second")
         render_deadline = started + budget_s - answer_reserve
         fetch_budget = budget_s - answer_reserve - self._policy.render_reserve_s
-        content = await self._gather(identity, list(template.blocks), context, fetch_budget, with_user=True)
+        content = await self._gather(
+            identity, list(template.blocks), context, fetch_budget, with_user=True, call="email"
+        )
         render_context: dict[str, Any] = {block.name: block.data for block in content.blocks}
         render_context["user"] = content.user
         render_context["links"] = {**self._policy.links, **dict(context.links)}
@@ -328,7 +411,9 @@ class ContentPipeline:
         elapsed_s = self._clock() - started
         if self._observer is not None:
             self._observer.answered("email", blocks, budget_s, elapsed_s)
-        return EmailAnswer(email=email, blocks=blocks, content=content, elapsed_s=elapsed_s)
+        return EmailAnswer(
+            email=email, blocks=blocks, content=content, elapsed_s=elapsed_s, deadline=started + budget_s
+        )
 
     async def _render(
         self, template: EmailTemplate, context: Mapping[str, Any], deadline: float
@@ -360,25 +445,40 @@ class ContentPipeline:
         budget_s: float,
         *,
         with_user: bool,
+        call: str,
     ) -> ContentAnswer:
         started = self._clock()
         request = _Request(self, identity, context, started + budget_s)
-        if self._in_flight >= self._max_concurrent:
-            blocks = [self._without_fetching(request, name, Reason.OVERLOADED) for name in names]
-        elif budget_s < self._policy.min_fetch_s:
+        if budget_s < self._policy.min_fetch_s:
             blocks = [self._without_fetching(request, name, Reason.DEADLINE_TOO_SHORT) for name in names]
+        elif self._in_flight >= self._max_concurrent or (
+            self._loop_lag is not None and self._loop_lag() >= budget_s
+        ):
+            # Shed at admission: too many calls at once, or the loop runs so
+            # late that no fetch could finish in time. Cached or fallback
+            # content at once, each block saying so.
+            if self._observer is not None:
+                self._observer.shed(call)
+            blocks = [self._without_fetching(request, name, Reason.OVERLOADED) for name in names]
         else:
             self._in_flight += 1
             try:
                 # Fresh cached built-in blocks are answered here, with no task
                 # each: the warm path is mostly cache hits.
                 ready = [self._cached_block(request, name) for name in names]
+                if self._tracer is None and request.profile_in_memory():
+                    # First touch of a user whose profile is in memory: the
+                    # built-in blocks are computed here, with no task each.
+                    ready = [
+                        block if block is not None else self._computed_now(request, name)
+                        for name, block in zip(names, ready, strict=True)
+                    ]
                 fetches: list[Awaitable[Block | None]] = [
                     self._block(request, name)
                     for name, block in zip(names, ready, strict=True)
                     if block is None
                 ]
-                if with_user:
+                if with_user and not request.profile_in_memory():
                     fetches.append(request.user_in_time())
                 fetched = iter(await asyncio.gather(*fetches)) if fetches else iter(())
                 blocks = [block if block is not None else _not_none(next(fetched)) for block in ready]
@@ -391,8 +491,7 @@ class ContentPipeline:
     # -- one block ------------------------------------------------------------
 
     def _cache_key(self, request: _Request, name: str) -> str:
-        context = request.context
-        return f"{name}|{request.identity.key}|{context.campaign}|{context.cart_id}"
+        return request.cache_key(name)
 
     def _cached_block(self, request: _Request, name: str) -> Block | None:
         if not self._policy.cache_results or name not in _BUILT_IN:
@@ -402,6 +501,29 @@ class ContentPipeline:
             return None  # a miss or a stale entry: get_or_fetch decides
         value, age, _fresh = found
         return Block(name, value, Source.CACHED, None, age) if value is not None else _missing(name)
+
+    def _computed_now(self, request: _Request, name: str) -> Block | None:
+        """A built-in block computed in place from the profile in memory; None
+        for any other block, or when the cache wants a fetch to decide."""
+        compute = _BUILT_IN.get(name)
+        if compute is None or name in self._upstreams:
+            return None
+        profile = request.profile_now()
+        if not self._policy.cache_results:
+            try:
+                data = compute(self, profile, request)
+            except Exception as error:  # a block's failure is the block's, never the call's
+                return Block(name, None, Source.FALLBACK, Reason.UPSTREAM_ERROR, detail=str(error))
+            return Block(name, data, Source.FRESH) if data is not None else _missing(name)
+        fetched = self._cache.fill_now(
+            self._cache_key(request, name),
+            lambda: compute(self, profile, request),
+            ttl=self._policy.block_ttl_s,
+            stale_ttl=self._policy.block_stale_ttl_s,
+            tags=(request.identity.key, "catalog"),
+            negative_ttl=self._policy.negative_ttl_s,
+        )
+        return _from_fetched(name, fetched) if fetched is not None else None
 
     def _without_fetching(self, request: _Request, name: str, reason: Reason) -> Block:
         found = self._cache.lookup_stale_ok(self._cache_key(request, name))
@@ -457,6 +579,8 @@ class ContentPipeline:
             url = upstream.url_for(await request.url_values())
         except MissingValueError as missing:
             return Block(name, None, Source.FALLBACK, Reason.MISSING_DATA, detail=str(missing))
+        except RefusedUrlError as refused:
+            return Block(name, None, Source.FALLBACK, Reason.UPSTREAM_ERROR, detail=str(refused))
 
         async def fetch() -> Any:
             # Bounded by the provider's own timeout, not this caller's budget:
@@ -468,7 +592,7 @@ class ContentPipeline:
         if not self._policy.cache_results:
             return await self._uncached(request, name, fetch)
         fetched = await self._cache.get_or_fetch(
-            f"upstream|{name}|{url}",
+            f"upstream|{len(name)}:{name}|{url}",  # unlike any block key, which starts with a digit
             fetch,
             ttl=upstream.ttl_s,
             stale_ttl=upstream.stale_ttl_s,
@@ -528,13 +652,43 @@ class _Request:
         self.context = context
         self.deadline = deadline
         self._profile: asyncio.Future[ProfileView | None] | None = None
+        self._key_prefix: str | None = None
 
     def remaining(self) -> float:
         return self.deadline - self.pipeline._clock()
 
-    async def profile(self) -> ProfileView | None:
+    def cache_key(self, name: str) -> str:
+        """The block's cache key for this user and context. Every part but the
+        last is length-prefixed, so no user id, campaign or cart id (which may
+        hold any character, the separator too) can spell another call's key."""
+        if self._key_prefix is None:
+            key, campaign = self.identity.key, self.context.campaign
+            self._key_prefix = f"{len(key)}:{key}|{len(campaign)}:{campaign}|{self.context.cart_id}"
+        return f"{len(name)}:{name}|{self._key_prefix}"
+
+    def profile_in_memory(self) -> bool:
+        """True when the profile has been read, or is in memory (then it is
+        read now, with no task and no store hop)."""
         if self._profile is None:
+            stored = self.pipeline._profiles.in_memory(self.identity.key)
+            if stored is None:
+                return False
+            self._profile = asyncio.get_running_loop().create_future()
+            self._profile.set_result(view(stored))
+            return True
+        return self._profile.done() and not self._profile.cancelled() and self._profile.exception() is None
+
+    def profile_now(self) -> ProfileView | None:
+        """The profile read already (profile_in_memory() said True)."""
+        assert self._profile is not None
+        return self._profile.result()
+
+    async def profile(self) -> ProfileView | None:
+        if self._profile is None and not self.profile_in_memory():
             self._profile = asyncio.ensure_future(self._load_profile())
+        assert self._profile is not None
+        if self._profile.done():
+            return self._profile.result()
         return await asyncio.shield(self._profile)
 
     async def user_in_time(self) -> None:
@@ -549,23 +703,27 @@ class _Request:
 
     def user_data(self) -> dict[str, Any]:
         """The user as templates see it, from the profile if it was read."""
-        data: dict[str, Any] = {"id": self.identity.user_id or self.identity.anonymous_id}
+        data: dict[str, Any] = {}
         if self._profile is not None and self._profile.done() and not self._profile.cancelled():
             profile = self._profile.result()
             if profile is not None:
                 data.update(profile.extra_traits)
                 data.update(profile.traits)
+        # After the traits: a trait named "id" must not pass for the user asked for.
+        data["id"] = self.identity.user_id or self.identity.anonymous_id
         if self.context.locale:
             data["locale"] = self.context.locale
         return data
 
     async def url_values(self) -> dict[str, str]:
-        values = {"user.id": self.identity.user_id or self.identity.anonymous_id}
+        values: dict[str, str] = {}
         profile = await self.profile()
         if profile is not None:
             for key, value in {**profile.extra_traits, **profile.traits}.items():
                 if isinstance(value, str | int | float) and not isinstance(value, bool):
                     values[f"user.{key}"] = str(value)
+        # After the traits: a trait named "id" must not redirect the call to another user.
+        values["user.id"] = self.identity.user_id or self.identity.anonymous_id
         for key in ("campaign", "locale", "cart_id"):
             value = getattr(self.context, key)
             if value:

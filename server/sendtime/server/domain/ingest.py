@@ -18,7 +18,6 @@ import msgspec
 from sendtime.server.domain.errors import InvalidInput, SendtimeError
 from sendtime.server.domain.events import DEFAULT_WINDOW, Event, EventWindow, IncomingEvent, validate
 from sendtime.server.domain.ports import EventStore
-from sendtime.server.domain.profiles import ProfileBook
 
 
 class Outcome(enum.Enum):
@@ -46,6 +45,13 @@ class Undecodable:
     error: InvalidInput
 
 
+class Settled(Protocol):
+    async def settled(self, position: int) -> None:
+        """Returns once what follows the commits up to ``position`` is done
+        (domain.commits.AfterCommit)."""
+        ...
+
+
 class IngestObserver(Protocol):
     """Told of every batch's outcome (metrics)."""
 
@@ -66,7 +72,7 @@ class Ingestor:
     def __init__(
         self,
         store: EventStore,
-        profiles: ProfileBook,
+        after_commit: Settled,
         clock: Callable[[], datetime] = utc_now,
         observer: IngestObserver | None = None,
         window: EventWindow = DEFAULT_WINDOW,
@@ -74,7 +80,7 @@ class Ingestor:
         self._observer = observer
         self._window = window
         self._store = store
-        self._profiles = profiles
+        self._after_commit = after_commit
         self._clock = clock
 
     async def ingest(self, incoming: Sequence[IncomingEvent | Undecodable]) -> list[Ack]:
@@ -103,11 +109,20 @@ class Ingestor:
                     self._observer.refused(len(valid), error.reason)
                 raise
             # Read-your-writes: whoever reads after the ack sees the event.
-            await self._profiles.wait_folded(appended.position)
-            for index, event, new in zip(positions, valid, appended.is_new, strict=True):
-                if new:
+            await self._after_commit.settled(appended.position)
+            failed = appended.failed
+            for offset, (index, event, new) in enumerate(zip(positions, valid, appended.is_new, strict=True)):
+                if failed and offset in failed:
+                    # Its own write failed, alone: nothing of it was stored.
+                    unstored = InvalidInput(
+                        f"the event could not be stored: {failed[offset]}", reason="NOT_STORABLE"
+                    )
+                    acks[index] = Ack(index, event.message_id, Outcome.REJECTED, unstored)
+                elif new:
                     stored.append(event)
-                acks[index] = Ack(index, event.message_id, Outcome.ACCEPTED if new else Outcome.DUPLICATE)
+                    acks[index] = Ack(index, event.message_id, Outcome.ACCEPTED)
+                else:
+                    acks[index] = Ack(index, event.message_id, Outcome.DUPLICATE)
         done = [ack for ack in acks if ack is not None]
         if self._observer is not None:
             self._observer.acked(done, stored, self._clock())

@@ -1,14 +1,13 @@
 """What the content side learns from each stored event.
 
-The profile book calls ``EventLearner.learned`` with every round of newly
-stored events once they are folded into profiles, before their acks go out: the
-recommender learns from views and orders, and the user's cached blocks are
-dropped so the next send sees the event.
+``domain.commits.AfterCommit`` calls ``EventLearner.learned`` with every round
+of newly stored events once they are folded into profiles, before their acks go
+out: the recommender learns from views and orders.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from sendtime.server.domain.events import (
     CartChange,
@@ -25,18 +24,13 @@ LEARNED_EVENTS = ("Product Viewed", "Product Clicked", "Product Added", "Order C
 
 
 class EventLearner:
-    def __init__(self, recommender: Recommender, invalidate_user: Callable[[str], None]) -> None:
+    def __init__(self, recommender: Recommender) -> None:
         self._recommender = recommender
-        self._invalidate_user = invalidate_user
 
     def learned(self, events: Sequence[Event]) -> None:
-        touched: set[str] = set()
         for event in events:
-            touched.add(event.profile_key)
             if event.kind is EventKind.TRACK:
                 self.learn(event.profile_key, event.payload)
-        for key in touched:
-            self._invalidate_user(key)
 
     def learn(self, shopper: str, payload: object) -> None:
         if (

@@ -1,14 +1,38 @@
-"""The interfaces the domain needs from the outside world. Adapters in
-sendtime.server.store implement them; the domain never imports an adapter."""
+"""The interfaces the domain needs from the outside world, one per kind of data.
+
+Backends (``sendtime.server.store.sqlite``, later others) implement them; the
+domain, the dispatcher, the delivery API and the status page depend on these
+and never import a backend. Only the server factory picks one.
+
+- ``EventStore``: events and their de-duplication by message id;
+- ``ProfileStore``: folded profiles, saved in batches with the event position they include;
+- ``CatalogStore``: catalog updates made through the API;
+- ``DeliveryLedger``: one row per send and its state machine (see domain.sends);
+- ``SuppressionList``: who gets no more marketing;
+- ``ExitLog``: exit events, for the last check before relay.
+
+An ``EventStore`` plans flow sends for each commit through a ``SendPlanner``
+(a pure domain step) inside the transaction that stores the events, so a
+planned send is exactly as durable as its entry event, and tells a
+``CommitListener`` of every commit, in commit order, before the appends return.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Container, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol
 
+import msgspec
+
+from sendtime.server.domain.catalog import Product
 from sendtime.server.domain.events import Event
+from sendtime.server.domain.flows import PlannedExit, PlannedSend
 from sendtime.server.domain.profile import Profile
+from sendtime.server.domain.sends import SendRecord, SendStatus
+
+# -- events ------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,16 +43,72 @@ class Appended:
     #: The store's position after the commit that made these events durable:
     #: every event at or before it is durable.
     position: int
+    #: Events that could not be stored (their index in the append, and why):
+    #: their own write failed, alone, so nothing of them was kept. Their
+    #: ``is_new`` is False.
+    failed: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class CommittedRound:
+    """What one durable commit of appended events made true."""
+
+    #: The events stored for the first time, in commit order.
+    new_events: list[Event]
+    #: Every event at or before this position is durable.
+    position: int
+    #: The earliest due time of the sends the round scheduled (None: none).
+    earliest_due: datetime | None
+    #: The touched profiles as the commit wrote them, for a backend that folds
+    #: in the events' transaction (None: the profile book folds them).
+    profiles: dict[str, Profile] | None = None
+
+
+class CommitListener(Protocol):
+    def committed(self, round_: CommittedRound) -> None:
+        """Called on the event loop, in commit order, for every commit that
+        stored new events, before any of its appends return."""
+        ...
+
+    def committed_elsewhere(self, profile_keys: Sequence[str], earliest_due: datetime | None) -> None:
+        """Another replica committed events of these users (what is cached of
+        them is stale), scheduling sends due from ``earliest_due``."""
+        ...
+
+
+class SendPlanner(Protocol):
+    def plan(
+        self, events: Sequence[Event], scheduled: Container[str]
+    ) -> tuple[list[PlannedSend], list[PlannedExit]]:
+        """The sends and exits ``events`` cause. Pure: the same events give the
+        same plan. ``scheduled`` holds send keys known to exist already (a hint)."""
+        ...
 
 
 class EventStore(Protocol):
     async def append(self, events: Sequence[Event]) -> Appended:
-        """Store ``events`` durably and exactly once. Returns only once the new
-        events are durable. Raises Overloaded when too much is queued."""
+        """Store ``events`` durably and exactly once, with the sends and exits
+        they plan. Returns only once the new events are durable. Raises
+        Overloaded when too much is queued, Unavailable when closing."""
+        ...
+
+    async def replay_track_events(
+        self, names: Sequence[str], consume: Callable[[str, str, bytes], None]
+    ) -> int:
+        """Call ``consume(profile_key, name, properties)`` for every stored track
+        event with one of ``names``, oldest first; returns how many. For start-up."""
         ...
 
 
+# -- profiles ----------------------------------------------------------------
+
+
 class ProfileStore(Protocol):
+    #: True when the event store folds and writes profiles in the events'
+    #: transaction (then saving is not the profile book's job: it never
+    #: calls save_profiles, and there is nothing to replay).
+    writes_profiles_with_events: bool
+
     async def load_profiles(self, keys: Sequence[str]) -> dict[str, Profile]: ...
 
     async def save_profiles(self, rows: Sequence[tuple[str, bytes]], position: int) -> None:
@@ -41,4 +121,195 @@ class ProfileStore(Protocol):
 
     async def replay(self, after: int) -> tuple[list[Event], int]:
         """The stored events past ``after`` and the last position."""
+        ...
+
+
+# -- catalog -----------------------------------------------------------------
+
+
+class CatalogStore(Protocol):
+    async def save_products(self, products: Sequence[Product]) -> None:
+        """Keep catalog updates across restarts."""
+        ...
+
+    async def load_products(self) -> list[Product]: ...
+
+
+# -- the delivery ledger -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DueSends:
+    #: Claimed: now "sending", attempts counted.
+    records: list[SendRecord]
+    #: The earliest due time of the sends still scheduled (None: there are none).
+    next_due: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class LastChecks:
+    """What must still hold when a send is handed to the ESP."""
+
+    profile_key: str
+    #: No exit event of this flow entry since its entry time (flow_id "": none to look for).
+    flow_id: str
+    entry_key: str
+    entry_time: datetime
+    #: None of ``subjects`` suppressed for ``group`` (no subjects: not checked).
+    group: str
+    subjects: Sequence[str]
+    #: Fewer than ``cap_count`` marketing sends since ``cap_since`` (None: no cap).
+    cap_since: datetime | None
+    cap_count: int
+    #: The send is still the claim that counted this attempt (0: not checked).
+    #: A claim that outlived its lease may have been claimed again elsewhere.
+    attempt: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HandOver:
+    #: The send is "relaying" now: the message may go to the ESP. When False
+    #: and no check failed, the send was not "sending" any more: something
+    #: else settled it (nothing in sendtime does while it renders).
+    handed_over: bool
+    exit_event: str | None = None
+    suppressed: bool = False
+    capped: bool = False
+    #: Marketing sends since ``cap_since`` (counted for a send the cap stopped).
+    sent: int = 0
+
+
+class DeliveryLedger(Protocol):
+    async def schedule_send(self, planned: PlannedSend) -> SendRecord:
+        """A send asked for through the API: scheduled once per key (asking
+        again returns the first, whatever happened to it since)."""
+        ...
+
+    async def claim_due(self, now: datetime, limit: int) -> DueSends:
+        """Mark up to ``limit`` due sends "sending" (durably, attempts counted)
+        and return them, with the earliest due time of those still scheduled."""
+        ...
+
+    async def update_send(
+        self,
+        send_id: int,
+        status: SendStatus,
+        *,
+        expect: SendStatus,
+        reason: str = "",
+        due_at: datetime | None = None,
+        relay: str | None = None,
+        esp_message_id: str | None = None,
+        template_version: str | None = None,
+        accepted_at: datetime | None = None,
+        attempt: tuple[int, str, str] | None = None,
+    ) -> bool:
+        """Move a send from ``expect`` to ``status`` (False if it was not in
+        ``expect`` any more, e.g. an exit cancelled it), with an attempt row
+        (attempt number, outcome, detail)."""
+        ...
+
+    async def hand_over(
+        self, send_id: int, *, relay: str, template_version: str, checks: LastChecks
+    ) -> HandOver:
+        """In one transaction: run ``checks`` (exits, suppressions, frequency
+        cap) and, when none stops the send, move it from "sending" to
+        "relaying". Exits and suppressions committed before are never missed."""
+        ...
+
+    async def recover_interrupted(
+        self, *, relay_idempotent: bool, now: datetime | None = None
+    ) -> tuple[int, int]:
+        """After a crash: claimed sends never handed over go back to scheduled;
+        those the ESP may have taken are retried only when it de-duplicates by
+        our key, else marked uncertain. Returns (rescheduled, uncertain). A
+        ledger shared by several processes recovers only the claims whose
+        lease ran out by ``now``; one process's ledger, every claim."""
+        ...
+
+    async def get_send(
+        self, *, send_id: int | None = None, send_key: str | None = None
+    ) -> SendRecord | None: ...
+
+    async def list_sends(
+        self,
+        *,
+        profile_key: str | None = None,
+        flow_id: str | None = None,
+        limit: int = 50,
+        before_id: int | None = None,
+    ) -> list[SendRecord]:
+        """Newest first; ``before_id`` pages on."""
+        ...
+
+    async def flow_counts(self) -> dict[str, dict[str, int]]:
+        """Sends by flow id, then by status."""
+        ...
+
+    async def sent_since(self, profile_key: str, since: datetime) -> int:
+        """Marketing sends to this user since ``since`` that count against
+        frequency caps: accepted, or handed to the ESP and not yet answered."""
+        ...
+
+
+class SuppressionList(Protocol):
+    async def suppress(self, subject: str, group: str, reason: str, source: str) -> bool:
+        """Add a suppression (subject "u:<id>", "a:<id>" or "email:<address>";
+        group a subscription group or "*"); False when it was already there."""
+        ...
+
+    async def is_suppressed(self, subjects: Sequence[str], group: str) -> bool: ...
+
+    async def unsuppress(self, subject: str, group: str, reason: str) -> bool:
+        """Lift a suppression given for ``reason`` (a resubscribe lifts an
+        unsubscribe, never a bounce); False when there was none."""
+        ...
+
+
+class ExitLog(Protocol):
+    async def exit_since(self, profile_key: str, flow_id: str, entry_key: str, since: datetime) -> str | None:
+        """The name of an exit event of this flow entry at or after ``since``
+        (None: there is none). Exits are written with the events that cause them."""
+        ...
+
+
+# -- one backend -------------------------------------------------------------
+
+
+class StoreStats(msgspec.Struct, frozen=True):
+    commits: int
+    """Rounds of appended events committed."""
+    events: int
+    """Events written (duplicates included: the INSERT skips them)."""
+    queued_events: int
+    """Events handed to the writer and not yet durable."""
+    scheduled: dict[str, int]
+    """Sends scheduled, by flow id ("" for sends asked for through the API)."""
+    cancelled: dict[str, int]
+    """Scheduled sends cancelled by an exit event as it was stored, by flow id."""
+
+
+class Storage(Protocol):
+    """One opened backend: a port per kind of data. The event store is made
+    last, once its planner and commit listener exist (they need the others)."""
+
+    @property
+    def profiles(self) -> ProfileStore: ...
+    @property
+    def catalog(self) -> CatalogStore: ...
+    @property
+    def ledger(self) -> DeliveryLedger: ...
+    @property
+    def suppressions(self) -> SuppressionList: ...
+    @property
+    def exits(self) -> ExitLog: ...
+
+    def event_store(self, planner: SendPlanner, listener: CommitListener) -> EventStore:
+        """The event store (at most one per backend)."""
+        ...
+
+    def stats(self) -> StoreStats: ...
+
+    async def close(self) -> None:
+        """Commit everything handed over so far, then close."""
         ...

@@ -298,6 +298,72 @@ def _replay(ops: list[CartOp], cleared_through: datetime | None) -> list[Line]:
 
 
 # --------------------------------------------------------------------------
+# One person, several ids
+
+
+def merge(into: Profile, other: Profile) -> None:
+    """Fold everything ``other`` holds into ``into``, in place: the profile of
+    one person known under two ids (an anonymous id linked to a user id).
+
+    Every part of a profile is a join of the events it saw (last-writer-wins
+    registers, cart operations replayed by event time under a max clear mark,
+    newest views, orders by id), so merging the profiles of two disjoint sets of
+    events gives the profile of their union, whichever is merged into which and
+    in whatever order several are merged (within the bounds above). The ids
+    stay ``into``'s; ``other`` is left as it was.
+    """
+    into.user_id = into.user_id or other.user_id
+    into.anonymous_id = into.anonymous_id or other.anonymous_id
+    for mine, theirs in (
+        (into.traits, other.traits),
+        (into.extra_traits, other.extra_traits),
+        (into.consent, other.consent),
+    ):
+        for key, register in theirs.items():
+            _set_register(mine, key, register.value, register.stamp)
+    for cart in other.carts.values():
+        _merge_cart(_cart(into, cart.cart_id), cart)
+    into.all_carts_cleared_through = _latest(into.all_carts_cleared_through, other.all_carts_cleared_through)
+    for seen in other.viewed.values():
+        current = into.viewed.get(seen.line.product_id)
+        if current is None or seen.viewed_at > current.viewed_at:
+            into.viewed[seen.line.product_id] = Viewed(line=seen.line, viewed_at=seen.viewed_at)
+    if len(into.viewed) > MAX_VIEWED:
+        newest = sorted(into.viewed.values(), key=lambda v: (v.viewed_at, v.line.product_id))
+        into.viewed = {v.line.product_id: v for v in newest[-MAX_VIEWED:]}
+    for order in other.orders.values():
+        _merge_order(into.orders.setdefault(order.order_id, OrderState(order_id=order.order_id)), order)
+    _trim_orders(into)
+    into.first_seen_at = _earliest(into.first_seen_at, other.first_seen_at)
+    into.last_activity_at = _latest(into.last_activity_at, other.last_activity_at)
+    into.event_count += other.event_count
+
+
+def _merge_cart(into: CartState, other: CartState) -> None:
+    known = {(op.at, op.message_id) for op in into.ops}
+    for op in other.ops:
+        if (op.at, op.message_id) not in known:
+            _add_cart_op(into, op)
+    into.cleared_through = _latest(into.cleared_through, other.cleared_through)
+
+
+def _merge_order(into: OrderState, other: OrderState) -> None:
+    if other.completed is not None and (into.completed is None or other.completed > into.completed):
+        into.completed = other.completed
+        into.total, into.currency, into.product_ids = other.total, other.currency, list(other.product_ids)
+    if other.refunded is not None and (into.refunded is None or other.refunded > into.refunded):
+        into.refunded, into.refunded_total = other.refunded, other.refunded_total
+
+
+def _latest(a: datetime | None, b: datetime | None) -> datetime | None:
+    return b if a is None or (b is not None and b > a) else a
+
+
+def _earliest(a: datetime | None, b: datetime | None) -> datetime | None:
+    return b if a is None or (b is not None and b < a) else a
+
+
+# --------------------------------------------------------------------------
 # What callers see
 
 

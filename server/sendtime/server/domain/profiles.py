@@ -1,11 +1,10 @@
 """Live profiles in memory, folded from committed events, saved in batches.
 
-The store tells ``ProfileBook.committed`` about every commit round, on the
-event loop and in commit order, even when the caller that asked for it has gone
-away. The book folds rounds one after another (loading a profile from the
-store the first time it is needed), so a reader on the loop always sees whole
-rounds, and an ingest call waits for its round to be folded before it acks:
-whoever reads after an ack sees the event.
+``domain.commits.AfterCommit`` hands every committed round to ``fold``, one
+after another in commit order (a profile is loaded from the store the first
+time it is needed), so a reader on the loop always sees whole rounds, and an
+ingest call waits for its round to be folded before it acks: whoever reads
+after an ack sees the event.
 
 Every ``flush_interval_s`` the dirty profiles are encoded and saved together
 with the position they include; a restart folds only the events after it.
@@ -24,7 +23,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Final
 
 import msgspec
@@ -43,9 +42,6 @@ _MAX_SAVE_SPACING_S: Final = 30.0
 
 _encode = msgspec.msgpack.Encoder().encode
 
-#: Told of each round's events once they are folded, before the round's acks go out.
-FoldedListener = Callable[[Sequence[Event]], None]
-
 
 class ProfileBook:
     def __init__(
@@ -54,11 +50,8 @@ class ProfileBook:
         *,
         max_cached: int,
         flush_interval_s: float = 1.0,
-        on_folded: Sequence[FoldedListener] = (),
     ) -> None:
         self._store = store
-        #: Told of each round once folded; add listeners before start().
-        self.on_folded: list[FoldedListener] = list(on_folded)
         # Set when a round could not be folded: saving then would record a
         # position that includes events missing from the profiles.
         self._saves_stopped = False
@@ -67,14 +60,14 @@ class ProfileBook:
         self._profiles: OrderedDict[str, Profile] = OrderedDict()
         self._dirty: set[str] = set()
         self._loading: dict[str, asyncio.Future[Profile | None]] = {}
-        self._rounds: asyncio.Queue[tuple[list[Event], int]] = asyncio.Queue()
         self._folded = 0
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._flush_now = asyncio.Event()
 
     async def start(self) -> int:
         """Fold the events the saved profiles do not include yet; returns how many."""
+        if self._store.writes_profiles_with_events:
+            return 0  # nothing to replay: each commit wrote its profiles
         saved = await self._store.profiles_position()
         events, last = await self._store.replay(saved)
         if events:
@@ -83,15 +76,11 @@ class ProfileBook:
         self._folded = last
         if events:
             await self._flush()
-        self._tasks = [
-            asyncio.create_task(self._folder(), name="sendtime-profile-folder"),
-            asyncio.create_task(self._flusher(), name="sendtime-profile-flusher"),
-        ]
+        self._tasks = [asyncio.create_task(self._flusher(), name="sendtime-profile-flusher")]
         return len(events)
 
     async def close(self) -> None:
-        """Fold what was committed, save everything, stop."""
-        await self._rounds.join()
+        """Save everything, stop (after AfterCommit.close: every round told is folded)."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -101,53 +90,36 @@ class ProfileBook:
 
     # -- writing ------------------------------------------------------------
 
-    def committed(self, events: list[Event], position: int) -> None:
-        """Called by the store, in commit order, for every round's new events."""
-        self._rounds.put_nowait((events, position))
+    @property
+    def folded_position(self) -> int:
+        """Every event at or before this position is folded."""
+        return self._folded
 
-    async def wait_folded(self, position: int) -> None:
-        if self._folded >= position:
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((position, waiter))
-        await waiter
-
-    async def _folder(self) -> None:
-        while True:
-            events, position = await self._rounds.get()
-            try:
-                await self._fold_round(events)
-            except Exception:
-                # The store could not load a profile. The events are durable and
-                # a restart folds them again from the last save, so stop saving
-                # rather than hold every ack hostage.
-                self._saves_stopped = True
-                log.exception(
-                    "folding %d events failed; profiles are no longer saved until a restart", len(events)
-                )
-            else:
-                self._notify(events)
-            finally:
-                self._rounds.task_done()
+    async def fold(
+        self, events: Sequence[Event], position: int, folded: dict[str, Profile] | None = None
+    ) -> None:
+        """Fold one committed round, whose events reach ``position``. Called in
+        commit order, one round at a time. ``folded``: the profiles as the
+        store already folded and wrote them (kept as they are, nothing to save)."""
+        try:
+            if folded is not None:
+                for key, profile in folded.items():
+                    held = self._profiles.get(key)
+                    # Rounds committed at once may be told out of order: a
+                    # profile's event count only grows, so keep the newer.
+                    if key not in self._dirty and (held is None or profile.event_count >= held.event_count):
+                        self._profiles[key] = profile
+                        self._profiles.move_to_end(key)
+                self._evict()
+                return
+            await self._fold_round(events)
+        except Exception:
+            # The store could not load a profile: saving now would record a
+            # position that includes events missing from the profiles.
+            self._saves_stopped = True
+            raise
+        finally:
             self._folded = max(self._folded, position)
-            self._release_waiters()
-
-    def _notify(self, events: Sequence[Event]) -> None:
-        for listener in self.on_folded:
-            try:
-                listener(events)
-            except Exception:
-                log.exception("a folded-events listener failed")
-
-    def _release_waiters(self) -> None:
-        still = []
-        for position, waiter in self._waiters:
-            if position <= self._folded:
-                if not waiter.done():
-                    waiter.set_result(None)
-            else:
-                still.append((position, waiter))
-        self._waiters = still
 
     async def _fold_round(self, events: Sequence[Event]) -> None:
         keys = {event.profile_key for event in events}
@@ -163,7 +135,20 @@ class ProfileBook:
             self._dirty.add(key)
         self._evict()
 
+    def forget(self, key: str) -> None:
+        """Drop a profile someone else changed (it is loaded again when read)."""
+        if key not in self._dirty:
+            self._profiles.pop(key, None)
+
     # -- reading ------------------------------------------------------------
+
+    def in_memory(self, key: str) -> Profile | None:
+        """The profile if it is in memory now (no store read), else None.
+        Callers must not change it."""
+        profile = self._profiles.get(key)
+        if profile is not None:
+            self._profiles.move_to_end(key)
+        return profile
 
     async def get(self, key: str) -> Profile | None:
         """The profile as of the last folded round. Callers must not change it."""

@@ -83,8 +83,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> MethodHandler:
         method: str = handler_call_details.method
-        if not method.startswith(_OUR_PACKAGE):
-            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        if handler is None or not method.startswith(_OUR_PACKAGE):
+            # no such method: UNIMPLEMENTED, as for any gRPC server (reflection
+            # lists the methods openly, so this tells a caller nothing new)
+            return handler
         service = method[1:].split("/", 1)[0]
         try:
             scope = SCOPES.get(service)
@@ -92,8 +95,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 raise PermissionDenied(f"no API key may call {method}")
             self._auth.authorize(_bearer(handler_call_details.invocation_metadata), scope)
         except SendtimeError as error:
-            return _refusal(await continuation(handler_call_details), error)
-        return await continuation(handler_call_details)
+            return _refusal(handler, error)
+        return handler
 
 
 def _bearer(metadata: Any) -> str | None:
@@ -104,14 +107,12 @@ def _bearer(metadata: Any) -> str | None:
     return None
 
 
-def _refusal(handler: MethodHandler | None, error: SendtimeError) -> MethodHandler:
+def _refusal(handler: MethodHandler, error: SendtimeError) -> MethodHandler:
     """A handler of the same shape as ``handler`` that fails with ``error``."""
 
     async def refuse(_request: object, context: Context) -> None:
         await abort(context, error)
 
-    if handler is None:
-        return grpc.unary_unary_rpc_method_handler(refuse)
     codecs = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
@@ -317,11 +318,13 @@ class ContentService(content_service_pb2_grpc.ContentServiceServicer):
             convert.content_context(request.context),
             budget,
         )
-        return content_service_pb2.GetContentResponse(
+        response = content_service_pb2.GetContentResponse(
             blocks=[convert.content_block(b) for b in answer.blocks],
             server_time=convert.duration(answer.elapsed_s),
             budget=convert.duration(budget),
         )
+        self._pipeline.left("content", answer.deadline)
+        return response
 
     @mapped_errors
     async def RenderEmail(
@@ -337,7 +340,7 @@ class ContentService(content_service_pb2_grpc.ContentServiceServicer):
             budget,
         )
         email = answer.email
-        return content_service_pb2.RenderEmailResponse(
+        response = content_service_pb2.RenderEmailResponse(
             subject=email.subject,
             preheader=email.preheader,
             html=email.html,
@@ -348,6 +351,8 @@ class ContentService(content_service_pb2_grpc.ContentServiceServicer):
             server_time=convert.duration(answer.elapsed_s),
             budget=convert.duration(budget),
         )
+        self._pipeline.left("email", answer.deadline)
+        return response
 
 
 class DeliveryService(delivery_service_pb2_grpc.DeliveryServiceServicer):
@@ -434,6 +439,19 @@ class GrpcEdge:
         await self.server.stop(grace)
 
 
+def _limits(settings: GrpcSettings) -> list[tuple[str, int]]:
+    """Bounds on connections and streams, so that many idle or slow clients
+    cannot hold the server's memory and file descriptors."""
+    return [
+        ("grpc.max_allowed_incoming_connections", settings.max_connections),
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        ("grpc.server_handshake_timeout_ms", round(settings.handshake_timeout_s * 1000)),
+        ("grpc.max_connection_idle_ms", round(settings.idle_timeout_s * 1000)),
+        ("grpc.keepalive_time_ms", round(settings.keepalive_interval_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(settings.keepalive_timeout_s * 1000)),
+    ]
+
+
 def build_grpc_edge(
     settings: GrpcSettings,
     *,
@@ -454,9 +472,13 @@ def build_grpc_edge(
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
-            # a second server on the same port must fail loudly, not share it
-            ("grpc.so_reuseport", 0),
+            # a second server on the same port must fail loudly, not share it,
+            # unless it is one of the workers of `serve --workers`
+            ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
+            *_limits(settings),
         ],
+        # beyond it a call is answered RESOURCE_EXHAUSTED at once
+        maximum_concurrent_rpcs=settings.max_concurrent_calls,
     )
     events = EventService(ingestor, settings)
     add_event_service(events, server)

@@ -22,10 +22,12 @@ from sendtime.server.domain.errors import (
     Unauthenticated,
     Unavailable,
 )
+from sendtime.server.edge.http_limits import RequestTimeout
 
 _STATUS: Final[dict[type[SendtimeError], tuple[int, str]]] = {
     InvalidInput: (400, "INVALID_ARGUMENT"),
     PayloadTooLarge: (413, "PAYLOAD_TOO_LARGE"),
+    RequestTimeout: (408, "REQUEST_TIMEOUT"),
     Unauthenticated: (401, "UNAUTHENTICATED"),
     PermissionDenied: (403, "PERMISSION_DENIED"),
     NotFound: (404, "NOT_FOUND"),

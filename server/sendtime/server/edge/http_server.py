@@ -11,6 +11,8 @@
 - POST /v1/catalog/products: upsert products (admin scope).
 - GET and POST /v1/unsubscribe/{token}: RFC 8058 one-click unsubscribe (the
   POST mailbox providers make) and a confirmation page for people.
+- GET and POST /v1/preferences/{token}: the email preferences page (each
+  subscription group on or off), linked from every email.
 - POST /v1/feedback/sendgrid, /v1/feedback/postmark: ESP bounce and complaint
   webhooks into the suppression list.
 - GET /healthz (alive) and /readyz (serving).
@@ -23,6 +25,7 @@ Errors go through http_errors; every JSON error names the field at fault.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -39,7 +42,6 @@ from typing import Any, Final
 import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from aiohttp.web_protocol import RequestPayloadError
 
 from sendtime.server.auth import Authenticator
 from sendtime.server.deliveries import Suppressions
@@ -56,12 +58,14 @@ from sendtime.server.domain.errors import (
 from sendtime.server.domain.events import MAX_EVENT_BYTES, EventKind, Identity, IncomingEvent
 from sendtime.server.domain.ingest import Ack, Ingestor, Outcome, Undecodable, utc_now
 from sendtime.server.domain.queries import ProfileQueries
-from sendtime.server.edge import segment
+from sendtime.server.edge import preferences_page, segment
 from sendtime.server.edge.http_errors import error_body, error_response
+from sendtime.server.edge.http_limits import ConnectionLimiter, IngestAdmission, read_body
 from sendtime.server.edge.http_observe import observe_middleware
 from sendtime.server.edge.status_page import StatusPage
 from sendtime.server.feedback import PostmarkFeedback, SendGridFeedback
 from sendtime.server.observe import Telemetry
+from sendtime.server.preferences import Preferences
 from sendtime.server.settings import HttpSettings, Scope, WebhookSource
 
 SIGNATURE_HEADER: Final = "Sendtime-Signature"
@@ -74,6 +78,7 @@ _json = msgspec.json.Encoder()
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
+BODY_TIMEOUT_S = web.AppKey("body_timeout_s", float)
 
 
 @web.middleware
@@ -106,26 +111,30 @@ def _api_key(request: web.Request, body: bytes | None = None) -> str | None:
         except (binascii.Error, UnicodeDecodeError):
             raise Unauthenticated("the Basic credentials are not valid base64") from None
         return user or None
-    return segment.write_key_in_body(body) if body else None
+    if not body:
+        return None
+    try:
+        return segment.write_key_in_body(body)
+    except UnicodeDecodeError:
+        raise InvalidInput.field("body", "is not valid UTF-8") from None
+
+
+def _header_key(request: web.Request) -> str | None:
+    """The key in the Authorization header alone (none: maybe one in the body)."""
+    return _api_key(request) if "Authorization" in request.headers else None
 
 
 async def _read(request: web.Request, limit: int) -> bytes:
-    """The request's body, decoded from its Content-Encoding, at most ``limit`` bytes."""
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"the body is {request.content_length} bytes; the limit is {limit}")
+    """The request's body, decoded from its Content-Encoding, at most ``limit``
+    bytes before and after decoding (read_body bounds its time and size)."""
     coding = request.headers.get("Content-Encoding", "").strip().lower()
     if coding not in _BODY_CODINGS:
         raise InvalidInput.field(
             "Content-Encoding", f"is {coding!r}; the body may be gzip, deflate or not encoded (identity)"
         )
-    try:
-        body = await request.read()
-    except RequestPayloadError as exc:  # the client sent less than it announced
-        raise InvalidInput.field("body", f"could not be read: {exc}") from None
+    body = await read_body(request, limit, request.app[BODY_TIMEOUT_S])
     if _BODY_CODINGS[coding]:
         body = _decompressed(body, coding, limit)
-    if len(body) > limit:
-        raise PayloadTooLarge(f"the body is {len(body)} bytes; the limit is {limit}")
     return body
 
 
@@ -178,6 +187,7 @@ class _Routes:
     ready: Callable[[], bool]
     telemetry: Telemetry
     clock: Callable[[], datetime] = utc_now
+    preferences: Preferences | None = None
 
     async def single(self, request: web.Request) -> web.Response:
         route = request.match_info["kind"]
@@ -202,8 +212,10 @@ class _Routes:
         source = self.webhooks.get(request.match_info["source"])
         if source is None:
             raise Unauthenticated(f"no webhook source is named {request.match_info['source']!r}")
+        # The header's shape and age are checked before a byte of the body is read.
+        signature = _signature(source, request.headers.get(SIGNATURE_HEADER), time.time())
         body = await _read(request, segment.MAX_BATCH_BYTES)
-        _verify_signature(source, request.headers.get(SIGNATURE_HEADER), body, time.time())
+        signature.verify(body)
         return await self._ingest_batch(segment.decode_webhook(body, self.clock()))
 
     async def _ingest_batch(self, incoming: Sequence[IncomingEvent | Undecodable]) -> web.Response:
@@ -256,11 +268,12 @@ class _Routes:
                 "html": email.html,
                 "text": email.text,
             }
-            elapsed = rendered.elapsed_s
+            elapsed, deadline, call = rendered.elapsed_s, rendered.deadline, "email"
         else:
             names = [n for n in query.get("blocks", "").split(",") if n.strip()]
             answer = await self.pipeline.content(identity, [n.strip() for n in names], context, budget)
             blocks, elapsed = answer.blocks, answer.elapsed_s
+            deadline, call = answer.deadline, "content"
         body["blocks"] = {
             b.name: {
                 "data": b.data,
@@ -273,7 +286,9 @@ class _Routes:
         }
         body["server_time_ms"] = round(elapsed * 1000, 2)
         body["budget_ms"] = round(budget * 1000, 1)
-        return _json_response(body)
+        response = _json_response(body)
+        self.pipeline.left(call, deadline)
+        return response
 
     def _budget(self, request: web.Request) -> float:
         for header in DEADLINE_HEADERS:
@@ -326,15 +341,42 @@ class _Routes:
             return _json_response({"success": True})
         return _page(200, "You are unsubscribed", f"You will get no more {what.group} emails from us.")
 
+    async def preferences_page(self, request: web.Request) -> web.Response:
+        """The page every email links: the recipient's subscription groups,
+        each on or off. A GET changes nothing."""
+        return await self._preferences(request, None)
+
+    async def update_preferences(self, request: web.Request) -> web.Response:
+        """The page's form: turns groups on and off, durably, then shows them."""
+        return await self._preferences(request, await _read(request, preferences_page.MAX_FORM_BYTES))
+
+    async def _preferences(self, request: web.Request, form: bytes | None) -> web.Response:
+        if self.preferences is None:
+            raise NotFound("the preferences page is not set up")
+        token = request.match_info["token"]
+        as_json = preferences_page.wants_json(request)
+        try:
+            if form is None:
+                view = await self.preferences.show(token)
+            else:
+                view = await self.preferences.update(token, preferences_page.wanted_groups(form))
+        except SendtimeError as error:
+            if as_json:
+                raise
+            return _page(error_response(error).status, "This link does not work", error.message)
+        saved = form is not None
+        if as_json:
+            return _json_response(preferences_page.as_json(view, saved=saved))
+        return preferences_page.page(view, f"/v1/preferences/{token}", saved=saved)
+
     async def sendgrid_feedback(self, request: web.Request) -> web.Response:
         if self.sendgrid is None:
             raise NotFound("the SendGrid feedback webhook is not configured")
+        signature = request.headers.get("X-Twilio-Email-Event-Webhook-Signature")
+        timestamp = request.headers.get("X-Twilio-Email-Event-Webhook-Timestamp")
+        self.sendgrid.check_headers(signature, timestamp)  # before the body is read
         body = await _read(request, MAX_CATALOG_BYTES)
-        self.sendgrid.verify(
-            body,
-            request.headers.get("X-Twilio-Email-Event-Webhook-Signature"),
-            request.headers.get("X-Twilio-Email-Event-Webhook-Timestamp"),
-        )
+        self.sendgrid.verify(body, signature, timestamp)
         added = await self.suppressions.from_feedback(self.sendgrid.suppressions(body))
         return _json_response({"success": True, "suppressed": added})
 
@@ -404,23 +446,82 @@ def sign(secret: str, body: bytes, timestamp: int) -> str:
     return f"t={timestamp},v1={digest}"
 
 
-def _verify_signature(source: WebhookSource, header: str | None, body: bytes, now: float) -> None:
+@dataclass(frozen=True, slots=True)
+class _Signature:
+    source: WebhookSource
+    timestamp: int
+    given: str
+
+    def verify(self, body: bytes) -> None:
+        expected = sign(self.source.secret, body, self.timestamp).partition(",v1=")[2]
+        if not hmac.compare_digest(expected, self.given):
+            raise Unauthenticated("the webhook signature does not match the body")
+
+
+#: Unix seconds have 10 digits until the year 2286: a longer t= is no timestamp.
+_MAX_TIMESTAMP_DIGITS: Final = 12
+
+
+def _signature(source: WebhookSource, header: str | None, now: float) -> _Signature:
+    """The signature header, parsed and its age checked (the body comes later)."""
     if not header:
         raise Unauthenticated(f"the {SIGNATURE_HEADER} header is required")
     parts = dict(part.strip().partition("=")[::2] for part in header.split(","))
-    try:
-        timestamp = int(parts["t"])
-        given = parts["v1"]
-    except (KeyError, ValueError):
-        raise Unauthenticated(f"the {SIGNATURE_HEADER} header must be t=UNIX_SECONDS,v1=HEX") from None
+    raw_timestamp = parts.get("t", "")
+    given = parts.get("v1", "")
+    if not (raw_timestamp.isascii() and raw_timestamp.isdigit()) or not given:
+        raise Unauthenticated(f"the {SIGNATURE_HEADER} header must be t=UNIX_SECONDS,v1=HEX")
+    if len(raw_timestamp) > _MAX_TIMESTAMP_DIGITS:
+        raise Unauthenticated(
+            f"the signature's timestamp t= has {len(raw_timestamp)} digits: not Unix seconds"
+        )
+    timestamp = int(raw_timestamp)
     if abs(now - timestamp) > source.tolerance_s:
         raise Unauthenticated(
             f"the signature's timestamp is {abs(now - timestamp):.0f} s away from now;"
             f" the tolerance is {source.tolerance_s:.0f} s"
         )
-    expected = sign(source.secret, body, timestamp).partition(",v1=")[2]
-    if not hmac.compare_digest(expected, given):
-        raise Unauthenticated("the webhook signature does not match the body")
+    return _Signature(source, timestamp, given)
+
+
+class _LimitedSite(web.BaseSite):
+    """aiohttp's TCPSite, with each connection counted by a ConnectionLimiter."""
+
+    __slots__ = ("_host", "_limiter", "_port", "_reuse_port")
+
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        limiter: ConnectionLimiter,
+        reuse_port: bool,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context)
+        self._host = host
+        self._port = port
+        self._limiter = limiter
+        #: SO_REUSEPORT: only for the workers of `serve --workers`, which share the port
+        self._reuse_port = reuse_port
+
+    @property
+    def name(self) -> str:
+        return f"{'https' if self._ssl_context else 'http'}://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            self._limiter.protocol_factory(server),
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_port=self._reuse_port,
+        )
 
 
 @dataclass
@@ -428,16 +529,18 @@ class HttpEdge:
     runner: web.AppRunner
     settings: HttpSettings
     ssl_context: ssl.SSLContext | None
+    limiter: ConnectionLimiter
     port: int = 0
 
     async def start(self) -> None:
         await self.runner.setup()
-        site = web.TCPSite(
+        site = _LimitedSite(
             self.runner,
             self.settings.host,
             self.settings.port,
             ssl_context=self.ssl_context,
-            reuse_port=False,
+            limiter=self.limiter,
+            reuse_port=self.settings.reuse_port,
         )
         try:
             await site.start()
@@ -470,6 +573,8 @@ def build_http_edge(
     telemetry: Telemetry,
     clock: Callable[[], datetime] = utc_now,
     status_page: StatusPage | None = None,
+    ingest_backlogged: Callable[[], bool] = lambda: False,
+    preferences: Preferences | None = None,
 ) -> HttpEdge:
     routes = _Routes(
         ingestor,
@@ -485,24 +590,45 @@ def build_http_edge(
         ready,
         telemetry,
         clock,
+        preferences=preferences,
     )
-    middlewares: list[Middleware] = [_errors]
+    limiter = ConnectionLimiter(settings.max_connections)
+    middlewares: list[Middleware] = [limiter.middleware, _errors]
     if telemetry.records_requests():
         # outermost: it sees the status _errors answered with
         middlewares.insert(0, observe_middleware(telemetry))
-    # The route handlers apply the exact per-route limits; this only caps what
-    # aiohttp will buffer at all.
+    # The route handlers read bodies with their exact per-route limits, as the
+    # bytes come (read_body); this only caps what aiohttp itself would buffer.
     app = web.Application(middlewares=middlewares, client_max_size=MAX_CATALOG_BYTES + 1024)
-    app.router.add_post("/v1/batch", routes.batch)
-    app.router.add_post("/v1/import", routes.batch)  # Segment's older name for batch
-    app.router.add_post(r"/v1/{kind:(" + "|".join(_SINGLE_ROUTES) + ")}", routes.single)
-    app.router.add_post("/v1/webhooks/{source}", routes.webhook)
+    app[BODY_TIMEOUT_S] = settings.body_timeout_s
+    admission = IngestAdmission(settings.max_ingest_bytes_in_flight, ingest_backlogged)
+
+    def ingest_key(request: web.Request) -> None:
+        key = _header_key(request)
+        if key is not None:
+            authenticator.authorize(key, Scope.INGEST)
+
+    def no_key(_request: web.Request) -> None:
+        """Webhooks are signed instead; the route checks the signature header first."""
+
+    batch = admission.wrap(routes.batch, ingest_key, segment.MAX_BATCH_BYTES)
+    app.router.add_post("/v1/batch", batch)
+    app.router.add_post("/v1/import", batch)  # Segment's older name for batch
+    app.router.add_post(
+        r"/v1/{kind:(" + "|".join(_SINGLE_ROUTES) + ")}",
+        admission.wrap(routes.single, ingest_key, MAX_EVENT_BYTES),
+    )
+    app.router.add_post(
+        "/v1/webhooks/{source}", admission.wrap(routes.webhook, no_key, segment.MAX_BATCH_BYTES)
+    )
     app.router.add_get("/v1/profiles", routes.profile_by_anonymous_id)
     app.router.add_get("/v1/profiles/{user_id}", routes.profile)
     app.router.add_get("/v1/content/{user_id}", routes.content)
     app.router.add_post("/v1/catalog/products", routes.upsert_products)
     app.router.add_get("/v1/unsubscribe/{token}", routes.unsubscribe_page)
     app.router.add_post("/v1/unsubscribe/{token}", routes.unsubscribe)
+    app.router.add_get("/v1/preferences/{token}", routes.preferences_page)
+    app.router.add_post("/v1/preferences/{token}", routes.update_preferences)
     app.router.add_post("/v1/feedback/sendgrid", routes.sendgrid_feedback)
     app.router.add_post("/v1/feedback/postmark", routes.postmark_feedback)
     app.router.add_get("/healthz", routes.healthz)
@@ -515,6 +641,14 @@ def build_http_edge(
     if settings.tls is not None:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(settings.tls.cert_file, settings.tls.key_file)
-    # auto_decompress off: _read decodes Content-Encoding itself (see _BODY_CODINGS)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_grace_s, auto_decompress=False)
-    return HttpEdge(runner=runner, settings=settings, ssl_context=ssl_context)
+    # aiohttp's keep-alive timer runs from the connection's start and from each
+    # answer until a complete request head has arrived: the header timeout.
+    # auto_decompress off: _read decodes Content-Encoding itself (see _BODY_CODINGS).
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=shutdown_grace_s,
+        keepalive_timeout=settings.header_timeout_s,
+        auto_decompress=False,
+    )
+    return HttpEdge(runner=runner, settings=settings, ssl_context=ssl_context, limiter=limiter)

@@ -123,7 +123,8 @@ def write_key_in_body(body: bytes) -> str | None:
     """analytics clients also put the write key in the body; used when no header is set."""
     try:
         return _WRITE_KEY.decode(body).write_key
-    except (msgspec.ValidationError, *_NOT_JSON, RecursionError):
+    # invalid UTF-8 (UnicodeDecodeError) is the caller's to answer
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
         return None
 
 

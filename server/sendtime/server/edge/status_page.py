@@ -6,7 +6,7 @@ is added to the hot paths): each view takes a snapshot of the cumulative
 counters and histogram buckets and keeps it in a small ring, and rates and
 percentiles are the difference from the oldest snapshot within the window.
 The first view after a start therefore reads "since the server started".
-Flows and the latest deliveries are read from the store.
+Flows and the latest deliveries are read from the ledger (deliveries.DeliveryQueries).
 
 The exact HTML of a sent email is not stored, so GET
 /v1/deliveries/{id}/preview renders the delivery's template for its user
@@ -16,38 +16,44 @@ The admin key may come as a Bearer token, as the Basic user name (a browser
 asks for it on the 401) or as ``?key=``, because a browser cannot set a
 Bearer header and a bookmark or headless browser cannot answer a Basic
 prompt. A key in a URL can leak through history and Referer headers, so the
-page sends ``Referrer-Policy: no-referrer`` and carries ``?key=`` on to its
-preview links only when the key came that way.
+page sends ``Referrer-Policy: no-referrer`` and never copies the key into its
+own links: each preview link carries instead a token signed with a secret of
+this process, good for that one delivery's preview for PREVIEW_TOKEN_S.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import html
+import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final
-from urllib.parse import quote
 
 from aiohttp import web
 
 from sendtime.server.auth import Authenticator
 from sendtime.server.cache import CacheFetcher
+from sendtime.server.deliveries import MAX_ID, DeliveryQueries
 from sendtime.server.domain.content import ContentContext, ContentPipeline
-from sendtime.server.domain.errors import NotFound, PermissionDenied, Unauthenticated
+from sendtime.server.domain.errors import NotFound, Overloaded, PermissionDenied, Unauthenticated
 from sendtime.server.domain.events import Identity
 from sendtime.server.domain.sends import SendRecord
 from sendtime.server.observe.metrics import Metrics
 from sendtime.server.settings import Scope
-from sendtime.server.store.sqlite import SqliteStore
 
 REFRESH_S: Final = 5
 WINDOW_S: Final = 300.0
 LATEST_DELIVERIES: Final = 20
+#: How long a preview link from the page works without a key.
+PREVIEW_TOKEN_S: Final = 900
 _QUANTILES: Final = (0.5, 0.95, 0.99)
 
 # which requests are "content" and which "ingestion", by the labels the edges record
@@ -150,13 +156,31 @@ class _Window:
 @dataclass
 class StatusPage:
     authenticator: Authenticator
-    store: SqliteStore
+    deliveries: DeliveryQueries
     pipeline: ContentPipeline
     cache: CacheFetcher
     metrics: Metrics | None
     flow_ids: Sequence[str]
     started: float = field(default_factory=time.monotonic)
     _ring: deque[tuple[float, Samples]] = field(default_factory=lambda: deque(maxlen=512))
+    #: Signs preview links; made anew at each start (old links stop working).
+    _link_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    #: Pages and previews drawn at once; more are answered 429 at once. A page
+    #: costs milliseconds of the loop (a preview renders an email): a crowd of
+    #: operators' tabs or a misbehaving scraper must not delay content calls,
+    #: and an answer that would come late is worth less than a quick "retry".
+    max_drawing: int = 4
+    _drawing: int = 0
+
+    @contextmanager
+    def _admitted(self) -> Iterator[None]:
+        if self._drawing >= self.max_drawing:
+            raise Overloaded(f"the status page is being drawn {self._drawing} times at once; retry shortly")
+        self._drawing += 1
+        try:
+            yield
+        finally:
+            self._drawing -= 1
 
     def register(self, app: web.Application) -> None:
         app.router.add_get("/", self.page)
@@ -168,36 +192,36 @@ class StatusPage:
         denied = self._deny(request)
         if denied is not None:
             return denied
-        key_query = f"?key={quote(request.query['key'], safe='')}" if "key" in request.query else ""
-        flows = await self.store.flow_counts()
-        sends = await self.store.list_sends(limit=LATEST_DELIVERIES)
-        body = "".join(
-            (
-                self._traffic(),
-                self._cache(),
-                self._flows(flows),
-                self._deliveries(sends, key_query),
+        with self._admitted():
+            flows = await self.deliveries.flow_counts()
+            sends = await self.deliveries.latest(LATEST_DELIVERIES)
+            body = "".join(
+                (
+                    self._traffic(),
+                    self._cache(),
+                    self._flows(flows),
+                    self._deliveries(sends),
+                )
             )
-        )
         return _html(_document("sendtime status", body, refresh=True))
 
     async def preview(self, request: web.Request) -> web.Response:
-        denied = self._deny(request)
-        if denied is not None:
-            return denied
-        try:
-            send_id = int(request.match_info["id"])
-        except ValueError:
-            send_id = 0
-        record = await self.store.get_send(send_id=send_id) if send_id > 0 else None
+        raw_id = request.match_info["id"]
+        send_id = int(raw_id) if raw_id.isascii() and raw_id.isdigit() and len(raw_id) < 20 else 0
+        if not self._signed_for(send_id, request.query.get("token", "")):
+            denied = self._deny(request)
+            if denied is not None:
+                return denied
+        record = await self.deliveries.find(send_id) if 0 < send_id < MAX_ID else None
         if record is None:
             raise NotFound("no delivery has that id")
-        answer = await self.pipeline.email(
-            record.template_id,
-            Identity(record.user_id, record.anonymous_id),
-            ContentContext(campaign=record.flow_id),
-            budget_s=1.0,
-        )
+        with self._admitted():
+            answer = await self.pipeline.email(
+                record.template_id,
+                Identity(record.user_id, record.anonymous_id),
+                ContentContext(campaign=record.flow_id),
+                budget_s=1.0,
+            )
         response = web.Response(text=answer.email.html, content_type="text/html")
         # the email's HTML is the template's: it runs nothing and loads only images
         response.headers["Content-Security-Policy"] = (
@@ -206,6 +230,23 @@ class StatusPage:
         response.headers["Referrer-Policy"] = "no-referrer"
         response.headers["X-Sendtime-Preview"] = "rendered now for the delivery's user; not the stored email"
         return response
+
+    def _preview_link(self, send_id: int) -> str:
+        expires = int(time.time()) + PREVIEW_TOKEN_S
+        return f"/v1/deliveries/{send_id}/preview?token={expires}.{self._signature(send_id, expires)}"
+
+    def _signature(self, send_id: int, expires: int) -> str:
+        message = f"preview:{send_id}:{expires}".encode()
+        return hmac.new(self._link_secret, message, hashlib.sha256).hexdigest()
+
+    def _signed_for(self, send_id: int, token: str) -> bool:
+        raw_expires, _, given = token.partition(".")
+        if not send_id or not (raw_expires.isascii() and raw_expires.isdigit()) or len(raw_expires) > 12:
+            return False
+        expires = int(raw_expires)
+        if expires < time.time():
+            return False
+        return hmac.compare_digest(self._signature(send_id, expires), given)
 
     def _deny(self, request: web.Request) -> web.Response | None:
         try:
@@ -316,11 +357,11 @@ class StatusPage:
             f"<section><h2>Flows</h2><table id=flows><tr><th>Flow</th>{header}</tr>{rows}</table></section>"
         )
 
-    def _deliveries(self, sends: Iterable[SendRecord], key_query: str) -> str:
+    def _deliveries(self, sends: Iterable[SendRecord]) -> str:
         rows = []
         for record in sends:
             latency = record.latency
-            preview = f"/v1/deliveries/{record.id}/preview{key_query}"
+            preview = self._preview_link(record.id)
             rows.append(
                 f"<tr><td>{record.id}</td><td>{_time(record.accepted_at or record.updated_at)}</td>"
                 f"<td>{_e(record.flow_id or 'api')}</td><td>{_e(record.template_id)}</td>"

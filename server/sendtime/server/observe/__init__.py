@@ -46,7 +46,7 @@ class Telemetry:
     def __init__(self, settings: Settings, *, span_exporter: SpanExporter | None = None) -> None:
         version = _version()
         self.metrics = Metrics(version) if settings.metrics.enabled else None
-        self.metrics_need_key = settings.metrics.require_admin_key
+        self.metrics_need_key = settings.metrics_need_key()
         self.tracing = build_tracing(settings.tracing, span_exporter)
         self.users = UserIds(hashed=settings.logging.hash_user_ids)
         self.access_log = AccessLog(self.users) if settings.logging.access_log else None

@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     from sendtime.server.domain.content import Block
     from sendtime.server.domain.events import Event
     from sendtime.server.domain.ingest import Ack
+    from sendtime.server.domain.ports import StoreStats
     from sendtime.server.domain.sends import SendRecord
-    from sendtime.server.store.sqlite import StoreStats
 
 
 class Kind(enum.StrEnum):
@@ -133,6 +133,19 @@ CATALOGUE: Final[tuple[MetricInfo, ...]] = (
         _BUDGET_RATIO,
     ),
     MetricInfo("sendtime_content_requests_in_flight", G, "Content requests being answered now."),
+    MetricInfo(
+        "sendtime_content_late_answers_total",
+        C,
+        "Content answers (blocks or whole email) handed to the transport after the caller's deadline.",
+        ("call",),
+    ),
+    MetricInfo(
+        "sendtime_content_shed_total",
+        C,
+        "Content calls shed at admission: blocks served from cache or fallback at once (call=content),"
+        " or a whole email refused with RESOURCE_EXHAUSTED / 429 (call=email).",
+        ("call",),
+    ),
     # -- the block cache (MemoryCache.stats and CacheFetcher.stats, read at scrape)
     MetricInfo(
         "sendtime_cache_lookups_total",
@@ -226,6 +239,12 @@ CATALOGUE: Final[tuple[MetricInfo, ...]] = (
     MetricInfo("sendtime_sends_held_total", C, "Sends held until the quiet hours end.", ("flow",)),
     MetricInfo("sendtime_sends_sent_total", C, "Sends the ESP accepted.", ("flow", "relay")),
     MetricInfo(
+        "sendtime_sends_uncertain_total",
+        C,
+        "Sends handed to the ESP whose answer never came (it may have taken them): not resent.",
+        ("flow", "relay"),
+    ),
+    MetricInfo(
         "sendtime_sends_failed_total",
         C,
         "Sends that failed for good, by reason (refused, gave_up, render_error, internal).",
@@ -248,7 +267,7 @@ CATALOGUE: Final[tuple[MetricInfo, ...]] = (
     MetricInfo(
         "sendtime_relay_attempts_total",
         C,
-        "Tries at handing an email to the ESP, by outcome (accepted, transient, permanent).",
+        "Tries at handing an email to the ESP, by outcome (accepted, transient, permanent, uncertain).",
         ("relay", "outcome"),
     ),
     MetricInfo("sendtime_relay_retries_total", C, "Tries after the first, within one send.", ("relay",)),
@@ -323,6 +342,8 @@ class Metrics:
         self.http_durations = _histogram("sendtime_http_request_duration_seconds")
         self.content_blocks = _counter("sendtime_content_blocks_total")
         self.budget_ratio = _histogram("sendtime_content_budget_used_ratio")
+        self.content_late = _counter("sendtime_content_late_answers_total")
+        self.content_shed = _counter("sendtime_content_shed_total")
         self.upstream_requests = _counter("sendtime_upstream_requests_total")
         self.upstream_durations = _histogram("sendtime_upstream_request_duration_seconds")
         self.ingest_events = _counter("sendtime_ingest_events_total")
@@ -331,6 +352,7 @@ class Metrics:
         self.sends_skipped = _counter("sendtime_sends_skipped_total")
         self.sends_held = _counter("sendtime_sends_held_total")
         self.sends_sent = _counter("sendtime_sends_sent_total")
+        self.sends_uncertain = _counter("sendtime_sends_uncertain_total")
         self.sends_failed = _counter("sendtime_sends_failed_total")
         self.sends_retried = _counter("sendtime_sends_retried_total")
         self.send_latency = _histogram("sendtime_send_latency_seconds")
@@ -344,6 +366,8 @@ class Metrics:
             self.http_durations,
             self.content_blocks,
             self.budget_ratio,
+            self.content_late,
+            self.content_shed,
             self.upstream_requests,
             self.upstream_durations,
             self.ingest_events,
@@ -351,6 +375,7 @@ class Metrics:
             self.sends_skipped,
             self.sends_held,
             self.sends_sent,
+            self.sends_uncertain,
             self.sends_failed,
             self.sends_retried,
             self.send_latency,
@@ -488,6 +513,9 @@ class ContentMetrics:
         self._known = known_blocks
         self._blocks: dict[tuple[str, str, str | None], Counter] = {}
         self._ratio = {call: metrics.budget_ratio.labels(call) for call in ("content", "email")}
+        # Made up front, so both series show 0 before the first late or shed call.
+        self._late = {call: metrics.content_late.labels(call) for call in ("content", "email")}
+        self._shed = {call: metrics.content_shed.labels(call) for call in ("content", "email")}
 
     def answered(self, call: str, blocks: Sequence[Block], budget_s: float, elapsed_s: float) -> None:
         children = self._blocks
@@ -498,6 +526,12 @@ class ContentMetrics:
                 child = self._child(key)
             child.value += 1
         self._ratio[call].observe(elapsed_s / budget_s if budget_s > 0 else 1.0)
+
+    def shed(self, call: str) -> None:
+        self._shed[call].value += 1
+
+    def late(self, call: str) -> None:
+        self._late[call].value += 1
 
     def _child(self, key: tuple[str, str, str | None]) -> Counter:
         name, source, reason = key
@@ -558,7 +592,7 @@ class RelayMetrics:
     def __init__(self, metrics: Metrics, name: str) -> None:
         self._attempts = {
             outcome: metrics.relay_attempts.labels(name, outcome)
-            for outcome in ("accepted", "transient", "permanent")
+            for outcome in ("accepted", "transient", "permanent", "uncertain")
         }
         self._retries = metrics.relay_retries.labels(name)
         self._duration = metrics.relay_durations.labels(name)
@@ -584,6 +618,8 @@ class SendMetrics:
                 metrics.sends_sent.labels(flow, relay).inc()
                 if attempt.latency_s is not None:
                     metrics.send_latency.labels(flow).observe(attempt.latency_s)
+            case "uncertain":
+                metrics.sends_uncertain.labels(flow, relay).inc()
             case "failed":
                 metrics.sends_failed.labels(flow, relay, attempt.reason).inc()
             case "retry":

@@ -2,8 +2,8 @@
 an outbox folder of .eml files.
 
 Each adapter makes one attempt per call (``Relay.attempt``) and sorts failures
-into transient and permanent; ``RetryingRelay`` adds retries with backoff and a
-rate limit. ``build_relay`` picks the adapter a ``RelayConfig`` names.
+into transient, permanent and uncertain (the ESP may have taken the message);
+``RetryingRelay`` adds retries with backoff and a rate limit. ``build_relay`` picks the adapter a ``RelayConfig`` names.
 """
 
 from sendtime.server.relay.base import (
@@ -15,6 +15,7 @@ from sendtime.server.relay.base import (
     RetryingRelay,
     RetryPolicy,
     TransientFailure,
+    UncertainFailure,
 )
 from sendtime.server.relay.config import (
     MailgunConfig,
@@ -59,6 +60,7 @@ __all__ = [
     "SmtpConfig",
     "SmtpRelay",
     "TransientFailure",
+    "UncertainFailure",
     "build_relay",
     "build_retrying_relay",
 ]

@@ -1,10 +1,13 @@
 """What every relay to an ESP shares: the message handed over, the two kinds of
 failure, and the retry and rate-limit policy around one attempt.
 
-An adapter implements one attempt (``Relay.attempt``) and says whether a
-failure is worth retrying; ``RetryingRelay`` retries transient failures with
-exponential backoff and jitter, honours Retry-After, never retries permanent
-failures, and keeps each adapter under its configured rate.
+An adapter implements one attempt (``Relay.attempt``) and says what a
+failure was: permanent, transient, or uncertain (the message went out and no
+answer came back, so the ESP may have taken it). ``RetryingRelay`` retries
+transient failures with exponential backoff and jitter, honours Retry-After,
+never retries permanent failures, retries uncertain ones only for an ESP that
+de-duplicates by our idempotency key, and keeps each adapter under its
+configured rate.
 """
 
 from __future__ import annotations
@@ -73,6 +76,13 @@ class TransientFailure(RelayFailure):
         self.retry_after_s = retry_after_s
 
 
+class UncertainFailure(RelayFailure):
+    """The whole message went out and the ESP never answered (a timeout, or a
+    fresh connection lost): it may have taken the message. Like a send left
+    ``relaying`` by a crash, another try could make a second email, so it is
+    retried only where the ESP de-duplicates by our idempotency key."""
+
+
 class Relay(Protocol):
     #: The adapter's name, recorded in the delivery ledger ("smtp", "sendgrid", ...).
     name: str
@@ -89,7 +99,7 @@ class Relay(Protocol):
 class AttemptObserver(Protocol):
     def attempted(self, attempt: int, outcome: str, seconds: float) -> None:
         """One try at the ESP: its number (1 for the first), "accepted",
-        "transient" or "permanent", and how long it took."""
+        "transient", "permanent" or "uncertain", and how long it took."""
         ...
 
 
@@ -149,6 +159,14 @@ class RetryingRelay:
                 if attempt >= self.policy.attempts:
                     raise
                 await asyncio.sleep(self.policy.delay(attempt, failure.retry_after_s))
+            except UncertainFailure as failure:
+                failure.attempts = attempt
+                if not self.relay.idempotent:
+                    raise
+                # the ESP drops a second copy with our key: trying again is safe
+                if attempt >= self.policy.attempts:
+                    raise TransientFailure(failure.reason, attempts=attempt) from failure
+                await asyncio.sleep(self.policy.delay(attempt, None))
 
     async def _attempt(self, email: OutgoingEmail, attempt: int) -> str:
         if self.observer is None and self.tracer is None:
@@ -173,6 +191,9 @@ class RetryingRelay:
             return esp_message_id
         except PermanentFailure:
             outcome = "permanent"
+            raise
+        except UncertainFailure:
+            outcome = "uncertain"
             raise
         finally:
             if self.observer is not None:

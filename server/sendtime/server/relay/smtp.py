@@ -11,9 +11,10 @@ transient, 5xx permanent, with the server's reply text as the reason.
 
 The ESP message id is the queue id from the server's reply to DATA where it
 names one (Postfix "queued as ...", Exim "id=...", Sendmail, Amazon SES), and
-the Message-ID otherwise. SMTP has no idempotency key: a connection lost after
-the message went out but before the server's answer leaves its fate unknown,
-and a retry may deliver it twice; the delivery ledger narrows that window.
+the Message-ID otherwise. SMTP has no idempotency key: a connection lost, or a
+timeout, after the end-of-data line went out but before the server's answer
+leaves its fate unknown, so that attempt is uncertain and is not retried (a
+retry could deliver it twice); the ledger marks the send uncertain.
 """
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ from typing import Final
 import aiosmtplib
 
 from sendtime.server.relay._addresses import bare_address
-from sendtime.server.relay.base import OutgoingEmail, PermanentFailure, RelayFailure, TransientFailure
+from sendtime.server.relay.base import (
+    OutgoingEmail,
+    PermanentFailure,
+    RelayFailure,
+    TransientFailure,
+    UncertainFailure,
+)
 from sendtime.server.relay.config import SmtpConfig
 
 _START_TLS: Final[dict[str, bool | None]] = {
@@ -92,6 +99,10 @@ class _DroppedWhileIdle(Exception):
     def __init__(self, failure: RelayFailure) -> None:
         super().__init__(failure.reason)
         self.failure = failure
+
+
+class _Unanswered(Exception):
+    """The message and its end-of-data line went out; the server's reply never came."""
 
 
 class SmtpRelay:
@@ -202,6 +213,12 @@ class SmtpRelay:
             await client.rcpt(recipient)
             stage = "DATA"
             response = await _data(client, mime)
+        except _Unanswered as unanswered:
+            # the server may have queued it: sending again could make a second email
+            error = unanswered.__cause__
+            raise UncertainFailure(
+                f"smtp: no reply to the end of DATA: {type(error).__name__}: {error}"
+            ) from error
         except aiosmtplib.SMTPResponseException as error:
             if stage == "MAIL" and error.code == 421 and reused:
                 client.close()  # "closing transmission channel": an idle timeout
@@ -255,8 +272,11 @@ async def _data(client: aiosmtplib.SMTP, mime: bytes) -> aiosmtplib.SMTPResponse
                 raise aiosmtplib.SMTPDataError(start.code, start.message)
             protocol._response_pending = True
             protocol.write(payload)
-            response = await protocol.read_response(timeout=client.timeout)
-    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+            try:
+                response = await protocol.read_response(timeout=client.timeout)
+            except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as error:
+                raise _Unanswered from error
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, _Unanswered):
         client.close()  # the session is out of step with the server now
         raise
     if response.code != 250:

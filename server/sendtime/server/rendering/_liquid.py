@@ -17,15 +17,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
-from typing import ClassVar
+from typing import ClassVar, TextIO
 from urllib.parse import urlsplit
 
 from babel import Locale, UnknownLocaleError, numbers
 from liquid import Environment, RenderContext, Undefined
 from liquid.ast import Node
+from liquid.builtin.output import Output, OutputNode
 from liquid.exceptions import LiquidSyntaxError
 from liquid.filter import with_context
 from liquid.stream import TokenStream
+from liquid.stringify import to_liquid_string
 from liquid.tag import Tag
 
 # Names a template sees besides its blocks: the caller's user, the links the
@@ -60,6 +62,44 @@ class _RenderTag(_DisabledTag):
     name = "render"
 
 
+#: The render-context key under which a render that records its outputs keeps
+#: them (MARKS); no template can name it (a NUL is not part of any name).
+MARKS = "\x00marks"
+#: An output recorded as MARK_OPEN + its number + MARK_CLOSE. ASCII, which MJML
+#: copies as it is everywhere (it escapes some other characters in attributes);
+#: a value or template holding MARK_OPEN is never rendered by shape (see _template).
+MARK_OPEN = "~m~"
+MARK_CLOSE = "~"
+
+
+class _MarkingOutputNode(OutputNode):
+    """``{{ ... }}``: writes its value, or, in a render that records its
+    outputs (the context holds a MARKS list), a numbered mark in its place and
+    the value in the list. Blank values and the template's own constants
+    (``vars``) are written as they are, so they stay part of the markup's
+    shape: what an MJML compile of the marked markup can depend on."""
+
+    __slots__ = ("_constant",)
+
+    def __init__(self, token: object, expression: object) -> None:
+        super().__init__(token, expression)  # type: ignore[arg-type]
+        root = str(self.expression).split(".", 1)[0].split(" ", 1)[0].split("|", 1)[0]
+        self._constant = root == "vars"
+
+    def render_to_output(self, context: RenderContext, buffer: TextIO) -> int:
+        text = to_liquid_string(self.expression.evaluate(context), context.autoescape)
+        marks = context.globals.get(MARKS) if not self._constant else None
+        if marks is None or not text or text.isspace():
+            return buffer.write(text)
+        assert isinstance(marks, list)
+        marks.append(text)
+        return buffer.write(f"{MARK_OPEN}{len(marks) - 1}{MARK_CLOSE}")
+
+
+class _MarkingOutput(Output):
+    node_class = _MarkingOutputNode
+
+
 class _BoundedEnvironment(Environment):
     # Upstream data decides how long loops run; a template gets enough for any
     # real email and not enough to stall the event loop. (No output limit: the
@@ -72,6 +112,7 @@ class _BoundedEnvironment(Environment):
 
 def make_environment(*, autoescape: bool) -> Environment:
     env = _BoundedEnvironment(autoescape=autoescape, undefined=Undefined, strict_filters=True)
+    env.add_tag(_MarkingOutput)
     env.add_tag(_IncludeTag)
     env.add_tag(_RenderTag)
     del env.filters["safe"]

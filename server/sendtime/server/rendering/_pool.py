@@ -69,6 +69,10 @@ _RESTART_MAX_S: Final = 60.0
 #: A worker that answered a render, or lived this long, was healthy: its death
 #: restarts the backoff.
 _HEALTHY_AFTER_S: Final = 60.0
+#: What a worker's render is assumed to take before one has been timed.
+_FIRST_SERVICE_S: Final = 0.002
+#: Weight of the latest render in the running estimate of a worker's render time.
+_SERVICE_WEIGHT: Final = 0.1
 
 
 class Renderable(Protocol):
@@ -94,6 +98,9 @@ class RenderPool:
         self._restarts: dict[int, asyncio.TimerHandle] = {}
         self._spawning: set[asyncio.Task[None]] = set()
         self._closed = False
+        #: A running estimate of one render's time in a worker: a request that
+        #: would wait behind more than its time limit is rendered here at once.
+        self._service_s = _FIRST_SERVICE_S
 
     async def start(self) -> None:
         """Starts every worker and waits until each has imported what it needs
@@ -130,6 +137,9 @@ class RenderPool:
         worker = self._least_busy()
         if worker is None:  # none is ready (starting, restarting) or all are behind
             return template.render(context)
+        ahead = worker.waiting
+        if (ahead + 1) * self._service_s > limit:
+            return template.render(context)  # its queue cannot be got through in time
         try:
             request = pickle.dumps(
                 (str(template.path), template.version, dict(context)), protocol=pickle.HIGHEST_PROTOCOL
@@ -138,11 +148,17 @@ class RenderPool:
             return template.render(context)
         answer = worker.ask(request)
         number = worker.asked
+        sent = time.monotonic()
         try:
             async with asyncio.timeout(limit):
                 # a timeout cancels `answer`: its late reply is read and dropped
                 reply = await answer
+            # this render and the ones ahead of it: one render's share
+            service = (time.monotonic() - sent) / (ahead + 1)
+            self._service_s += _SERVICE_WEIGHT * (service - self._service_s)
         except TimeoutError:
+            # it took at least this long: the estimate grows, so later calls skip the queue
+            self._service_s += _SERVICE_WEIGHT * (limit / (ahead + 1) - self._service_s)
             worker.kill_unless_answered(number, max(limit * _OVERDUE_FACTOR, _MIN_OVERDUE_S))
             return template.render(context)
         except WorkerGoneError:

@@ -3,7 +3,12 @@
 Parsing does all the work that does not depend on the data (TOML, Liquid
 parse, static checks, a trial render with every block at its fallback), so a
 template that loads renders. The hot path is ``Template.render``: a shallow
-copy of the context, three Liquid renders, one MJML compile and the text part.
+copy of the context and three Liquid renders; MJML and the text part's reading
+of the HTML run once per markup shape (the markup with a mark in place of each
+data value, so it varies only with the template's branches and loop counts),
+and per user the values go back in. The result is byte for byte what
+``render_whole`` (MJML over each user's whole markup, text read from its HTML)
+gives; a shape is reused only after its first use showed that.
 """
 
 from __future__ import annotations
@@ -11,10 +16,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import unicodedata
+from collections import OrderedDict
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import mjml
 import msgspec
@@ -23,9 +30,9 @@ from liquid.exceptions import LiquidError
 from liquid.span import Span
 
 from ._errors import TemplateError
-from ._liquid import ALLOWED_GLOBALS, RESERVED_NAMES, make_environment
-from ._spec import BlockSpec, SourceParts, TemplateSpec, split_source
-from ._text import html_to_text
+from ._liquid import ALLOWED_GLOBALS, MARK_CLOSE, MARK_OPEN, MARKS, RESERVED_NAMES, make_environment
+from ._spec import BlockSpec, SourceParts, TemplateSpec, TextOptions, split_source
+from ._text import html_to_text, shape_flow, text_from_flow
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,18 @@ _HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff\ufffe
 _XML_INVALID = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]+")
 _SPACES = re.compile(r" {2,}")
 _MJML_POSITION = re.compile(r"position (\d+):(\d+)")
+_MARK = re.compile(f"{MARK_OPEN}(\\d+){MARK_CLOSE}")
+#: A value that takes the whole-markup path: ASCII controls, a mark's opening,
+#: and whitespace other than single inner spaces, which markup may fold...
+_NOT_PLAIN_ASCII = re.compile(f"[\\x00-\\x1f\\x7f]|  |^ | $|{re.escape(MARK_OPEN)}")
+#: ... and, beyond ASCII, characters MJML writes escaped in attributes
+#: (Rust's escape_debug: controls, format characters, surrogates, private
+#: use, unassigned, line and paragraph separators, combining marks).
+_ESCAPED_BY_MJML: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Mn", "Me"})
+#: Distinct markup shapes compiled per template (LRU): a shape is the markup
+#: with every data value replaced by a mark, so it varies only with the
+#: template's branches and loop counts (cart lines, price drops, offers...).
+MAX_SHAPES: Final = 512
 
 
 class RenderedEmail(msgspec.Struct, frozen=True, kw_only=True):
@@ -84,7 +103,7 @@ def _no_include(path: str) -> str:
 class Template:
     """A parsed template. Build with ``parse_template`` or ``load_template``."""
 
-    __slots__ = ("_body", "_preheader", "_subject", "blocks", "id", "path", "spec", "version")
+    __slots__ = ("_body", "_preheader", "_shapes", "_subject", "blocks", "id", "path", "spec", "version")
 
     def __init__(
         self,
@@ -104,6 +123,11 @@ class Template:
         self._subject = subject
         self._preheader = preheader
         self._body = body
+        #: Marked markup -> its compiled HTML (marks in place of the values)
+        #: and its text reading (None: read each email's HTML), or None when
+        #: the shape was found not to compile value for value. None for a
+        #: template whose own text holds a mark's opening.
+        self._shapes: OrderedDict[str, tuple[str, str | None] | None] | None = OrderedDict()
 
     def __repr__(self) -> str:
         return f"Template(id={self.id!r}, version={self.version!r}, path={str(self.path)!r})"
@@ -137,6 +161,77 @@ class Template:
         return scope, fell_back
 
     def _render(self, scope: dict[str, Any], fell_back: list[str]) -> RenderedEmail:
+        subject = header_text(self._subject.render(scope))
+        preheader = header_text(self._preheader.render(scope))
+        scope["email"] = {"subject": subject, "preheader": preheader, "template_id": self.id}
+        html, text = self._html_and_text(scope)
+        return RenderedEmail(
+            template_id=self.id,
+            version=self.version,
+            subject=subject,
+            preheader=preheader,
+            html=html,
+            text=text,
+            fell_back=tuple(fell_back),
+        )
+
+    def _html_and_text(self, scope: dict[str, Any]) -> tuple[str, str]:
+        """The body's HTML and text part: the same as compile_mjml(body markup)
+        and html_to_text of it, made without compiling MJML or reading the
+        HTML per user. Liquid runs with every data value recorded and a mark
+        written in its place; the marked markup is compiled, and its HTML read
+        for the text part, once per shape; per user the values go back in. A
+        shape is used only if, the first time, that gave exactly what the whole
+        markup gave; values MJML could treat differently take the whole path."""
+        options = self.spec.text
+        shapes = self._shapes
+        if shapes is None:
+            return _whole(compile_mjml(self._body.render(scope)), options)
+        values: list[str] = []
+        marked = self._body.render({**scope, MARKS: values})
+        if not all(map(_plain, values)):
+            return _whole(compile_mjml(_unmark(marked, values)), options)
+        shape = shapes.get(marked, _UNSEEN)
+        if shape is _UNSEEN:
+            html, text = _whole(compile_mjml(_unmark(marked, values)), options)
+            shapes[marked] = self._new_shape(marked, values, html, text)
+            if len(shapes) > MAX_SHAPES:
+                shapes.popitem(last=False)
+            return html, text
+        shapes.move_to_end(marked)
+        if shape is None:
+            return _whole(compile_mjml(_unmark(marked, values)), options)
+        compiled, flow = cast("tuple[str, str | None]", shape)
+        html = _unmark(compiled, values)
+        decoded = _decoded(values) if flow is not None else None
+        if flow is None or decoded is None:
+            return html, html_to_text(html, options)
+        return html, text_from_flow(_unmark(flow, decoded), options)
+
+    def _new_shape(
+        self, marked: str, values: list[str], html: str, text: str
+    ) -> tuple[str, str | None] | None:
+        """A shape's compiled HTML and text reading, each kept only if it gives
+        this email's ``html`` and ``text`` exactly."""
+        try:
+            compiled = compile_mjml(marked)
+        except ValueError:
+            compiled = None
+        if compiled is None or _unmark(compiled, values) != html:
+            log.info("template %s: a markup shape compiles differently with its values; not reused", self.id)
+            return None
+        flow = None if _MARK_IN_STYLE.search(compiled) else shape_flow(compiled, self.spec.text)
+        decoded = _decoded(values)
+        if flow is not None and (
+            decoded is None or text_from_flow(_unmark(flow, decoded), self.spec.text) != text
+        ):
+            flow = None
+        return compiled, flow
+
+    def render_whole(self, context: Mapping[str, Any]) -> RenderedEmail:
+        """Render as every template was rendered before shapes: Liquid, then
+        MJML over the whole markup, then the text part. For comparison only."""
+        scope, fell_back = self._scope(context)
         subject = header_text(self._subject.render(scope))
         preheader = header_text(self._preheader.render(scope))
         scope["email"] = {"subject": subject, "preheader": preheader, "template_id": self.id}
@@ -195,6 +290,47 @@ class Template:
             raise TemplateError(self.path, f"MJML: {_mjml_problem(str(err), markup)}") from None
 
 
+_UNSEEN: Final = "\x00unseen"
+
+
+_ENTITIES: Final = {"amp": "&", "lt": "<", "gt": ">", "quot": '"', "#34": '"', "#39": "'"}
+_ENTITY = re.compile(r"&(amp|lt|gt|quot|#34|#39);")
+#: A mark in a style attribute: the text reading hides elements by their style.
+_MARK_IN_STYLE = re.compile(f'style="[^"]*{re.escape(MARK_OPEN)}')
+
+
+def _whole(html: str, options: TextOptions) -> tuple[str, str]:
+    return html, html_to_text(html, options)
+
+
+def _decoded(values: list[str]) -> list[str] | None:
+    """The values as an HTML parser reads them back (they were escaped for
+    HTML), or None if one holds markup or an entity beyond those escaping makes."""
+    decoded = []
+    for value in values:
+        if "<" in value or ">" in value:
+            return None
+        if "&" in value:
+            if "&" in _ENTITY.sub("", value):
+                return None
+            value = _ENTITY.sub(lambda entity: _ENTITIES[entity.group(1)], value)
+        decoded.append(value)
+    return decoded
+
+
+def _plain(value: str) -> bool:
+    """True if MJML copies ``value`` as it is wherever it stands."""
+    if _NOT_PLAIN_ASCII.search(value):
+        return False
+    return value.isascii() or not any(unicodedata.category(c) in _ESCAPED_BY_MJML for c in value)
+
+
+def _unmark(marked: str, values: list[str]) -> str:
+    if not values:
+        return marked
+    return _MARK.sub(lambda mark: values[int(mark.group(1))], marked)
+
+
 def compile_mjml(markup: str) -> str:
     try:
         return mjml.mjml2html(markup, disable_comments=True, include_loader=_no_include)
@@ -243,6 +379,8 @@ def parse_template(path: Path, source: bytes, *, dialect: Dialect | None = None)
         preheader=preheader.parse(dialect.plain, known_names),
         body=body.parse(dialect.html, known_names),
     )
+    if MARK_OPEN in text:
+        template._shapes = None  # its own text could pass for a mark
     template._trial_render(parts)
     return template
 

@@ -90,6 +90,40 @@ _STYLESHEET: Final = f"""\
 
 _PRIVATE_MARKERS: Final = re.compile(f"[{_LINE}{_PARA}]")
 
+# -- text by shape --------------------------------------------------------------
+#
+# An email's HTML differs from user to user only in its data values when it is
+# made by shape (see _template): the reading above can then run once per shape,
+# over the shape's HTML with a mark in place of each value, and per user only
+# the values go in and the paragraphs are laid out. The few decisions the
+# reading takes from values (a link's URL shown or not, a heading's underline
+# length, an image's alt text) are left in the flow as directives, taken per user.
+
+_DIRECTIVE: Final = "\ue002"  # private use, as the markers: never in a value
+_ARGUMENT: Final = "\ue003"
+_END: Final = "\ue004"
+_DIRECTIVES: Final = re.compile(f"{_DIRECTIVE}(h1|h2|img|a){_ARGUMENT}([^{_END}]*){_END}")
+_XML_SPACE: Final = re.compile("[ \t\r\n]+")
+_SHAPE_STYLESHEET: Final = _STYLESHEET.replace(
+    "</xsl:stylesheet>",
+    f"""
+  <xsl:template match="h1|h2" priority="5">
+    <xsl:text>{_PARA}</xsl:text><xsl:apply-templates/>
+    <xsl:text>{_DIRECTIVE}</xsl:text><xsl:value-of select="local-name()"/><xsl:text>{_ARGUMENT}</xsl:text>
+    <xsl:value-of select="."/><xsl:text>{_END}{_PARA}</xsl:text>
+  </xsl:template>
+  <xsl:template match="img" priority="5">
+    <xsl:if test="$images = 1">{_DIRECTIVE}img{_ARGUMENT}<xsl:value-of select="@alt"/>{_END}</xsl:if>
+  </xsl:template>
+  <xsl:template match="a" priority="5">
+    <xsl:apply-templates/>
+    <xsl:if test="$links = 1"><xsl:text>{_DIRECTIVE}a{_ARGUMENT}</xsl:text><xsl:value-of select="@href"/>
+      <xsl:text>{_ARGUMENT}</xsl:text><xsl:value-of select="."/><xsl:text>{_END}</xsl:text></xsl:if>
+  </xsl:template>
+</xsl:stylesheet>
+""",
+)
+
 
 class _Machinery(threading.local):
     """A parser and a compiled stylesheet per thread (lxml shares neither across
@@ -97,6 +131,7 @@ class _Machinery(threading.local):
 
     parser: etree.HTMLParser | None = None
     transform: etree.XSLT | None = None
+    shape_transform: etree.XSLT | None = None
 
     def get(self) -> tuple[etree.HTMLParser, etree.XSLT]:
         if self.parser is None or self.transform is None:
@@ -107,6 +142,14 @@ class _Machinery(threading.local):
                 etree.XML(_STYLESHEET.encode()), access_control=etree.XSLTAccessControl.DENY_ALL
             )
         return self.parser, self.transform
+
+    def shape(self) -> tuple[etree.HTMLParser, etree.XSLT]:
+        parser, _ = self.get()
+        if self.shape_transform is None:
+            self.shape_transform = etree.XSLT(
+                etree.XML(_SHAPE_STYLESHEET.encode()), access_control=etree.XSLTAccessControl.DENY_ALL
+            )
+        return parser, self.shape_transform
 
 
 _machinery = _Machinery()
@@ -127,6 +170,52 @@ def html_to_text(html: str, options: TextOptions) -> str:
         transform(document, links="1" if options.links else "0", images="1" if options.images else "0")
     )
     return _layout(flow, options.wrap)
+
+
+def shape_flow(html: str, options: TextOptions) -> str | None:
+    """The reading of a shape's HTML (marks for its values), with directives
+    where values decide; None if there is nothing to read by shape (the
+    whole-HTML reading then applies)."""
+    if _LINE in html or _PARA in html or _DIRECTIVE in html or _ARGUMENT in html or _END in html:
+        return None
+    parser, transform = _machinery.shape()
+    try:
+        document = cast("etree._Element | None", etree.fromstring(html, parser))
+    except etree.XMLSyntaxError:
+        return None
+    if document is None:
+        return None
+    return str(
+        transform(document, links="1" if options.links else "0", images="1" if options.images else "0")
+    )
+
+
+def text_from_flow(flow: str, options: TextOptions) -> str:
+    """The text part from a shape's flow with the user's values put in."""
+    return _layout(_DIRECTIVES.sub(_directive, flow), options.wrap)
+
+
+def _normalize_space(value: str) -> str:
+    """XPath's normalize-space: only XML's four whitespace characters count."""
+    return _XML_SPACE.sub(" ", value).strip(" \t\r\n")
+
+
+def _directive(match: re.Match[str]) -> str:
+    kind, argument = match.group(1), match.group(2)
+    if kind == "a":
+        href, _, label = argument.partition(_ARGUMENT)
+        href, label = _normalize_space(href), _normalize_space(label)
+        shown = href.removeprefix("mailto:") if href.startswith("mailto:") else href
+        if label and label != shown and href.startswith(("http://", "https://", "mailto:")):
+            return f" ({shown})"
+        return ""
+    if kind == "img":
+        alt = _normalize_space(argument)
+        return f" [{alt}] " if alt else ""
+    heading = _normalize_space(argument)  # h1 or h2: underlined as long as the heading
+    if not heading:
+        return ""
+    return _LINE + ("=" if kind == "h1" else "-") * min(len(heading), len(_RULE))
 
 
 def _layout(flow: str, width: int) -> str:

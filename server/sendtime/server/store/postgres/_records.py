@@ -1,0 +1,103 @@
+"""The smaller ports on PostgreSQL: profiles, catalog, suppressions, exits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import asyncpg
+import msgspec
+
+from sendtime.server.domain.catalog import Product
+from sendtime.server.domain.events import Event
+from sendtime.server.domain.profile import Profile
+from sendtime.server.store.postgres._events import replay
+
+_decode_product = msgspec.json.Decoder(Product).decode
+_encode_json = msgspec.json.Encoder().encode
+_decode_profile = msgspec.msgpack.Decoder(Profile).decode
+
+
+class PostgresProfiles:
+    """Profiles are folded and written in the events' transaction, under a row
+    lock per user (see _events.py): what is stored is always every committed
+    event's result, so the profile book has nothing to save or replay."""
+
+    writes_profiles_with_events = True
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def load_profiles(self, keys: Sequence[str]) -> dict[str, Profile]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT profile_key, doc FROM profiles WHERE profile_key = ANY($1::text[]) AND doc != ''::bytea",
+                list(keys),
+            )
+        return {key: _decode_profile(doc) for key, doc in rows}
+
+    async def save_profiles(self, rows: Sequence[tuple[str, bytes]], position: int) -> None:
+        """Saving a profile folded elsewhere could undo a commit: refused."""
+        if rows:
+            raise RuntimeError("profiles are written with their events on PostgreSQL")
+
+    async def profiles_position(self) -> int:
+        async with self._pool.acquire() as conn:
+            return int(await conn.fetchval("SELECT coalesce(max(position), 0) FROM events"))
+
+    async def replay(self, after: int) -> tuple[list[Event], int]:
+        return await replay(self._pool, after)
+
+
+class PostgresCatalog:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def save_products(self, products: Sequence[Product]) -> None:
+        async with self._pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO catalog SELECT * FROM unnest($1::text[], $2::bytea[])"
+                " ON CONFLICT (product_id) DO UPDATE SET doc = excluded.doc",
+                [p.id for p in products],
+                [_encode_json(p) for p in products],
+            )
+
+    async def load_products(self) -> list[Product]:
+        async with self._pool.acquire() as conn:
+            return [_decode_product(doc) for (doc,) in await conn.fetch("SELECT doc FROM catalog")]
+
+
+class PostgresSuppressions:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def suppress(self, subject: str, group: str, reason: str, source: str) -> bool:
+        async with self._pool.acquire() as conn:
+            status = await conn.execute(
+                "INSERT INTO suppressions VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                subject,
+                group,
+                reason,
+                source,
+                datetime.now(UTC),
+            )
+        return str(status).endswith(" 1")
+
+    async def is_suppressed(self, subjects: Sequence[str], group: str) -> bool:
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchval(
+                "SELECT 1 FROM suppressions WHERE subject = ANY($1::text[]) AND grp IN ($2, '*') LIMIT 1",
+                list(subjects),
+                group,
+            )
+        return row is not None
+
+    async def unsuppress(self, subject: str, group: str, reason: str) -> bool:
+        async with self._pool.acquire() as conn:
+            status = await conn.execute(
+                "DELETE FROM suppressions WHERE subject = $1 AND grp = $2 AND reason = $3",
+                subject,
+                group,
+                reason,
+            )
+        return str(status).endswith(" 1")

@@ -1,0 +1,130 @@
+"""The smaller ports on SQLite: profiles, catalog, suppressions and exits."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import msgspec
+
+from sendtime.server.domain.catalog import Product
+from sendtime.server.domain.events import Event
+from sendtime.server.domain.profile import Profile
+from sendtime.server.store.sqlite._db import PROFILES_POSITION, SqliteDatabase, select_meta
+from sendtime.server.store.sqlite._events import replay
+from sendtime.server.store.sqlite._ledger import select_exit, select_suppressed
+from sendtime.server.store.sqlite._rows import encode_json, insert_rows, micros
+
+_decode_product = msgspec.json.Decoder(Product).decode
+_decode_profile = msgspec.msgpack.Decoder(Profile).decode
+
+
+class SqliteProfiles:
+    """Folded profiles, written in batches with the event position they include.
+    The saves are writes of their own (not the events' transaction): a restart
+    folds the events past the saved position again."""
+
+    writes_profiles_with_events = False
+
+    def __init__(self, db: SqliteDatabase) -> None:
+        self._db = db
+
+    async def load_profiles(self, keys: Sequence[str]) -> dict[str, Profile]:
+        return await self._db.read(_select_profiles, list(keys))
+
+    async def save_profiles(self, rows: Sequence[tuple[str, bytes]], position: int) -> None:
+        flat = [value for row in rows for value in row]
+
+        def save(conn: sqlite3.Connection) -> None:
+            insert_rows(
+                conn,
+                "INSERT INTO profiles VALUES",
+                "(?,?)",
+                flat,
+                tail=" ON CONFLICT (profile_key) DO UPDATE SET doc = excluded.doc",
+            )
+            conn.execute(
+                "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (PROFILES_POSITION, position),
+            )
+
+        await self._db.submit(save)
+
+    async def profiles_position(self) -> int:
+        return await self._db.read(select_meta, PROFILES_POSITION)
+
+    async def replay(self, after: int) -> tuple[list[Event], int]:
+        return await self._db.scan(lambda conn: replay(conn, after))
+
+
+def _select_profiles(conn: sqlite3.Connection, keys: list[str]) -> dict[str, Profile]:
+    found: dict[str, Profile] = {}
+    for start in range(0, len(keys), 500):
+        chunk = keys[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        sql = f"SELECT profile_key, doc FROM profiles WHERE profile_key IN ({marks})"  # noqa: S608
+        found.update((key, _decode_profile(doc)) for key, doc in conn.execute(sql, chunk))
+    return found
+
+
+class SqliteCatalog:
+    def __init__(self, db: SqliteDatabase) -> None:
+        self._db = db
+
+    async def save_products(self, products: Sequence[Product]) -> None:
+        rows = [(p.id, encode_json(p)) for p in products]
+
+        def save(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT INTO catalog VALUES (?, ?) ON CONFLICT (product_id) DO UPDATE SET doc = excluded.doc",
+                rows,
+            )
+
+        await self._db.submit(save)
+
+    async def load_products(self) -> list[Product]:
+        rows = await self._db.read(_select_catalog, None)
+        return [_decode_product(doc) for (doc,) in rows]
+
+
+def _select_catalog(conn: sqlite3.Connection, _arg: object) -> list[tuple[bytes]]:
+    return conn.execute("SELECT doc FROM catalog").fetchall()
+
+
+class SqliteSuppressions:
+    def __init__(self, db: SqliteDatabase) -> None:
+        self._db = db
+
+    async def suppress(self, subject: str, group: str, reason: str, source: str) -> bool:
+        def add(conn: sqlite3.Connection) -> bool:
+            return bool(
+                conn.execute(
+                    "INSERT OR IGNORE INTO suppressions VALUES (?, ?, ?, ?, ?)",
+                    (subject, group, reason, source, micros(datetime.now(UTC))),
+                ).rowcount
+            )
+
+        return await self._db.submit(add)
+
+    async def is_suppressed(self, subjects: Sequence[str], group: str) -> bool:
+        return await self._db.read(select_suppressed, (list(subjects), group))
+
+    async def unsuppress(self, subject: str, group: str, reason: str) -> bool:
+        def lift(conn: sqlite3.Connection) -> bool:
+            return bool(
+                conn.execute(
+                    "DELETE FROM suppressions WHERE subject = ? AND grp = ? AND reason = ?",
+                    (subject, group, reason),
+                ).rowcount
+            )
+
+        return await self._db.submit(lift)
+
+
+class SqliteExits:
+    def __init__(self, db: SqliteDatabase) -> None:
+        self._db = db
+
+    async def exit_since(self, profile_key: str, flow_id: str, entry_key: str, since: datetime) -> str | None:
+        return await self._db.read(select_exit, (profile_key, flow_id, entry_key, micros(since)))

@@ -1,0 +1,163 @@
+"""No late answers: content calls that cannot be answered in time are shed at
+admission (blocks from cache or fallback at once, or a whole email refused
+with 429 / RESOURCE_EXHAUSTED and retry advice), the answer says so, and the
+server counts shed calls and answers that left after their deadline
+(``sendtime_content_shed_total``, ``sendtime_content_late_answers_total``).
+
+The server runs in the test's own event loop, so a test makes it run late the
+way overload does: it holds the loop (time.sleep) for a while."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import grpc
+import grpc.aio
+import pytest
+
+from sendtime.server.app import Sendtime
+from sendtime.v1 import content_service_pb2, content_service_pb2_grpc
+from tests.conftest import DEV_AUTH, SettingsFactory
+from tests.integration.observing import scrape, value
+from tests.integration.test_content import Upstream, config_for, upstream  # noqa: F401 (fixture)
+
+AUTH = {"Authorization": "Bearer dev-key"}
+
+
+@pytest.fixture
+async def app(make_settings: SettingsFactory) -> AsyncIterator[Sendtime]:
+    async with Sendtime(make_settings()) as server:
+        yield server
+
+
+async def add_to_cart(http: aiohttp.ClientSession, base: str, user: str) -> None:
+    event = {
+        "type": "track",
+        "messageId": f"add-{user}",
+        "userId": user,
+        "event": "Product Added",
+        "properties": {"cart_id": "c", "product_id": "mug-ceramic", "price": 14},
+    }
+    async with http.post(f"{base}/v1/batch", json={"batch": [event]}, headers=AUTH) as response:
+        assert response.status == 200, await response.text()
+
+
+async def run_late(seconds: float) -> None:
+    """Hold the event loop, as a burst of work would, and let the server see it."""
+    time.sleep(seconds)
+    await asyncio.sleep(0.01)  # the loop-lag sampler runs and records it
+
+
+async def test_blocks_are_shed_to_cache_or_fallback_when_the_server_runs_late(app: Sendtime) -> None:
+    base = f"http://127.0.0.1:{app.http_port}"
+    async with aiohttp.ClientSession() as http:
+        await add_to_cart(http, base, "ada")
+        await add_to_cart(http, base, "bob")
+        async with http.get(f"{base}/v1/content/ada?blocks=cart", headers=AUTH) as response:
+            assert (await response.json())["blocks"]["cart"]["source"] == "fresh"  # cached now
+
+        await run_late(0.4)
+        headers = {**AUTH, "Sendtime-Deadline-Ms": "200"}
+        started = time.perf_counter()
+        async with http.get(f"{base}/v1/content/ada?blocks=cart,recommendations", headers=headers) as r:
+            ada = await r.json()
+        async with http.get(f"{base}/v1/content/bob?blocks=cart", headers=headers) as r:
+            bob = await r.json()
+        took = time.perf_counter() - started
+
+        # ada's cart was cached: served from the cache; what was not is a
+        # fallback that says why; bob has nothing cached at all
+        assert ada["blocks"]["cart"]["source"] == "cached"
+        assert ada["blocks"]["cart"]["data"]["lines"][0]["product"]["id"] == "mug-ceramic"
+        assert (ada["blocks"]["recommendations"]["source"], ada["blocks"]["recommendations"]["reason"]) == (
+            "fallback",
+            "overloaded",
+        )
+        assert (bob["blocks"]["cart"]["source"], bob["blocks"]["cart"]["reason"]) == (
+            "fallback",
+            "overloaded",
+        )
+        assert took < 0.2
+
+        families = await scrape(app.http_port)
+        assert value(families, "sendtime_content_shed_total", call="content") == 2
+        assert value(families, "sendtime_content_late_answers_total") == 0
+
+        # once the loop keeps time again, the same call is answered in full
+        await asyncio.sleep(0.6)
+        async with http.get(f"{base}/v1/content/bob?blocks=cart", headers=headers) as r:
+            assert (await r.json())["blocks"]["cart"]["source"] == "fresh"
+
+
+async def test_a_whole_email_that_cannot_be_made_in_time_is_refused_at_once(app: Sendtime) -> None:
+    base = f"http://127.0.0.1:{app.http_port}"
+    async with (
+        aiohttp.ClientSession() as http,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel,
+    ):
+        await add_to_cart(http, base, "ada")
+        families = await scrape(app.http_port)
+        assert value(families, "sendtime_content_shed_total", call="email") == 0  # shown before any
+
+        await run_late(0.4)
+        headers = {**AUTH, "Sendtime-Deadline-Ms": "200"}
+        started = time.perf_counter()
+        async with http.get(f"{base}/v1/content/ada?template=abandoned_cart", headers=headers) as response:
+            body = await response.json()
+        assert time.perf_counter() - started < 0.2
+        assert response.status == 429
+        assert response.headers["Retry-After"] == "1"
+        assert body["error"]["reason"] == "RESOURCE_EXHAUSTED"
+        assert "cannot be made in time" in body["error"]["message"]
+
+        stub = content_service_pb2_grpc.ContentServiceStub(channel)
+        await run_late(0.4)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.RenderEmail(
+                content_service_pb2.RenderEmailRequest(template_id="abandoned_cart", user_id="ada"),
+                metadata=DEV_AUTH,
+                timeout=0.2,
+            )
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        families = await scrape(app.http_port)
+        assert value(families, "sendtime_content_shed_total", call="email") == 2
+
+        # in time again: the email is made
+        await asyncio.sleep(0.6)
+        async with http.get(f"{base}/v1/content/ada?template=abandoned_cart", headers=headers) as response:
+            assert response.status == 200
+            assert "Stoneware Mug" in (await response.json())["email"]["html"]
+
+
+async def test_an_answer_that_leaves_after_its_deadline_is_counted(
+    make_settings: SettingsFactory,
+    upstream: Upstream,  # noqa: F811 (the fixture)
+) -> None:
+    # The call waits on a slow upstream; meanwhile the loop is held past the
+    # call's whole deadline, so its answer can only leave late: counted.
+    upstream.delay_s = 1.0
+    async with Sendtime(make_settings(config_for(upstream))) as app, aiohttp.ClientSession() as http:
+        base = f"http://127.0.0.1:{app.http_port}"
+        identify = [
+            {"type": "identify", "messageId": f"id-{u}", "userId": u, "traits": {"email": f"{u}@example.com"}}
+            for u in ("ada", "carl")
+        ]
+        async with http.post(f"{base}/v1/batch", json={"batch": identify}, headers=AUTH) as response:
+            assert response.status == 200
+        headers = {**AUTH, "Sendtime-Deadline-Ms": "100"}
+        async with http.get(f"{base}/v1/content/ada?blocks=loyalty", headers=headers) as response:
+            assert (await response.json())["blocks"]["loyalty"]["reason"] == "timeout"  # in time
+        families = await scrape(app.http_port)
+        assert value(families, "sendtime_content_late_answers_total") == 0
+
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.03, time.sleep, 0.3)
+        async with http.get(f"{base}/v1/content/carl?blocks=loyalty", headers=headers) as response:
+            assert response.status == 200
+        families = await scrape(app.http_port)
+        assert value(families, "sendtime_content_late_answers_total", call="content") == 1
+        assert value(families, "sendtime_content_late_answers_total", call="email") == 0
