@@ -35,7 +35,7 @@ from sendtime.server.domain.catalog import Catalog, CatalogUpdater, load_product
 from sendtime.server.domain.commits import AfterCommit
 from sendtime.server.domain.content import ContentPipeline, ContentPolicy
 from sendtime.server.domain.errors import Unavailable
-from sendtime.server.domain.events import known_payload
+from sendtime.server.domain.events import EventWindow, known_payload
 from sendtime.server.domain.flows import ExitOn, Flow, FlowPlanner, Reentry
 from sendtime.server.domain.ingest import Ingestor, utc_now
 from sendtime.server.domain.learning import LEARNED_EVENTS, EventLearner
@@ -240,7 +240,16 @@ class Sendtime:
         deliveries = Deliveries(backend.ledger, flows, templates.get, dispatcher.wake, self._clock)
         feedback = delivery.feedback
 
-        ingestor = Ingestor(events, after_commit, self._clock, observer=telemetry.ingest_observer())
+        ingestor = Ingestor(
+            events,
+            after_commit,
+            self._clock,
+            observer=telemetry.ingest_observer(),
+            window=EventWindow(
+                max_ahead=timedelta(seconds=settings.events.max_ahead_s),
+                max_age=timedelta(seconds=settings.events.max_age_s),
+            ),
+        )
         queries = ProfileQueries(profiles)
         authenticator = Authenticator(settings.auth)
         default_deadline_s = content.default_deadline_ms / 1000

@@ -149,6 +149,16 @@ class StorageSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             )
 
 
+class EventSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Which event times the intake believes, from the server's clock at arrival."""
+
+    #: An event dated further ahead than this is refused; one ahead by less
+    #: counts as happening when it arrived (clock skew).
+    max_ahead_s: Annotated[float, msgspec.Meta(ge=0, le=366 * 86400)] = 86400.0
+    #: An event dated longer ago than this is refused, history imports included.
+    max_age_s: Annotated[float, msgspec.Meta(gt=0, le=200 * 365 * 86400)] = 3650 * 86400.0
+
+
 class ApiKey(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: str
     #: "sha256:" + hex digest of the key; `sendtime keygen` makes both.
@@ -452,6 +462,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     grpc: GrpcSettings = msgspec.field(default_factory=GrpcSettings)
     http: HttpSettings = msgspec.field(default_factory=HttpSettings)
     storage: StorageSettings = msgspec.field(default_factory=StorageSettings)
+    events: EventSettings = msgspec.field(default_factory=EventSettings)
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
     content: ContentSettings = msgspec.field(default_factory=ContentSettings)
     delivery: DeliverySettings = msgspec.field(default_factory=DeliverySettings)

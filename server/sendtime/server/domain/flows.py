@@ -17,7 +17,7 @@ import enum
 import hashlib
 from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import msgspec
@@ -30,6 +30,8 @@ ANY_ENTRY: Final = "*"
 #: The entry key of flows keyed by the user alone.
 USER_ENTRY: Final = "user"
 _MAX_MEMOISED_KEYS: Final = 200_000
+_EARLIEST: Final = datetime.min.replace(tzinfo=UTC)
+_LATEST: Final = datetime.max.replace(tzinfo=UTC)
 
 
 class ExitOn(enum.StrEnum):
@@ -181,9 +183,11 @@ class _Properties:
 
 
 def _decode_properties(event: Event) -> dict[str, Any]:
+    # validated at ingest (JSON, UTF-8, depth): never fails here. But this runs
+    # inside the store's transaction, where raising would fail the events beside it.
     try:
         return _OBJECT.decode(event.properties or b"{}")
-    except (msgspec.ValidationError, msgspec.DecodeError):  # validated at ingest; never here
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return {}
 
 
@@ -226,9 +230,20 @@ def _entry(
         received_at=event.received_at,
         # from when the event happened, but never in the past of its arrival
         # by more than the delay (a late event still gets its reminder)
-        due_at=max(event.timestamp, event.received_at - flow.delay) + flow.delay,
+        due_at=_shifted(max(event.timestamp, _shifted(event.received_at, -flow.delay)), flow.delay),
         subscription_group=flow.subscription_group,
     )
+
+
+def _shifted(moment: datetime, delta: timedelta) -> datetime:
+    """``moment + delta``, held at the calendar's ends instead of raising
+    OverflowError: the planner runs inside the store's transaction, where an
+    exception would fail every event committed together with this one.
+    (Validation refuses such times; this holds whatever reaches here anyway.)"""
+    try:
+        return moment + delta
+    except OverflowError:
+        return _LATEST if delta > timedelta(0) else _EARLIEST
 
 
 def _exit(flow: Flow, event: Event, properties: _Properties) -> PlannedExit:

@@ -16,7 +16,7 @@ from typing import Protocol
 import msgspec
 
 from sendtime.server.domain.errors import InvalidInput, SendtimeError
-from sendtime.server.domain.events import Event, IncomingEvent, validate
+from sendtime.server.domain.events import DEFAULT_WINDOW, Event, EventWindow, IncomingEvent, validate
 from sendtime.server.domain.ports import EventStore
 
 
@@ -75,8 +75,10 @@ class Ingestor:
         after_commit: Settled,
         clock: Callable[[], datetime] = utc_now,
         observer: IngestObserver | None = None,
+        window: EventWindow = DEFAULT_WINDOW,
     ) -> None:
         self._observer = observer
+        self._window = window
         self._store = store
         self._after_commit = after_commit
         self._clock = clock
@@ -93,7 +95,7 @@ class Ingestor:
                 acks[index] = Ack(index, candidate.message_id, Outcome.REJECTED, candidate.error)
                 continue
             try:
-                valid.append(validate(candidate, received_at))
+                valid.append(validate(candidate, received_at, self._window))
             except InvalidInput as error:
                 acks[index] = Ack(index, candidate.message_id, Outcome.REJECTED, error)
             else:

@@ -12,10 +12,10 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from sendtime.server.domain.content import Block, ContentContext, Reason, Source
-from sendtime.server.domain.errors import FieldViolation
+from sendtime.server.domain.errors import FieldViolation, InvalidInput
 from sendtime.server.domain.events import ConsentState, EventKind, IncomingEvent, TraitsUpdate
 from sendtime.server.domain.flows import Flow
-from sendtime.server.domain.ingest import Ack, Outcome
+from sendtime.server.domain.ingest import Ack, Outcome, Undecodable
 from sendtime.server.domain.profile import Line, ProfileView
 from sendtime.server.domain.sends import SendRecord, SendStatus
 from sendtime.v1 import content_service_pb2, delivery_service_pb2, event_pb2, profile_service_pb2
@@ -41,17 +41,29 @@ _FIELD_PREFIXES: Final = (
 
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+#: google.protobuf.Timestamp's range, 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z;
+#: beyond it a time is not a datetime (and the arithmetic below overflows).
+_TIMESTAMP_SECONDS: Final = range(-62_135_596_800, 253_402_300_800)
+_TIMESTAMP_RANGE: Final = (
+    "is outside google.protobuf.Timestamp's range (0001-01-01 to 9999-12-31, nanos 0 to 999999999)"
+)
 
 
-def _datetime(stamp: Timestamp) -> datetime:
-    # protobuf's ToDatetime is pure Python and costs ~2 us; this is the same
-    # arithmetic, to the microsecond, at a fraction of it.
-    return _EPOCH + timedelta(0, stamp.seconds, stamp.nanos // 1000)  # (days, seconds, microseconds)
-
-
-def incoming_event(event: event_pb2.Event) -> IncomingEvent:
+def incoming_event(event: event_pb2.Event | InvalidInput) -> IncomingEvent | Undecodable:
+    """The event as the domain takes it; an event whose bytes or timestamp
+    cannot be read is rejected in its place (see grpc_decode)."""
+    if isinstance(event, InvalidInput):
+        return Undecodable("", event)
     kind = event.WhichOneof("kind")
-    timestamp = _datetime(event.timestamp) if event.HasField("timestamp") else None
+    timestamp = None
+    if event.HasField("timestamp"):
+        stamp = event.timestamp
+        seconds, nanos = stamp.seconds, stamp.nanos  # each read of a upb field costs
+        if seconds not in _TIMESTAMP_SECONDS or not 0 <= nanos < 1_000_000_000:
+            return Undecodable(event.message_id, InvalidInput.field("timestamp", _TIMESTAMP_RANGE))
+        # protobuf's ToDatetime is pure Python and costs ~2 us; this is the same
+        # arithmetic, to the microsecond, at a fraction of it.
+        timestamp = _EPOCH + timedelta(0, seconds, nanos // 1000)  # (days, seconds, microseconds)
     if kind == "track":
         return IncomingEvent(
             message_id=event.message_id,

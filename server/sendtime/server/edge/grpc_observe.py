@@ -175,6 +175,7 @@ class _Call:
     __slots__ = (
         "_context",
         "_method",
+        "_peer",
         "_request",
         "_span",
         "_started",
@@ -190,6 +191,10 @@ class _Call:
         self._method = method
         self._request = request
         self._context = context
+        # Read now, not at finish: once a stream is reset (a client refusing an
+        # ack over its receive limit) grpc may free the call, and peer() on a
+        # freed call dereferences it (the server died of SIGSEGV there).
+        self._peer: str = context.peer()
         self.error: BaseException | None = None
         metadata = context.invocation_metadata() or ()
         given = None
@@ -243,7 +248,7 @@ class _Call:
                 seconds=seconds,
                 request_id=self.request_id,
                 user_id=_user_id(self._request),
-                peer=self._context.peer(),
+                peer=self._peer,
             )
 
 

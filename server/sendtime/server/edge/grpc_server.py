@@ -33,6 +33,7 @@ from sendtime.server.domain.events import Identity
 from sendtime.server.domain.ingest import Ack, Ingestor, Outcome
 from sendtime.server.domain.queries import ProfileQueries
 from sendtime.server.edge import grpc_convert as convert
+from sendtime.server.edge import grpc_decode as decode
 from sendtime.server.edge.grpc_errors import abort, mapped_errors, status_for
 from sendtime.server.edge.grpc_observe import ObserveInterceptor
 from sendtime.server.observe import Telemetry
@@ -43,13 +44,13 @@ from sendtime.v1 import (
     delivery_service_pb2,
     delivery_service_pb2_grpc,
     event_service_pb2,
-    event_service_pb2_grpc,
     profile_service_pb2,
     profile_service_pb2_grpc,
 )
 
 log = logging.getLogger(__name__)
 
+#: Events in one IngestEvents call or one StreamEvents message (Segment's batch limit).
 MAX_BATCH_EVENTS: Final = 2500
 SERVICE_NAMES: Final = (
     event_service_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
@@ -146,7 +147,10 @@ class _Window:
         self._freed.set()
 
 
-class EventService(event_service_pb2_grpc.EventServiceServicer):
+class EventService:
+    """Its requests arrive through grpc_decode's decoders (see add_event_service),
+    as the message or the InvalidInput that says why it is not one."""
+
     def __init__(self, ingestor: Ingestor, settings: GrpcSettings) -> None:
         self._ingestor = ingestor
         self._window = settings.stream_window_events
@@ -155,8 +159,10 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
 
     @mapped_errors
     async def IngestEvent(
-        self, request: event_service_pb2.IngestEventRequest, context: Context
+        self, request: event_service_pb2.IngestEventRequest | InvalidInput, context: Context
     ) -> event_service_pb2.IngestEventResponse:
+        if isinstance(request, InvalidInput):
+            raise request
         (ack,) = await self._ingestor.ingest([convert.incoming_event(request.event)])
         if ack.outcome is Outcome.REJECTED and ack.error is not None:
             raise InvalidInput(
@@ -171,18 +177,15 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
 
     @mapped_errors
     async def IngestEvents(
-        self, request: event_service_pb2.IngestEventsRequest, context: Context
+        self, request: decode.EventBatch | InvalidInput, context: Context
     ) -> event_service_pb2.IngestEventsResponse:
-        if len(request.events) > MAX_BATCH_EVENTS:
-            raise InvalidInput.field(
-                "events", f"holds {len(request.events)} events; the limit is {MAX_BATCH_EVENTS}"
-            )
-        acks = await self._ingestor.ingest([convert.incoming_event(e) for e in request.events])
+        events = _checked(request).events
+        acks = await self._ingestor.ingest([convert.incoming_event(e) for e in events])
         return event_service_pb2.IngestEventsResponse(acks=convert.event_acks(acks))
 
     async def StreamEvents(
         self,
-        request_iterator: AsyncIterator[event_service_pb2.StreamEventsRequest],
+        request_iterator: AsyncIterator[decode.EventBatch | InvalidInput],
         context: Context,
     ) -> AsyncIterator[event_service_pb2.StreamEventsResponse]:
         """Reads and acks concurrently: a reader task hands each message to the
@@ -196,7 +199,9 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    incoming = [convert.incoming_event(e) for e in request.events]
+                    # ends the stream with this status once the messages before it are acked
+                    events = _checked(request, "in one message").events
+                    incoming = [convert.incoming_event(e) for e in events]
                     await window.acquire(len(incoming))
                     pending.put_nowait(
                         (len(incoming), asyncio.ensure_future(self._ingestor.ingest(incoming)))
@@ -220,7 +225,10 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
             if reader.cancelled() and self.is_draining():
                 # Every event read so far is acked above; the client resends the rest elsewhere.
                 await abort(context, Unavailable("the server is shutting down; reconnect"))
-            reader.result()  # surface an error from reading the stream
+            try:
+                reader.result()  # surface an error from reading the stream
+            except SendtimeError as error:
+                await abort(context, error)
         finally:
             reader.cancel()
 
@@ -233,6 +241,46 @@ class EventService(event_service_pb2_grpc.EventServiceServicer):
         self._draining = True
         for reader in list(self._stream_readers):
             reader.cancel()
+
+
+def _checked(request: decode.EventBatch | InvalidInput, where: str = "") -> decode.EventBatch:
+    """The batch, if it is one within the limit."""
+    if isinstance(request, InvalidInput):
+        raise request
+    if len(request.events) > MAX_BATCH_EVENTS:
+        raise InvalidInput.field(
+            "events",
+            f"holds {len(request.events)} events; the limit is {MAX_BATCH_EVENTS}{' ' + where if where else ''}",
+            reason="TOO_MANY_EVENTS",
+        )
+    return request
+
+
+def add_event_service(servicer: EventService, server: grpc.aio.Server) -> None:
+    """Registers EventService by hand, not with the generated add_..._to_server:
+    its handlers decode with FromString, which ends a call as UNKNOWN on bytes
+    that are not the message, and fails a whole batch for one bad event."""
+    name = event_service_pb2.DESCRIPTOR.services_by_name["EventService"].full_name
+    handlers = {
+        "IngestEvent": grpc.unary_unary_rpc_method_handler(
+            servicer.IngestEvent,
+            request_deserializer=decode.event_request,
+            response_serializer=event_service_pb2.IngestEventResponse.SerializeToString,
+        ),
+        "IngestEvents": grpc.unary_unary_rpc_method_handler(
+            servicer.IngestEvents,
+            request_deserializer=decode.event_batch,
+            response_serializer=event_service_pb2.IngestEventsResponse.SerializeToString,
+        ),
+        "StreamEvents": grpc.stream_stream_rpc_method_handler(
+            servicer.StreamEvents,
+            request_deserializer=decode.event_batch,
+            response_serializer=event_service_pb2.StreamEventsResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    # as the generated code does (grpc's stubs do not know this method yet)
+    server.add_registered_method_handlers(name, handlers)  # type: ignore[attr-defined]
 
 
 class ProfileService(profile_service_pb2_grpc.ProfileServiceServicer):
@@ -433,7 +481,7 @@ def build_grpc_edge(
         maximum_concurrent_rpcs=settings.max_concurrent_calls,
     )
     events = EventService(ingestor, settings)
-    event_service_pb2_grpc.add_EventServiceServicer_to_server(events, server)
+    add_event_service(events, server)
     profile_service_pb2_grpc.add_ProfileServiceServicer_to_server(ProfileService(queries), server)
     content_service_pb2_grpc.add_ContentServiceServicer_to_server(
         ContentService(pipeline, default_deadline_s), server

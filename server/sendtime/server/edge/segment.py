@@ -9,6 +9,7 @@ client that retries the same body is still de-duplicated.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Final
@@ -18,10 +19,12 @@ import msgspec
 from sendtime.server.domain.errors import FieldViolation, InvalidInput, PayloadTooLarge
 from sendtime.server.domain.events import (
     MAX_EVENT_BYTES,
+    MAX_JSON_DEPTH,
     ConsentState,
     EventKind,
     IncomingEvent,
     TraitsUpdate,
+    nests_deeper,
 )
 from sendtime.server.domain.ingest import Undecodable
 
@@ -80,6 +83,10 @@ _BATCH: Final = msgspec.json.Decoder(Batch)
 _WRITE_KEY: Final = msgspec.json.Decoder(WriteKeyOnly)
 _BATCH_PROBE: Final = msgspec.json.Decoder(BatchProbe)
 _ROUTE_KINDS: Final = {kind.value: kind for kind in EventKind}
+#: What msgspec raises for bytes it cannot take as JSON: malformed JSON, and
+#: invalid UTF-8 inside a string (a UnicodeDecodeError, not a DecodeError).
+_NOT_JSON: Final = (msgspec.DecodeError, UnicodeDecodeError)
+_TOO_DEEP: Final = f"nests objects and arrays deeper than {MAX_JSON_DEPTH} levels"
 
 #: domain field -> Segment's name for it
 SEGMENT_FIELDS: Final = {
@@ -116,7 +123,8 @@ def write_key_in_body(body: bytes) -> str | None:
     """analytics clients also put the write key in the body; used when no header is set."""
     try:
         return _WRITE_KEY.decode(body).write_key
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    # invalid UTF-8 (UnicodeDecodeError) is the caller's to answer
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
         return None
 
 
@@ -132,7 +140,12 @@ def decode_batch(body: bytes, received_at: datetime) -> list[IncomingEvent | Und
         raise PayloadTooLarge(f"the batch is {len(body)} bytes; the limit is {MAX_BATCH_BYTES}")
     try:
         batch = _BATCH.decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except RecursionError:
+        # msgspec recurses even to skip a value: one event nested thousands
+        # deep fails the decoding of the whole batch. Split the batch here and
+        # let that event be rejected alone.
+        batch = _split_batch(body)
+    except (msgspec.ValidationError, *_NOT_JSON) as exc:
         raise InvalidInput.field("batch", f"is not a Segment batch: {exc}") from None
     if len(batch.batch) > MAX_BATCH_EVENTS:
         raise InvalidInput.field("batch", f"holds {len(batch.batch)} events; the limit is {MAX_BATCH_EVENTS}")
@@ -142,11 +155,59 @@ def decode_batch(body: bytes, received_at: datetime) -> list[IncomingEvent | Und
     ]
 
 
+# A JSON string (escapes included), or one of the characters that give JSON its structure.
+_JSON_TOKENS: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},:]')
+
+
+def _split_batch(body: bytes) -> Batch:
+    """The batch, with its events cut out of the body by a scan of its
+    structure instead of a parse (slower; only for bodies msgspec cannot
+    decode for their depth). The envelope without them is decoded as usual."""
+    depth = 0
+    previous = b""
+    key = b""
+    start = end = -1
+    cuts: list[int] = []  # where each event of the batch array ends (a comma, or the closing bracket)
+    for match in _JSON_TOKENS.finditer(body):
+        token = match.group()
+        if token == b":" and depth == 1:
+            key = previous
+        elif token in (b"[", b"{"):
+            if depth == 1 and start < 0 and token == b"[" and previous == b":" and key == b'"batch"':
+                start = match.start()
+            depth += 1
+        elif token in (b"]", b"}"):
+            depth -= 1
+            if depth == 1 and start >= 0 and end < 0:
+                end = match.start()
+                cuts.append(end)
+        elif token == b"," and depth == 2 and start >= 0 and end < 0:
+            cuts.append(match.start())
+        previous = token
+    if end < 0:
+        raise InvalidInput.field("batch", f"is not a Segment batch: the body {_TOO_DEEP}")
+    events = [body[a + 1 : b].strip() for a, b in zip([start, *cuts], cuts, strict=False)]
+    try:
+        envelope = _BATCH.decode(body[:start] + b"[]" + body[end + 1 :])
+    except RecursionError:
+        raise InvalidInput.field("batch", f"is not a Segment batch: the body {_TOO_DEEP}") from None
+    except (msgspec.ValidationError, *_NOT_JSON) as exc:
+        raise InvalidInput.field("batch", f"is not a Segment batch: {exc}") from None
+    return Batch(
+        batch=[msgspec.Raw(event) for event in events if event],
+        sent_at=envelope.sent_at,
+        context=envelope.context,
+        write_key=envelope.write_key,
+    )
+
+
 def decode_webhook(body: bytes, received_at: datetime) -> list[IncomingEvent | Undecodable]:
     """A webhook body: a Segment batch, or one Segment message naming its type."""
     try:
         is_batch = _BATCH_PROBE.decode(body).batch is not None
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except RecursionError:
+        is_batch = b'"batch"' in body  # decode_batch tells the rest
+    except (msgspec.ValidationError, *_NOT_JSON) as exc:
         raise InvalidInput.field("body", f"is not a JSON object: {exc}") from None
     if is_batch:
         return decode_batch(body, received_at)
@@ -168,11 +229,13 @@ def _decode_message(
         return _undecodable(
             _derived_id(raw_bytes), "event", f"is {len(raw_bytes)} bytes; the limit is {MAX_EVENT_BYTES}"
         )
+    if nests_deeper(raw_bytes):
+        return _undecodable(_derived_id(raw_bytes), "event", _TOO_DEEP)
     try:
         message = _MESSAGE.decode(raw_bytes)
     except msgspec.ValidationError as exc:
         return _undecodable(_derived_id(raw_bytes), "event", str(exc).replace("`$.", "`"))
-    except msgspec.DecodeError as exc:
+    except _NOT_JSON as exc:
         return _undecodable(_derived_id(raw_bytes), "event", f"is not valid JSON: {exc}")
     message_id = str(message.message_id) if message.message_id is not None else _derived_id(raw_bytes)
     kind = route_kind or _ROUTE_KINDS.get(message.type or "")
@@ -190,13 +253,17 @@ def _decode_message(
         properties = b""
     if kind is EventKind.GROUP and message.traits:
         properties = msgspec.json.encode(message.traits)
+    try:
+        timestamp = _event_time(message, received_at, batch_sent_at)
+    except InvalidInput as error:
+        return Undecodable(message_id, error)
     return IncomingEvent(
         message_id=message_id,
         kind=kind,
         user_id=_text(message.user_id),
         anonymous_id=_text(message.anonymous_id),
         name=(message.event if kind is EventKind.TRACK else message.name) or "",
-        timestamp=_event_time(message, received_at, batch_sent_at),
+        timestamp=timestamp,
         properties=properties,
         traits=traits,
         previous_id=_text(message.previous_id),
@@ -229,6 +296,10 @@ def _event_time(message: Message, received_at: datetime, batch_sent_at: datetime
             return message.original_timestamp + (received_at - sent_at)
         except TypeError:  # one of them is naive: no skew correction
             return message.original_timestamp
+        except OverflowError:
+            raise InvalidInput.field(
+                "originalTimestamp", "corrected by the clock skew sentAt shows, falls outside the calendar"
+            ) from None
     return message.original_timestamp
 
 
