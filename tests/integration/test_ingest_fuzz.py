@@ -11,9 +11,7 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
-import os
 import subprocess
-import sys
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,11 +22,12 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from sendtime.v1 import event_pb2, event_service_pb2
-from tests.integration.server_process import READY
+from tests.fuzzing import door_settings
+from tests.integration.server_process import ChildServer, child_server
 
 AUTH = {"Authorization": "Bearer dev-key"}
 GRPC_AUTH = (("authorization", "Bearer dev-key"),)
@@ -41,23 +40,20 @@ REASONS = {
     "TOO_MANY_EVENTS",
     "UNDECODABLE_REQUEST",
 }
-FUZZ = settings(
-    max_examples=40,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = door_settings(40)
 
 
 @dataclass
 class Child:
-    process: subprocess.Popen[bytes]
-    grpc_port: int
-    http_port: int
+    server: ChildServer
     channel: grpc.Channel
 
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self.server.process
+
     def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, str, bytes]:
-        connection = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10)
+        connection = http.client.HTTPConnection("127.0.0.1", self.server.http_port, timeout=10)
         try:
             connection.request("POST", path, body=body, headers={**AUTH, **headers})
             response = connection.getresponse()
@@ -68,32 +64,12 @@ class Child:
 
 @pytest.fixture(scope="module")
 def child(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Child]:
-    data = tmp_path_factory.mktemp("fuzz") / "data"
-    env = {
-        **os.environ,
-        "SENDTIME_GRPC__PORT": "0",
-        "SENDTIME_HTTP__PORT": "0",
-        "SENDTIME_STORAGE__DATA_DIR": str(data),
-        "SENDTIME_SHUTDOWN_GRACE_S": "5",
-        "SENDTIME_LOG_LEVEL": "WARNING",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sendtime.server", "serve"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    assert process.stdout is not None
-    match = READY.search(process.stdout.readline())
-    assert match is not None, "sendtime did not start"
-    channel = grpc.insecure_channel(f"127.0.0.1:{int(match['grpc'])}")
-    try:
-        yield Child(process, int(match["grpc"]), int(match["http"]), channel)
-    finally:
-        channel.close()
-        process.terminate()
-        process.wait(30)
-        process.stdout.close()
+    with child_server(tmp_path_factory.mktemp("fuzz") / "data") as server:
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+        try:
+            yield Child(server, channel)
+        finally:
+            channel.close()
 
 
 def assert_healthy(child: Child) -> None:

@@ -1,6 +1,7 @@
-"""Request decoding for the event RPCs, so that bytes that are not the message
-they claim to be get INVALID_ARGUMENT with the reason, and one bad event in a
-batch is rejected in its place instead of failing the call.
+"""Request decoding, so that bytes that are not the message they claim to be
+get INVALID_ARGUMENT with the reason (UNDECODABLE_REQUEST), and, for the event
+RPCs, one bad event in a batch is rejected in its place instead of failing the
+call.
 
 grpc's generated handlers decode with ``FromString``, and an exception there
 ends the call as UNKNOWN. These decoders never raise: they answer the message,
@@ -12,14 +13,20 @@ the wire and each event decoded on its own.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
 
+import grpc
+import grpc.aio
 from google.protobuf.message import DecodeError
 
 from sendtime.server.domain.errors import InvalidInput
+from sendtime.server.edge.grpc_errors import abort
 from sendtime.v1 import event_pb2, event_service_pb2
+
+if TYPE_CHECKING:  # grpc's handler type is generic only in its stubs
+    MethodHandler = grpc.RpcMethodHandler[Any, Any]
 
 #: The stable reason of a request that is not the protobuf message it should be.
 UNDECODABLE: Final = "UNDECODABLE_REQUEST"
@@ -119,3 +126,58 @@ def _varint(data: bytes, position: int) -> tuple[int, int]:
             return value, position
         shift += 7
     raise _Corrupt(f"a varint longer than 10 bytes ends at byte {position}")
+
+
+# -- every other service: the generated registration, decoding made safe ---------
+
+
+class _Registrar:
+    """Stands in for the server while a generated ``add_..._to_server``
+    registers a service, to take its handlers."""
+
+    def __init__(self) -> None:
+        self.name = ""
+        self.handlers: dict[str, MethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, _handlers: object) -> None:
+        pass  # the same handlers come again, by name, just below
+
+    def add_registered_method_handlers(self, name: str, handlers: Mapping[str, MethodHandler]) -> None:
+        self.name, self.handlers = name, dict(handlers)
+
+
+def add_service(add_to_server: Callable[[Any, Any], None], servicer: object, server: grpc.aio.Server) -> None:
+    """Registers ``servicer`` as the generated ``add_to_server`` would, except
+    that a unary request that is not its message answers INVALID_ARGUMENT
+    (UNDECODABLE_REQUEST) instead of UNKNOWN."""
+    registrar = _Registrar()
+    add_to_server(servicer, registrar)
+    handlers = {
+        method: _decoding_safely(f"{registrar.name}/{method}", handler)
+        for method, handler in registrar.handlers.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(registrar.name, handlers),))
+    server.add_registered_method_handlers(registrar.name, handlers)  # type: ignore[attr-defined]
+
+
+def _decoding_safely(method: str, handler: MethodHandler) -> MethodHandler:
+    parse = handler.request_deserializer
+    # a grpc.aio servicer's coroutine, though grpc's stubs type it as a plain function
+    behavior: Any = handler.unary_unary
+    if handler.request_streaming or handler.response_streaming or parse is None or behavior is None:
+        return handler  # sendtime has no such methods beyond the event stream, decoded on its own
+
+    def decode(data: bytes) -> object:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return InvalidInput(f"the request is not a valid {method} request: {exc}", reason=UNDECODABLE)
+
+    async def answer(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> object:
+        if isinstance(request, InvalidInput):
+            await abort(context, request)
+        return await behavior(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(
+        answer, request_deserializer=decode, response_serializer=handler.response_serializer
+    )

@@ -482,11 +482,17 @@ def build_grpc_edge(
     )
     events = EventService(ingestor, settings)
     add_event_service(events, server)
-    profile_service_pb2_grpc.add_ProfileServiceServicer_to_server(ProfileService(queries), server)
-    content_service_pb2_grpc.add_ContentServiceServicer_to_server(
-        ContentService(pipeline, default_deadline_s), server
+    decode.add_service(
+        profile_service_pb2_grpc.add_ProfileServiceServicer_to_server, ProfileService(queries), server
     )
-    delivery_service_pb2_grpc.add_DeliveryServiceServicer_to_server(DeliveryService(deliveries), server)
+    decode.add_service(
+        content_service_pb2_grpc.add_ContentServiceServicer_to_server,
+        ContentService(pipeline, default_deadline_s),
+        server,
+    )
+    decode.add_service(
+        delivery_service_pb2_grpc.add_DeliveryServiceServicer_to_server, DeliveryService(deliveries), server
+    )
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
