@@ -13,8 +13,10 @@ For each, in this order:
 
 1. Segment batch API: wrk (native, so the generator is not the bottleneck)
    with benchmarks/lua/batch.lua: POST /v1/batch of 100 e-commerce events,
-   every message id new, 50,000 users, --connections in flight; events acked
-   per second (every 200 answer acks its 100 events after their commit).
+   every message id new, 50,000 users (SCALE_USERS in the environment
+   changes it), --connections in flight; events acked per second (every 200
+   answer acks its 100 events after their commit), and the CPU that wrk, the
+   sendtime processes, PostgreSQL and the whole machine used meanwhile.
 2. StreamEvents: benchmarks.load (grpc.aio, own process; Python, so it can be
    the bottleneck: reported, not a target), --streams streams.
 3. First-touch content: wrk with benchmarks/lua/content.lua: GET
