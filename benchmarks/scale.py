@@ -13,8 +13,10 @@ For each, in this order:
 
 1. Segment batch API: wrk (native, so the generator is not the bottleneck)
    with benchmarks/lua/batch.lua: POST /v1/batch of 100 e-commerce events,
-   every message id new, 50,000 users, --connections in flight; events acked
-   per second (every 200 answer acks its 100 events after their commit).
+   every message id new, 50,000 users (SCALE_USERS in the environment
+   changes it), --connections in flight; events acked per second (every 200
+   answer acks its 100 events after their commit), and the CPU that wrk, the
+   sendtime processes, PostgreSQL and the whole machine used meanwhile.
 2. StreamEvents: benchmarks.load (grpc.aio, own process; Python, so it can be
    the bottleneck: reported, not a target), --streams streams.
 3. First-touch content: wrk with benchmarks/lua/content.lua: GET
@@ -46,6 +48,7 @@ import argparse
 import asyncio
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -124,8 +127,48 @@ def start(label: str, data_dir: Path, log_dir: Path, env: dict[str, str], worker
     return server
 
 
-def wrk(script: str, url: str, args: argparse.Namespace) -> dict[str, float]:
-    """wrk's requests/s and non-2xx count for ``script`` against ``url``."""
+_TICK: Final = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_by_group(server_pid: int) -> dict[str, float]:
+    """CPU seconds so far of the live processes, grouped: ``server`` (the
+    sendtime process and its workers), ``postgres`` (every backend and the
+    WAL writer, checkpointer...), and ``machine`` (every core's busy time,
+    other engineers' processes included: a busy machine shows here)."""
+    parents: dict[int, int] = {}
+    ticks: dict[int, tuple[str, int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        parents[int(entry)] = int(fields[1])
+        ticks[int(entry)] = (comm, int(fields[11]) + int(fields[12]))
+    groups = {"server": 0.0, "postgres": 0.0}
+    for pid, (comm, used) in ticks.items():
+        ancestor = pid
+        while ancestor not in (0, 1, server_pid) and ancestor in parents:
+            ancestor = parents[ancestor]
+        if ancestor == server_pid:
+            groups["server"] += used / _TICK
+        elif comm.startswith("postgres"):
+            groups["postgres"] += used / _TICK
+    cpu = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    groups["machine"] = (sum(int(v) for v in cpu) - int(cpu[3]) - int(cpu[4])) / _TICK
+    return groups
+
+
+def wrk(script: str, url: str, args: argparse.Namespace, server_pid: int) -> dict[str, float]:
+    """wrk's requests/s and non-2xx count for ``script`` against ``url``, and
+    the cores (CPU seconds per second) that wrk, the sendtime processes,
+    PostgreSQL and the whole machine used meanwhile."""
+    before = _cpu_by_group(server_pid)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
     done = subprocess.run(
         [
             "wrk",
@@ -143,6 +186,11 @@ def wrk(script: str, url: str, args: argparse.Namespace) -> dict[str, float]:
         timeout=args.duration + 60,
         check=True,
     )
+    wall = time.monotonic() - started
+    after = _cpu_by_group(server_pid)
+    finished = resource.getrusage(resource.RUSAGE_CHILDREN)
+    used = finished.ru_utime + finished.ru_stime - children.ru_utime - children.ru_stime
+    cores = {f"{group}_cores": round((after[group] - before[group]) / wall, 2) for group in after}
     out = done.stdout
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
@@ -153,7 +201,13 @@ def wrk(script: str, url: str, args: argparse.Namespace) -> dict[str, float]:
         "rps": float(rps.group(1)),
         "non_2xx": float(non_2xx.group(1)) if non_2xx else 0.0,
         "socket_errors": 1.0 if errors else 0.0,
+        "wrk_cores": round(used / wall, 2),
+        **cores,
     }
+
+
+def _cores(figures: dict[str, float]) -> str:
+    return ", ".join(f"{k.removesuffix('_cores')} {v}" for k, v in figures.items() if k.endswith("_cores"))
 
 
 def stream_load(server: ServerProcess, args: argparse.Namespace, label: str) -> LoadResult:
@@ -191,17 +245,29 @@ def measure(label: str, server: ServerProcess, args: argparse.Namespace) -> dict
     assert server.match is not None
     http = server.match["http"]
     progress(f"{label}: batch API (wrk)")
-    batch = wrk("batch.lua", http, args)
-    progress(f"{label}: {batch['rps'] * 100:,.0f} events/s")
+    batch = wrk("batch.lua", http, args, server.pid)
+    progress(f"{label}: {batch['rps'] * 100:,.0f} events/s; cores: {_cores(batch)}")
+    figures = {
+        "events_per_s": round(batch["rps"] * 100, 1),
+        "batch_non_2xx": batch["non_2xx"],
+        # CPU per event of each process group, in microseconds (cores / events per second)
+        **{
+            f"batch_{key.removesuffix('_cores')}_us_per_event": round(value / (batch["rps"] * 100) * 1e6, 1)
+            for key, value in batch.items()
+            if key.endswith("_cores") and batch["rps"]
+        },
+        **{f"batch_{key}": value for key, value in batch.items() if key.endswith("_cores")},
+    }
+    if args.batch_only:
+        return figures
     progress(f"{label}: StreamEvents (benchmarks.load)")
     stream = stream_load(server, args, label)
     progress(f"{label}: {stream.events_per_s:,.0f} events/s")
     progress(f"{label}: first-touch content (wrk)")
-    content = wrk("content.lua", http, args)
+    content = wrk("content.lua", http, args, server.pid)
     progress(f"{label}: {content['rps']:,.0f} calls/s")
     return {
-        "events_per_s": round(batch["rps"] * 100, 1),
-        "batch_non_2xx": batch["non_2xx"],
+        **figures,
         "stream_events_per_s": stream.events_per_s,
         "stream_unacked": stream.unacked,
         "stream_errors": stream.errors,
@@ -325,6 +391,14 @@ require_blocks = ["cart"]
         smtp.stop()
 
 
+def _ratio(result: dict[str, Any], a: str, b: str) -> float | None:
+    return (
+        round(result[f"{a}_events_per_s"] / result[f"{b}_events_per_s"], 3)
+        if result[f"{b}_events_per_s"]
+        else None
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__)
     parser.add_argument("--json", action="store_true")
@@ -332,6 +406,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16, help="wrk connections")
     parser.add_argument("--wrk-threads", type=int, default=2)
     parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument(
+        "--batch-only", action="store_true", help="only the batch API (for quick experiments; no targets)"
+    )
     parser.add_argument("--dsn", default=os.environ.get("SENDTIME_TEST_POSTGRES_DSN", DSN))
     args = parser.parse_args()
     started = time.monotonic()
@@ -353,6 +430,12 @@ def main() -> None:
                 finally:
                     server.stop()
             result.update({f"{label}_{key}": value for key, value in figures.items()})
+        if args.batch_only:
+            result.update(
+                pg2_over_pg1=_ratio(result, "pg2", "pg1"), pg2_over_sqlite=_ratio(result, "pg2", "sqlite")
+            )
+            print(msgspec.json.encode(result).decode())
+            return
         with schema(args.dsn) as dsn:
             progress("pg2: dispatch of 500 sends to aiosmtpd")
             result.update(dispatch(dsn, root / "dispatch", root, args))

@@ -1,6 +1,6 @@
 -- wrk: Segment POST /v1/batch bodies of 100 e-commerce events, every message
 -- id new (thread number, then a counter), users cycling over USERS.
-local USERS = 50000
+local USERS = tonumber(os.getenv("SCALE_USERS") or "50000")
 local PER_BATCH = 100
 local counter = 0
 local thread_id = 0
