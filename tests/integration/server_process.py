@@ -120,3 +120,22 @@ def child_server(data_dir: Path, *, config: Path | None = None) -> Iterator[Chil
         finally:
             process.terminate()
             process.wait(30)
+
+
+async def run_sendtime(*args: str, cwd: Path) -> tuple[int, str, str]:
+    """``sendtime ARGS`` in ``cwd`` with none of the caller's SENDTIME_* settings:
+    (exit code, stdout, stderr)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SENDTIME_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sendtime.server",
+        *args,
+        env=env,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()

@@ -9,36 +9,17 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import os
 import re
-import sys
 import time
 from pathlib import Path
 
 from sendtime.server.app import Sendtime
 from sendtime.server.settings import load_settings
 from tests.conftest import SettingsFactory
-from tests.integration.server_process import start_server
+from tests.integration.server_process import run_sendtime, start_server
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "demo" / "sendtime.toml"
-
-
-async def cli(*args: str, cwd: Path) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SENDTIME_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sendtime.server",
-        *args,
-        env=env,
-        cwd=cwd,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 def cart_emails(outbox: Path) -> list[str]:
@@ -56,7 +37,7 @@ async def test_make_demo_after_make_run_puts_the_email_in_the_demo_outbox(tmp_pa
     demo_config.write_text(DEMO_CONFIG.read_text())
     run = await start_server(None, cwd=tmp_path)  # make run
     try:
-        code, out, err = await cli("demo-data", "--json", "--target", run.target, cwd=tmp_path)
+        code, out, err = await run_sendtime("demo-data", "--json", "--target", run.target, cwd=tmp_path)
         assert code == 0, err
         assert json.loads(out)["accepted"] == 10
     finally:
@@ -65,10 +46,10 @@ async def test_make_demo_after_make_run_puts_the_email_in_the_demo_outbox(tmp_pa
 
     demo = await start_server(None, config=demo_config, cwd=tmp_path)  # make demo
     try:
-        code, out, err = await cli("demo-data", "--json", "--target", demo.target, cwd=tmp_path)
+        code, out, err = await run_sendtime("demo-data", "--json", "--target", demo.target, cwd=tmp_path)
         assert code == 0, err
         assert json.loads(out)["duplicate"] == 0  # the demo's own data: nothing seen before
-        code, out, err = await cli("flows", "--json", "--target", demo.target, cwd=tmp_path)
+        code, out, err = await run_sendtime("flows", "--json", "--target", demo.target, cwd=tmp_path)
         assert code == 0, err
         cart = {f["id"]: f for f in json.loads(out)["flows"]}["abandoned_cart"]
         assert cart["delay_s"] == 20.0
@@ -99,14 +80,16 @@ async def test_flows_says_when_a_send_planned_under_another_delay_is_due(
     """A send keeps the due time it was planned with: after a restart with a
     shorter delay, ``flows`` shows both the new delay and the real due time."""
     async with Sendtime(make_settings()) as app:  # the default 30-minute abandoned cart
-        code, out, err = await cli("demo-data", "--target", f"127.0.0.1:{app.grpc_port}", cwd=tmp_path)
+        code, out, err = await run_sendtime(
+            "demo-data", "--target", f"127.0.0.1:{app.grpc_port}", cwd=tmp_path
+        )
         assert code == 0, err
     short = make_settings(DEMO_CONFIG.read_text())  # the same data folder (the test's), 20 s flows
     async with Sendtime(short) as app:
         target = f"127.0.0.1:{app.grpc_port}"
-        code, out, err = await cli("flows", "--json", "--target", target, cwd=tmp_path)
+        code, out, err = await run_sendtime("flows", "--json", "--target", target, cwd=tmp_path)
         assert code == 0, err
-        readable = await cli("flows", "--target", target, cwd=tmp_path)
+        readable = await run_sendtime("flows", "--target", target, cwd=tmp_path)
     cart = {f["id"]: f for f in json.loads(out)["flows"]}["abandoned_cart"]
     assert (cart["delay_s"], cart["scheduled"]) == (20.0, 1)
     wait = dt.datetime.fromisoformat(cart["next_due_time"]) - dt.datetime.now(dt.UTC)

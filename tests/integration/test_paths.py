@@ -13,26 +13,9 @@ import sys
 from pathlib import Path
 
 from sendtime.server.settings import load_settings
-from tests.integration.server_process import start_server
+from tests.integration.server_process import run_sendtime, start_server
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-async def cli(*args: str, cwd: Path) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SENDTIME_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sendtime.server",
-        *args,
-        env=env,
-        cwd=cwd,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 def test_relative_paths_in_a_config_file_are_relative_to_its_folder(tmp_path: Path) -> None:
@@ -68,9 +51,9 @@ def _http_key() -> dict[str, str]:
 async def test_serve_started_outside_the_checkout_renders_emails(tmp_path: Path) -> None:
     server = await start_server(None, cwd=tmp_path)  # no config: the shipped templates and catalog
     try:
-        code, out, err = await cli("demo-data", "--target", server.target, cwd=tmp_path)
+        code, out, err = await run_sendtime("demo-data", "--target", server.target, cwd=tmp_path)
         assert code == 0, err
-        code, out, err = await cli(
+        code, out, err = await run_sendtime(
             "render", "abandoned_cart", "--user", "demo-shopper", "--target", server.target, cwd=tmp_path
         )
         assert code == 0, err
@@ -93,9 +76,9 @@ async def test_a_config_next_to_its_templates_is_found_from_anywhere(tmp_path: P
     elsewhere.mkdir()
     server = await start_server(None, config=site / "sendtime.toml", cwd=elsewhere)
     try:
-        code, _, err = await cli("demo-data", "--target", server.target, cwd=elsewhere)
+        code, _, err = await run_sendtime("demo-data", "--target", server.target, cwd=elsewhere)
         assert code == 0, err
-        code, out, err = await cli(
+        code, out, err = await run_sendtime(
             "render", "post_purchase", "--user", "demo-buyer", "--target", server.target, cwd=elsewhere
         )
         assert code == 0, err
