@@ -22,7 +22,8 @@ from sendtime.server.domain.events import (
     nests_deeper,
     validate,
 )
-from sendtime.server.domain.flows import ExitOn, Flow, FlowPlanner, Reentry
+from sendtime.server.domain.flows import FlowPlanner
+from tests.unit.test_flows import flow as abandoned_cart_flow
 
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
@@ -139,20 +140,7 @@ def test_invalid_utf8_in_properties_is_refused_even_where_the_schema_skips() -> 
 def test_the_planner_holds_times_at_the_end_of_the_calendar() -> None:
     """A year 9999 Product Added overflowed due_at inside the store's
     transaction. Validation refuses it now; the planner must not raise even so."""
-    flow = Flow(
-        id="abandoned_cart",
-        template="abandoned_cart",
-        entry_event="Product Added",
-        entry_filter={},
-        entry_key="cart_id",
-        delay=timedelta(minutes=30),
-        exit_events=("Order Completed",),
-        exit_on=ExitOn.SAME_KEY,
-        reentry=Reentry.ONCE_PER_KEY,
-        reentry_period=timedelta(days=1),
-        subscription_group="marketing",
-        sender="Shop <shop@example.com>",
-    )
+    flow = abandoned_cart_flow()  # the flows tests' own
     late = datetime(9999, 12, 31, 23, 59, tzinfo=UTC)
     identity = Identity("u1")
     event = Event(
