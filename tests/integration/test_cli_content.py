@@ -142,7 +142,9 @@ async def test_content_json_shows_the_cart_rechecked_against_the_catalog(
     content = result.json()
     assert content["user_id"] == "demo-shopper"
     assert list(content["blocks"]) == ["cart", "recommendations", "recently_viewed", "offers", "last_order"]
-    assert 0 < content["budget_ms"] <= 300
+    # the caller's 300 ms deadline, as the server reads it: it travels as a
+    # timeout re-based on the server's clock, so it can read a hair over 300
+    assert 0 < content["budget_ms"] < 301
     assert content["server_time_ms"] < content["budget_ms"]
 
     cart = content["blocks"]["cart"]
