@@ -8,7 +8,6 @@ import base64
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ import aiohttp
 import grpc
 import grpc.aio
 import pytest
-from aiohttp import web
 
 from sendtime.server.app import Sendtime
 from sendtime.v1 import (
@@ -26,40 +24,10 @@ from sendtime.v1 import (
     event_service_pb2,
 )
 from tests.conftest import DEV_AUTH, SettingsFactory, event_stub
+from tests.integration.conftest import Upstream
 from tests.integration.server_process import start_server
 
 C = content_service_pb2
-
-
-@dataclass
-class Upstream:
-    """An upstream JSON API whose behaviour a test sets: delay, status, body."""
-
-    delay_s: float = 0.0
-    status: int = 200
-    body: bytes | None = None
-    paths: list[str] = field(default_factory=list)
-    port: int = 0
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.paths.append(request.raw_path)
-        await asyncio.sleep(self.delay_s)
-        body = self.body if self.body is not None else json.dumps({"points": 1200, "tier": "gold"}).encode()
-        return web.Response(status=self.status, body=body, content_type="application/json")
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    state = Upstream()
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", state.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    state.port = runner.addresses[0][1]
-    yield state
-    await runner.cleanup()
 
 
 def config_for(upstream: Upstream, *, ttl_s: float = 60.0, retries: int = 0, extra: str = "") -> str:

@@ -21,8 +21,9 @@ import pytest
 from sendtime.server.app import Sendtime
 from sendtime.v1 import content_service_pb2, content_service_pb2_grpc
 from tests.conftest import DEV_AUTH, SettingsFactory
+from tests.integration.conftest import Upstream
 from tests.integration.observing import scrape, value
-from tests.integration.test_content import Upstream, config_for, upstream  # noqa: F401 (fixture)
+from tests.integration.test_content import config_for
 
 AUTH = {"Authorization": "Bearer dev-key"}
 
@@ -135,7 +136,7 @@ async def test_a_whole_email_that_cannot_be_made_in_time_is_refused_at_once(app:
 
 async def test_an_answer_that_leaves_after_its_deadline_is_counted(
     make_settings: SettingsFactory,
-    upstream: Upstream,  # noqa: F811 (the fixture)
+    upstream: Upstream,
 ) -> None:
     # The call waits on a slow upstream; meanwhile the loop is held past the
     # call's whole deadline, so its answer can only leave late: counted.

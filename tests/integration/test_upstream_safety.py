@@ -5,48 +5,21 @@ upstream HTTP server that records every path it is asked for."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from yarl import URL
 
 from sendtime.server.app import Sendtime
 from tests.conftest import SettingsFactory
+from tests.integration.conftest import Upstream
 
 AUTH = {"Authorization": "Bearer dev-key"}
 
 
-@dataclass
-class Recorder:
-    """An upstream JSON API that answers every GET and records its raw path."""
-
-    paths: list[str] = field(default_factory=list)
-    port: int = 0
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.paths.append(request.raw_path)
-        return web.json_response({"points": 1200})
-
-
 @pytest.fixture
-async def recorder() -> AsyncIterator[Recorder]:
-    state = Recorder()
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", state.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    state.port = runner.addresses[0][1]
-    yield state
-    await runner.cleanup()
-
-
-@pytest.fixture
-async def app(make_settings: SettingsFactory, recorder: Recorder) -> AsyncIterator[Sendtime]:
+async def app(make_settings: SettingsFactory, upstream: Upstream) -> AsyncIterator[Sendtime]:
     config = f"""
 [content]
 allowed_upstream_hosts = ["127.0.0.1"]
@@ -54,12 +27,12 @@ negative_ttl_s = 0.0
 
 [[content.upstreams]]
 name = "loyalty"
-url = "http://127.0.0.1:{recorder.port}/v1/users/{{user.id}}/loyalty"
+url = "http://127.0.0.1:{upstream.port}/v1/users/{{user.id}}/loyalty"
 retries = 0
 
 [[content.upstreams]]
 name = "regional"
-url = "http://{{user.api_host}}:{recorder.port}/v1/regional/{{user.id}}"
+url = "http://{{user.api_host}}:{upstream.port}/v1/regional/{{user.id}}"
 retries = 0
 """
     async with Sendtime(make_settings(config)) as server:
@@ -82,19 +55,19 @@ async def _content(session: aiohttp.ClientSession, base: str, user_id: str, bloc
 
 
 async def test_a_trait_named_id_does_not_redirect_the_upstream_call(
-    app: Sendtime, recorder: Recorder
+    app: Sendtime, upstream: Upstream
 ) -> None:
     base = f"http://127.0.0.1:{app.http_port}"
     async with aiohttp.ClientSession() as session:
         await _identify(session, base, "mallory", {"id": "alice"})
         answer = await _content(session, base, "mallory", "loyalty")
     assert answer["blocks"]["loyalty"]["source"] == "fresh"
-    assert recorder.paths == ["/v1/users/mallory/loyalty"]
+    assert upstream.paths == ["/v1/users/mallory/loyalty"]
 
 
 @pytest.mark.parametrize("user_id", [".", ".."])
 async def test_a_dot_segment_user_id_is_refused_not_sent(
-    app: Sendtime, recorder: Recorder, user_id: str
+    app: Sendtime, upstream: Upstream, user_id: str
 ) -> None:
     base = f"http://127.0.0.1:{app.http_port}"
     async with aiohttp.ClientSession() as session:
@@ -109,11 +82,11 @@ async def test_a_dot_segment_user_id_is_refused_not_sent(
     block = answer["blocks"]["loyalty"]
     assert (block["source"], block["reason"]) == ("fallback", "upstream_error")
     assert "'.' or '..'" in block["detail"]
-    assert recorder.paths == []
+    assert upstream.paths == []
 
 
 async def test_a_host_not_allowed_from_a_trait_falls_back_for_that_block_only(
-    app: Sendtime, recorder: Recorder
+    app: Sendtime, upstream: Upstream
 ) -> None:
     base = f"http://127.0.0.1:{app.http_port}"
     async with aiohttp.ClientSession() as session:
@@ -123,4 +96,4 @@ async def test_a_host_not_allowed_from_a_trait_falls_back_for_that_block_only(
     assert (blocks["regional"]["source"], blocks["regional"]["reason"]) == ("fallback", "upstream_error")
     assert "'evil.example' is not in content.allowed_upstream_hosts" in blocks["regional"]["detail"]
     assert blocks["loyalty"]["source"] == "fresh"  # the other blocks are served as usual
-    assert recorder.paths == ["/v1/users/mallory/loyalty"]
+    assert upstream.paths == ["/v1/users/mallory/loyalty"]
