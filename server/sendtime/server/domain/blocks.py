@@ -123,18 +123,31 @@ def cart(
 CATALOG_TOP_UP_SCAN: Final = 256
 
 
-def recommendations(profile: ProfileView, catalog: Catalog, recommender: Recommender, *, size: int) -> Any:
+def recommendations(
+    profile: ProfileView,
+    catalog: Catalog,
+    recommender: Recommender,
+    *,
+    size: int,
+    shown_beside: Sequence[str] = (),
+) -> Any:
+    """Up to ``size`` products for the shopper: learned picks, then the
+    catalog. Never what is in the cart or was bought. ``shown_beside`` are
+    products the same email shows already (its recently viewed block): they are
+    left out while enough other products remain, and fill the last places,
+    most recent first, only when too few do (a fresh shop, a tiny catalog)."""
     cart_ids = [line.product_id for c in profile.carts for line in c.lines]
     bought = [p for order in profile.orders for p in order.product_ids]
     viewed = [v.product.product_id for v in profile.recently_viewed]
     excluded = {*cart_ids, *bought}
+    avoided = excluded.union(shown_beside) if shown_beside else excluded
 
     def available(product_id: str) -> bool:
         product = catalog.get(product_id)
         return product is not None and product.in_stock
 
     picked = recommender.recommend(
-        seeds=[*cart_ids, *viewed, *bought], exclude=excluded, size=size, available=available
+        seeds=[*cart_ids, *viewed, *bought], exclude=avoided, size=size, available=available
     )
     products = [product_data(p) for p in map(catalog.get, picked.product_ids) if p is not None]
     if len(products) < size:
@@ -143,8 +156,17 @@ def recommendations(profile: ProfileView, catalog: Catalog, recommender: Recomme
         for product in itertools.islice(catalog, CATALOG_TOP_UP_SCAN):
             if len(products) >= size:
                 break
-            if product.in_stock and product.id not in chosen and product.id not in excluded:
+            if product.in_stock and product.id not in chosen and product.id not in avoided:
                 products.append(product_data(product))
+    if len(products) < size and shown_beside:
+        # Too few others: a product shown beside beats an empty place.
+        chosen = {p["id"] for p in products}
+        for product_id in dict.fromkeys(shown_beside):
+            if len(products) >= size:
+                break
+            beside = catalog.get(product_id)
+            if beside is not None and beside.in_stock and beside.id not in chosen and beside.id not in excluded:
+                products.append(product_data(beside))
     if not products:
         return None
     return {"products": products, "strategy": picked.strategy}

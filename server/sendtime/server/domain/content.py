@@ -448,7 +448,7 @@ class ContentPipeline:
         call: str,
     ) -> ContentAnswer:
         started = self._clock()
-        request = _Request(self, identity, context, started + budget_s)
+        request = _Request(self, identity, context, started + budget_s, names=names)
         if budget_s < self._policy.min_fetch_s:
             blocks = [self._without_fetching(request, name, Reason.DEADLINE_TOO_SHORT) for name in names]
         elif self._in_flight >= self._max_concurrent or (
@@ -645,12 +645,22 @@ class _Request:
     """One content request: its deadline, and the profile read at most once."""
 
     def __init__(
-        self, pipeline: ContentPipeline, identity: Identity, context: ContentContext, deadline: float
+        self,
+        pipeline: ContentPipeline,
+        identity: Identity,
+        context: ContentContext,
+        deadline: float,
+        *,
+        names: Sequence[str] = (),
     ):
         self.pipeline = pipeline
         self.identity = identity
         self.context = context
         self.deadline = deadline
+        #: One answer shows a product once: recommendations asked for beside a
+        #: recently viewed block leave its products out (while enough others
+        #: remain), a different answer from the block alone, so cached apart.
+        self.recommend_beside_viewed = "recently_viewed" in names and "recommendations" in names
         self._profile: asyncio.Future[ProfileView | None] | None = None
         self._key_prefix: str | None = None
 
@@ -664,6 +674,8 @@ class _Request:
         if self._key_prefix is None:
             key, campaign = self.identity.key, self.context.campaign
             self._key_prefix = f"{len(key)}:{key}|{len(campaign)}:{campaign}|{self.context.cart_id}"
+        if name == "recommendations" and self.recommend_beside_viewed:
+            name = "recommendations+recently_viewed"  # no built-in or upstream block name holds a "+"
         return f"{len(name)}:{name}|{self._key_prefix}"
 
     def profile_in_memory(self) -> bool:
@@ -752,8 +764,18 @@ def _cart(pipeline: ContentPipeline, profile: ProfileView | None, request: _Requ
 def _recommendations(pipeline: ContentPipeline, profile: ProfileView | None, request: _Request) -> Any:
     if profile is None:  # a stranger still gets the popular products
         profile = view(_EMPTY_PROFILE)
+    policy = pipeline._policy
+    shown_beside = (
+        [seen.product.product_id for seen in profile.recently_viewed[: policy.recently_viewed_size]]
+        if request.recommend_beside_viewed
+        else ()
+    )
     return builtin.recommendations(
-        profile, pipeline._catalog, pipeline._recommender, size=pipeline._policy.recommendations_size
+        profile,
+        pipeline._catalog,
+        pipeline._recommender,
+        size=policy.recommendations_size,
+        shown_beside=shown_beside,
     )
 
 
