@@ -136,7 +136,7 @@ async def test_preferences_page_turns_groups_off_and_on_durably(
         async with http.get(
             f"http://127.0.0.1:{app.http_port}/v1/profiles/ada", headers={"Authorization": "Bearer dev-key"}
         ) as profile:
-            assert (await profile.json())["consent"] == {"marketing": "opted_out"}
+            assert (await profile.json())["traits"]["consent"] == {"marketing": "CONSENT_STATE_OPTED_OUT"}
         await ingest(channel, add_to_cart("a2", cart="c2"))
         skipped = await wait_for_status(channel, {D.DELIVERY_STATUS_SKIPPED})
         assert skipped.reason == "opted out of marketing"

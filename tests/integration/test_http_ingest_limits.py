@@ -140,7 +140,9 @@ async def test_an_event_dated_ahead_cannot_outrank_a_later_opt_out(
         session, f"{http_url}/v1/identify", identify("opt-out", False, now + timedelta(seconds=1))
     )
     assert status == 200
-    assert (await profile(session, http_url, "eve"))["consent"] == {"marketing": "opted_out"}
+    assert (await profile(session, http_url, "eve"))["traits"]["consent"] == {
+        "marketing": "CONSENT_STATE_OPTED_OUT"
+    }
 
 
 #: (fields over a valid track call, the field the violation must name)

@@ -127,7 +127,7 @@ async def test_a_server_on_postgres_takes_events_once_and_shows_the_profile(
         async with session.get(f"{url}/v1/profiles/ada", headers={"Authorization": "Bearer dev-key"}) as r:
             assert r.status == 200, await r.text()
             body = await r.json()
-        assert body["event_count" if "event_count" in body else "eventCount"] == 1
+        assert body["event_count"] == 1
 
 
 def _planned(key: str, cart: str) -> PlannedSend:

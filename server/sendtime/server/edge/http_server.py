@@ -4,7 +4,8 @@
   write key as the Basic-auth user name (or a bearer key), Segment's limits.
 - POST /v1/webhooks/{source}: Segment-shaped events from platforms that sign
   the body with a shared secret instead of sending a key.
-- GET /v1/profiles/{user_id} (and ?anonymous_id=): the derived profile.
+- GET /v1/profiles/{user_id} (and ?anonymous_id=): the derived profile, in
+  the JSON shape `sendtime profile --json` prints (see profile_json).
 - GET /v1/content/{user_id}: send-time content for ESPs that can only call
   HTTP (Braze Connected Content, Iterable data feeds, Customer.io): blocks
   and/or a rendered template, within the caller's deadline header.
@@ -62,6 +63,7 @@ from sendtime.server.edge import preferences_page, segment
 from sendtime.server.edge.http_errors import error_body, error_response
 from sendtime.server.edge.http_limits import ConnectionLimiter, IngestAdmission, read_body
 from sendtime.server.edge.http_observe import observe_middleware
+from sendtime.server.edge.profile_json import profile_json
 from sendtime.server.edge.status_page import StatusPage
 from sendtime.server.feedback import PostmarkFeedback, SendGridFeedback
 from sendtime.server.observe import Telemetry
@@ -236,7 +238,7 @@ class _Routes:
         self.authenticator.authorize(_api_key(request), Scope.CONTENT)
         user_id = request.match_info.get("user_id", "")
         view = await self.queries.get(user_id=user_id, anonymous_id=request.query.get("anonymous_id", ""))
-        return _json_response(view)
+        return _json_response(profile_json(view))
 
     async def profile_by_anonymous_id(self, request: web.Request) -> web.Response:
         return await self.profile(request)
