@@ -41,7 +41,9 @@ async def http_profile(session: aiohttp.ClientSession, server: Sendtime, query: 
 
 
 async def test_http_and_the_cli_show_a_profile_alike(
-    server: Sendtime, session: aiohttp.ClientSession, cli: RunCli  # noqa: F811
+    server: Sendtime,
+    session: aiohttp.ClientSession,
+    cli: RunCli,  # noqa: F811
 ) -> None:
     # A profile with every part: traits and consent, extra traits, an open
     # cart, views, a refunded order, and an anonymous visitor of its own.
@@ -82,7 +84,12 @@ async def test_http_and_the_cli_show_a_profile_alike(
             "2026-11-01T09:03:00Z",
             userId="ada",
             event="Order Completed",
-            properties={"order_id": "o-1", "total": 52.5, "currency": "EUR", "products": [{"product_id": "teapot-cast"}]},
+            properties={
+                "order_id": "o-1",
+                "total": 52.5,
+                "currency": "EUR",
+                "products": [{"product_id": "teapot-cast"}],
+            },
         ),
         event(
             "track",

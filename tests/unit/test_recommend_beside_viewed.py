@@ -23,7 +23,9 @@ def co_viewed(*sessions: list[str]) -> Recommender:
 
 
 def test_plenty_of_others_leaves_the_viewed_products_out() -> None:
-    catalog = Catalog([product(p) for p in ("kettle", "teapot", "mug", "cups", "tea", "tray", "scale", "cosy")])
+    catalog = Catalog(
+        [product(p) for p in ("kettle", "teapot", "mug", "cups", "tea", "tray", "scale", "cosy")]
+    )
     # Shoppers viewed the kettle and the teapot together (so each is the other's
     # best neighbour), and each beside a few more products.
     recommender = co_viewed(

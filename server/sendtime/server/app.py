@@ -63,7 +63,7 @@ from sendtime.server.settings import (
     is_loopback_url,
     public_base_url,
 )
-from sendtime.server.shipped import DEMO_CATALOG, TEMPLATES, shipped
+from sendtime.server.shipped import DEMO_CATALOG, DEMO_IMAGES, TEMPLATES, shipped
 from sendtime.server.store.postgres import PostgresBackend, migrate_database
 from sendtime.server.store.sqlite import SqliteBackend
 from sendtime.server.upstream import UpstreamProvider
@@ -197,6 +197,8 @@ class Sendtime:
             tracer=tracer,
             loop_lag=lambda: self._loop_lag.recent_peak_s,
             renderer=render_pool,
+            # a catalog image_url "/demo/images/..." is on this server: known once it listens
+            public_base_url=lambda: self.public_base_url,
         )
         self._loop_lag.start()
         await profiles.start()
@@ -307,6 +309,7 @@ class Sendtime:
                 require_opt_in=delivery.require_opt_in,
                 clock=self._clock,
             ),
+            demo_images=shipped(DEMO_IMAGES),
         )
         await self._grpc.start()
         await self._http.start()

@@ -1,4 +1,4 @@
-"""Files that ship with sendtime: the default templates and the demo catalog.
+"""Files that ship with sendtime: the default templates, the demo catalog and its pictures.
 
 A wheel carries them inside the package (``sendtime/server/shipped_files/``, see
 pyproject's force-include); an editable install runs from the source checkout,
@@ -17,6 +17,8 @@ _CHECKOUT: Final = Path(__file__).resolve().parents[3]
 
 TEMPLATES: Final = "templates"
 DEMO_CATALOG: Final = "demo/catalog.json"
+#: The demo catalog's pictures, served at /demo/images/<name>.
+DEMO_IMAGES: Final = "demo/images"
 
 
 def shipped(relative: str) -> Path:

@@ -33,12 +33,21 @@ def _money(amount: float) -> float:
     return round(amount + 0.0, 2)
 
 
-def product_data(product: Product) -> dict[str, Any]:
+def absolute_url(url: str, base_url: str) -> str:
+    """A catalog URL that is a path ("/demo/images/mug.png") is on this
+    server: made absolute against ``base_url`` (its public address), since a
+    mail client has no page to resolve it against. Any other URL is kept."""
+    if base_url and url.startswith("/") and not url.startswith("//"):
+        return base_url + url
+    return url
+
+
+def product_data(product: Product, base_url: str = "") -> dict[str, Any]:
     return {
         "id": product.id,
         "name": product.name,
         "url": product.url,
-        "image_url": product.image_url,
+        "image_url": absolute_url(product.image_url, base_url),
         "price": _money(product.price),
         "currency": product.currency,
         "category": product.category,
@@ -46,9 +55,9 @@ def product_data(product: Product) -> dict[str, Any]:
     }
 
 
-def _line_product(line: Line, live: Product | None) -> dict[str, Any]:
+def _line_product(line: Line, live: Product | None, base_url: str) -> dict[str, Any]:
     if live is not None:
-        return product_data(live)
+        return product_data(live, base_url)
     return {
         "id": line.product_id,
         "name": line.name,
@@ -69,7 +78,12 @@ def _pick_cart(profile: ProfileView, cart_id: str) -> CartView | None:
 
 
 def cart(
-    profile: ProfileView, catalog: Catalog, *, cart_id: str = "", drop_out_of_stock: bool = False
+    profile: ProfileView,
+    catalog: Catalog,
+    *,
+    cart_id: str = "",
+    drop_out_of_stock: bool = False,
+    base_url: str = "",
 ) -> Any:
     """The open cart re-checked against the catalog: current price and stock,
     price drops marked, out-of-stock lines flagged (or dropped)."""
@@ -81,7 +95,7 @@ def cart(
     currency = ""
     for line in chosen.lines:
         live = catalog.get(line.product_id)
-        product = _line_product(line, live)
+        product = _line_product(line, live, base_url)
         unit_price = product["price"]
         in_stock = bool(product["in_stock"])
         if not in_stock and drop_out_of_stock:
@@ -130,6 +144,7 @@ def recommendations(
     *,
     size: int,
     shown_beside: Sequence[str] = (),
+    base_url: str = "",
 ) -> Any:
     """Up to ``size`` products for the shopper: learned picks, then the
     catalog. Never what is in the cart or was bought. ``shown_beside`` are
@@ -149,7 +164,7 @@ def recommendations(
     picked = recommender.recommend(
         seeds=[*cart_ids, *viewed, *bought], exclude=avoided, size=size, available=available
     )
-    products = [product_data(p) for p in map(catalog.get, picked.product_ids) if p is not None]
+    products = [product_data(p, base_url) for p in map(catalog.get, picked.product_ids) if p is not None]
     if len(products) < size:
         # Learned popularity ran out: top up from the catalog, in its order.
         chosen = {p["id"] for p in products}
@@ -157,7 +172,7 @@ def recommendations(
             if len(products) >= size:
                 break
             if product.in_stock and product.id not in chosen and product.id not in avoided:
-                products.append(product_data(product))
+                products.append(product_data(product, base_url))
     if len(products) < size and shown_beside:
         # Too few others: a product shown beside beats an empty place.
         chosen = {p["id"] for p in products}
@@ -165,27 +180,32 @@ def recommendations(
             if len(products) >= size:
                 break
             beside = catalog.get(product_id)
-            if beside is not None and beside.in_stock and beside.id not in chosen and beside.id not in excluded:
-                products.append(product_data(beside))
+            if (
+                beside is not None
+                and beside.in_stock
+                and beside.id not in chosen
+                and beside.id not in excluded
+            ):
+                products.append(product_data(beside, base_url))
     if not products:
         return None
     return {"products": products, "strategy": picked.strategy}
 
 
-def recently_viewed(profile: ProfileView, catalog: Catalog, *, size: int) -> Any:
+def recently_viewed(profile: ProfileView, catalog: Catalog, *, size: int, base_url: str = "") -> Any:
     products = []
     for seen in profile.recently_viewed[:size]:
-        product = _line_product(seen.product, catalog.get(seen.product.product_id))
+        product = _line_product(seen.product, catalog.get(seen.product.product_id), base_url)
         products.append({**product, "viewed_at": seen.viewed_at.isoformat()})
     return {"products": products} if products else None
 
 
-def last_order(profile: ProfileView, catalog: Catalog) -> Any:
+def last_order(profile: ProfileView, catalog: Catalog, *, base_url: str = "") -> Any:
     completed = [o for o in profile.orders if o.completed_at is not None]
     if not completed:
         return None
     order = completed[0]  # newest first
-    products = [product_data(p) for p in map(catalog.get, order.product_ids) if p is not None]
+    products = [product_data(p, base_url) for p in map(catalog.get, order.product_ids) if p is not None]
     return {
         "order_id": order.order_id,
         "total": order.total,

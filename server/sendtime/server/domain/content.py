@@ -280,7 +280,11 @@ class ContentPipeline:
         tracer: Tracer | None = None,
         loop_lag: Callable[[], float] | None = None,
         renderer: EmailRenderer | None = None,
+        public_base_url: Callable[[], str] | None = None,
     ) -> None:
+        #: This server's public address, against which a catalog image_url
+        #: that is a path (the demo's /demo/images/...) is made absolute.
+        self._public_base_url = public_base_url
         #: Where Liquid and MJML run: None renders on the calling event loop.
         self._renderer = renderer
         #: How late the event loop currently runs (seconds), if measured.
@@ -304,6 +308,10 @@ class ContentPipeline:
     def in_flight(self) -> int:
         """Requests being answered now."""
         return self._in_flight
+
+    def base_url(self) -> str:
+        """Where this server is reached from outside ("" when not told)."""
+        return self._public_base_url() if self._public_base_url is not None else ""
 
     def invalidate_user(self, profile_key: str) -> None:
         self._cache.invalidate_tag(profile_key)
@@ -758,6 +766,7 @@ def _cart(pipeline: ContentPipeline, profile: ProfileView | None, request: _Requ
         pipeline._catalog,
         cart_id=request.context.cart_id,
         drop_out_of_stock=pipeline._policy.drop_out_of_stock,
+        base_url=pipeline.base_url(),
     )
 
 
@@ -776,13 +785,16 @@ def _recommendations(pipeline: ContentPipeline, profile: ProfileView | None, req
         pipeline._recommender,
         size=policy.recommendations_size,
         shown_beside=shown_beside,
+        base_url=pipeline.base_url(),
     )
 
 
 def _recently_viewed(pipeline: ContentPipeline, profile: ProfileView | None, request: _Request) -> Any:
     if profile is None:
         return None
-    return builtin.recently_viewed(profile, pipeline._catalog, size=pipeline._policy.recently_viewed_size)
+    return builtin.recently_viewed(
+        profile, pipeline._catalog, size=pipeline._policy.recently_viewed_size, base_url=pipeline.base_url()
+    )
 
 
 def _offers(pipeline: ContentPipeline, profile: ProfileView | None, request: _Request) -> Any:
@@ -793,7 +805,7 @@ def _offers(pipeline: ContentPipeline, profile: ProfileView | None, request: _Re
 def _last_order(pipeline: ContentPipeline, profile: ProfileView | None, request: _Request) -> Any:
     if profile is None:
         return None
-    return builtin.last_order(profile, pipeline._catalog)
+    return builtin.last_order(profile, pipeline._catalog, base_url=pipeline.base_url())
 
 
 _BUILT_IN: Final[dict[str, Callable[[ContentPipeline, ProfileView | None, _Request], Any]]] = {

@@ -16,6 +16,8 @@
   subscription group on or off), linked from every email.
 - POST /v1/feedback/sendgrid, /v1/feedback/postmark: ESP bounce and complaint
   webhooks into the suppression list.
+- GET /demo/images/{name}: the demo catalog's pictures (read once at start;
+  no other file can be named), so that emails rendered from it show them.
 - GET /healthz (alive) and /readyz (serving).
 - GET /metrics: Prometheus metrics (metrics.enabled; the admin scope when
   metrics.require_admin_key).
@@ -32,12 +34,14 @@ import binascii
 import hashlib
 import hmac
 import html
+import re
 import ssl
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Final
 
 import msgspec
@@ -78,6 +82,14 @@ _SINGLE_ROUTES: Final = ("track", "identify", "page", "alias", "group")
 _json = msgspec.json.Encoder()
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: Image files the demo images route serves, by suffix; names are lower case,
+#: so that the one URL a catalog holds is the only one that answers.
+_IMAGE_TYPES: Final = {".png": "image/png", ".jpg": "image/jpeg", ".gif": "image/gif", ".webp": "image/webp"}
+_IMAGE_NAME: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,99}\.(?:png|jpg|gif|webp)$")
+#: A day: the files change only with a new release, and a mail client that
+#: fetched one need not ask again for a while (the ETag answers when it does).
+IMAGE_CACHE_CONTROL: Final = "public, max-age=86400"
 
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 BODY_TIMEOUT_S = web.AppKey("body_timeout_s", float)
@@ -190,6 +202,7 @@ class _Routes:
     telemetry: Telemetry
     clock: Callable[[], datetime] = utc_now
     preferences: Preferences | None = None
+    images: Mapping[str, StaticFile] = field(default_factory=dict)
 
     async def single(self, request: web.Request) -> web.Response:
         route = request.match_info["kind"]
@@ -390,6 +403,19 @@ class _Routes:
         added = await self.suppressions.from_feedback(self.postmark.suppressions(body))
         return _json_response({"success": True, "suppressed": added})
 
+    async def demo_image(self, request: web.Request) -> web.Response:
+        """A picture from memory, by its exact name: nothing the request says is
+        looked up on disk, so no name (``..``, an encoded slash) reaches
+        another file. Public: a mail client fetches it with no key."""
+        name = request.match_info["name"]
+        image = self.images.get(name)
+        if image is None:
+            raise NotFound(f"no demo image is named {name!r}")
+        headers = {"Cache-Control": IMAGE_CACHE_CONTROL, "ETag": image.etag}
+        if _etag_matches(request.headers.get("If-None-Match", ""), image.etag):
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=image.body, content_type=image.content_type, headers=headers)
+
     async def healthz(self, _request: web.Request) -> web.Response:
         return _json_response({"status": "alive"})
 
@@ -405,6 +431,35 @@ class _Routes:
             self.authenticator.authorize(_api_key(request), Scope.ADMIN)
         body, content_type = metrics.render(request.headers.get("Accept"))
         return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+@dataclass(frozen=True, slots=True)
+class StaticFile:
+    body: bytes
+    content_type: str
+    etag: str
+
+
+def load_images(folder: Path) -> dict[str, StaticFile]:
+    """The image files directly in ``folder`` whose names the route can serve
+    (lower-case letters, digits, ``-`` and ``_``, a known image suffix), read
+    once; none when the folder is missing (a broken install: no pictures,
+    nothing else wrong)."""
+    if not folder.is_dir():
+        return {}
+    images = {}
+    for path in sorted(folder.iterdir()):
+        if _IMAGE_NAME.match(path.name) and path.is_file():
+            body = path.read_bytes()
+            etag = '"' + hashlib.sha256(body).hexdigest()[:20] + '"'
+            images[path.name] = StaticFile(body, _IMAGE_TYPES[path.suffix], etag)
+    return images
+
+
+def _etag_matches(if_none_match: str, etag: str) -> bool:
+    """RFC 9110's weak comparison of an If-None-Match list (or ``*``) with ``etag``."""
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags
 
 
 def _page(status: int, title: str, message: str, *, form_action: str = "") -> web.Response:
@@ -577,6 +632,7 @@ def build_http_edge(
     status_page: StatusPage | None = None,
     ingest_backlogged: Callable[[], bool] = lambda: False,
     preferences: Preferences | None = None,
+    demo_images: Path | None = None,
 ) -> HttpEdge:
     routes = _Routes(
         ingestor,
@@ -593,6 +649,7 @@ def build_http_edge(
         telemetry,
         clock,
         preferences=preferences,
+        images=load_images(demo_images) if demo_images is not None else {},
     )
     limiter = ConnectionLimiter(settings.max_connections)
     middlewares: list[Middleware] = [limiter.middleware, _errors]
@@ -633,6 +690,7 @@ def build_http_edge(
     app.router.add_post("/v1/preferences/{token}", routes.update_preferences)
     app.router.add_post("/v1/feedback/sendgrid", routes.sendgrid_feedback)
     app.router.add_post("/v1/feedback/postmark", routes.postmark_feedback)
+    app.router.add_get("/demo/images/{name}", routes.demo_image)
     app.router.add_get("/healthz", routes.healthz)
     app.router.add_get("/readyz", routes.readyz)
     if telemetry.metrics is not None:
