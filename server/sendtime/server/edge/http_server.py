@@ -86,7 +86,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: Image files the demo images route serves, by suffix; names are lower case,
 #: so that the one URL a catalog holds is the only one that answers.
 _IMAGE_TYPES: Final = {".png": "image/png", ".jpg": "image/jpeg", ".gif": "image/gif", ".webp": "image/webp"}
-_IMAGE_NAME: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,99}\.(?:png|jpg|gif|webp)$")
+_IMAGE_NAME: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,99}\.(?:png|jpg|gif|webp)")
 #: A day: the files change only with a new release, and a mail client that
 #: fetched one need not ask again for a while (the ETag answers when it does).
 IMAGE_CACHE_CONTROL: Final = "public, max-age=86400"
@@ -449,7 +449,7 @@ def load_images(folder: Path) -> dict[str, StaticFile]:
         return {}
     images = {}
     for path in sorted(folder.iterdir()):
-        if _IMAGE_NAME.match(path.name) and path.is_file():
+        if _IMAGE_NAME.fullmatch(path.name) and path.is_file() and not path.is_symlink():
             body = path.read_bytes()
             etag = '"' + hashlib.sha256(body).hexdigest()[:20] + '"'
             images[path.name] = StaticFile(body, _IMAGE_TYPES[path.suffix], etag)
