@@ -35,7 +35,7 @@ def smtp() -> Iterator[SmtpServer]:
     server.stop()
 
 
-def config(relay: str, *, public_base_url: str = "") -> str:
+def config(relay: str, *, public_base_url: str = "", delay_s: float = 0.0) -> str:
     base = f'public_base_url = "{public_base_url}"\n' if public_base_url else ""
     return f"""
 [delivery]
@@ -50,7 +50,7 @@ id = "abandoned_cart"
 template = "abandoned_cart"
 entry_event = "Product Added"
 entry_key = "cart_id"
-delay_s = 0.0
+delay_s = {delay_s}
 exit_events = ["Order Completed"]
 require_blocks = ["cart"]
 """
@@ -89,6 +89,21 @@ async def test_links_follow_the_http_port_when_no_public_address_is_set(
     (warning,) = [r for r in caplog.records if "only this machine can open" in r.getMessage()]
     assert base in warning.getMessage()
     assert "smtp relay" in warning.getMessage()
+
+
+async def test_a_send_due_at_start_links_to_the_port_the_restarted_edge_listens_on(
+    make_settings: SettingsFactory, smtp: SmtpServer
+) -> None:
+    # planned, then the server stops before it is due: the next start finds it due at once,
+    # and its links must name the new HTTP port, known only once that edge listens
+    settings = make_settings(config(smtp_relay(smtp.port), delay_s=0.5))
+    async with Sendtime(settings) as app, channel_to(app) as channel:
+        await ingest(channel, identify("i1"), add_to_cart("a1"))
+    await asyncio.sleep(0.6)
+    async with Sendtime(settings) as restarted:
+        (message,) = await asyncio.to_thread(smtp.inbox.wait_for, 1)
+        unsubscribe = message["List-Unsubscribe"].split(",")[0].strip("<> ")
+        assert unsubscribe.startswith(f"http://127.0.0.1:{restarted.http_port}/v1/unsubscribe/")
 
 
 async def test_no_loopback_warning_with_a_public_address_or_the_outbox(

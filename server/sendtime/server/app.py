@@ -238,7 +238,6 @@ class Sendtime:
         )
         log.info("recommendations learned from %d stored events", learned)
         after_commit.start()
-        await dispatcher.start()
         deliveries = Deliveries(backend.ledger, flows, templates.get, dispatcher.wake, self._clock)
         feedback = delivery.feedback
 
@@ -311,8 +310,12 @@ class Sendtime:
             ),
             demo_images=shipped(DEMO_IMAGES),
         )
-        await self._grpc.start()
+        # HTTP first: the public address (links, catalog image paths) is the HTTP edge's
+        # own until set, and a content call over gRPC must not cache one with port 0
         await self._http.start()
+        await self._grpc.start()
+        # after the HTTP edge listens: a send due at start renders links to its address
+        await dispatcher.start()
         if is_loopback_url(self.public_base_url) and not isinstance(delivery.relay, OutboxConfig):
             log.warning(
                 "links in emails (unsubscribe, preferences) point at %s, which only this machine can open,"
