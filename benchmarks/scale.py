@@ -193,12 +193,14 @@ def wrk(script: str, url: str, args: argparse.Namespace, server_pid: int) -> dic
     cores = {f"{group}_cores": round((after[group] - before[group]) / wall, 2) for group in after}
     out = done.stdout
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
     non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errors = re.search(r"Socket errors:.*", out)
     if rps is None:
         raise RuntimeError(f"wrk printed no rate:\n{out}\n{done.stderr}")
     return {
         "rps": float(rps.group(1)),
+        "requests": float(total.group(1)) if total else 0.0,
         "non_2xx": float(non_2xx.group(1)) if non_2xx else 0.0,
         "socket_errors": 1.0 if errors else 0.0,
         "wrk_cores": round(used / wall, 2),
@@ -241,7 +243,24 @@ def stream_load(server: ServerProcess, args: argparse.Namespace, label: str) -> 
     return msgspec.json.decode(lines[-1], type=LoadResult)
 
 
-def measure(label: str, server: ServerProcess, args: argparse.Namespace) -> dict[str, Any]:
+def stored_events(dsn: str) -> int:
+    """Message ids stored in ``dsn``'s schema: every acked event is new, so
+    about wrk's requests x 100 (a few rounds more: in flight when wrk stopped).
+    Far fewer would mean the generator sent ids twice, and events/s counted
+    duplicates."""
+    import asyncpg
+
+    async def count() -> int:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return int(await conn.fetchval("SELECT count(*) FROM message_ids"))
+        finally:
+            await conn.close()
+
+    return asyncio.run(count())
+
+
+def measure(label: str, server: ServerProcess, args: argparse.Namespace, dsn: str | None) -> dict[str, Any]:
     assert server.match is not None
     http = server.match["http"]
     progress(f"{label}: batch API (wrk)")
@@ -249,6 +268,8 @@ def measure(label: str, server: ServerProcess, args: argparse.Namespace) -> dict
     progress(f"{label}: {batch['rps'] * 100:,.0f} events/s; cores: {_cores(batch)}")
     figures = {
         "events_per_s": round(batch["rps"] * 100, 1),
+        "batch_events_acked": batch["requests"] * 100,
+        **({"batch_events_stored": stored_events(dsn)} if dsn else {}),
         "batch_non_2xx": batch["non_2xx"],
         # CPU per event of each process group, in microseconds (cores / events per second)
         **{
@@ -426,7 +447,7 @@ def main() -> None:
                 full = {**env, "SENDTIME_STORAGE__POSTGRES_DSN": dsn} if env else env
                 server = start(label, root / label, root, full, workers)
                 try:
-                    figures = measure(label, server, args)
+                    figures = measure(label, server, args, dsn if env else None)
                 finally:
                     server.stop()
             result.update({f"{label}_{key}": value for key, value in figures.items()})

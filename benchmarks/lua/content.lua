@@ -4,14 +4,17 @@ local USERS = 50000
 local counter = 0
 local thread_id = 0
 local threads = 0
+-- wrk runs this file once in each thread's own Lua state, then setup() (in
+-- the main state) sets the global `wrk_thread` there. A `local` of that name
+-- would hide the global: every thread was thread 0 and sent the same ids.
 
 function setup(thread)
-  thread:set("thread_id", threads)
+  thread:set("wrk_thread", threads)
   threads = threads + 1
 end
 
 function init(args)
-  thread_id = tonumber(thread_id) or 0
+  thread_id = tonumber(wrk_thread) or 0
   counter = thread_id * 10007
 end
 

@@ -15,17 +15,19 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import msgspec
 import pytest
 
 from sendtime.server.app import Sendtime
 from sendtime.server.domain.errors import Unavailable
-from sendtime.server.domain.flows import PlannedSend
+from sendtime.server.domain.flows import FlowPlanner, PlannedSend
 from sendtime.server.domain.ports import LastChecks
+from sendtime.server.domain.profile import Profile
 from sendtime.server.domain.sends import SendRecord
 from sendtime.server.store.postgres import LATEST, PostgresBackend
 from sendtime.server.store.postgres._migrations import migrate, version
 from tests.conftest import SettingsFactory
-from tests.contract.conftest import postgres_schema
+from tests.contract.conftest import ABANDONED_CART, Listener, postgres_schema, track
 
 WRITE_KEY = "Basic " + base64.b64encode(b"dev-key:").decode()
 
@@ -196,3 +198,32 @@ async def test_a_cap_and_an_exit_hold_across_two_replicas(dsn: str) -> None:
     finally:
         await one.close()
         await two.close()
+
+
+async def test_two_stores_folding_brand_new_users_at_once_lose_no_event(dsn: str) -> None:
+    # A round locks the profile rows that exist and inserts the new users'
+    # rows at its end: when two replicas take one user for new at once, the
+    # second's insert finds the first's row and its round is written again
+    # (folding onto the first's profile), never over it.
+    backends = [await PostgresBackend.open(dsn, pool_size=2) for _ in range(2)]
+    try:
+        stores = [backend.event_store(FlowPlanner([ABANDONED_CART]), Listener()) for backend in backends]
+        users = [f"new{n}" for n in range(20)]
+        rounds = 5
+        appends = [
+            store.append([track(f"{side}-{r}-{user}", "Product Viewed", user=user) for user in users])
+            for r in range(rounds)
+            for side, store in enumerate(stores)
+        ]
+        results = await asyncio.gather(*appends)
+        assert all(all(result.is_new) and not result.failed for result in results)
+        conn = await asyncpg.connect(dsn)
+        try:
+            rows = await conn.fetch("SELECT profile_key, doc FROM profiles ORDER BY 1")
+        finally:
+            await conn.close()
+        counts = {key: msgspec.msgpack.decode(doc, type=Profile).event_count for key, doc in rows}
+        assert counts == {f"u:{user}": 2 * rounds for user in users}
+    finally:
+        for backend in backends:
+            await backend.close()

@@ -40,8 +40,12 @@ class Appended:
     #: Per event: True if it was new, False if its message_id was seen before
     #: (then nothing of it was stored).
     is_new: list[bool]
-    #: The store's position after the commit that made these events durable:
-    #: every event at or before it is durable.
+    #: A mark in this process's commit order, for ``AfterCommit.settled``:
+    #: the commit that made these events durable and every one before it are
+    #: through once the listener has settled this mark. What it counts is the
+    #: backend's: on SQLite the event log's position; on PostgreSQL this
+    #: replica's own count of rounds that stored new events (not the shared
+    #: events table's position, which other replicas' commits also advance).
     position: int
     #: Events that could not be stored (their index in the append, and why):
     #: their own write failed, alone, so nothing of them was kept. Their

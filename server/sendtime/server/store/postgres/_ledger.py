@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -35,34 +35,58 @@ SEND_COLUMNS: Final = (
     " subscription_group, created_at, updated_at, accepted_at"
 )
 
-_NEW_KEYS: Final = (
-    "INSERT INTO send_keys SELECT k, p, nextval('send_id') FROM unnest($1::text[], $2::text[]) AS v(k, p)"
-    " ORDER BY k ON CONFLICT DO NOTHING RETURNING send_key, send_id"
-)
-_INSERT_SENDS: Final = (
-    "INSERT INTO sends (id, send_key, flow_id, template_id, profile_key, user_id, anonymous_id, entry_key,"
+# New keys and their sends, in one statement: keys in key order (concurrent
+# rounds take the same locks in the same order); a key some other round made
+# first returns nothing here, so it gets no second send.
+_NEW_SENDS: Final = (
+    "WITH v AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],"
+    " $7::text[], $8::text[], $9::timestamptz[], $10::timestamptz[], $11::timestamptz[], $12::text[])"
+    " AS v(k, p, f, t, u, a, e, m, et, r, d, g)),"
+    " keys AS (INSERT INTO send_keys SELECT k, p, nextval('send_id') FROM v ORDER BY k"
+    " ON CONFLICT DO NOTHING RETURNING send_key, send_id)"
+    " INSERT INTO sends (id, send_key, flow_id, template_id, profile_key, user_id, anonymous_id, entry_key,"
     " entry_message_id, entry_time, received_at, due_at, status, subscription_group, created_at, updated_at)"
-    " SELECT i, k, f, t, p, u, a, e, m, et, r, d, 'scheduled', g, $13, $13 FROM unnest($1::bigint[],"
-    " $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::text[],"
-    " $10::timestamptz[], $11::timestamptz[], $12::timestamptz[], $14::text[])"
-    " AS v(i, k, f, t, p, u, a, e, m, et, r, d, g)"
+    " SELECT keys.send_id, k, f, t, p, u, a, e, m, et, r, d, 'scheduled', g, $13, $13"
+    " FROM v JOIN keys ON keys.send_key = v.k RETURNING send_key"
 )
-_INSERT_EXITS: Final = (
-    "INSERT INTO flow_exits SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[],"
-    " $5::text[]) ON CONFLICT DO NOTHING"
-)
-# The first exit (in planned order) that ends each scheduled send of its
-# profile and flow, entered no later than the exit, same entry key or any.
-_CANCEL: Final = (
-    "UPDATE sends SET status = 'cancelled', updated_at = $6, reason = 'exit: ' || first.event_name"
-    " FROM (SELECT DISTINCT ON (s.profile_key, s.id) s.profile_key, s.id, x.event_name"
-    " FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $7::text[])"
-    " AS x(seq, profile_key, flow_id, entry_key, event_time, event_name)"
-    " JOIN sends s ON s.profile_key = x.profile_key AND s.flow_id = x.flow_id"
-    " WHERE s.status = 'scheduled' AND s.entry_time <= x.event_time AND x.entry_key IN ('*', s.entry_key)"
-    " ORDER BY s.profile_key, s.id, x.seq) AS first"
-    " WHERE sends.profile_key = first.profile_key AND sends.id = first.id RETURNING sends.flow_id"
-)
+
+
+def exits_sql(first: int) -> tuple[str, str]:
+    """Two CTEs (``exited``, ``cancelled``) for a statement that also does
+    other things: the exits recorded, and the first exit (in planned order)
+    that ends each scheduled send of its profile and flow, entered no later
+    than the exit, same entry key or any. Parameters from ``$first``: the
+    exits' profile keys, flow ids, entry keys, times, names (``exit_columns``)
+    and the time of the change. The sends it can cancel are those committed,
+    or written by this transaction's earlier statements."""
+    p = [f"${first + i}" for i in range(6)]
+    columns = f"{p[0]}::text[], {p[1]}::text[], {p[2]}::text[], {p[3]}::timestamptz[], {p[4]}::text[]"
+    return (
+        f"exited AS (INSERT INTO flow_exits SELECT * FROM unnest({columns}) ON CONFLICT DO NOTHING)",  # noqa: S608 (only $n marks)
+        f"cancelled AS (UPDATE sends SET status = 'cancelled', updated_at = {p[5]},"  # noqa: S608 (only $n marks)
+        " reason = 'exit: ' || first.event_name"
+        " FROM (SELECT DISTINCT ON (s.profile_key, s.id) s.profile_key, s.id, x.event_name"
+        f" FROM unnest({columns}) WITH ORDINALITY AS x(profile_key, flow_id, entry_key, event_time, event_name, seq)"
+        " JOIN sends s ON s.profile_key = x.profile_key AND s.flow_id = x.flow_id"
+        " WHERE s.status = 'scheduled' AND s.entry_time <= x.event_time AND x.entry_key IN ('*', s.entry_key)"
+        " ORDER BY s.profile_key, s.id, x.seq) AS first"
+        " WHERE sends.profile_key = first.profile_key AND sends.id = first.id RETURNING sends.flow_id)",
+    )
+
+
+def exit_columns(exits: Sequence[PlannedExit], now: datetime) -> list[Any]:
+    return [
+        [e.profile_key for e in exits],
+        [e.flow_id for e in exits],
+        [e.entry_key for e in exits],
+        [e.event_time for e in exits],
+        [e.event_name for e in exits],
+        now,
+    ]
+
+
+_EXITED, _CANCELLED = exits_sql(1)
+_EXITS: Final = f"WITH {_EXITED}, {_CANCELLED} SELECT flow_id FROM cancelled"  # noqa: S608 (only $n marks)
 
 
 class Plans:
@@ -77,6 +101,47 @@ class Plans:
     def known_keys(self) -> set[str]:
         return self._known
 
+    def fresh(self, sends: Iterable[PlannedSend], *, memo: bool = True) -> list[PlannedSend]:
+        """The planned sends whose keys may be new (the others exist: one send per key)."""
+        fresh: dict[str, PlannedSend] = {}
+        for planned in sends:
+            if not memo or planned.send_key not in self._known:
+                fresh.setdefault(planned.send_key, planned)
+        return [fresh[k] for k in sorted(fresh)]  # the same lock order in every concurrent round
+
+    async def insert_sends(
+        self, conn: asyncpg.Connection, fresh: list[PlannedSend], now: datetime
+    ) -> tuple[dict[str, int], datetime | None]:
+        """``fresh`` (from ``fresh``) written, in one statement: the sends
+        scheduled per flow, and the earliest due time."""
+        scheduled: dict[str, int] = {}
+        earliest: datetime | None = None
+        if not fresh:
+            return scheduled, earliest
+        rows = await conn.fetch(
+            _NEW_SENDS,
+            [p.send_key for p in fresh],
+            [p.profile_key for p in fresh],
+            [p.flow_id for p in fresh],
+            [p.template_id for p in fresh],
+            [p.user_id for p in fresh],
+            [p.anonymous_id for p in fresh],
+            [p.entry_key for p in fresh],
+            [p.entry_message_id for p in fresh],
+            [p.entry_time for p in fresh],
+            [p.received_at for p in fresh],
+            [p.due_at for p in fresh],
+            [p.subscription_group for p in fresh],
+            now,
+        )
+        by_key = {p.send_key: p for p in fresh}
+        for (key,) in rows:
+            planned = by_key[key]
+            scheduled[planned.flow_id] = scheduled.get(planned.flow_id, 0) + 1
+            if earliest is None or planned.due_at < earliest:
+                earliest = planned.due_at
+        return scheduled, earliest
+
     async def apply(
         self,
         conn: asyncpg.Connection,
@@ -85,58 +150,13 @@ class Plans:
         *,
         memo: bool = True,
     ) -> tuple[PlanCounts, datetime | None]:
+        """Sends, then exits, each in one statement (the event store folds the
+        exits into its last statement instead: one round trip fewer)."""
         now = datetime.now(UTC)
-        scheduled: dict[str, int] = {}
+        scheduled, earliest = await self.insert_sends(conn, self.fresh(sends, memo=memo), now)
         cancelled: dict[str, int] = {}
-        earliest: datetime | None = None
-        fresh: dict[str, PlannedSend] = {}
-        for planned in sends:
-            if not memo or planned.send_key not in self._known:
-                fresh.setdefault(planned.send_key, planned)
-        if fresh:
-            keys = sorted(fresh)  # the same lock order in every concurrent round
-            ids = dict(await conn.fetch(_NEW_KEYS, keys, [fresh[k].profile_key for k in keys]))
-            new = [fresh[k] for k in keys if k in ids]
-            if new:
-                await conn.execute(
-                    _INSERT_SENDS,
-                    [ids[p.send_key] for p in new],
-                    [p.send_key for p in new],
-                    [p.flow_id for p in new],
-                    [p.template_id for p in new],
-                    [p.profile_key for p in new],
-                    [p.user_id for p in new],
-                    [p.anonymous_id for p in new],
-                    [p.entry_key for p in new],
-                    [p.entry_message_id for p in new],
-                    [p.entry_time for p in new],
-                    [p.received_at for p in new],
-                    [p.due_at for p in new],
-                    now,
-                    [p.subscription_group for p in new],
-                )
-                for p in new:
-                    scheduled[p.flow_id] = scheduled.get(p.flow_id, 0) + 1
-                earliest = min(p.due_at for p in new)
         if exits:
-            await conn.execute(
-                _INSERT_EXITS,
-                [e.profile_key for e in exits],
-                [e.flow_id for e in exits],
-                [e.entry_key for e in exits],
-                [e.event_time for e in exits],
-                [e.event_name for e in exits],
-            )
-            for (flow_id,) in await conn.fetch(
-                _CANCEL,
-                list(range(len(exits))),
-                [e.profile_key for e in exits],
-                [e.flow_id for e in exits],
-                [e.entry_key for e in exits],
-                [e.event_time for e in exits],
-                now,
-                [e.event_name for e in exits],
-            ):
+            for (flow_id,) in await conn.fetch(_EXITS, *exit_columns(exits, now)):
                 cancelled[flow_id] = cancelled.get(flow_id, 0) + 1
         return (scheduled, cancelled), earliest
 
