@@ -372,11 +372,8 @@ class ContentPipeline:
         started = self._clock()
         backlog = self._backlog
         fetch_budget = budget_s - self._answer_reserve(budget_s)
-        if (
-            backlog.admitted
-            and fetch_budget >= self._policy.min_fetch_s
-            and self._lag() + backlog.wait_s() > fetch_budget
-        ):
+        ahead_s = backlog.wait_s() if backlog.admitted else 0.0
+        if fetch_budget >= self._policy.min_fetch_s and self._lag() + ahead_s > fetch_budget:
             # the calls let in before would keep this one past its deadline:
             # cached or fallback content at once, each block saying so
             answer = self._shed_content(identity, wanted, context, fetch_budget)
@@ -548,12 +545,12 @@ class ContentPipeline:
         request = _Request(self, identity, context, started + budget_s)
         if budget_s < self._policy.min_fetch_s:
             blocks = [self._without_fetching(request, name, Reason.DEADLINE_TOO_SHORT) for name in names]
-        elif self._in_flight >= self._max_concurrent or (
-            self._loop_lag is not None and self._loop_lag() >= budget_s
-        ):
-            # Shed at admission: too many calls at once, or the loop runs so
-            # late that no fetch could finish in time. Cached or fallback
-            # content at once, each block saying so.
+        elif self._in_flight >= self._max_concurrent:
+            # Shed: too many calls at once. Cached or fallback content at
+            # once, each block saying so. (Whether the call can be answered
+            # in time, loop lag included, was decided at its admission: a
+            # second look at the lag here emptied the blocks of emails that
+            # had been let in, answering them fast but without their content.)
             if self._observer is not None:
                 self._observer.shed(call)
             blocks = [self._without_fetching(request, name, Reason.OVERLOADED) for name in names]
