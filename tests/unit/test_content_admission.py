@@ -48,17 +48,28 @@ def test_idle_time_is_not_counted_as_work() -> None:
 
 
 def test_a_slow_full_collection_freezes_its_survivors() -> None:
-    lag = LoopLag()
+    lag = LoopLag(freeze_after_gc_s=0.0)  # every full collection counts as slow here
     gc.callbacks.append(lag._on_gc)
-    kept = [[i] for i in range(300_000)]  # enough tracked objects to make a full collection slow
+    kept = [[i] for i in range(100_000)]
     try:
         gc.unfreeze()
         gc.collect()
         assert lag.freezes >= 1
+        # out of the generations collections walk
         assert gc.get_freeze_count() >= len(kept)
-        frozen = lag.freezes
-        gc.collect()  # walks only what was promoted since: not slow, nothing more frozen
-        assert lag.freezes == frozen
+        assert len(gc.get_objects(generation=2)) < len(kept)
     finally:
         gc.callbacks.remove(lag._on_gc)
         gc.unfreeze()
+
+
+def test_a_quick_full_collection_freezes_nothing() -> None:
+    lag = LoopLag(freeze_after_gc_s=3600.0)
+    gc.callbacks.append(lag._on_gc)
+    try:
+        gc.unfreeze()
+        gc.collect()
+        assert lag.freezes == 0
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.callbacks.remove(lag._on_gc)

@@ -47,7 +47,8 @@ FREEZE_AFTER_GC_S: Final = 0.01
 
 
 class LoopLag:
-    def __init__(self) -> None:
+    def __init__(self, *, freeze_after_gc_s: float = FREEZE_AFTER_GC_S) -> None:
+        self._freeze_after_gc_s = freeze_after_gc_s
         self._peak = 0.0
         self._task: asyncio.Task[None] | None = None
         self.stalls = 0
@@ -85,7 +86,7 @@ class LoopLag:
             self._gc_started = now
             return
         took = now - self._gc_started
-        if info.get("generation") == 2 and took >= FREEZE_AFTER_GC_S:
+        if info.get("generation") == 2 and took >= self._freeze_after_gc_s:
             # Right after a full collection every object is in the oldest
             # generation and has just been found alive: exactly the survivors.
             gc.freeze()
