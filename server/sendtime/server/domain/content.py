@@ -169,6 +169,8 @@ class RenderedEmail(Protocol):
 
 class EmailTemplate(Protocol):
     @property
+    def id(self) -> str: ...
+    @property
     def blocks(self) -> Mapping[str, Any]: ...
 
     def render(self, context: Mapping[str, Any]) -> RenderedEmail: ...
@@ -263,6 +265,54 @@ class ContentPolicy:
     negative_ttl_s: float = 2.0
 
 
+#: What one call is assumed to take before any was timed (seconds).
+_FIRST_INTERVAL_S: Final = 0.002
+#: Weight of the latest interval in the running estimate: about one
+#: concurrency's worth of answers (64) makes the estimate.
+_INTERVAL_WEIGHT: Final = 0.02
+
+
+class Backlog:
+    """The calls admitted and not yet answered, and how fast the server
+    answers them: the time between answers while it is busy, as a running
+    estimate. By Little's law a call let in now waits about ``admitted``
+    such intervals; that (not a loop-lag reading, which under load is the
+    length of a loop iteration running many calls' steps) decides whether it
+    can be answered in time. Counts every admitted call, render included, and
+    measures whatever the server spends between answers (shed calls, ingest,
+    answers in the transport), so it needs no per-kind cost model."""
+
+    __slots__ = ("_clock", "_interval_s", "_last_answer", "admitted")
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self.admitted = 0
+        self._interval_s = _FIRST_INTERVAL_S
+        #: When the last call was answered while others stayed admitted (or
+        #: the first was admitted after an idle spell); None while idle.
+        self._last_answer: float | None = None
+
+    @property
+    def interval_s(self) -> float:
+        return self._interval_s
+
+    def wait_s(self) -> float:
+        """How long a call admitted now would take to be answered."""
+        return (self.admitted + 1) * self._interval_s
+
+    def admit(self) -> None:
+        if self.admitted == 0:
+            self._last_answer = self._clock()  # busy from now on
+        self.admitted += 1
+
+    def answered(self) -> None:
+        self.admitted -= 1
+        now = self._clock()
+        if self._last_answer is not None:
+            self._interval_s += _INTERVAL_WEIGHT * (now - self._last_answer - self._interval_s)
+        self._last_answer = now if self.admitted > 0 else None
+
+
 class ContentPipeline:
     def __init__(
         self,
@@ -303,6 +353,7 @@ class ContentPipeline:
         self._clock = clock
         self._max_concurrent = max_concurrent
         self._in_flight = 0
+        self._backlog = Backlog(clock)
 
     @property
     def in_flight(self) -> int:
@@ -327,14 +378,21 @@ class ContentPipeline:
         if len(wanted) > MAX_BLOCKS:
             raise InvalidInput.field("blocks", f"asks for {len(wanted)} blocks; the limit is {MAX_BLOCKS}")
         started = self._clock()
-        answer = await self._gather(
-            identity,
-            wanted,
-            context,
-            budget_s - self._answer_reserve(budget_s),
-            with_user=False,
-            call="content",
-        )
+        backlog = self._backlog
+        fetch_budget = budget_s - self._answer_reserve(budget_s)
+        ahead_s = backlog.wait_s() if backlog.admitted else 0.0
+        if fetch_budget >= self._policy.min_fetch_s and self._lag() + ahead_s > fetch_budget:
+            # the calls let in before would keep this one past its deadline:
+            # cached or fallback content at once, each block saying so
+            answer = self._shed_content(identity, wanted, context, fetch_budget)
+        else:
+            backlog.admit()
+            try:
+                answer = await self._gather(
+                    identity, wanted, context, fetch_budget, with_user=False, call="content"
+                )
+            finally:
+                backlog.answered()
         answer.deadline = started + budget_s
         if self._observer is not None:
             self._observer.answered("content", answer.blocks, budget_s, answer.elapsed_s)
@@ -346,20 +404,41 @@ class ContentPipeline:
         if self._clock() > deadline and self._observer is not None:
             self._observer.late(call)
 
-    def _shed_email(self, budget_s: float, answer_reserve: float) -> str | None:
-        """Why a whole email cannot be made within ``budget_s`` now, or None:
-        on a loop that runs late by ``lag``, the shortest fetch and the render
-        reserve (a render in place, the worst case: a late worker is not waited
-        for) must fit what is left once the answer's reserve is kept. (Not a
-        measured render time: one measured while workers queue is long, and an
-        estimate only renders that are let in could lower would never come down.)"""
+    def _lag(self) -> float:
+        """How late the loop runs now: about how long a request waited between
+        its arrival and its handler's first step."""
+        return self._loop_lag() if self._loop_lag is not None else 0.0
+
+    def _shed_content(
+        self, identity: Identity, names: list[str], context: ContentContext, budget_s: float
+    ) -> ContentAnswer:
+        if self._observer is not None:
+            self._observer.shed("content")
+        request = _Request(self, identity, context, self._clock() + budget_s)
+        blocks = [self._without_fetching(request, name, Reason.OVERLOADED) for name in names]
+        return ContentAnswer(blocks=blocks, budget_s=budget_s, elapsed_s=0.0, user=request.user_data())
+
+    def _shed_email(self, budget_s: float) -> str | None:
+        """Why a whole email cannot be made within ``budget_s`` now, or None.
+        It waited about a loop iteration (``lag``) before its handler ran, and
+        will be answered after the calls admitted before it (Backlog.wait_s,
+        from the measured rate of answers, renders included); that, the
+        shortest fetch, and the fixed part of the answer's reserve must fit."""
         if self._in_flight >= self._max_concurrent:
             return f"{self._in_flight} content calls are being answered already"
-        lag = self._loop_lag() if self._loop_lag is not None else 0.0
-        needed = lag + self._policy.render_reserve_s + self._policy.min_fetch_s
-        if budget_s - answer_reserve < needed:
+        lag = self._lag()
+        backlog = self._backlog
+        policy = self._policy
+        needed = (
+            lag
+            + (backlog.wait_s() if backlog.admitted else 0.0)
+            + policy.min_fetch_s
+            + max(policy.answer_reserve_s, budget_s * policy.answer_reserve_share)
+        )
+        if needed > budget_s:
             return (
-                f"an email takes about {needed * 1000:.0f} ms now (the server runs {lag * 1000:.0f} ms behind)"
+                f"it would be answered in about {needed * 1000:.0f} ms ({backlog.admitted} calls ahead,"
+                f" one answered every {backlog.interval_s * 1000:.1f} ms, the server {lag * 1000:.0f} ms behind)"
                 f" and the budget is {budget_s * 1000:.0f} ms"
             )
         return None
@@ -381,13 +460,28 @@ class ContentPipeline:
         started = self._clock()
         template = self._templates.get(template_id)
         answer_reserve = self._answer_reserve(budget_s)
-        refused = self._shed_email(budget_s, answer_reserve) if may_shed else None
+        refused = self._shed_email(budget_s) if may_shed else None
         if refused is not None:
             # Shed at admission, before any work: an email that would come
             # after its deadline helps nobody. The caller retries later.
             if self._observer is not None:
                 self._observer.shed("email")
             raise Overloaded(f"the email cannot be made in time: {refused}; retry in a second")
+        self._backlog.admit()
+        try:
+            return await self._make_email(template, identity, context, budget_s, answer_reserve, started)
+        finally:
+            self._backlog.answered()
+
+    async def _make_email(
+        self,
+        template: EmailTemplate,
+        identity: Identity,
+        context: ContentContext,
+        budget_s: float,
+        answer_reserve: float,
+        started: float,
+    ) -> EmailAnswer:
         render_deadline = started + budget_s - answer_reserve
         fetch_budget = budget_s - answer_reserve - self._policy.render_reserve_s
         content = await self._gather(
@@ -400,7 +494,7 @@ class ContentPipeline:
             email = await self._render(template, render_context, render_deadline)
         else:
             with self._tracer.start_as_current_span(
-                "sendtime.render", attributes={"sendtime.template": template_id}
+                "sendtime.render", attributes={"sendtime.template": template.id}
             ) as span:
                 email = await self._render(template, render_context, render_deadline)
                 span.set_attribute("sendtime.template.version", email.version)
@@ -459,12 +553,12 @@ class ContentPipeline:
         request = _Request(self, identity, context, started + budget_s, names=names)
         if budget_s < self._policy.min_fetch_s:
             blocks = [self._without_fetching(request, name, Reason.DEADLINE_TOO_SHORT) for name in names]
-        elif self._in_flight >= self._max_concurrent or (
-            self._loop_lag is not None and self._loop_lag() >= budget_s
-        ):
-            # Shed at admission: too many calls at once, or the loop runs so
-            # late that no fetch could finish in time. Cached or fallback
-            # content at once, each block saying so.
+        elif self._in_flight >= self._max_concurrent:
+            # Shed: too many calls at once. Cached or fallback content at
+            # once, each block saying so. (Whether the call can be answered
+            # in time, loop lag included, was decided at its admission: a
+            # second look at the lag here emptied the blocks of emails that
+            # had been let in, answering them fast but without their content.)
             if self._observer is not None:
                 self._observer.shed(call)
             blocks = [self._without_fetching(request, name, Reason.OVERLOADED) for name in names]
