@@ -5,7 +5,6 @@ how much the fuzzed server's memory may grow meanwhile."""
 from __future__ import annotations
 
 import os
-
 from typing import Final
 
 from hypothesis import HealthCheck, settings
