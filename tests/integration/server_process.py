@@ -135,7 +135,7 @@ async def run_sendtime(*args: str, cwd: Path) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "sendtime.server",
+        "sendtime.cli",
         *args,
         env=env,
         cwd=cwd,

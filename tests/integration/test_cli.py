@@ -44,7 +44,7 @@ def cli(server: Sendtime) -> RunCli:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "sendtime.server",
+            "sendtime.cli",
             *args,
             env=env,
             stdin=asyncio.subprocess.PIPE,

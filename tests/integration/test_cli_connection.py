@@ -28,7 +28,7 @@ async def run_cli(*args: str, cwd: Path, **env: str) -> Result:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "sendtime.server",
+        "sendtime.cli",
         *args,
         env=environ,
         cwd=cwd,

@@ -69,7 +69,7 @@ async def run_cli(*args: str, cwd: Path, path: str | None = None) -> Result:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "sendtime.server",
+        "sendtime.cli",
         *args,
         env=env,
         cwd=cwd,

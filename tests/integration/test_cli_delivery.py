@@ -79,7 +79,7 @@ async def run_cli(*args: str, cwd: Path) -> Result:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "sendtime.server",
+        "sendtime.cli",
         *args,
         env=env,
         cwd=cwd,
