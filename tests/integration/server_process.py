@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.harness import rss_mib
+
 READY = re.compile(rb"sendtime serving gRPC on [\d.]+:(?P<grpc>\d+), HTTP on https?://[\d.]+:(?P<http>\d+)")
 
 
@@ -92,6 +94,10 @@ class ChildServer:
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    def rss_mib(self) -> float:
+        """Resident memory of the server and its render workers."""
+        return rss_mib(self.process.pid)
 
 
 @contextmanager

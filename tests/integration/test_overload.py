@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
+import socket
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -195,3 +198,35 @@ async def test_grpc_calls_beyond_the_bound_are_refused_at_once(app: Sendtime) ->
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         for stream in idle_streams[1:]:
             stream.cancel()
+
+
+@pytest.mark.parametrize("app", [{"http__max_connections": "600"}], indirect=True)
+async def test_connections_arriving_while_the_loop_is_busy_wait_in_a_queue_as_deep_as_the_bound(
+    app: Sendtime,
+) -> None:
+    """400 clients connect at once while the event loop is busy (here: held by
+    this test). The kernel completes their handshakes into the listening
+    socket's queue, as deep as http.max_connections: at aiohttp's default of
+    128 the rest had their SYNs dropped and waited a second or more for a
+    retransmission, a health check among them."""
+    sockets = [socket.socket() for _ in range(400)]
+    try:
+        for sock in sockets:
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", app.http_port))
+        # the loop is held: nothing is accepted while the handshakes complete
+        pending = list(sockets)
+        deadline = time.monotonic() + 2.0  # under the first SYN retransmission and the next
+        while pending and time.monotonic() < deadline:
+            _, writable, _ = select.select([], pending, [], 0.1)
+            pending = [sock for sock in pending if sock not in writable]
+        connected = [
+            sock
+            for sock in sockets
+            if sock not in pending and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        ]
+        assert len(connected) == len(sockets)
+        assert await _healthz(app) == 200
+    finally:
+        for sock in sockets:
+            sock.close()
