@@ -27,6 +27,7 @@ import uvloop
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from sendtime.server.auth import Authenticator
+from sendtime.server.broadcasting import SegmentEvaluator, Segments
 from sendtime.server.cache import CacheFetcher, CircuitBreakers, MemoryCache
 from sendtime.server.deliveries import Deliveries, DeliveryQueries, Suppressions
 from sendtime.server.dispatch import Dispatcher, DispatchPolicy
@@ -43,6 +44,7 @@ from sendtime.server.domain.ports import EventStore, Storage
 from sendtime.server.domain.profiles import ProfileBook
 from sendtime.server.domain.queries import ProfileQueries
 from sendtime.server.domain.recommend import Recommender
+from sendtime.server.domain.segments import Segment
 from sendtime.server.domain.sends import FrequencyCap, QuietHours
 from sendtime.server.domain.unsubscribe import EmailLinks
 from sendtime.server.edge.grpc_server import GrpcEdge, build_grpc_edge
@@ -94,6 +96,7 @@ class Sendtime:
         self._session: aiohttp.ClientSession | None = None
         self._render_pool: RenderPool | None = None
         self._dispatcher: Dispatcher | None = None
+        self._segment_evaluator: SegmentEvaluator | None = None
         self._loop_lag = LoopLag()
         self._grpc: GrpcEdge | None = None
         self._http: HttpEdge | None = None
@@ -252,6 +255,16 @@ class Sendtime:
             ),
         )
         queries = ProfileQueries(profiles)
+        self._segment_evaluator = SegmentEvaluator(settings.broadcasts.segment_processes)
+        segments = Segments(
+            store=backend.broadcasts,
+            profiles=backend.profiles,
+            book=profiles,
+            configured=configured_segments(settings),
+            evaluator=self._segment_evaluator,
+            batch=settings.broadcasts.segment_batch,
+            clock=self._clock,
+        )
         authenticator = Authenticator(settings.auth)
         default_deadline_s = content.default_deadline_ms / 1000
         self._grpc = build_grpc_edge(
@@ -261,6 +274,7 @@ class Sendtime:
             pipeline=pipeline,
             default_deadline_s=default_deadline_s,
             deliveries=deliveries,
+            segments=segments,
             authenticator=authenticator,
             telemetry=telemetry,
         )
@@ -387,6 +401,8 @@ class Sendtime:
             await self._http.stop()
         if self._dispatcher is not None:
             await self._dispatcher.close(grace)
+        if self._segment_evaluator is not None:
+            await self._segment_evaluator.close()
         if self._render_pool is not None:  # after the last render: edges and sends are done
             await self._render_pool.aclose()
         if self._fetcher is not None:
@@ -468,6 +484,16 @@ def flow_from_settings(flow: FlowSettings, default_sender: str) -> Flow:
         reply_to=flow.reply_to,
         require_blocks=tuple(flow.require_blocks),
     )
+
+
+def configured_segments(settings: Settings) -> list[Segment]:
+    """[[segments]], checked: a bad expression stops the server at start, saying where."""
+    segments = [
+        Segment(name=s.name, expression=s.expression.strip(), description=s.description, source="config")
+        for s in settings.segments
+    ]
+    Segments.check_configured(segments)
+    return segments
 
 
 def _dispatch_policy(delivery: DeliverySettings) -> DispatchPolicy:

@@ -131,6 +131,23 @@ ALTER TABLE sends ADD COLUMN lease_until timestamptz;
 CREATE INDEX sends_leased ON sends (lease_until) WHERE status IN ('sending', 'relaying');
 """,
     ),
+    (
+        3,
+        "segments and broadcasts (a broadcast's sends are rows of sends)",
+        """
+CREATE TABLE segments (
+    name text PRIMARY KEY,
+    doc  bytea NOT NULL
+);
+CREATE TABLE broadcasts (
+    id              text PRIMARY KEY,
+    idempotency_key text NOT NULL UNIQUE,
+    state           text NOT NULL,
+    created_at      timestamptz NOT NULL,
+    doc             bytea NOT NULL
+);
+""",
+    ),
 )
 
 LATEST: Final = MIGRATIONS[-1][0]

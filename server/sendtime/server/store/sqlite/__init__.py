@@ -6,7 +6,8 @@ with group commit). The default, and the one ``make run`` uses.
 
 Modules: _db (schema, writer thread, reader), _events (append, dedupe, the
 round's flow plan), _ledger (sends and their state machine), _records
-(profiles, catalog, suppressions, exits), _rows (value conversions).
+(profiles, catalog, suppressions, exits), _broadcasts (segments, broadcasts
+and their sends), _rows (value conversions).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from sendtime.server.domain.ports import CommitListener, SendPlanner, StoreStats
+from sendtime.server.store.sqlite._broadcasts import SqliteBroadcasts
 from sendtime.server.store.sqlite._db import FILE_MODE, SCHEMA_VERSION, SqliteDatabase, Synchronous
 from sendtime.server.store.sqlite._events import SqliteEventStore
 from sendtime.server.store.sqlite._ledger import Plans, SqliteLedger
@@ -41,6 +43,7 @@ class SqliteBackend:
         self.ledger = SqliteLedger(db, self._plans)
         self.suppressions = SqliteSuppressions(db)
         self.exits = SqliteExits(db)
+        self.broadcasts = SqliteBroadcasts(db, self._plans)
 
     @classmethod
     async def open(
