@@ -28,6 +28,12 @@ async def test_profiles_are_saved_with_the_position_they_include(backend: Backen
     await profiles.save_profiles([("u:ada", encode(ada))], 9)
     assert (await profiles.load_profiles(["u:ada"]))["u:ada"].event_count == 4
     assert await profiles.profiles_position() == 9
+    # staged rows are saved by the next save, before its own rows
+    await profiles.stage_profiles([("u:ada", encode(Profile(event_count=5))), ("u:cy", encode(Profile()))])
+    assert (await profiles.load_profiles(["u:ada"]))["u:ada"].event_count == 4
+    await profiles.save_profiles([("u:cy", encode(Profile(event_count=1)))], 11)
+    loaded = await profiles.load_profiles(["u:ada", "u:cy"])
+    assert {key: p.event_count for key, p in loaded.items()} == {"u:ada": 5, "u:cy": 1}
 
 
 async def test_a_backend_that_folds_with_the_events_stores_every_commit(backend: Backend) -> None:
@@ -45,6 +51,8 @@ async def test_a_backend_that_folds_with_the_events_stores_every_commit(backend:
     assert last["u:ada"] == stored["u:ada"]
     with pytest.raises(RuntimeError):
         await profiles.save_profiles([("u:ada", msgspec.msgpack.encode(Profile()))], 1)
+    with pytest.raises(RuntimeError):
+        await profiles.stage_profiles([("u:ada", msgspec.msgpack.encode(Profile()))])
 
 
 async def test_replay_returns_the_events_past_a_position(backend: Backend) -> None:

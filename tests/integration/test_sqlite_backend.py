@@ -1,14 +1,22 @@
-"""What only the SQLite backend has: its files (personal data, owner-only)."""
+"""What only the SQLite backend has: its files (personal data, owner-only),
+and the few statement sizes its connections prepare."""
 
 from __future__ import annotations
 
+import functools
 import os
+import sqlite3
 import stat
 from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
 
 from sendtime.server.domain.flows import FlowPlanner
+from sendtime.server.domain.profile import Profile
 from sendtime.server.store.sqlite import FILE_MODE, SqliteBackend
-from tests.contract.conftest import Listener, track
+from tests.contract.conftest import ABANDONED_CART, Listener, track
 
 
 async def test_database_files_are_readable_by_their_owner_only(tmp_path: Path) -> None:
@@ -31,3 +39,66 @@ async def test_database_files_are_readable_by_their_owner_only(tmp_path: Path) -
         assert stat.S_IMODE(path.stat().st_mode) == FILE_MODE
     finally:
         os.umask(old_umask)
+
+
+class _Recording(sqlite3.Connection):
+    """A real connection that notes each statement text it is asked to run."""
+
+    texts: set[str]
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        type(self).texts.add(sql)
+        return super().execute(sql, *args)
+
+
+@pytest.fixture
+def statement_texts(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    texts: set[str] = set()
+    monkeypatch.setattr(_Recording, "texts", texts, raising=False)
+    monkeypatch.setattr(sqlite3, "connect", functools.partial(sqlite3.connect, factory=_Recording))
+    return texts
+
+
+async def test_rounds_of_every_size_prepare_a_few_statements(
+    tmp_path: Path, statement_texts: set[str]
+) -> None:
+    # sqlite3 keeps each connection's last 128 prepared statements, and a
+    # multi-row statement per size met (up to 512 rows each) made them hold
+    # tens of megabytes that grew through a long run.
+    storage = await SqliteBackend.open(tmp_path / "sendtime.sqlite3")
+    try:
+        events = storage.event_store(FlowPlanner([ABANDONED_CART]), Listener())
+        serial = 0
+        for size in range(1, 101):
+            batch = []
+            for _ in range(size):
+                serial += 1
+                cart = f'{{"cart_id": "c{serial}", "product_id": "p1", "order_id": "o{serial}"}}'.encode()
+                batch.append(track(f"m{serial}", "Product Added", cart, user=f"u{serial % 37}"))
+                batch.append(track(f"o{serial}", "Order Completed", cart, user=f"u{serial % 37}"))
+            appended = await events.append(batch[:size])  # adds and orders by turns
+            assert len(appended.is_new) == size
+        doc = msgspec.msgpack.encode(Profile())
+        for size in range(1, 101):
+            await storage.profiles.save_profiles([(f"u:{n}", doc) for n in range(size)], size)
+            found = await storage.profiles.load_profiles([f"u:{n}" for n in range(size + 3)])
+            assert sorted(found) == sorted(f"u:{n}" for n in range(size))
+    finally:
+        await storage.close()
+
+    def sizes(prefix: str) -> set[int]:
+        return {text.count("?") for text in statement_texts if text.startswith(prefix)}
+
+    powers = {1 << n for n in range(8)}  # 1 ... 128
+    per_row = {
+        "INSERT OR IGNORE INTO events": (10, 0),
+        "INSERT OR IGNORE INTO sends": (14, 0),
+        "INSERT OR IGNORE INTO flow_exits": (5, 0),
+        "UPDATE sends SET status = 'cancelled'": (4, 2),
+        "INSERT INTO profiles VALUES": (2, 0),
+        "SELECT profile_key, doc FROM profiles": (1, 0),
+    }
+    for prefix, (width, extra) in per_row.items():
+        assert sizes(prefix), prefix  # it ran
+        assert sizes(prefix) <= {width * p + extra for p in powers}, prefix
+    assert len(sizes("INSERT OR IGNORE INTO events")) >= 5  # the batches were written as asked

@@ -16,7 +16,7 @@ from sendtime.server.domain.events import (
     TraitsUpdate,
     validate,
 )
-from sendtime.server.domain.profile import MAX_VIEWED, Profile, fold, view
+from sendtime.server.domain.profile import MAX_VIEWED, Profile, fold, merge, view
 
 T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
 _counter = iter(range(1_000_000))
@@ -110,6 +110,50 @@ def test_order_without_cart_id_empties_carts_filled_before_it() -> None:
         ]
     )
     assert cart_lines(profile) == {"c1": {"p9": 1}}
+
+
+def test_an_order_forgets_the_operations_of_the_carts_it_closed() -> None:
+    # A shopper who orders often must not carry every closed cart's history:
+    # the clear mark alone keeps closed operations from counting.
+    events = []
+    for n in range(15):
+        events += [
+            track("Product Added", {"cart_id": f"c{n}", "product_id": "p1", "quantity": 2}, 10 * n + 1),
+            track("Product Removed", {"cart_id": f"c{n}", "product_id": "p1", "quantity": 1}, 10 * n + 2),
+            track("Order Completed", {"order_id": f"o{n}", "cart_id": f"c{n}"}, 10 * n + 3),
+        ]
+    events += [
+        track("Product Added", {"cart_id": "open", "product_id": "p2"}, 200),
+        track("Product Added", {"cart_id": "c3", "product_id": "p3"}, 5),  # late: before c3's order
+    ]
+    profile = folded(events)
+    assert {key: len(cart.ops) for key, cart in profile.carts.items() if cart.ops} == {"open": 1}
+    assert cart_lines(profile) == {"open": {"p2": 1}}
+
+    everything = folded([*events, track("Order Completed", {"order_id": "all"}, 300)])
+    assert sum(len(cart.ops) for cart in everything.carts.values()) == 0
+    assert cart_lines(everything) == {}
+
+
+def test_merging_keeps_only_the_operations_no_order_closed() -> None:
+    # the visitor's cart ops came before an order the user placed (one that names no cart)
+    visitor = folded([track("Product Added", {"cart_id": "c", "product_id": "p1"}, 1, user="anon")])
+    user = folded(
+        [
+            track("Product Added", {"cart_id": "d", "product_id": "p2"}, 2),
+            track("Order Completed", {"order_id": "o"}, 3),
+            track("Product Added", {"cart_id": "d", "product_id": "p3"}, 4),
+        ]
+    )
+    for into, other in ((user, visitor), (visitor, user)):
+        result = Profile()
+        merge(result, into)
+        merge(result, other)
+        assert {
+            key: [op.message_id for op in cart.ops] for key, cart in result.carts.items() if cart.ops
+        } == {"d": [op.message_id for op in user.carts["d"].ops]}
+        assert cart_lines(result) == {"d": {"p3": 1}}
+        assert result.carts["c"].updated_at == at(1)
 
 
 def test_checkout_snapshot_sets_the_whole_cart() -> None:

@@ -118,8 +118,15 @@ class ProfileStore(Protocol):
 
     async def load_profiles(self, keys: Sequence[str]) -> dict[str, Profile]: ...
 
+    async def stage_profiles(self, rows: Sequence[tuple[str, bytes]]) -> None:
+        """Write encoded profiles aside, not saved yet: the next ``save_profiles``
+        saves them (before its own rows) with its position, atomically. Staged
+        rows that no save followed (a crash) are dropped when the store opens."""
+        ...
+
     async def save_profiles(self, rows: Sequence[tuple[str, bytes]], position: int) -> None:
-        """Write encoded profiles and the event position they include, atomically."""
+        """Write the staged profiles, then encoded profiles ``rows``, and the
+        event position they include, atomically."""
         ...
 
     async def profiles_position(self) -> int:

@@ -8,7 +8,8 @@ the fold is built to give the same profile whatever the arrival order:
   same way everywhere;
 - a cart keeps its recent operations and is computed by replaying them in
   event-time order; an order clears a cart by raising a "cleared before" mark,
-  which is a max and so commutes with everything;
+  which is a max and so commutes with everything (the operations it closed are
+  dropped then, and late ones before it are never kept: they cannot count);
 - recently viewed products and orders keep the newest entries by event time.
 
 ``fold`` is the only writer; ``view`` derives what callers see. Nothing here does
@@ -157,10 +158,12 @@ def fold(profile: Profile, event: Event) -> None:
         quantity = payload.quantity if payload.quantity is not None else (1 if op == "add" else 0)
         line = _line(payload, quantity=quantity, currency=payload.currency)
         cart = _cart(profile, payload.cart_id)
-        _add_cart_op(cart, CartOp(at, event.message_id, op, (line,), remove_all=payload.quantity is None))
+        cart_op = CartOp(at, event.message_id, op, (line,), remove_all=payload.quantity is None)
+        _add_cart_op(cart, cart_op, profile.all_carts_cleared_through)
     elif isinstance(payload, CartSnapshot):
         lines = tuple(_line(p, quantity=p.quantity or 1, currency=payload.currency) for p in payload.products)
-        _add_cart_op(_cart(profile, payload.cart_id), CartOp(at, event.message_id, "set", lines))
+        cart_op = CartOp(at, event.message_id, "set", lines)
+        _add_cart_op(_cart(profile, payload.cart_id), cart_op, profile.all_carts_cleared_through)
     elif isinstance(payload, OrderCompleted):
         _fold_order_completed(profile, payload, stamp)
     elif isinstance(payload, OrderRefunded):
@@ -217,10 +220,13 @@ def _cart(profile: Profile, cart_id: str | int | None) -> CartState:
     return cart
 
 
-def _add_cart_op(cart: CartState, op: CartOp) -> None:
-    cart.ops.append(op)
+def _add_cart_op(cart: CartState, op: CartOp, all_cleared_through: datetime | None) -> None:
     if cart.updated_at is None or op.at > cart.updated_at:
         cart.updated_at = op.at
+    cleared = _latest(cart.cleared_through, all_cleared_through)
+    if cleared is not None and op.at <= cleared:
+        return  # a late operation on a cart an order already closed: it never counts
+    cart.ops.append(op)
     if len(cart.ops) > MAX_CART_OPS:
         # Collapse the older half into one "set": bounded memory, at the price
         # that an event older than the collapse point, arriving later still,
@@ -245,9 +251,20 @@ def _fold_order_completed(profile: Profile, order: OrderCompleted, stamp: Stamp)
         cart = _cart(profile, order.cart_id)
         if cart.cleared_through is None or at > cart.cleared_through:
             cart.cleared_through = at
+            _drop_cleared_ops(cart, at)
     elif profile.all_carts_cleared_through is None or at > profile.all_carts_cleared_through:
         profile.all_carts_cleared_through = at
+        for cart in profile.carts.values():
+            _drop_cleared_ops(cart, at)
     _trim_orders(profile)
+
+
+def _drop_cleared_ops(cart: CartState, cleared_through: datetime) -> None:
+    """Forget the operations an order closed: the clear mark alone keeps them
+    from counting (and keeps late ones out), and a profile whose user orders
+    often would otherwise carry every closed cart's history up to the bounds."""
+    if any(op.at <= cleared_through for op in cart.ops):
+        cart.ops = [op for op in cart.ops if op.at > cleared_through]
 
 
 def _trim_orders(profile: Profile) -> None:
@@ -321,9 +338,12 @@ def merge(into: Profile, other: Profile) -> None:
     ):
         for key, register in theirs.items():
             _set_register(mine, key, register.value, register.stamp)
-    for cart in other.carts.values():
-        _merge_cart(_cart(into, cart.cart_id), cart)
     into.all_carts_cleared_through = _latest(into.all_carts_cleared_through, other.all_carts_cleared_through)
+    if into.all_carts_cleared_through is not None:
+        for cart in into.carts.values():
+            _drop_cleared_ops(cart, into.all_carts_cleared_through)
+    for cart in other.carts.values():
+        _merge_cart(_cart(into, cart.cart_id), cart, into.all_carts_cleared_through)
     for seen in other.viewed.values():
         current = into.viewed.get(seen.line.product_id)
         if current is None or seen.viewed_at > current.viewed_at:
@@ -339,12 +359,16 @@ def merge(into: Profile, other: Profile) -> None:
     into.event_count += other.event_count
 
 
-def _merge_cart(into: CartState, other: CartState) -> None:
+def _merge_cart(into: CartState, other: CartState, all_cleared_through: datetime | None) -> None:
+    into.cleared_through = _latest(into.cleared_through, other.cleared_through)
+    # other's closed operations are gone, but they still date the cart
+    into.updated_at = _latest(into.updated_at, other.updated_at)
+    if into.cleared_through is not None:
+        _drop_cleared_ops(into, into.cleared_through)
     known = {(op.at, op.message_id) for op in into.ops}
     for op in other.ops:
         if (op.at, op.message_id) not in known:
-            _add_cart_op(into, op)
-    into.cleared_through = _latest(into.cleared_through, other.cleared_through)
+            _add_cart_op(into, op, all_cleared_through)
 
 
 def _merge_order(into: OrderState, other: OrderState) -> None:

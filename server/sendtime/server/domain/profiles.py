@@ -7,7 +7,8 @@ ingest call waits for its round to be folded before it acks: whoever reads
 after an ack sees the event.
 
 Every ``flush_interval_s`` the dirty profiles are encoded and saved together
-with the position they include; a restart folds only the events after it.
+with the position they include (a slice at a time, see ``_flush``); a restart
+folds only the events after it.
 Many events for one user between saves cost one write. Encoding holds the
 event loop, so under heavy load saves are spaced further apart, to keep them
 to about a tenth of the loop's time (a restart then re-folds a few seconds of
@@ -39,6 +40,8 @@ _SAVE_SPACING: Final = 10.0
 #: ...but never longer than this (unless the configured interval is longer):
 #: after a crash, start-up re-folds every event since the last save.
 _MAX_SAVE_SPACING_S: Final = 30.0
+#: Profiles encoded and written at a time when saving.
+_SAVE_SLICE: Final = 256
 
 _encode = msgspec.msgpack.Encoder().encode
 
@@ -59,6 +62,8 @@ class ProfileBook:
         self._flush_interval = flush_interval_s
         self._profiles: OrderedDict[str, Profile] = OrderedDict()
         self._dirty: set[str] = set()
+        # Staged by the save in progress, not saved yet: kept in memory like dirty ones.
+        self._staged: set[str] = set()
         self._loading: dict[str, asyncio.Future[Profile | None]] = {}
         self._folded = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -137,7 +142,7 @@ class ProfileBook:
 
     def forget(self, key: str) -> None:
         """Drop a profile someone else changed (it is loaded again when read)."""
-        if key not in self._dirty:
+        if key not in self._dirty and key not in self._staged:
             self._profiles.pop(key, None)
 
     # -- reading ------------------------------------------------------------
@@ -199,7 +204,7 @@ class ProfileBook:
         for key in list(self._profiles)[: excess * 2]:
             if excess <= 0:
                 break
-            if key not in self._dirty and key not in self._loading:
+            if key not in self._dirty and key not in self._staged and key not in self._loading:
                 del self._profiles[key]
                 excess -= 1
         if excess > 0:
@@ -222,20 +227,44 @@ class ProfileBook:
                 wait = max(self._flush_interval, spacing)
 
     async def _flush(self) -> float:
-        """Save the dirty profiles; returns the seconds spent encoding them."""
+        """Save the dirty profiles; returns the seconds spent encoding them.
+
+        A slice at a time, so that what one save holds encoded (and the store's
+        statement) stays bounded however many profiles are dirty: each slice is
+        staged (written aside) and stops being dirty, a fold after that makes
+        it dirty again, and the last step encodes every profile still dirty in
+        one synchronous step (exactly the rounds folded so far) and saves it
+        with the staged ones and the position, atomically."""
         if not self._dirty or self._saves_stopped:
             return 0.0
-        # Encoded in one synchronous step: exactly the rounds folded so far.
-        started = time.perf_counter()
-        keys = list(self._dirty)
-        rows = [(key, _encode(self._profiles[key])) for key in keys]
-        encoding_s = time.perf_counter() - started
-        position = self._folded
-        self._dirty.clear()
+        encoding_s = 0.0
         try:
-            await self._store.save_profiles(rows, position)
+            # Bounded: under a fold rate that outpaces staging, the last step takes the rest.
+            for _ in range(len(self._dirty) // _SAVE_SLICE + 2):
+                if len(self._dirty) <= _SAVE_SLICE:
+                    break
+                started = time.perf_counter()
+                keys = [self._dirty.pop() for _ in range(_SAVE_SLICE)]
+                self._staged.update(keys)
+                rows = [(key, _encode(self._profiles[key])) for key in keys]
+                encoding_s += time.perf_counter() - started
+                await self._store.stage_profiles(rows)
+                del rows
+            started = time.perf_counter()
+            keys = list(self._dirty)
+            rows = [(key, _encode(self._profiles[key])) for key in keys]
+            encoding_s += time.perf_counter() - started
+            position = self._folded
+            self._dirty.clear()
+            try:
+                await self._store.save_profiles(rows, position)
+            except BaseException:
+                self._dirty.update(keys)
+                raise
         except BaseException:
-            self._dirty.update(keys)
+            self._dirty.update(self._staged)  # staged rows count only once saved
             raise
+        finally:
+            self._staged.clear()
         self._evict()
         return encoding_s

@@ -36,6 +36,9 @@ class PostgresProfiles:
             )
         return {key: _decode_profile(doc) for key, doc in rows}
 
+    async def stage_profiles(self, rows: Sequence[tuple[str, bytes]]) -> None:
+        await self.save_profiles(rows, 0)
+
     async def save_profiles(self, rows: Sequence[tuple[str, bytes]], position: int) -> None:
         """Saving a profile folded elsewhere could undo a commit: refused."""
         if rows:

@@ -63,6 +63,12 @@ CREATE TABLE IF NOT EXISTS profiles (
     profile_key TEXT PRIMARY KEY,
     doc         BLOB NOT NULL       -- msgpack of domain.profile.Profile
 ) WITHOUT ROWID;
+-- Profiles written ahead of a save that has not committed yet (see
+-- SqliteProfiles.stage_profiles); emptied by each save and at start.
+CREATE TABLE IF NOT EXISTS profiles_staged (
+    profile_key TEXT PRIMARY KEY,
+    doc         BLOB NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -315,6 +321,8 @@ class SqliteDatabase:
                 )
             conn.executescript(SCHEMA)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            # staged by a save that never committed: the events they hold are replayed
+            conn.execute("DELETE FROM profiles_staged")
             self.start_position = conn.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
         except BaseException as exc:  # reported to open()
             self._writer_error = exc

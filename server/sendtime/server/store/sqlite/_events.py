@@ -34,7 +34,7 @@ from sendtime.server.domain.events import Event, EventKind, IncomingEvent, Trait
 from sendtime.server.domain.ports import Appended, CommitListener, CommittedRound, SendPlanner
 from sendtime.server.store.sqlite._db import Append, SqliteDatabase, fail, resolve, transaction
 from sendtime.server.store.sqlite._ledger import PlanCounts, Plans
-from sendtime.server.store.sqlite._rows import ROWS_PER_INSERT, encode_json, from_micros, micros
+from sendtime.server.store.sqlite._rows import chunks, encode_json, from_micros, micros
 
 log = logging.getLogger("sendtime.server.store.sqlite")
 
@@ -222,8 +222,7 @@ class SqliteEventStore:
         earliest: datetime | None = None
         try:
             with transaction(conn):
-                for start in range(0, len(events), ROWS_PER_INSERT):
-                    chunk = rows[start * 10 : (start + ROWS_PER_INSERT) * 10]
+                for chunk in chunks(rows, 10):
                     conn.execute(_insert_sql(len(chunk) // 10), chunk)
                 # INSERT OR IGNORE skipped the message ids seen before (and repeats
                 # within the round); the positions past `before` are exactly the new ones.

@@ -15,7 +15,6 @@ from sendtime.server.domain.ports import DueSends, HandOver, LastChecks
 from sendtime.server.domain.sends import SendRecord, SendStatus
 from sendtime.server.store.sqlite._db import SqliteDatabase
 from sendtime.server.store.sqlite._rows import (
-    ROWS_PER_INSERT,
     SEND_COLUMNS,
     chunks,
     from_micros,
@@ -87,7 +86,7 @@ class Plans:
             for flow_id, rows in _by_flow(exits, _cancel_row, 0).items():
                 cancelled[flow_id] = sum(
                     conn.execute(_cancel_sql(len(chunk) // 4), (now, *chunk, flow_id)).rowcount
-                    for chunk in chunks(rows, 4, ROWS_PER_INSERT)
+                    for chunk in chunks(rows, 4)
                 )
         return (scheduled, cancelled), earliest
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from functools import cache
 
 import msgspec
 
@@ -14,7 +15,7 @@ from sendtime.server.domain.profile import Profile
 from sendtime.server.store.sqlite._db import PROFILES_POSITION, SqliteDatabase, select_meta
 from sendtime.server.store.sqlite._events import replay
 from sendtime.server.store.sqlite._ledger import select_exit, select_suppressed
-from sendtime.server.store.sqlite._rows import encode_json, insert_rows, micros
+from sendtime.server.store.sqlite._rows import encode_json, insert_rows, micros, padded
 
 _decode_product = msgspec.json.Decoder(Product).decode
 _decode_profile = msgspec.msgpack.Decoder(Profile).decode
@@ -33,17 +34,20 @@ class SqliteProfiles:
     async def load_profiles(self, keys: Sequence[str]) -> dict[str, Profile]:
         return await self._db.read(_select_profiles, list(keys))
 
+    async def stage_profiles(self, rows: Sequence[tuple[str, bytes]]) -> None:
+        flat = [value for row in rows for value in row]
+        await self._db.submit(lambda conn: _upsert_profiles(conn, "profiles_staged", flat))
+
     async def save_profiles(self, rows: Sequence[tuple[str, bytes]], position: int) -> None:
         flat = [value for row in rows for value in row]
 
         def save(conn: sqlite3.Connection) -> None:
-            insert_rows(
-                conn,
-                "INSERT INTO profiles VALUES",
-                "(?,?)",
-                flat,
-                tail=" ON CONFLICT (profile_key) DO UPDATE SET doc = excluded.doc",
+            conn.execute(
+                "INSERT INTO profiles SELECT profile_key, doc FROM profiles_staged WHERE true"
+                " ON CONFLICT (profile_key) DO UPDATE SET doc = excluded.doc"
             )
+            conn.execute("DELETE FROM profiles_staged")
+            _upsert_profiles(conn, "profiles", flat)
             conn.execute(
                 "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (PROFILES_POSITION, position),
@@ -67,14 +71,24 @@ def _scan_profiles(conn: sqlite3.Connection, arg: tuple[str, int]) -> list[tuple
     ).fetchall()
 
 
+def _upsert_profiles(conn: sqlite3.Connection, table: str, flat: list[bytes | str]) -> None:
+    tail = " ON CONFLICT (profile_key) DO UPDATE SET doc = excluded.doc"
+    insert_rows(conn, f"INSERT INTO {table} VALUES", "(?,?)", flat, tail=tail)
+
+
 def _select_profiles(conn: sqlite3.Connection, keys: list[str]) -> dict[str, Profile]:
     found: dict[str, Profile] = {}
-    for start in range(0, len(keys), 500):
-        chunk = keys[start : start + 500]
-        marks = ",".join("?" * len(chunk))
-        sql = f"SELECT profile_key, doc FROM profiles WHERE profile_key IN ({marks})"  # noqa: S608
-        found.update((key, _decode_profile(doc)) for key, doc in conn.execute(sql, chunk))
+    for start in range(0, len(keys), 512):
+        chunk = padded(keys[start : start + 512])
+        found.update(
+            (key, _decode_profile(doc)) for key, doc in conn.execute(_select_profiles_sql(len(chunk)), chunk)
+        )
     return found
+
+
+@cache
+def _select_profiles_sql(keys: int) -> str:
+    return f"SELECT profile_key, doc FROM profiles WHERE profile_key IN ({','.join('?' * keys)})"  # noqa: S608
 
 
 class SqliteCatalog:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any, Final
 
 import msgspec
@@ -11,7 +12,7 @@ import msgspec
 from sendtime.server.domain.sends import SendRecord, SendStatus
 
 #: Rows per multi-row statement: at most 14 variables a row (sends), under SQLite's 32,766.
-ROWS_PER_INSERT: Final = 1000
+ROWS_PER_INSERT: Final = 512
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 encode_json = msgspec.json.Encoder().encode
@@ -27,10 +28,19 @@ def from_micros(value: int) -> datetime:
     return _EPOCH + timedelta(microseconds=value)
 
 
-def chunks(flat: list[Any], width: int, rows: int) -> Iterator[list[Any]]:
-    step = width * rows
-    for start in range(0, len(flat), step):
-        yield flat[start : start + step]
+def chunks(flat: list[Any], width: int) -> Iterator[list[Any]]:
+    """``flat`` (rows of ``width`` values one after another) in chunks of a
+    power of two rows each, largest first, at most ROWS_PER_INSERT: 1,000 rows
+    go as 512 + 256 + 128 + 64 + 32 + 8. A connection keeps every statement it
+    prepared in its cache (sqlite3 keeps 128), and a prepared multi-row
+    statement is large: one statement per row count met would fill the cache
+    with hundreds of kilobytes each, while these few sizes are reused."""
+    rows = len(flat) // width
+    start = 0
+    while start < rows:
+        count = min(ROWS_PER_INSERT, 1 << ((rows - start).bit_length() - 1))
+        yield flat[start * width : (start + count) * width]
+        start += count
 
 
 def insert_rows(conn: Any, head: str, marks: str, flat: list[Any], tail: str = "") -> int:
@@ -40,10 +50,21 @@ def insert_rows(conn: Any, head: str, marks: str, flat: list[Any], tail: str = "
     loop may keep the writer waiting."""
     width = marks.count("?")
     inserted = 0
-    for chunk in chunks(flat, width, ROWS_PER_INSERT):
-        sql = f"{head} {','.join([marks] * (len(chunk) // width))}{tail}"
-        inserted += conn.execute(sql, chunk).rowcount
+    for chunk in chunks(flat, width):
+        inserted += conn.execute(_insert_sql(head, marks, len(chunk) // width, tail), chunk).rowcount
     return int(inserted)
+
+
+@cache
+def _insert_sql(head: str, marks: str, rows: int, tail: str) -> str:
+    return f"{head} {','.join([marks] * rows)}{tail}"
+
+
+def padded(values: list[Any]) -> list[Any]:
+    """``values`` for an ``IN (...)`` list, its last one repeated up to a power
+    of two (the same answer): few statement sizes, as with ``chunks``."""
+    size = 1 << (len(values) - 1).bit_length() if values else 0
+    return values + values[-1:] * (size - len(values))
 
 
 SEND_COLUMNS: Final = (
