@@ -138,7 +138,7 @@ class SqliteBroadcasts:
         flat = [value for send_id, at in due for value in (send_id, micros(at))]
         now = micros(datetime.now(UTC))
         changed = 0
-        for chunk in chunks(flat, 2, _ROWS_PER_WRITE):
+        for chunk in chunks(flat, 2):
 
             def reschedule(conn: sqlite3.Connection, chunk: list[int] = chunk) -> int:
                 values = ",".join(["(?,?)"] * (len(chunk) // 2))
