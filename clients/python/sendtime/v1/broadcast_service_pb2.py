@@ -23,39 +23,76 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#sendtime/v1/broadcast_service.proto\x12\x0bsendtime.v1\x1a\x1egoogle/protobuf/duration.proto\"P\n\x07Segment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nexpression\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\"=\n\x14\x43reateSegmentRequest\x12%\n\x07segment\x18\x01 \x01(\x0b\x32\x14.sendtime.v1.Segment\">\n\x15\x43reateSegmentResponse\x12%\n\x07segment\x18\x01 \x01(\x0b\x32\x14.sendtime.v1.Segment\"!\n\x11GetSegmentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\";\n\x12GetSegmentResponse\x12%\n\x07segment\x18\x01 \x01(\x0b\x32\x14.sendtime.v1.Segment\"\x15\n\x13ListSegmentsRequest\">\n\x14ListSegmentsResponse\x12&\n\x08segments\x18\x01 \x03(\x0b\x32\x14.sendtime.v1.Segment\":\n\x13\x43ountSegmentRequest\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x12\n\nexpression\x18\x02 \x01(\t\"\x87\x01\n\x14\x43ountSegmentResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\x0f\n\x07scanned\x18\x02 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x03 \x01(\x04\x12\x13\n\x0b\x66irst_error\x18\x04 \x01(\t\x12*\n\x07\x65lapsed\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"J\n\x14SampleSegmentRequest\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x12\n\nexpression\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\x05\"D\n\x15SampleSegmentResponse\x12+\n\x07members\x18\x01 \x03(\x0b\x32\x1a.sendtime.v1.SegmentMember\"W\n\rSegmentMember\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61nonymous_id\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x10\n\x08timezone\x18\x04 \x01(\t2\xb9\x03\n\x0eSegmentService\x12V\n\rCreateSegment\x12!.sendtime.v1.CreateSegmentRequest\x1a\".sendtime.v1.CreateSegmentResponse\x12M\n\nGetSegment\x12\x1e.sendtime.v1.GetSegmentRequest\x1a\x1f.sendtime.v1.GetSegmentResponse\x12S\n\x0cListSegments\x12 .sendtime.v1.ListSegmentsRequest\x1a!.sendtime.v1.ListSegmentsResponse\x12S\n\x0c\x43ountSegment\x12 .sendtime.v1.CountSegmentRequest\x1a!.sendtime.v1.CountSegmentResponse\x12V\n\rSampleSegment\x12!.sendtime.v1.SampleSegmentRequest\x1a\".sendtime.v1.SampleSegmentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#sendtime/v1/broadcast_service.proto\x12\x0bsendtime.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe2\x04\n\tBroadcast\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0btemplate_id\x18\x04 \x01(\t\x12\x0f\n\x07segment\x18\x05 \x01(\t\x12\x12\n\nexpression\x18\x06 \x01(\t\x12\x1a\n\x12subscription_group\x18\x07 \x01(\t\x12\x0e\n\x06sender\x18\x08 \x01(\t\x12-\n\tsend_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nlocal_time\x18\n \x01(\t\x12\x1a\n\x12\x66\x61llback_time_zone\x18\x0b \x01(\t\x12\x12\n\nrate_limit\x18\x0c \x01(\x01\x12,\n\x08\x65nd_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0erequire_blocks\x18\x0e \x03(\t\x12*\n\x05state\x18\x0f \x01(\x0e\x32\x1b.sendtime.v1.BroadcastState\x12/\n\x0b\x63reate_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tplan_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x08progress\x18\x13 \x01(\x0b\x32\x1e.sendtime.v1.BroadcastProgress\x12\x15\n\rtransactional\x18\x14 \x01(\x08\"\xa6\x02\n\x11\x42roadcastProgress\x12\x10\n\x08\x61udience\x18\x01 \x01(\x04\x12\x0f\n\x07planned\x18\x02 \x01(\x04\x12\x11\n\tscheduled\x18\x03 \x01(\x04\x12\x11\n\tin_flight\x18\x04 \x01(\x04\x12\x0c\n\x04sent\x18\x05 \x01(\x04\x12<\n\x07skipped\x18\x06 \x03(\x0b\x32+.sendtime.v1.BroadcastProgress.SkippedEntry\x12\x0e\n\x06\x66\x61iled\x18\x07 \x01(\x04\x12\x11\n\tuncertain\x18\x08 \x01(\x04\x12\x11\n\tcancelled\x18\t \x01(\x04\x12\x16\n\x0esegment_errors\x18\n \x01(\x04\x1a.\n\x0cSkippedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"C\n\x16\x43reateBroadcastRequest\x12)\n\tbroadcast\x18\x01 \x01(\x0b\x32\x16.sendtime.v1.Broadcast\"U\n\x17\x43reateBroadcastResponse\x12)\n\tbroadcast\x18\x01 \x01(\x0b\x32\x16.sendtime.v1.Broadcast\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"!\n\x13GetBroadcastRequest\x12\n\n\x02id\x18\x01 \x01(\t\"A\n\x14GetBroadcastResponse\x12)\n\tbroadcast\x18\x01 \x01(\x0b\x32\x16.sendtime.v1.Broadcast\"?\n\x15ListBroadcastsRequest\x12\x13\n\x0b\x61\x63tive_only\x18\x01 \x01(\x08\x12\x11\n\tpage_size\x18\x02 \x01(\x05\"D\n\x16ListBroadcastsResponse\x12*\n\nbroadcasts\x18\x01 \x03(\x0b\x32\x16.sendtime.v1.Broadcast\"#\n\x15PauseBroadcastRequest\x12\n\n\x02id\x18\x01 \x01(\t\"C\n\x16PauseBroadcastResponse\x12)\n\tbroadcast\x18\x01 \x01(\x0b\x32\x16.sendtime.v1.Broadcast\"$\n\x16ResumeBroadcastRequest\x12\n\n\x02id\x18\x01 \x01(\t\"D\n\x17ResumeBroadcastResponse\x12)\n\tbroadcast\x18\x01 \x01(\x0b\x32\x16.sendtime.v1.Broadcast\"$\n\x16\x43\x61ncelBroadcastRequest\x12\n\n\x02id\x18\x01 \x01(\t\"D\n\x17\x43\x61ncelBroadcastResponse\x12)\n\tbroadcast\x18\x01 \x01(\x0b\x32\x16.sendtime.v1.Broadcast\"P\n\x07Segment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nexpression\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\"=\n\x14\x43reateSegmentRequest\x12%\n\x07segment\x18\x01 \x01(\x0b\x32\x14.sendtime.v1.Segment\">\n\x15\x43reateSegmentResponse\x12%\n\x07segment\x18\x01 \x01(\x0b\x32\x14.sendtime.v1.Segment\"!\n\x11GetSegmentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\";\n\x12GetSegmentResponse\x12%\n\x07segment\x18\x01 \x01(\x0b\x32\x14.sendtime.v1.Segment\"\x15\n\x13ListSegmentsRequest\">\n\x14ListSegmentsResponse\x12&\n\x08segments\x18\x01 \x03(\x0b\x32\x14.sendtime.v1.Segment\":\n\x13\x43ountSegmentRequest\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x12\n\nexpression\x18\x02 \x01(\t\"\x87\x01\n\x14\x43ountSegmentResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\x0f\n\x07scanned\x18\x02 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x03 \x01(\x04\x12\x13\n\x0b\x66irst_error\x18\x04 \x01(\t\x12*\n\x07\x65lapsed\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"J\n\x14SampleSegmentRequest\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x12\n\nexpression\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\x05\"D\n\x15SampleSegmentResponse\x12+\n\x07members\x18\x01 \x03(\x0b\x32\x1a.sendtime.v1.SegmentMember\"W\n\rSegmentMember\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61nonymous_id\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x10\n\x08timezone\x18\x04 \x01(\t*\xe0\x01\n\x0e\x42roadcastState\x12\x1f\n\x1b\x42ROADCAST_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x42ROADCAST_STATE_SCHEDULED\x10\x01\x12\x1c\n\x18\x42ROADCAST_STATE_PLANNING\x10\x02\x12\x1b\n\x17\x42ROADCAST_STATE_SENDING\x10\x03\x12\x1a\n\x16\x42ROADCAST_STATE_PAUSED\x10\x04\x12\x18\n\x14\x42ROADCAST_STATE_DONE\x10\x05\x12\x1d\n\x19\x42ROADCAST_STATE_CANCELLED\x10\x06\x32\xb9\x03\n\x0eSegmentService\x12V\n\rCreateSegment\x12!.sendtime.v1.CreateSegmentRequest\x1a\".sendtime.v1.CreateSegmentResponse\x12M\n\nGetSegment\x12\x1e.sendtime.v1.GetSegmentRequest\x1a\x1f.sendtime.v1.GetSegmentResponse\x12S\n\x0cListSegments\x12 .sendtime.v1.ListSegmentsRequest\x1a!.sendtime.v1.ListSegmentsResponse\x12S\n\x0c\x43ountSegment\x12 .sendtime.v1.CountSegmentRequest\x1a!.sendtime.v1.CountSegmentResponse\x12V\n\rSampleSegment\x12!.sendtime.v1.SampleSegmentRequest\x1a\".sendtime.v1.SampleSegmentResponse2\xb7\x04\n\x10\x42roadcastService\x12\\\n\x0f\x43reateBroadcast\x12#.sendtime.v1.CreateBroadcastRequest\x1a$.sendtime.v1.CreateBroadcastResponse\x12S\n\x0cGetBroadcast\x12 .sendtime.v1.GetBroadcastRequest\x1a!.sendtime.v1.GetBroadcastResponse\x12Y\n\x0eListBroadcasts\x12\".sendtime.v1.ListBroadcastsRequest\x1a#.sendtime.v1.ListBroadcastsResponse\x12Y\n\x0ePauseBroadcast\x12\".sendtime.v1.PauseBroadcastRequest\x1a#.sendtime.v1.PauseBroadcastResponse\x12\\\n\x0fResumeBroadcast\x12#.sendtime.v1.ResumeBroadcastRequest\x1a$.sendtime.v1.ResumeBroadcastResponse\x12\\\n\x0f\x43\x61ncelBroadcast\x12#.sendtime.v1.CancelBroadcastRequest\x1a$.sendtime.v1.CancelBroadcastResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sendtime.v1.broadcast_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SEGMENT']._serialized_start=84
-  _globals['_SEGMENT']._serialized_end=164
-  _globals['_CREATESEGMENTREQUEST']._serialized_start=166
-  _globals['_CREATESEGMENTREQUEST']._serialized_end=227
-  _globals['_CREATESEGMENTRESPONSE']._serialized_start=229
-  _globals['_CREATESEGMENTRESPONSE']._serialized_end=291
-  _globals['_GETSEGMENTREQUEST']._serialized_start=293
-  _globals['_GETSEGMENTREQUEST']._serialized_end=326
-  _globals['_GETSEGMENTRESPONSE']._serialized_start=328
-  _globals['_GETSEGMENTRESPONSE']._serialized_end=387
-  _globals['_LISTSEGMENTSREQUEST']._serialized_start=389
-  _globals['_LISTSEGMENTSREQUEST']._serialized_end=410
-  _globals['_LISTSEGMENTSRESPONSE']._serialized_start=412
-  _globals['_LISTSEGMENTSRESPONSE']._serialized_end=474
-  _globals['_COUNTSEGMENTREQUEST']._serialized_start=476
-  _globals['_COUNTSEGMENTREQUEST']._serialized_end=534
-  _globals['_COUNTSEGMENTRESPONSE']._serialized_start=537
-  _globals['_COUNTSEGMENTRESPONSE']._serialized_end=672
-  _globals['_SAMPLESEGMENTREQUEST']._serialized_start=674
-  _globals['_SAMPLESEGMENTREQUEST']._serialized_end=748
-  _globals['_SAMPLESEGMENTRESPONSE']._serialized_start=750
-  _globals['_SAMPLESEGMENTRESPONSE']._serialized_end=818
-  _globals['_SEGMENTMEMBER']._serialized_start=820
-  _globals['_SEGMENTMEMBER']._serialized_end=907
-  _globals['_SEGMENTSERVICE']._serialized_start=910
-  _globals['_SEGMENTSERVICE']._serialized_end=1351
+  _globals['_BROADCASTPROGRESS_SKIPPEDENTRY']._loaded_options = None
+  _globals['_BROADCASTPROGRESS_SKIPPEDENTRY']._serialized_options = b'8\001'
+  _globals['_BROADCASTSTATE']._serialized_start=2568
+  _globals['_BROADCASTSTATE']._serialized_end=2792
+  _globals['_BROADCAST']._serialized_start=118
+  _globals['_BROADCAST']._serialized_end=728
+  _globals['_BROADCASTPROGRESS']._serialized_start=731
+  _globals['_BROADCASTPROGRESS']._serialized_end=1025
+  _globals['_BROADCASTPROGRESS_SKIPPEDENTRY']._serialized_start=979
+  _globals['_BROADCASTPROGRESS_SKIPPEDENTRY']._serialized_end=1025
+  _globals['_CREATEBROADCASTREQUEST']._serialized_start=1027
+  _globals['_CREATEBROADCASTREQUEST']._serialized_end=1094
+  _globals['_CREATEBROADCASTRESPONSE']._serialized_start=1096
+  _globals['_CREATEBROADCASTRESPONSE']._serialized_end=1181
+  _globals['_GETBROADCASTREQUEST']._serialized_start=1183
+  _globals['_GETBROADCASTREQUEST']._serialized_end=1216
+  _globals['_GETBROADCASTRESPONSE']._serialized_start=1218
+  _globals['_GETBROADCASTRESPONSE']._serialized_end=1283
+  _globals['_LISTBROADCASTSREQUEST']._serialized_start=1285
+  _globals['_LISTBROADCASTSREQUEST']._serialized_end=1348
+  _globals['_LISTBROADCASTSRESPONSE']._serialized_start=1350
+  _globals['_LISTBROADCASTSRESPONSE']._serialized_end=1418
+  _globals['_PAUSEBROADCASTREQUEST']._serialized_start=1420
+  _globals['_PAUSEBROADCASTREQUEST']._serialized_end=1455
+  _globals['_PAUSEBROADCASTRESPONSE']._serialized_start=1457
+  _globals['_PAUSEBROADCASTRESPONSE']._serialized_end=1524
+  _globals['_RESUMEBROADCASTREQUEST']._serialized_start=1526
+  _globals['_RESUMEBROADCASTREQUEST']._serialized_end=1562
+  _globals['_RESUMEBROADCASTRESPONSE']._serialized_start=1564
+  _globals['_RESUMEBROADCASTRESPONSE']._serialized_end=1632
+  _globals['_CANCELBROADCASTREQUEST']._serialized_start=1634
+  _globals['_CANCELBROADCASTREQUEST']._serialized_end=1670
+  _globals['_CANCELBROADCASTRESPONSE']._serialized_start=1672
+  _globals['_CANCELBROADCASTRESPONSE']._serialized_end=1740
+  _globals['_SEGMENT']._serialized_start=1742
+  _globals['_SEGMENT']._serialized_end=1822
+  _globals['_CREATESEGMENTREQUEST']._serialized_start=1824
+  _globals['_CREATESEGMENTREQUEST']._serialized_end=1885
+  _globals['_CREATESEGMENTRESPONSE']._serialized_start=1887
+  _globals['_CREATESEGMENTRESPONSE']._serialized_end=1949
+  _globals['_GETSEGMENTREQUEST']._serialized_start=1951
+  _globals['_GETSEGMENTREQUEST']._serialized_end=1984
+  _globals['_GETSEGMENTRESPONSE']._serialized_start=1986
+  _globals['_GETSEGMENTRESPONSE']._serialized_end=2045
+  _globals['_LISTSEGMENTSREQUEST']._serialized_start=2047
+  _globals['_LISTSEGMENTSREQUEST']._serialized_end=2068
+  _globals['_LISTSEGMENTSRESPONSE']._serialized_start=2070
+  _globals['_LISTSEGMENTSRESPONSE']._serialized_end=2132
+  _globals['_COUNTSEGMENTREQUEST']._serialized_start=2134
+  _globals['_COUNTSEGMENTREQUEST']._serialized_end=2192
+  _globals['_COUNTSEGMENTRESPONSE']._serialized_start=2195
+  _globals['_COUNTSEGMENTRESPONSE']._serialized_end=2330
+  _globals['_SAMPLESEGMENTREQUEST']._serialized_start=2332
+  _globals['_SAMPLESEGMENTREQUEST']._serialized_end=2406
+  _globals['_SAMPLESEGMENTRESPONSE']._serialized_start=2408
+  _globals['_SAMPLESEGMENTRESPONSE']._serialized_end=2476
+  _globals['_SEGMENTMEMBER']._serialized_start=2478
+  _globals['_SEGMENTMEMBER']._serialized_end=2565
+  _globals['_SEGMENTSERVICE']._serialized_start=2795
+  _globals['_SEGMENTSERVICE']._serialized_end=3236
+  _globals['_BROADCASTSERVICE']._serialized_start=3239
+  _globals['_BROADCASTSERVICE']._serialized_end=3806
 # @@protoc_insertion_point(module_scope)

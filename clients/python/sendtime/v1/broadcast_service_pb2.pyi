@@ -7,7 +7,9 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,6 +20,454 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _BroadcastState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BroadcastStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BroadcastState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BROADCAST_STATE_UNSPECIFIED: _BroadcastState.ValueType  # 0
+    BROADCAST_STATE_SCHEDULED: _BroadcastState.ValueType  # 1
+    """Waiting for its start."""
+    BROADCAST_STATE_PLANNING: _BroadcastState.ValueType  # 2
+    """Resolving its audience and writing one delivery per recipient."""
+    BROADCAST_STATE_SENDING: _BroadcastState.ValueType  # 3
+    BROADCAST_STATE_PAUSED: _BroadcastState.ValueType  # 4
+    BROADCAST_STATE_DONE: _BroadcastState.ValueType  # 5
+    BROADCAST_STATE_CANCELLED: _BroadcastState.ValueType  # 6
+
+class BroadcastState(_BroadcastState, metaclass=_BroadcastStateEnumTypeWrapper): ...
+
+BROADCAST_STATE_UNSPECIFIED: BroadcastState.ValueType  # 0
+BROADCAST_STATE_SCHEDULED: BroadcastState.ValueType  # 1
+"""Waiting for its start."""
+BROADCAST_STATE_PLANNING: BroadcastState.ValueType  # 2
+"""Resolving its audience and writing one delivery per recipient."""
+BROADCAST_STATE_SENDING: BroadcastState.ValueType  # 3
+BROADCAST_STATE_PAUSED: BroadcastState.ValueType  # 4
+BROADCAST_STATE_DONE: BroadcastState.ValueType  # 5
+BROADCAST_STATE_CANCELLED: BroadcastState.ValueType  # 6
+Global___BroadcastState: _TypeAlias = BroadcastState  # noqa: Y015
+
+@_typing.final
+class Broadcast(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    TEMPLATE_ID_FIELD_NUMBER: _builtins.int
+    SEGMENT_FIELD_NUMBER: _builtins.int
+    EXPRESSION_FIELD_NUMBER: _builtins.int
+    SUBSCRIPTION_GROUP_FIELD_NUMBER: _builtins.int
+    SENDER_FIELD_NUMBER: _builtins.int
+    SEND_TIME_FIELD_NUMBER: _builtins.int
+    LOCAL_TIME_FIELD_NUMBER: _builtins.int
+    FALLBACK_TIME_ZONE_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    REQUIRE_BLOCKS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    PLAN_TIME_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    TRANSACTIONAL_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    idempotency_key: _builtins.str
+    name: _builtins.str
+    template_id: _builtins.str
+    segment: _builtins.str
+    """The segment's name (empty when made from an expression), and the
+    expression as it was when the broadcast was made.
+    """
+    expression: _builtins.str
+    subscription_group: _builtins.str
+    """Empty for a transactional broadcast."""
+    sender: _builtins.str
+    local_time: _builtins.str
+    """A wall-clock time in each user's time zone, e.g. "2026-12-04T19:00"."""
+    fallback_time_zone: _builtins.str
+    """For users whose time zone is unknown (IANA name); default "UTC"."""
+    rate_limit: _builtins.float
+    """Emails per second at most; 0: no limit."""
+    state: Global___BroadcastState.ValueType
+    transactional: _builtins.bool
+    """Output only: whether transactional (no consent, caps, quiet hours or suppression)."""
+    @_builtins.property
+    def send_time(self) -> _timestamp_pb2.Timestamp:
+        """Exactly one of send_time and local_time, or neither (now)."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Emails not sent by then are skipped."""
+
+    @_builtins.property
+    def require_blocks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Blocks that must have data, else that user's email is skipped."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def plan_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def progress(self) -> Global___BroadcastProgress: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        name: _builtins.str = ...,
+        template_id: _builtins.str = ...,
+        segment: _builtins.str = ...,
+        expression: _builtins.str = ...,
+        subscription_group: _builtins.str = ...,
+        sender: _builtins.str = ...,
+        send_time: _timestamp_pb2.Timestamp | None = ...,
+        local_time: _builtins.str = ...,
+        fallback_time_zone: _builtins.str = ...,
+        rate_limit: _builtins.float = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        require_blocks: _abc.Iterable[_builtins.str] | None = ...,
+        state: Global___BroadcastState.ValueType = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        plan_time: _timestamp_pb2.Timestamp | None = ...,
+        progress: Global___BroadcastProgress | None = ...,
+        transactional: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "plan_time", b"plan_time", "progress", b"progress", "send_time", b"send_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "expression", b"expression", "fallback_time_zone", b"fallback_time_zone", "id", b"id", "idempotency_key", b"idempotency_key", "local_time", b"local_time", "name", b"name", "plan_time", b"plan_time", "progress", b"progress", "rate_limit", b"rate_limit", "require_blocks", b"require_blocks", "segment", b"segment", "send_time", b"send_time", "sender", b"sender", "start_time", b"start_time", "state", b"state", "subscription_group", b"subscription_group", "template_id", b"template_id", "transactional", b"transactional"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Broadcast: _TypeAlias = Broadcast  # noqa: Y015
+
+@_typing.final
+class BroadcastProgress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SkippedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    AUDIENCE_FIELD_NUMBER: _builtins.int
+    PLANNED_FIELD_NUMBER: _builtins.int
+    SCHEDULED_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    SENT_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    UNCERTAIN_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    SEGMENT_ERRORS_FIELD_NUMBER: _builtins.int
+    audience: _builtins.int
+    """Users in the segment when it started."""
+    planned: _builtins.int
+    """Deliveries written (one per recipient)."""
+    scheduled: _builtins.int
+    """Waiting for their time (or parked while paused)."""
+    in_flight: _builtins.int
+    sent: _builtins.int
+    failed: _builtins.int
+    uncertain: _builtins.int
+    """The ESP may have taken them (a crash while handing over): not resent."""
+    cancelled: _builtins.int
+    segment_errors: _builtins.int
+    """Profiles the segment could not be evaluated on (not in the audience)."""
+    @_builtins.property
+    def skipped(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Skipped, by reason: no_email, opted_out, suppressed, capped, quiet_hours,
+        missing_block, bad_address, ended, other.
+        """
+
+    def __init__(
+        self,
+        *,
+        audience: _builtins.int = ...,
+        planned: _builtins.int = ...,
+        scheduled: _builtins.int = ...,
+        in_flight: _builtins.int = ...,
+        sent: _builtins.int = ...,
+        skipped: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        failed: _builtins.int = ...,
+        uncertain: _builtins.int = ...,
+        cancelled: _builtins.int = ...,
+        segment_errors: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "cancelled", b"cancelled", "failed", b"failed", "in_flight", b"in_flight", "planned", b"planned", "scheduled", b"scheduled", "segment_errors", b"segment_errors", "sent", b"sent", "skipped", b"skipped", "uncertain", b"uncertain"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BroadcastProgress: _TypeAlias = BroadcastProgress  # noqa: Y015
+
+@_typing.final
+class CreateBroadcastRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BROADCAST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def broadcast(self) -> Global___Broadcast:
+        """id, state, the times it was made/started/planned and progress are ignored."""
+
+    def __init__(
+        self,
+        *,
+        broadcast: Global___Broadcast | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["broadcast", b"broadcast"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broadcast", b"broadcast"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateBroadcastRequest: _TypeAlias = CreateBroadcastRequest  # noqa: Y015
+
+@_typing.final
+class CreateBroadcastResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BROADCAST_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    created: _builtins.bool
+    """False when a broadcast with this idempotency_key existed (it is returned)."""
+    @_builtins.property
+    def broadcast(self) -> Global___Broadcast: ...
+    def __init__(
+        self,
+        *,
+        broadcast: Global___Broadcast | None = ...,
+        created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["broadcast", b"broadcast"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broadcast", b"broadcast", "created", b"created"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateBroadcastResponse: _TypeAlias = CreateBroadcastResponse  # noqa: Y015
+
+@_typing.final
+class GetBroadcastRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBroadcastRequest: _TypeAlias = GetBroadcastRequest  # noqa: Y015
+
+@_typing.final
+class GetBroadcastResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BROADCAST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def broadcast(self) -> Global___Broadcast: ...
+    def __init__(
+        self,
+        *,
+        broadcast: Global___Broadcast | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["broadcast", b"broadcast"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broadcast", b"broadcast"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBroadcastResponse: _TypeAlias = GetBroadcastResponse  # noqa: Y015
+
+@_typing.final
+class ListBroadcastsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTIVE_ONLY_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    active_only: _builtins.bool
+    """Only those not done or cancelled."""
+    page_size: _builtins.int
+    """At most 500; default 50."""
+    def __init__(
+        self,
+        *,
+        active_only: _builtins.bool = ...,
+        page_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_only", b"active_only", "page_size", b"page_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBroadcastsRequest: _TypeAlias = ListBroadcastsRequest  # noqa: Y015
+
+@_typing.final
+class ListBroadcastsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BROADCASTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def broadcasts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Broadcast]: ...
+    def __init__(
+        self,
+        *,
+        broadcasts: _abc.Iterable[Global___Broadcast] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broadcasts", b"broadcasts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBroadcastsResponse: _TypeAlias = ListBroadcastsResponse  # noqa: Y015
+
+@_typing.final
+class PauseBroadcastRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseBroadcastRequest: _TypeAlias = PauseBroadcastRequest  # noqa: Y015
+
+@_typing.final
+class PauseBroadcastResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BROADCAST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def broadcast(self) -> Global___Broadcast: ...
+    def __init__(
+        self,
+        *,
+        broadcast: Global___Broadcast | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["broadcast", b"broadcast"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broadcast", b"broadcast"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseBroadcastResponse: _TypeAlias = PauseBroadcastResponse  # noqa: Y015
+
+@_typing.final
+class ResumeBroadcastRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeBroadcastRequest: _TypeAlias = ResumeBroadcastRequest  # noqa: Y015
+
+@_typing.final
+class ResumeBroadcastResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BROADCAST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def broadcast(self) -> Global___Broadcast: ...
+    def __init__(
+        self,
+        *,
+        broadcast: Global___Broadcast | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["broadcast", b"broadcast"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broadcast", b"broadcast"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeBroadcastResponse: _TypeAlias = ResumeBroadcastResponse  # noqa: Y015
+
+@_typing.final
+class CancelBroadcastRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelBroadcastRequest: _TypeAlias = CancelBroadcastRequest  # noqa: Y015
+
+@_typing.final
+class CancelBroadcastResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BROADCAST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def broadcast(self) -> Global___Broadcast: ...
+    def __init__(
+        self,
+        *,
+        broadcast: Global___Broadcast | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["broadcast", b"broadcast"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broadcast", b"broadcast"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelBroadcastResponse: _TypeAlias = CancelBroadcastResponse  # noqa: Y015
 
 @_typing.final
 class Segment(_message.Message):

@@ -281,3 +281,309 @@ class SegmentService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class BroadcastServiceStub:
+    """Broadcasts: one template to a segment's users, each email made with its
+    content at its own send time, through the same checks as a flow's sends
+    (consent, suppression, frequency caps, quiet hours, one-click unsubscribe).
+    Needs the "send" scope.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateBroadcast = channel.unary_unary(
+                '/sendtime.v1.BroadcastService/CreateBroadcast',
+                request_serializer=sendtime_dot_v1_dot_broadcast__service__pb2.CreateBroadcastRequest.SerializeToString,
+                response_deserializer=sendtime_dot_v1_dot_broadcast__service__pb2.CreateBroadcastResponse.FromString,
+                _registered_method=True)
+        self.GetBroadcast = channel.unary_unary(
+                '/sendtime.v1.BroadcastService/GetBroadcast',
+                request_serializer=sendtime_dot_v1_dot_broadcast__service__pb2.GetBroadcastRequest.SerializeToString,
+                response_deserializer=sendtime_dot_v1_dot_broadcast__service__pb2.GetBroadcastResponse.FromString,
+                _registered_method=True)
+        self.ListBroadcasts = channel.unary_unary(
+                '/sendtime.v1.BroadcastService/ListBroadcasts',
+                request_serializer=sendtime_dot_v1_dot_broadcast__service__pb2.ListBroadcastsRequest.SerializeToString,
+                response_deserializer=sendtime_dot_v1_dot_broadcast__service__pb2.ListBroadcastsResponse.FromString,
+                _registered_method=True)
+        self.PauseBroadcast = channel.unary_unary(
+                '/sendtime.v1.BroadcastService/PauseBroadcast',
+                request_serializer=sendtime_dot_v1_dot_broadcast__service__pb2.PauseBroadcastRequest.SerializeToString,
+                response_deserializer=sendtime_dot_v1_dot_broadcast__service__pb2.PauseBroadcastResponse.FromString,
+                _registered_method=True)
+        self.ResumeBroadcast = channel.unary_unary(
+                '/sendtime.v1.BroadcastService/ResumeBroadcast',
+                request_serializer=sendtime_dot_v1_dot_broadcast__service__pb2.ResumeBroadcastRequest.SerializeToString,
+                response_deserializer=sendtime_dot_v1_dot_broadcast__service__pb2.ResumeBroadcastResponse.FromString,
+                _registered_method=True)
+        self.CancelBroadcast = channel.unary_unary(
+                '/sendtime.v1.BroadcastService/CancelBroadcast',
+                request_serializer=sendtime_dot_v1_dot_broadcast__service__pb2.CancelBroadcastRequest.SerializeToString,
+                response_deserializer=sendtime_dot_v1_dot_broadcast__service__pb2.CancelBroadcastResponse.FromString,
+                _registered_method=True)
+
+
+class BroadcastServiceServicer:
+    """Broadcasts: one template to a segment's users, each email made with its
+    content at its own send time, through the same checks as a flow's sends
+    (consent, suppression, frequency caps, quiet hours, one-click unsubscribe).
+    Needs the "send" scope.
+    """
+
+    def CreateBroadcast(self, request, context):
+        """Makes a broadcast; asking again with the same idempotency_key returns
+        the first. Its audience is resolved when it starts: a user who joins the
+        segment later gets nothing from it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBroadcast(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBroadcasts(self, request, context):
+        """Newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseBroadcast(self, request, context):
+        """No more of its emails go out (within a second) until it is resumed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeBroadcast(self, request, context):
+        """The rest go at their own times again, at the same rate, from now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelBroadcast(self, request, context):
+        """The rest are cancelled; what was sent stays sent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_BroadcastServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateBroadcast': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateBroadcast,
+                    request_deserializer=sendtime_dot_v1_dot_broadcast__service__pb2.CreateBroadcastRequest.FromString,
+                    response_serializer=sendtime_dot_v1_dot_broadcast__service__pb2.CreateBroadcastResponse.SerializeToString,
+            ),
+            'GetBroadcast': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBroadcast,
+                    request_deserializer=sendtime_dot_v1_dot_broadcast__service__pb2.GetBroadcastRequest.FromString,
+                    response_serializer=sendtime_dot_v1_dot_broadcast__service__pb2.GetBroadcastResponse.SerializeToString,
+            ),
+            'ListBroadcasts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBroadcasts,
+                    request_deserializer=sendtime_dot_v1_dot_broadcast__service__pb2.ListBroadcastsRequest.FromString,
+                    response_serializer=sendtime_dot_v1_dot_broadcast__service__pb2.ListBroadcastsResponse.SerializeToString,
+            ),
+            'PauseBroadcast': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseBroadcast,
+                    request_deserializer=sendtime_dot_v1_dot_broadcast__service__pb2.PauseBroadcastRequest.FromString,
+                    response_serializer=sendtime_dot_v1_dot_broadcast__service__pb2.PauseBroadcastResponse.SerializeToString,
+            ),
+            'ResumeBroadcast': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeBroadcast,
+                    request_deserializer=sendtime_dot_v1_dot_broadcast__service__pb2.ResumeBroadcastRequest.FromString,
+                    response_serializer=sendtime_dot_v1_dot_broadcast__service__pb2.ResumeBroadcastResponse.SerializeToString,
+            ),
+            'CancelBroadcast': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelBroadcast,
+                    request_deserializer=sendtime_dot_v1_dot_broadcast__service__pb2.CancelBroadcastRequest.FromString,
+                    response_serializer=sendtime_dot_v1_dot_broadcast__service__pb2.CancelBroadcastResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'sendtime.v1.BroadcastService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('sendtime.v1.BroadcastService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class BroadcastService:
+    """Broadcasts: one template to a segment's users, each email made with its
+    content at its own send time, through the same checks as a flow's sends
+    (consent, suppression, frequency caps, quiet hours, one-click unsubscribe).
+    Needs the "send" scope.
+    """
+
+    @staticmethod
+    def CreateBroadcast(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sendtime.v1.BroadcastService/CreateBroadcast',
+            sendtime_dot_v1_dot_broadcast__service__pb2.CreateBroadcastRequest.SerializeToString,
+            sendtime_dot_v1_dot_broadcast__service__pb2.CreateBroadcastResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBroadcast(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sendtime.v1.BroadcastService/GetBroadcast',
+            sendtime_dot_v1_dot_broadcast__service__pb2.GetBroadcastRequest.SerializeToString,
+            sendtime_dot_v1_dot_broadcast__service__pb2.GetBroadcastResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBroadcasts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sendtime.v1.BroadcastService/ListBroadcasts',
+            sendtime_dot_v1_dot_broadcast__service__pb2.ListBroadcastsRequest.SerializeToString,
+            sendtime_dot_v1_dot_broadcast__service__pb2.ListBroadcastsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseBroadcast(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sendtime.v1.BroadcastService/PauseBroadcast',
+            sendtime_dot_v1_dot_broadcast__service__pb2.PauseBroadcastRequest.SerializeToString,
+            sendtime_dot_v1_dot_broadcast__service__pb2.PauseBroadcastResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeBroadcast(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sendtime.v1.BroadcastService/ResumeBroadcast',
+            sendtime_dot_v1_dot_broadcast__service__pb2.ResumeBroadcastRequest.SerializeToString,
+            sendtime_dot_v1_dot_broadcast__service__pb2.ResumeBroadcastResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelBroadcast(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sendtime.v1.BroadcastService/CancelBroadcast',
+            sendtime_dot_v1_dot_broadcast__service__pb2.CancelBroadcastRequest.SerializeToString,
+            sendtime_dot_v1_dot_broadcast__service__pb2.CancelBroadcastResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

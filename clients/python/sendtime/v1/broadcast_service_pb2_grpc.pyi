@@ -116,3 +116,112 @@ class SegmentServiceServicer(metaclass=_abc_1.ABCMeta):
         """A few users in a segment (or an expression), to see who it picks."""
 
 def add_SegmentServiceServicer_to_server(servicer: SegmentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class BroadcastServiceStub:
+    """Broadcasts: one template to a segment's users, each email made with its
+    content at its own send time, through the same checks as a flow's sends
+    (consent, suppression, frequency caps, quiet hours, one-click unsubscribe).
+    Needs the "send" scope.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> BroadcastServiceAsyncStub: ...
+    CreateBroadcast: _grpc.UnaryUnaryMultiCallable[_broadcast_service_pb2.CreateBroadcastRequest, _broadcast_service_pb2.CreateBroadcastResponse]
+    """Makes a broadcast; asking again with the same idempotency_key returns
+    the first. Its audience is resolved when it starts: a user who joins the
+    segment later gets nothing from it.
+    """
+    GetBroadcast: _grpc.UnaryUnaryMultiCallable[_broadcast_service_pb2.GetBroadcastRequest, _broadcast_service_pb2.GetBroadcastResponse]
+    ListBroadcasts: _grpc.UnaryUnaryMultiCallable[_broadcast_service_pb2.ListBroadcastsRequest, _broadcast_service_pb2.ListBroadcastsResponse]
+    """Newest first."""
+    PauseBroadcast: _grpc.UnaryUnaryMultiCallable[_broadcast_service_pb2.PauseBroadcastRequest, _broadcast_service_pb2.PauseBroadcastResponse]
+    """No more of its emails go out (within a second) until it is resumed."""
+    ResumeBroadcast: _grpc.UnaryUnaryMultiCallable[_broadcast_service_pb2.ResumeBroadcastRequest, _broadcast_service_pb2.ResumeBroadcastResponse]
+    """The rest go at their own times again, at the same rate, from now."""
+    CancelBroadcast: _grpc.UnaryUnaryMultiCallable[_broadcast_service_pb2.CancelBroadcastRequest, _broadcast_service_pb2.CancelBroadcastResponse]
+    """The rest are cancelled; what was sent stays sent."""
+
+@_typing.type_check_only
+class BroadcastServiceAsyncStub(BroadcastServiceStub):
+    """Broadcasts: one template to a segment's users, each email made with its
+    content at its own send time, through the same checks as a flow's sends
+    (consent, suppression, frequency caps, quiet hours, one-click unsubscribe).
+    Needs the "send" scope.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    CreateBroadcast: _aio.UnaryUnaryMultiCallable[_broadcast_service_pb2.CreateBroadcastRequest, _broadcast_service_pb2.CreateBroadcastResponse]  # type: ignore[assignment]
+    """Makes a broadcast; asking again with the same idempotency_key returns
+    the first. Its audience is resolved when it starts: a user who joins the
+    segment later gets nothing from it.
+    """
+    GetBroadcast: _aio.UnaryUnaryMultiCallable[_broadcast_service_pb2.GetBroadcastRequest, _broadcast_service_pb2.GetBroadcastResponse]  # type: ignore[assignment]
+    ListBroadcasts: _aio.UnaryUnaryMultiCallable[_broadcast_service_pb2.ListBroadcastsRequest, _broadcast_service_pb2.ListBroadcastsResponse]  # type: ignore[assignment]
+    """Newest first."""
+    PauseBroadcast: _aio.UnaryUnaryMultiCallable[_broadcast_service_pb2.PauseBroadcastRequest, _broadcast_service_pb2.PauseBroadcastResponse]  # type: ignore[assignment]
+    """No more of its emails go out (within a second) until it is resumed."""
+    ResumeBroadcast: _aio.UnaryUnaryMultiCallable[_broadcast_service_pb2.ResumeBroadcastRequest, _broadcast_service_pb2.ResumeBroadcastResponse]  # type: ignore[assignment]
+    """The rest go at their own times again, at the same rate, from now."""
+    CancelBroadcast: _aio.UnaryUnaryMultiCallable[_broadcast_service_pb2.CancelBroadcastRequest, _broadcast_service_pb2.CancelBroadcastResponse]  # type: ignore[assignment]
+    """The rest are cancelled; what was sent stays sent."""
+
+class BroadcastServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Broadcasts: one template to a segment's users, each email made with its
+    content at its own send time, through the same checks as a flow's sends
+    (consent, suppression, frequency caps, quiet hours, one-click unsubscribe).
+    Needs the "send" scope.
+    """
+
+    @_abc_1.abstractmethod
+    def CreateBroadcast(
+        self,
+        request: _broadcast_service_pb2.CreateBroadcastRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broadcast_service_pb2.CreateBroadcastResponse, _abc.Awaitable[_broadcast_service_pb2.CreateBroadcastResponse]]:
+        """Makes a broadcast; asking again with the same idempotency_key returns
+        the first. Its audience is resolved when it starts: a user who joins the
+        segment later gets nothing from it.
+        """
+
+    @_abc_1.abstractmethod
+    def GetBroadcast(
+        self,
+        request: _broadcast_service_pb2.GetBroadcastRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broadcast_service_pb2.GetBroadcastResponse, _abc.Awaitable[_broadcast_service_pb2.GetBroadcastResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListBroadcasts(
+        self,
+        request: _broadcast_service_pb2.ListBroadcastsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broadcast_service_pb2.ListBroadcastsResponse, _abc.Awaitable[_broadcast_service_pb2.ListBroadcastsResponse]]:
+        """Newest first."""
+
+    @_abc_1.abstractmethod
+    def PauseBroadcast(
+        self,
+        request: _broadcast_service_pb2.PauseBroadcastRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broadcast_service_pb2.PauseBroadcastResponse, _abc.Awaitable[_broadcast_service_pb2.PauseBroadcastResponse]]:
+        """No more of its emails go out (within a second) until it is resumed."""
+
+    @_abc_1.abstractmethod
+    def ResumeBroadcast(
+        self,
+        request: _broadcast_service_pb2.ResumeBroadcastRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broadcast_service_pb2.ResumeBroadcastResponse, _abc.Awaitable[_broadcast_service_pb2.ResumeBroadcastResponse]]:
+        """The rest go at their own times again, at the same rate, from now."""
+
+    @_abc_1.abstractmethod
+    def CancelBroadcast(
+        self,
+        request: _broadcast_service_pb2.CancelBroadcastRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broadcast_service_pb2.CancelBroadcastResponse, _abc.Awaitable[_broadcast_service_pb2.CancelBroadcastResponse]]:
+        """The rest are cancelled; what was sent stays sent."""
+
+def add_BroadcastServiceServicer_to_server(servicer: BroadcastServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -179,9 +179,15 @@ class PlannedRecipient:
 def plan_sends(
     broadcast: Broadcast, recipients: Iterable[PlannedRecipient], now: datetime
 ) -> list[PlannedSend]:
-    """The ledger rows of ``recipients``, due by their local moment and the rate."""
+    """The ledger rows of ``recipients``, due by their own moment and the rate."""
     ordered = sorted(recipients, key=lambda r: (r.base, r.profile_key))
-    due = paced([r.base for r in ordered], broadcast.rate_per_s)
+    return ledger_rows(broadcast, ordered, paced([r.base for r in ordered], broadcast.rate_per_s), now)
+
+
+def ledger_rows(
+    broadcast: Broadcast, ordered: Sequence[PlannedRecipient], due: Sequence[datetime], now: datetime
+) -> list[PlannedSend]:
+    """The ledger rows of recipients already ordered and paced."""
     return [
         PlannedSend(
             send_key=recipient_send_key(broadcast, r.profile_key),

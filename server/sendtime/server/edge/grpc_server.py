@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from sendtime.server.auth import Authenticator
-from sendtime.server.broadcasting import Segments
+from sendtime.server.broadcasting import Broadcasts, Segments
 from sendtime.server.deliveries import Deliveries
 from sendtime.server.domain.content import ContentPipeline
 from sendtime.server.domain.errors import (
@@ -70,6 +70,7 @@ SCOPES: Final[Mapping[str, Scope]] = {
     "sendtime.v1.ContentService": Scope.CONTENT,
     "sendtime.v1.DeliveryService": Scope.SEND,
     "sendtime.v1.SegmentService": Scope.SEND,
+    "sendtime.v1.BroadcastService": Scope.SEND,
 }
 _OUR_PACKAGE: Final = "/sendtime."
 
@@ -467,6 +468,7 @@ def build_grpc_edge(
     default_deadline_s: float,
     deliveries: Deliveries,
     segments: Segments,
+    broadcasts: Broadcasts,
     authenticator: Authenticator,
     telemetry: Telemetry,
 ) -> GrpcEdge:
@@ -500,7 +502,7 @@ def build_grpc_edge(
     decode.add_service(
         delivery_service_pb2_grpc.add_DeliveryServiceServicer_to_server, DeliveryService(deliveries), server
     )
-    grpc_broadcasts.add_broadcast_services(server, segments)
+    grpc_broadcasts.add_broadcast_services(server, segments, broadcasts)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
