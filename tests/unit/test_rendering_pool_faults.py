@@ -135,6 +135,9 @@ async def test_stray_output_on_fd_1_in_the_worker_does_not_corrupt_its_answers(
 
 GARBAGE_WORKER = """
 import sys
+
+# slow: render worker processes, stuck and killed (make test-fast leaves them out)
+pytestmark = pytest.mark.slow
 answers = sys.stdout.buffer
 answers.write((5).to_bytes(4, "big") + b"ready")
 answers.flush()
