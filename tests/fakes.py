@@ -31,12 +31,10 @@ from sendtime.server.domain.errors import NotFound, SendtimeError
 from sendtime.server.domain.events import Event, EventKind, IncomingEvent, TraitsUpdate
 from sendtime.server.domain.flows import (
     ANY_ENTRY,
-    ExitOn,
     Flow,
     FlowPlanner,
     PlannedExit,
     PlannedSend,
-    Reentry,
 )
 from sendtime.server.domain.ingest import Ack, IngestObserver, Ingestor
 from sendtime.server.domain.ports import (
@@ -53,6 +51,7 @@ from sendtime.server.domain.profiles import ProfileBook
 from sendtime.server.domain.recommend import Recommender
 from sendtime.server.domain.sends import FINAL_STATUSES, SendRecord, SendStatus
 from sendtime.server.relay.base import OutgoingEmail, RelayFailure
+from tests.contract.conftest import ABANDONED_CART
 
 _decode_profile = msgspec.msgpack.Decoder(Profile).decode
 
@@ -596,22 +595,8 @@ class MemoryUpstream:
 
 
 def abandoned_cart_flow(**changes: Any) -> Flow:
-    """The abandoned-cart flow of the default settings, with ``changes``."""
-    flow = Flow(
-        id="abandoned_cart",
-        template="abandoned_cart",
-        entry_event="Product Added",
-        entry_filter={},
-        entry_key="cart_id",
-        delay=timedelta(minutes=30),
-        exit_events=("Order Completed",),
-        exit_on=ExitOn.ANY,
-        reentry=Reentry.ONCE_PER_KEY,
-        reentry_period=timedelta(0),
-        subscription_group="marketing",
-        sender="shop@example.com",
-    )
-    return dataclasses.replace(flow, **changes)
+    """The contract suite's abandoned-cart flow, due after 30 minutes, with ``changes``."""
+    return dataclasses.replace(ABANDONED_CART, **{"delay": timedelta(minutes=30), **changes})
 
 
 class IngestRig:
