@@ -414,7 +414,7 @@ class ContentPipeline:
     ) -> ContentAnswer:
         if self._observer is not None:
             self._observer.shed("content")
-        request = _Request(self, identity, context, self._clock() + budget_s)
+        request = _Request(self, identity, context, self._clock() + budget_s, names=names)
         blocks = [self._without_fetching(request, name, Reason.OVERLOADED) for name in names]
         return ContentAnswer(blocks=blocks, budget_s=budget_s, elapsed_s=0.0, user=request.user_data())
 
@@ -628,13 +628,28 @@ class ContentPipeline:
         return _from_fetched(name, fetched) if fetched is not None else None
 
     def _without_fetching(self, request: _Request, name: str, reason: Reason) -> Block:
-        found = self._cache.lookup_stale_ok(self._cache_key(request, name))
+        key = self._stored_key(request, name)
+        found = self._cache.lookup_stale_ok(key) if key is not None else None
         if found is not None and found[0] is not None:
             value, age, fresh = found
             return Block(
                 name, value, Source.CACHED if fresh else Source.STALE, None if fresh else reason, age
             )
         return Block(name, None, Source.FALLBACK, reason)
+
+    def _stored_key(self, request: _Request, name: str) -> str | None:
+        """Where the block's last value is cached, when that is known with no
+        I/O: a built-in block's key, or an upstream block's URL key (which
+        takes the user's fields: known only when the profile is in memory)."""
+        upstream = self._upstreams.get(name)
+        if upstream is None:
+            return self._cache_key(request, name)
+        if not request.profile_in_memory():
+            return None
+        try:
+            return _upstream_key(name, upstream.url_for(request.url_values_of(request.profile_now())))
+        except (MissingValueError, RefusedUrlError):
+            return None
 
     async def _block(self, request: _Request, name: str) -> Block:
         if self._tracer is None:
@@ -694,7 +709,7 @@ class ContentPipeline:
         if not self._policy.cache_results:
             return await self._uncached(request, name, fetch)
         fetched = await self._cache.get_or_fetch(
-            f"upstream|{len(name)}:{name}|{url}",  # unlike any block key, which starts with a digit
+            _upstream_key(name, url),
             fetch,
             ttl=upstream.ttl_s,
             stale_ttl=upstream.stale_ttl_s,
@@ -719,6 +734,12 @@ class ContentPipeline:
 
 
 _CACHE_REASONS: Final = {"shutdown": Reason.SHUTDOWN}
+
+
+def _upstream_key(name: str, url: str) -> str:
+    """An upstream block's cache key: by its URL, which holds the user's
+    fields, and unlike any built-in block's key (which starts with a digit)."""
+    return f"upstream|{len(name)}:{name}|{url}"
 
 
 def _from_fetched(name: str, fetched: Fetched) -> Block:
@@ -830,8 +851,11 @@ class _Request:
         return data
 
     async def url_values(self) -> dict[str, str]:
+        return self.url_values_of(await self.profile())
+
+    def url_values_of(self, profile: ProfileView | None) -> dict[str, str]:
+        """What an upstream URL template may name: the user's fields and the context."""
         values: dict[str, str] = {}
-        profile = await self.profile()
         if profile is not None:
             for key, value in {**profile.extra_traits, **profile.traits}.items():
                 if isinstance(value, str | int | float) and not isinstance(value, bool):
