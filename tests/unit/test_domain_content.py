@@ -11,16 +11,16 @@ from dataclasses import dataclass, field
 import pytest
 
 from sendtime.server.cache import CacheFetcher
+from sendtime.server.domain.blocks import BUILT_IN_BLOCKS, BlockName
 from sendtime.server.domain.catalog import Product
 from sendtime.server.domain.content import (
     Block,
     ContentContext,
     ContentPipeline,
-    Reason,
-    Source,
 )
 from sendtime.server.domain.errors import InvalidInput, Overloaded
 from sendtime.server.domain.events import Identity
+from sendtime.server.domain.provenance import Reason, Source
 from tests.fakes import (
     IngestRig,
     MemoryUpstream,
@@ -258,3 +258,10 @@ async def test_a_shed_call_finds_recommendations_cached_beside_recently_viewed(c
     # cached apart from recommendations alone (they leave out what is shown beside them)
     assert state(blocks["recommendations"]) == (Source.CACHED, None)
     assert state(blocks["recently_viewed"]) == (Source.CACHED, None)
+
+
+def test_every_built_in_block_name_is_computed_and_asked_for_by_default() -> None:
+    from sendtime.server.domain import content as module
+
+    assert set(module._BUILT_IN) == set(BlockName)
+    assert tuple(BlockName) == BUILT_IN_BLOCKS
