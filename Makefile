@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all run demo test fuzz lint gen check-gen bench wrk soak install clean audit
+.PHONY: all run demo test test-fast fuzz lint gen check-gen bench wrk soak install script clean audit
 
 all: lint test
 
@@ -17,17 +17,28 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt tests/int
 	else echo "no npm: the Node gRPC interop tests will be skipped"; fi
 	@touch $(STAMP)
 
-install: $(STAMP)
+# The sendtime command is the client's (the server adds serve to it). When an
+# upgrade reinstalls the server after the client, pip's removal of the server's
+# old files can take the script with it: the client is installed again then.
+script: $(STAMP)
+	@test -x $(BIN)/sendtime || $(BIN)/python -m pip install --quiet --no-deps --force-reinstall -e ./clients/python
 
-run: $(STAMP)
+install: script
+
+run: script
 	$(BIN)/sendtime serve
 
 # The same server with demo flows that fire in seconds (demo/sendtime.toml).
-demo: $(STAMP)
+demo: script
 	$(BIN)/sendtime serve --config demo/sendtime.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Everything but the tests marked slow (subprocess servers, fresh installs,
+# PostgreSQL replicas, timing): the domain and the in-process server, in under a minute.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" -q
 
 # The property tests at every door with 2,000 examples each instead of a few dozen (several minutes).
 fuzz: $(STAMP)

@@ -147,8 +147,10 @@ def sendtime_server(
     *,
     cores: str | None = None,
     start_timeout_s: float = 30.0,
+    python_args: Sequence[str] = (),
 ) -> ServerProcess:
-    """``sendtime serve`` as production runs it (uvloop, graceful SIGTERM), on free ports."""
+    """``sendtime serve`` as production runs it (uvloop, graceful SIGTERM), on free ports.
+    ``python_args`` go before ``-m sendtime.server`` (``-m benchmarks.tracemem ... --``)."""
     env = {
         "SENDTIME_GRPC__HOST": "127.0.0.1",
         "SENDTIME_GRPC__PORT": "0",
@@ -160,7 +162,7 @@ def sendtime_server(
     }
     return ServerProcess(
         "sendtime",
-        [sys.executable, "-m", "sendtime.server", "serve"],
+        [sys.executable, *python_args, "-m", "sendtime.server", "serve"],
         ready=_SENDTIME_READY,
         log_path=log_dir / "sendtime.log",
         env=env,

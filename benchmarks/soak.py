@@ -29,7 +29,10 @@ go out, and the audit checks:
   what still grows is what no bound holds.
 
 Writes soak.json, soak.png (RSS, events and emails over time) and soak.md to
-``--out``. This measures stability, not speed: the rates are fixed and modest.
+``--out``. With ``--trace-memory FOLDER`` each server runs under tracemalloc
+(benchmarks.tracemem: slower) and writes there, every minute from a minute
+after its start, the allocation sites that grew most (tracemem-1.txt before
+the kill, tracemem-2.txt after). This measures stability, not speed: the rates are fixed and modest.
 """
 
 from __future__ import annotations
@@ -327,7 +330,12 @@ class Result:
 
 
 async def soak(
-    minutes: float, kill_at: float, events_per_s: float, content_per_s: float, work: Path
+    minutes: float,
+    kill_at: float,
+    events_per_s: float,
+    content_per_s: float,
+    work: Path,
+    trace_memory: Path | None = None,
 ) -> tuple[Result, Tally, Sink]:
     sink = Sink()
     smtp_port = free_port()
@@ -342,8 +350,25 @@ async def soak(
         "SENDTIME_HTTP__PORT": str(http_port),
     }
 
+    starts = itertools.count(1)
+
     def start() -> ServerProcess:
-        server = sendtime_server(work / "data", work, overrides)
+        python_args: list[str] = []
+        if trace_memory is not None:
+            trace_memory.mkdir(parents=True, exist_ok=True)
+            out = trace_memory / f"tracemem-{next(starts)}.txt"
+            python_args = [
+                "-m",
+                "benchmarks.tracemem",
+                "--out",
+                str(out),
+                "--settle",
+                "60",
+                "--every",
+                "60",
+                "--",
+            ]
+        server = sendtime_server(work / "data", work, overrides, python_args=python_args)
         server.start()
         return server
 
@@ -507,12 +532,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--content-per-s", type=float, default=20.0)
     parser.add_argument("--out", type=Path, default=None, help="write soak.json, soak.png and soak.md here")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument(
+        "--trace-memory",
+        type=Path,
+        default=None,
+        metavar="FOLDER",
+        help="run the server under tracemalloc and write its top growth here every minute (slower)",
+    )
     args = parser.parse_args(argv)
     if args.minutes < 1:
         parser.error("--minutes must be at least 1")
     with TemporaryDirectory(prefix="sendtime-soak-") as folder:
         result, tally, sink = asyncio.run(
-            soak(args.minutes, args.kill_at, args.events_per_s, args.content_per_s, Path(folder))
+            soak(
+                args.minutes,
+                args.kill_at,
+                args.events_per_s,
+                args.content_per_s,
+                Path(folder),
+                args.trace_memory,
+            )
         )
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.harness import rss_mib
+
 READY = re.compile(rb"sendtime serving gRPC on [\d.]+:(?P<grpc>\d+), HTTP on https?://[\d.]+:(?P<http>\d+)")
 
 
@@ -93,6 +95,10 @@ class ChildServer:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def rss_mib(self) -> float:
+        """Resident memory of the server and its render workers."""
+        return rss_mib(self.process.pid)
+
 
 @contextmanager
 def child_server(data_dir: Path, *, config: Path | None = None) -> Iterator[ChildServer]:
@@ -129,7 +135,7 @@ async def run_sendtime(*args: str, cwd: Path) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "sendtime.server",
+        "sendtime.cli",
         *args,
         env=env,
         cwd=cwd,

@@ -26,8 +26,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sendtime.v1 import event_pb2, event_service_pb2
-from tests.fuzzing import door_settings
+from tests.fuzzing import RSS_GROWTH_BOUND_MIB, door_settings
 from tests.integration.server_process import ChildServer, child_server
+
+# slow: the fuzzed server runs as a process (make test-fast leaves them out)
+pytestmark = pytest.mark.slow
 
 AUTH = {"Authorization": "Bearer dev-key"}
 GRPC_AUTH = (("authorization", "Bearer dev-key"),)
@@ -47,6 +50,8 @@ FUZZ = door_settings(40)
 class Child:
     server: ChildServer
     channel: grpc.Channel
+    #: after its first answers, before the fuzzing
+    rss_before_mib: float = 0.0
 
     @property
     def process(self) -> subprocess.Popen[bytes]:
@@ -67,7 +72,10 @@ def child(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Child]:
     with child_server(tmp_path_factory.mktemp("fuzz") / "data") as server:
         channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
         try:
-            yield Child(server, channel)
+            child = Child(server, channel)
+            assert_healthy(child)
+            child.rss_before_mib = server.rss_mib()
+            yield child
         finally:
             channel.close()
 
@@ -282,3 +290,6 @@ def test_event_streams_answer_raw_bytes_with_ok_or_invalid_argument(
 
 def test_the_server_is_healthy_after_the_fuzzing(child: Child) -> None:
     assert_healthy(child)
+    rss = child.server.rss_mib()
+    print(f"ingest fuzz: server RSS {child.rss_before_mib:.1f} -> {rss:.1f} MiB")
+    assert rss - child.rss_before_mib < RSS_GROWTH_BOUND_MIB, (child.rss_before_mib, rss)

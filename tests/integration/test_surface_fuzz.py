@@ -27,8 +27,11 @@ from hypothesis import strategies as st
 
 from sendtime.server.edge.http_server import sign
 from sendtime.v1 import content_service_pb2, delivery_service_pb2, profile_service_pb2
-from tests.fuzzing import door_settings
+from tests.fuzzing import RSS_GROWTH_BOUND_MIB, door_settings
 from tests.integration.server_process import ChildServer, child_server
+
+# slow: the fuzzed server runs as a process (make test-fast leaves them out)
+pytestmark = pytest.mark.slow
 
 WEBHOOK_SECRET = "a-webhook-secret-of-some-length"
 FUZZ = door_settings(30)
@@ -48,6 +51,8 @@ ALLOWED_CODES = {
 class Door:
     child: ChildServer
     channel: grpc.Channel
+    #: after its first answers, before the fuzzing
+    rss_before_mib: float = 0.0
 
     def request(
         self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
@@ -85,7 +90,10 @@ secret = "{WEBHOOK_SECRET}"
     with child_server(folder / "data", config=config) as child:
         channel = grpc.insecure_channel(f"127.0.0.1:{child.grpc_port}")
         try:
-            yield Door(child, channel)
+            door = Door(child, channel)
+            assert door.request("GET", "/healthz")[0] == 200
+            door.rss_before_mib = child.rss_mib()
+            yield door
         finally:
             channel.close()
 
@@ -273,6 +281,9 @@ def test_the_server_is_healthy_after_the_fuzzing(door: Door) -> None:
         health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
         == health_pb2.HealthCheckResponse.SERVING
     )
+    rss = door.child.rss_mib()
+    print(f"surface fuzz: server RSS {door.rss_before_mib:.1f} -> {rss:.1f} MiB")
+    assert rss - door.rss_before_mib < RSS_GROWTH_BOUND_MIB, (door.rss_before_mib, rss)
 
 
 def _latin1(headers: dict[str, str]) -> dict[str, str]:

@@ -1,5 +1,5 @@
 import sys
 
-from sendtime.server.cli import main
+from sendtime.cli import main
 
 sys.exit(main())

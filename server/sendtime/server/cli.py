@@ -1,4 +1,5 @@
-"""The ``sendtime`` command.
+"""The server's part of the ``sendtime`` command, which the client
+distribution owns (sendtime.cli); it finds these through entry points:
 
     sendtime serve [--config FILE] [--workers N]
                                        run the server (gRPC + HTTP), in N processes
@@ -6,9 +7,8 @@
     sendtime keygen --name N --scopes ingest,content
                                        make an API key and the hash to configure
 
-Client commands talk to a running server (see CLIENT_HELP below and
-``sendtime COMMAND --help``): track, identify, profile, content, render,
-preview, demo-data, send, deliveries, flows.
+and the client commands (track, profile, content ...) read the server's
+settings through ``connection_settings``, to dial where ``serve`` listens.
 """
 
 from __future__ import annotations
@@ -18,24 +18,10 @@ import logging
 import os
 import secrets
 import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from sendtime.cli import ServerSettings, Subcommands
 from sendtime.server.settings import DEV_KEY, Scope, Settings, SettingsError, hash_key, load_settings
-
-Command = Callable[[argparse.Namespace], int]
-
-CLIENT_HELP = """\
-client commands (track ... flows) reach the server these settings describe,
-as `sendtime serve` reads them:
-  --config FILE or SENDTIME_CONFIG      the server's TOML file (its [grpc] host, port, tls)
-  SENDTIME_GRPC__PORT=6000 and others   the same overrides the server takes
-  --target HOST:PORT or SENDTIME_TARGET a server's gRPC address outright
-  --api-key KEY or SENDTIME_API_KEY     the API key (default: dev-key, for make run)
-With none of them: 127.0.0.1:50051 and dev-key, what `make run` serves.
-Over gRPC the key travels as the metadata "authorization: Bearer KEY".
-Example: SENDTIME_GRPC__PORT=51051 sendtime profile ada --json
-"""
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -138,15 +124,9 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sendtime",
-        description="Real-time email personalization service.",
-        epilog=CLIENT_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def add_commands(commands: Subcommands) -> None:
+    """The server's commands, added to the client's ``sendtime`` command (the
+    ``sendtime.commands`` entry point)."""
     serve = commands.add_parser("serve", help="run the server")
     serve.add_argument(
         "--config", help="TOML settings file (default: $SENDTIME_CONFIG, else built-in defaults)"
@@ -170,17 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--scopes", required=True, help=f"comma-separated: {', '.join(Scope)}")
     keygen.set_defaults(run=_keygen)
 
-    from sendtime.server import cli_client
 
-    cli_client.add_commands(commands)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    run: Command = args.run
-    return run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def connection_settings(config: Path | None) -> ServerSettings:
+    """What the client commands dial, read as ``sendtime serve`` reads its
+    settings (the ``sendtime.settings`` entry point)."""
+    try:
+        settings = load_settings(config)
+    except SettingsError as exc:
+        raise ValueError(str(exc)) from None
+    return ServerSettings(
+        host=settings.grpc.host,
+        port=settings.grpc.port,
+        tls=settings.grpc.tls is not None,
+        dev_key=settings.auth.dev_key,
+    )

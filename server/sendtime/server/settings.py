@@ -86,6 +86,8 @@ class HttpSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Connections open at once. At the bound a new connection closes the one
     #: that has waited longest for a request (idle, or a slow sender short of
     #: its request head); when all are inside requests, the new one is closed.
+    #: Also the depth of the queue of connections not accepted yet (at least
+    #: 128; the kernel caps it at net.core.somaxconn).
     max_connections: Annotated[int, msgspec.Meta(ge=1)] = 512
     #: A request head must arrive within this long of connecting or of the
     #: previous answer (an idle keep-alive connection closes then too).

@@ -112,6 +112,10 @@ class ConnectionLimiter:
     def open(self) -> int:
         return self._open
 
+    @property
+    def max_connections(self) -> int:
+        return self._max
+
     def protocol_factory(self, inner: Callable[[], asyncio.BaseProtocol]) -> Callable[[], asyncio.Protocol]:
         return lambda: _Counted(self, inner())
 

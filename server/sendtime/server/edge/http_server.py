@@ -556,7 +556,12 @@ class _LimitedSite(web.BaseSite):
         limiter: ConnectionLimiter,
         reuse_port: bool,
     ) -> None:
-        super().__init__(runner, ssl_context=ssl_context)
+        # The kernel's queue of connections not accepted yet: as deep as the
+        # connections this edge keeps. At aiohttp's 128, a burst of clients
+        # connecting at once overflows it while the loop is busy, and every
+        # connection past it (a health check's too) waits out a SYN
+        # retransmission, a second or more, before it is even seen.
+        super().__init__(runner, ssl_context=ssl_context, backlog=max(128, limiter.max_connections))
         self._host = host
         self._port = port
         self._limiter = limiter

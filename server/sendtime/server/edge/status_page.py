@@ -193,13 +193,13 @@ class StatusPage:
         if denied is not None:
             return denied
         with self._admitted():
-            flows = await self.deliveries.flow_counts()
+            flows, counted_s_ago = await self.deliveries.flow_counts()
             sends = await self.deliveries.latest(LATEST_DELIVERIES)
             body = "".join(
                 (
                     self._traffic(),
                     self._cache(),
-                    self._flows(flows),
+                    self._flows(flows, counted_s_ago),
                     self._deliveries(sends),
                 )
             )
@@ -341,7 +341,7 @@ class StatusPage:
             "</table><p class=note>Since the server started.</p></section>"
         )
 
-    def _flows(self, counts: dict[str, dict[str, int]]) -> str:
+    def _flows(self, counts: dict[str, dict[str, int]], counted_s_ago: float) -> str:
         ids = list(dict.fromkeys([*self.flow_ids, *sorted(counts)]))
         statuses = sorted({status for per_flow in counts.values() for status in per_flow})
         if not ids:
@@ -354,7 +354,8 @@ class StatusPage:
             for flow_id in ids
         )
         return (
-            f"<section><h2>Flows</h2><table id=flows><tr><th>Flow</th>{header}</tr>{rows}</table></section>"
+            f"<section><h2>Flows</h2><table id=flows><tr><th>Flow</th>{header}</tr>{rows}</table>"
+            f"<p class=note>Sends by status, counted {counted_s_ago:.0f} s ago.</p></section>"
         )
 
     def _deliveries(self, sends: Iterable[SendRecord]) -> str:

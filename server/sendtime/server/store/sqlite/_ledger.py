@@ -269,7 +269,8 @@ class SqliteLedger:
         return await self._db.read(_select_sends, (profile_key, flow_id, limit, before_id))
 
     async def flow_counts(self) -> dict[str, dict[str, int]]:
-        return await self._db.read(_select_flow_counts, None)
+        # every send row: on a connection of its own, not holding up the reader's short reads
+        return await self._db.scan(lambda conn: _select_flow_counts(conn, None))
 
     async def sent_since(self, profile_key: str, since: datetime) -> int:
         return await self._db.read(_select_sent_since, (profile_key, micros(since)))

@@ -1,0 +1,5 @@
+import sys
+
+from sendtime.cli import main
+
+sys.exit(main())
