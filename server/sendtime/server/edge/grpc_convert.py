@@ -38,6 +38,7 @@ _FIELD_PREFIXES: Final = (
     ("name", "track.name"),
     ("traits", "identify.traits"),
     ("extra_traits", "identify.extra_traits_json"),
+    ("previous_id", "alias.previous_id"),
 )
 
 
@@ -96,6 +97,15 @@ def incoming_event(event: event_pb2.Event | InvalidInput) -> IncomingEvent | Und
                 },
             ),
             extra_traits=event.identify.extra_traits_json,
+        )
+    if kind == "alias":
+        return IncomingEvent(
+            message_id=event.message_id,
+            kind=EventKind.ALIAS,
+            user_id=event.user_id,
+            anonymous_id=event.anonymous_id,
+            timestamp=timestamp,
+            previous_id=event.alias.previous_id,
         )
     return IncomingEvent(
         message_id=event.message_id,
