@@ -27,6 +27,9 @@ MAX_ID_CHARS: Final = 200
 MAX_EVENT_NAME_CHARS: Final = 200
 #: Segment's limit per event; applied to the properties (or traits) JSON.
 MAX_EVENT_BYTES: Final = 32 * 1024
+#: Events in one batch at any door: a Segment /v1/batch, an IngestEvents call,
+#: a StreamEvents message (Segment's own batch limit).
+MAX_BATCH_EVENTS: Final = 2500
 #: Objects and arrays inside one another in an event's JSON. Real events nest
 #: a handful of levels (properties > products > product > options); a bound
 #: keeps every later decoding of a stored event far from Python's recursion
