@@ -101,7 +101,9 @@ async def until_settled(channel: grpc.aio.Channel, count: int, timeout: float = 
 
 
 def body(message: EmailMessage) -> str:
-    return message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    part = message.get_body(("plain",))
+    assert part is not None
+    return str(part.get_content())
 
 
 async def test_a_cart_filled_anonymously_gets_its_email_at_the_address_given_later_once(
