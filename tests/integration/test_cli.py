@@ -134,6 +134,19 @@ async def test_an_anonymous_profile(cli: RunCli) -> None:
     assert shown.json()["anonymous_id"] == "anon-9"
 
 
+async def test_a_profile_shows_the_ids_linked_to_it(cli: RunCli) -> None:
+    await cli("track", "Product Viewed", "--anonymous-id", "anon-7", "--properties", '{"product_id": "p1"}')
+    linked = await cli("identify", "--user", "u7", "--anonymous-id", "anon-7", "--email", "u7@example.com")
+    assert linked.code == 0, linked.stderr
+    as_json = (await cli("profile", "u7", "--json")).json()
+    assert as_json["linked_anonymous_ids"] == ["anon-7"]
+    assert [v["product_id"] for v in as_json["recently_viewed"]] == ["p1"]
+    shown = await cli("profile", "--anonymous-id", "anon-7")
+    assert shown.code == 0, shown.stderr
+    assert "  linked: user u7" in shown.stdout
+    assert "u7@example.com" in shown.stdout
+
+
 async def test_a_rejected_event_names_the_field_and_fails(cli: RunCli) -> None:
     rejected = await cli("track", "Product Added", "--user", "u1", "--properties", '{"price": -1}')
     assert rejected.code == 1

@@ -298,7 +298,7 @@ def validate(incoming: IncomingEvent, received_at: datetime, window: EventWindow
         violations.append(FieldViolation("user_id", "user_id or anonymous_id is required"))
     kind = incoming.kind
     if kind is None:
-        violations.append(FieldViolation("kind", "an event must be a track or an identify call"))
+        violations.append(FieldViolation("kind", "an event must be a track, an identify or an alias call"))
     timestamp = incoming.timestamp or received_at
     if timestamp.tzinfo is None:
         timestamp = timestamp.replace(tzinfo=UTC)
