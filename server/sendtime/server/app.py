@@ -158,6 +158,7 @@ class Sendtime:
         self._storage = backend = await self._open_storage()
         self._profiles = profiles = ProfileBook(
             backend.profiles,
+            backend.links,
             max_cached=storage.profile_cache_size,
             flush_interval_s=storage.profile_flush_interval_s,
         )

@@ -26,9 +26,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Final, Protocol
 
 from opentelemetry.trace import Span, Tracer
@@ -36,7 +36,7 @@ from opentelemetry.trace import Span, Tracer
 from sendtime.server.domain.content import ContentContext, ContentPipeline
 from sendtime.server.domain.errors import SendtimeError
 from sendtime.server.domain.events import Identity
-from sendtime.server.domain.flows import Flow
+from sendtime.server.domain.flows import Flow, Reentry
 from sendtime.server.domain.ingest import utc_now
 from sendtime.server.domain.ports import DeliveryLedger, HandOver, LastChecks
 from sendtime.server.domain.profile import Profile
@@ -50,6 +50,7 @@ from sendtime.server.relay.base import PermanentFailure, RetryingRelay, Transien
 log = logging.getLogger(__name__)
 
 _RETRY_LATER_BASE: Final = timedelta(seconds=30)
+_EARLIEST: Final = datetime.min.replace(tzinfo=UTC)
 
 
 @dataclass(slots=True)
@@ -254,11 +255,14 @@ class Dispatcher:
             stopped = await self._campaign_stopped(record, campaign)
             if stopped is not None:
                 return stopped
-        profile = await self._profiles.get(record.profile_key)
+        # the person the send's id was when the flow was entered (a shared
+        # device's anonymous id may be someone else's by now)
+        person = await self._profiles.person(record.profile_key, record.entry_time)
+        profile = person.profile if person is not None else None
         # only a few traits and the consent are needed here: not the whole
         # view (carts, orders), which the content pipeline builds for itself
         email = _text(profile, "email")
-        if not email:
+        if profile is None or not email:
             await self._finish(record, SendStatus.SKIPPED, "the profile has no email address")
             return Attempt("skipped", "no_email")
         now = self._clock()
@@ -285,7 +289,12 @@ class Dispatcher:
         if unsubscribe_url:
             # the body's Unsubscribe link is the same one-click URL as the header's
             links.append(("unsubscribe_url", unsubscribe_url))
-        identity = Identity(record.user_id, record.anonymous_id)
+        # rendered for the person: an anonymous cart gets the name given later
+        identity = (
+            Identity(profile.user_id, "")
+            if profile.user_id
+            else Identity(record.user_id, record.anonymous_id)
+        )
         context = ContentContext(
             campaign=record.flow_id,
             cart_id=record.entry_key if flow is not None and flow.entry_key == "cart_id" else "",
@@ -350,7 +359,7 @@ class Dispatcher:
             record.id,
             relay=self._relay.name,
             template_version=rendered.version,
-            checks=self._last_checks(record, email, now),
+            checks=self._last_checks(record, email, now, person.keys if person is not None else ()),
         )
         if not handover.handed_over:
             return await self._refused_at_handover(record, handover, render_s)
@@ -459,26 +468,50 @@ class Dispatcher:
                 return SendStatus.SKIPPED, "quiet hours", None, "quiet_hours"
         return None
 
-    def _last_checks(self, record: SendRecord, email: str, now: datetime) -> LastChecks:
+    def _last_checks(
+        self, record: SendRecord, email: str, now: datetime, person_keys: Sequence[str]
+    ) -> LastChecks:
+        """Exits, suppressions and the cap per person: under any of their ids."""
         group = record.subscription_group
         cap = self._policy.frequency_cap if group else None
         capped = cap is not None and cap.count > 0
+        keys = tuple(dict.fromkeys((record.profile_key, *person_keys)))
         return LastChecks(
             profile_key=record.profile_key,
             flow_id=record.flow_id,
             entry_key=record.entry_key,
             entry_time=record.entry_time,
             group=group,
-            subjects=(record.profile_key, f"email:{email.lower()}") if group else (),
+            subjects=(*keys, f"email:{email.lower()}") if group else (),
             cap_since=now - cap.period if cap is not None and capped else None,
             cap_count=cap.count if cap is not None and capped else 0,
             attempt=record.attempts,
+            person_keys=keys,
+            duplicate_since=self._reentry_since(record),
         )
+
+    def _reentry_since(self, record: SendRecord) -> datetime | None:
+        """Since when another send of this flow entry to another of the
+        person's ids makes this one a duplicate: the re-entry rule's, as the
+        send key applies it to one id (once per key: ever; once per period:
+        this period)."""
+        flow = self._flows.get(record.flow_id)
+        if flow is None:
+            return None
+        if flow.reentry is Reentry.ONCE_PER_PERIOD:
+            period = flow.reentry_period.total_seconds()
+            start = record.entry_time.timestamp() // period * period
+            return datetime.fromtimestamp(start, UTC)
+        return _EARLIEST
 
     async def _refused_at_handover(self, record: SendRecord, handover: HandOver, render_s: float) -> Attempt:
         if handover.exit_event is not None:
             await self._finish(record, SendStatus.CANCELLED, f"exit: {handover.exit_event}")
             return Attempt("cancelled", "exit", render_s=render_s)
+        if handover.duplicate:
+            # the person had this email under another of their ids
+            await self._finish(record, SendStatus.SKIPPED, "duplicate")
+            return Attempt("skipped", "duplicate", render_s=render_s)
         if handover.suppressed:
             await self._finish(record, SendStatus.SKIPPED, f"suppressed for {record.subscription_group}")
             return Attempt("skipped", "suppressed", render_s=render_s)

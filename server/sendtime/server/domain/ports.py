@@ -217,6 +217,14 @@ class LastChecks:
     #: The send is still the claim that counted this attempt (0: not checked).
     #: A claim that outlived its lease may have been claimed again elsewhere.
     attempt: int = 0
+    #: Every profile key of the person (domain.identity; empty: the send's
+    #: alone): an exit under any of them ends the entry, and the cap counts
+    #: the sends to all of them.
+    person_keys: Sequence[str] = ()
+    #: A send of the same flow and entry key to another of the person's keys,
+    #: entered at or after this time and handed to the ESP, makes this one a
+    #: duplicate (None: not looked for): one cart filled under two ids, one email.
+    duplicate_since: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +238,8 @@ class HandOver:
     capped: bool = False
     #: Marketing sends since ``cap_since`` (counted for a send the cap stopped).
     sent: int = 0
+    #: Another of the person's keys had this flow entry's email already.
+    duplicate: bool = False
 
 
 class DeliveryLedger(Protocol):
@@ -300,7 +310,7 @@ class DeliveryLedger(Protocol):
         ...
 
     async def sent_since(self, profile_key: str, since: datetime) -> int:
-        """Marketing sends to this user since ``since`` that count against
+        """Marketing sends to this profile key since ``since`` that count against
         frequency caps: accepted, or handed to the ESP and not yet answered."""
         ...
 

@@ -29,8 +29,6 @@ Errors go through http_errors; every JSON error names the field at fault.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
 import hmac
 import html
@@ -65,6 +63,7 @@ from sendtime.server.domain.ingest import Ack, Ingestor, Outcome, Undecodable, u
 from sendtime.server.domain.queries import ProfileQueries
 from sendtime.server.edge import preferences_page, segment
 from sendtime.server.edge.http_errors import error_body, error_response
+from sendtime.server.edge.http_keys import header_key, names_a_key
 from sendtime.server.edge.http_limits import ConnectionLimiter, IngestAdmission, read_body
 from sendtime.server.edge.http_observe import observe_middleware
 from sendtime.server.edge.profile_json import profile_json
@@ -114,19 +113,9 @@ def _json_response(body: object, status: int = 200) -> web.Response:
 
 
 def _api_key(request: web.Request, body: bytes | None = None) -> str | None:
-    """Bearer key, or Basic with the key as the user name (Segment's write key)."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer":
-        return value.strip() or None
-    if scheme.lower() == "basic":
-        try:
-            user, _, _password = base64.b64decode(value, validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
-            raise Unauthenticated("the Basic credentials are not valid base64") from None
-        return user or None
-    if not body:
-        return None
+    """The Authorization header's key (edge.http_keys), else Segment's write key in the body."""
+    if names_a_key(request.headers) or not body:
+        return header_key(request.headers)
     try:
         return segment.write_key_in_body(body)
     except UnicodeDecodeError:
