@@ -23,19 +23,20 @@ from typing import Any
 
 import msgspec
 
+from sendtime.server.cache import CacheFetcher, MemoryCache
+from sendtime.server.domain.catalog import Catalog, Product
 from sendtime.server.domain.commits import AfterCommit
-from sendtime.server.domain.content import MissingValueError
+from sendtime.server.domain.content import ContentObserver, ContentPipeline, ContentPolicy, MissingValueError
 from sendtime.server.domain.errors import NotFound, SendtimeError
 from sendtime.server.domain.events import Event, EventKind, IncomingEvent, TraitsUpdate
 from sendtime.server.domain.flows import (
     ANY_ENTRY,
-    ExitOn,
     Flow,
     FlowPlanner,
     PlannedExit,
     PlannedSend,
-    Reentry,
 )
+from sendtime.server.domain.identity import IdLink, links_of
 from sendtime.server.domain.ingest import Ack, IngestObserver, Ingestor
 from sendtime.server.domain.ports import (
     Appended,
@@ -44,12 +45,15 @@ from sendtime.server.domain.ports import (
     DueSends,
     HandOver,
     LastChecks,
+    People,
     SendPlanner,
 )
 from sendtime.server.domain.profile import Profile
 from sendtime.server.domain.profiles import ProfileBook
+from sendtime.server.domain.recommend import Recommender
 from sendtime.server.domain.sends import FINAL_STATUSES, SendRecord, SendStatus
 from sendtime.server.relay.base import OutgoingEmail, RelayFailure
+from tests.contract.conftest import ABANDONED_CART
 
 _decode_profile = msgspec.msgpack.Decoder(Profile).decode
 
@@ -173,6 +177,20 @@ class MemoryProfileStore:
             raise self.fail_loads
         return {key: _decode_profile(self.rows[key]) for key in keys if key in self.rows}
 
+    async def load_people(self, keys: Sequence[str]) -> People:
+        """An IdentityLinks over ``log``: the links its events carry (a
+        backend writes them with the events), followed from ``keys``."""
+        every = [link for _, event in self.log for link in links_of(event)]
+        reached, links = set(keys), set[IdLink]()
+        while True:
+            more = {link for link in every if link.from_key in reached or link.to_key in reached} - links
+            if not more:
+                break
+            links |= more
+            reached |= {key for link in more for key in (link.from_key, link.to_key)}
+        profiles = await self.load_profiles([*keys, *sorted(reached - set(keys))])
+        return People(profiles, sorted(links, key=lambda link: (link.at, link.message_id)))
+
     async def stage_profiles(self, rows: Sequence[tuple[str, bytes]]) -> None:
         if self.fail_saves is not None:
             raise self.fail_saves
@@ -196,6 +214,9 @@ class MemoryProfileStore:
         return [event for position, event in self.log if position > after], max(
             (position for position, _ in self.log[-1:]), default=after
         )
+
+    async def scan_profiles(self, after: str, limit: int) -> list[tuple[str, bytes]]:
+        return sorted((key, row) for key, row in self.rows.items() if key > after)[:limit]
 
 
 # -- the delivery ledger ---------------------------------------------------------
@@ -365,23 +386,43 @@ class MemoryLedger:
         self, send_id: int, *, relay: str, template_version: str, checks: LastChecks
     ) -> HandOver:
         record = self.sends[send_id]
-        exit_event = (
-            await self.exit_since(checks.profile_key, checks.flow_id, checks.entry_key, checks.entry_time)
-            if checks.flow_id
-            else None
+        keys = sorted(set(checks.person_keys) | {checks.profile_key})
+        others = [key for key in keys if key != checks.profile_key]
+        exit_event = None
+        for key in keys if checks.flow_id else ():
+            exit_event = exit_event or await self.exit_since(
+                key, checks.flow_id, checks.entry_key, checks.entry_time
+            )
+        duplicate = (
+            checks.duplicate_since is not None
+            and bool(checks.flow_id)
+            and any(
+                r.profile_key in others
+                and r.flow_id == checks.flow_id
+                and r.entry_key == checks.entry_key
+                and r.entry_time >= checks.duplicate_since
+                and r.status in (SendStatus.SENT, SendStatus.RELAYING, SendStatus.UNCERTAIN)
+                for r in self.sends.values()
+            )
         )
         suppressed = bool(checks.subjects) and self.suppressions.suppressed(checks.subjects, checks.group)
-        sent = self._sent_since(checks.profile_key, checks.cap_since) if checks.cap_since is not None else 0
+        sent = (
+            sum(self._sent_since(key, checks.cap_since) for key in keys)
+            if checks.cap_since is not None
+            else 0
+        )
         capped = checks.cap_since is not None and sent >= checks.cap_count
         current = record.status is SendStatus.SENDING and (
             not checks.attempt or record.attempts == checks.attempt
         )
-        if current and exit_event is None and not suppressed and not capped:
+        if current and exit_event is None and not duplicate and not suppressed and not capped:
             self._set(
                 record, status=SendStatus.RELAYING, reason="", relay=relay, template_version=template_version
             )
             return HandOver(True)
-        return HandOver(False, exit_event=exit_event, suppressed=suppressed, capped=capped, sent=sent)
+        return HandOver(
+            False, exit_event=exit_event, suppressed=suppressed, capped=capped, sent=sent, duplicate=duplicate
+        )
 
     async def recover_interrupted(
         self, *, relay_idempotent: bool, now: datetime | None = None
@@ -510,9 +551,13 @@ class PlainTemplate:
     blocks: Mapping[str, Any]
     unrenderable: tuple[str, ...] = ()
     contexts: list[Mapping[str, Any]] = field(default_factory=list)
+    #: Called as it renders (what a test makes happen meanwhile).
+    on_render: Callable[[], object] | None = None
 
     def render(self, context: Mapping[str, Any]) -> PlainEmail:
         self.contexts.append(context)
+        if self.on_render is not None:
+            self.on_render()
         shown = {name: context.get(name) for name in self.blocks if name not in self.unrenderable}
         fell_back = [name for name in self.blocks if name in self.unrenderable or context.get(name) is None]
         body = f"{context['user'].get('id')}: {shown}"
@@ -589,22 +634,8 @@ class MemoryUpstream:
 
 
 def abandoned_cart_flow(**changes: Any) -> Flow:
-    """The abandoned-cart flow of the default settings, with ``changes``."""
-    flow = Flow(
-        id="abandoned_cart",
-        template="abandoned_cart",
-        entry_event="Product Added",
-        entry_filter={},
-        entry_key="cart_id",
-        delay=timedelta(minutes=30),
-        exit_events=("Order Completed",),
-        exit_on=ExitOn.ANY,
-        reentry=Reentry.ONCE_PER_KEY,
-        reentry_period=timedelta(0),
-        subscription_group="marketing",
-        sender="shop@example.com",
-    )
-    return dataclasses.replace(flow, **changes)
+    """The contract suite's abandoned-cart flow, due after 30 minutes, with ``changes``."""
+    return dataclasses.replace(ABANDONED_CART, **{"delay": timedelta(minutes=30), **changes})
 
 
 class IngestRig:
@@ -620,21 +651,30 @@ class IngestRig:
         self.ledger = MemoryLedger(self.clock)
         self.profile_store = MemoryProfileStore(log=[])
         # the flusher saves on close only: never on a timer in a test
-        self.profiles = ProfileBook(self.profile_store, max_cached=max_cached, flush_interval_s=3600)
+        self.profiles = ProfileBook(
+            self.profile_store, self.profile_store, max_cached=max_cached, flush_interval_s=3600
+        )
         self.learned: list[str] = []
         self.invalidated: list[str] = []
         self.woken: list[datetime] = []
         #: Also told of each user whose cached content is to go (a ContentPipeline's).
         self.invalidate_user: Callable[[str], None] | None = None
+        #: Also told when a commit scheduled a send (a Dispatcher's wake).
+        self.wake_dispatcher: Callable[[datetime], None] | None = None
         self.after_commit = AfterCommit(
             profiles=self.profiles,
             learn=lambda events: self.learned.extend(e.message_id for e in events),
             invalidate_user=self._invalidate,
-            wake_dispatcher=self.woken.append,
+            wake_dispatcher=self._wake,
         )
         self.events = MemoryEventStore(FlowPlanner(flows), self.after_commit, self.ledger)
         self.events.log = self.profile_store.log  # replayed from what the event store keeps
         self.ingestor = Ingestor(self.events, self.after_commit, clock=self.clock.now, observer=observer)
+
+    def _wake(self, due_at: datetime) -> None:
+        self.woken.append(due_at)
+        if self.wake_dispatcher is not None:
+            self.wake_dispatcher(due_at)
 
     def _invalidate(self, profile_key: str) -> None:
         self.invalidated.append(profile_key)
@@ -678,3 +718,41 @@ def identify(
         user_id=user,
         traits=TraitsUpdate(email=email, **known, extra=traits),
     )
+
+
+def content_pipeline(
+    rig: IngestRig,
+    templates: Templates,
+    *,
+    products: Sequence[Product] = (),
+    upstreams: Sequence[MemoryUpstream] = (),
+    loop_lag: Callable[[], float] | None = None,
+    observer: ContentObserver | None = None,
+) -> tuple[ContentPipeline, CacheFetcher]:
+    """A ContentPipeline over the rig's profiles and the real block cache, on
+    the rig's clock; the rig's commits drop its cached blocks, as in the server.
+    Close the fetcher (``aclose``) after."""
+    fetcher = CacheFetcher(MemoryCache[Any](max_bytes=1 << 24, clock=rig.clock.monotonic))
+    pipeline = ContentPipeline(
+        profiles=rig.profiles,
+        catalog=Catalog(products),
+        recommender=Recommender(),
+        cache=fetcher,
+        upstreams={upstream.name: upstream for upstream in upstreams},
+        templates=templates,
+        policy=ContentPolicy(
+            block_ttl_s=30,
+            block_stale_ttl_s=300,
+            min_fetch_s=0.005,
+            cache_results=True,
+            recommendations_size=4,
+            recently_viewed_size=4,
+            drop_out_of_stock=False,
+        ),
+        max_concurrent=8,
+        clock=rig.clock.monotonic,
+        observer=observer,
+        loop_lag=loop_lag,
+    )
+    rig.invalidate_user = pipeline.invalidate_user
+    return pipeline, fetcher

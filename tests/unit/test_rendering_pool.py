@@ -16,6 +16,9 @@ from sendtime.server.rendering._pool import _CORES_RECHECK_S
 from sendtime.server.rendering._worker import TemplateRenderer
 from tests.unit.test_rendering import SHIPPED, TEMPLATES, full_context
 
+# slow: render worker processes (make test-fast leaves them out)
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 async def pool() -> AsyncIterator[RenderPool]:

@@ -5,8 +5,9 @@ with group commit). The default, and the one ``make run`` uses.
     events = storage.event_store(planner, listener)   # once the domain exists
 
 Modules: _db (schema, writer thread, reader), _events (append, dedupe, the
-round's flow plan), _ledger (sends and their state machine), _records
-(profiles, catalog, suppressions, exits), _rows (value conversions).
+round's flow plan, the links events carry), _ledger (sends and their state
+machine), _records (profiles, identity links, catalog, suppressions, exits),
+_broadcasts (segments, broadcasts and their sends), _rows (value conversions).
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from datetime import timedelta
 from pathlib import Path
 
 from sendtime.server.domain.ports import CommitListener, SendPlanner, StoreStats
+from sendtime.server.store.sqlite._broadcasts import SqliteBroadcasts
 from sendtime.server.store.sqlite._db import FILE_MODE, SCHEMA_VERSION, SqliteDatabase, Synchronous
 from sendtime.server.store.sqlite._events import SqliteEventStore
 from sendtime.server.store.sqlite._ledger import Plans, SqliteLedger
 from sendtime.server.store.sqlite._records import (
     SqliteCatalog,
     SqliteExits,
+    SqliteLinks,
     SqliteProfiles,
     SqliteSuppressions,
 )
@@ -37,10 +40,12 @@ class SqliteBackend:
         self._max_queued = max_queued_events
         self._events: SqliteEventStore | None = None
         self.profiles = SqliteProfiles(db)
+        self.links = SqliteLinks(db)
         self.catalog = SqliteCatalog(db)
         self.ledger = SqliteLedger(db, self._plans)
         self.suppressions = SqliteSuppressions(db)
         self.exits = SqliteExits(db)
+        self.broadcasts = SqliteBroadcasts(db, self._plans)
 
     @classmethod
     async def open(
