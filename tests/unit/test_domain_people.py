@@ -130,13 +130,15 @@ async def test_a_shared_device_keeps_two_people_apart() -> None:
             event("vb", 21, "Product Viewed", {"product_id": "bob-view"}, anonymous="kiosk"),
         )
         ada, bob = await rig.profiles.get("u:ada"), await rig.profiles.get("u:bob")
-        assert ada is not None and bob is not None
+        assert ada is not None
+        assert bob is not None
         assert (list(ada.viewed), ada.traits["email"].value) == (["ada-view"], "ada@example.com")
         assert (list(bob.viewed), bob.traits["email"].value) == (["bob-view"], "bob@example.com")
         # the device's id is whoever used it last; at a time, whoever used it then
         now = await rig.profiles.person("a:kiosk")
         then = await rig.profiles.person("a:kiosk", at(12))
-        assert now is not None and then is not None
+        assert now is not None
+        assert then is not None
         assert (now.profile.user_id, then.profile.user_id) == ("bob", "ada")
 
 
@@ -147,7 +149,8 @@ async def test_an_alias_makes_two_user_ids_one_person() -> None:
             event("a1", 2, "Product Added", {"cart_id": "c1", "product_id": "p1"}, user="new-id"),
         )
         apart = await rig.profiles.get("u:new-id")
-        assert apart is not None and "email" not in apart.traits
+        assert apart is not None
+        assert "email" not in apart.traits
         await rig.ingest(event("al", 3, user="new-id", previous="old-id", kind=EventKind.ALIAS))
         for key in ("u:new-id", "u:old-id"):
             person = await rig.profiles.person(key)
