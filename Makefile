@@ -35,6 +35,11 @@ demo: script
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# Everything but the tests marked slow (subprocess servers, fresh installs,
+# PostgreSQL replicas, timing): the domain and the in-process server, in under a minute.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" -q
+
 # The property tests at every door with 2,000 examples each instead of a few dozen (several minutes).
 fuzz: $(STAMP)
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-2000} $(BIN)/python -m pytest -q tests/integration/test_surface_fuzz.py tests/integration/test_ingest_fuzz.py

@@ -29,9 +29,11 @@ def pytest_asyncio_loop_factories(
 
 @pytest.fixture
 def make_settings(tmp_path: Path) -> SettingsFactory:
-    """Settings for a test server: ports 0, data under tmp_path; an optional
-    TOML config text, and SENDTIME_* style overrides as keyword arguments
-    (grpc__port="0")."""
+    """Settings for a test server: ports 0, data under tmp_path, emails
+    rendered on the event loop (no worker processes to start and stop: the
+    render pool has tests of its own, and the subprocess servers run it); an
+    optional TOML config text, and SENDTIME_* style overrides as keyword
+    arguments (grpc__port="0", content__render_processes="2")."""
 
     def make(config: str | None = None, **overrides: str) -> Settings:
         environ = {
@@ -39,6 +41,7 @@ def make_settings(tmp_path: Path) -> SettingsFactory:
             "SENDTIME_HTTP__PORT": "0",
             "SENDTIME_STORAGE__DATA_DIR": str(tmp_path / "data"),
             "SENDTIME_SHUTDOWN_GRACE_S": "5",
+            "SENDTIME_CONTENT__RENDER_PROCESSES": "0",
         }
         environ.update({f"SENDTIME_{k.upper()}": v for k, v in overrides.items()})
         path = None

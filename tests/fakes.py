@@ -23,18 +23,18 @@ from typing import Any
 
 import msgspec
 
+from sendtime.server.cache import CacheFetcher, MemoryCache
+from sendtime.server.domain.catalog import Catalog, Product
 from sendtime.server.domain.commits import AfterCommit
-from sendtime.server.domain.content import MissingValueError
+from sendtime.server.domain.content import ContentObserver, ContentPipeline, ContentPolicy, MissingValueError
 from sendtime.server.domain.errors import NotFound, SendtimeError
 from sendtime.server.domain.events import Event, EventKind, IncomingEvent, TraitsUpdate
 from sendtime.server.domain.flows import (
     ANY_ENTRY,
-    ExitOn,
     Flow,
     FlowPlanner,
     PlannedExit,
     PlannedSend,
-    Reentry,
 )
 from sendtime.server.domain.ingest import Ack, IngestObserver, Ingestor
 from sendtime.server.domain.ports import (
@@ -48,8 +48,10 @@ from sendtime.server.domain.ports import (
 )
 from sendtime.server.domain.profile import Profile
 from sendtime.server.domain.profiles import ProfileBook
+from sendtime.server.domain.recommend import Recommender
 from sendtime.server.domain.sends import FINAL_STATUSES, SendRecord, SendStatus
 from sendtime.server.relay.base import OutgoingEmail, RelayFailure
+from tests.contract.conftest import ABANDONED_CART
 
 _decode_profile = msgspec.msgpack.Decoder(Profile).decode
 
@@ -510,9 +512,13 @@ class PlainTemplate:
     blocks: Mapping[str, Any]
     unrenderable: tuple[str, ...] = ()
     contexts: list[Mapping[str, Any]] = field(default_factory=list)
+    #: Called as it renders (what a test makes happen meanwhile).
+    on_render: Callable[[], object] | None = None
 
     def render(self, context: Mapping[str, Any]) -> PlainEmail:
         self.contexts.append(context)
+        if self.on_render is not None:
+            self.on_render()
         shown = {name: context.get(name) for name in self.blocks if name not in self.unrenderable}
         fell_back = [name for name in self.blocks if name in self.unrenderable or context.get(name) is None]
         body = f"{context['user'].get('id')}: {shown}"
@@ -589,22 +595,8 @@ class MemoryUpstream:
 
 
 def abandoned_cart_flow(**changes: Any) -> Flow:
-    """The abandoned-cart flow of the default settings, with ``changes``."""
-    flow = Flow(
-        id="abandoned_cart",
-        template="abandoned_cart",
-        entry_event="Product Added",
-        entry_filter={},
-        entry_key="cart_id",
-        delay=timedelta(minutes=30),
-        exit_events=("Order Completed",),
-        exit_on=ExitOn.ANY,
-        reentry=Reentry.ONCE_PER_KEY,
-        reentry_period=timedelta(0),
-        subscription_group="marketing",
-        sender="shop@example.com",
-    )
-    return dataclasses.replace(flow, **changes)
+    """The contract suite's abandoned-cart flow, due after 30 minutes, with ``changes``."""
+    return dataclasses.replace(ABANDONED_CART, **{"delay": timedelta(minutes=30), **changes})
 
 
 class IngestRig:
@@ -626,15 +618,22 @@ class IngestRig:
         self.woken: list[datetime] = []
         #: Also told of each user whose cached content is to go (a ContentPipeline's).
         self.invalidate_user: Callable[[str], None] | None = None
+        #: Also told when a commit scheduled a send (a Dispatcher's wake).
+        self.wake_dispatcher: Callable[[datetime], None] | None = None
         self.after_commit = AfterCommit(
             profiles=self.profiles,
             learn=lambda events: self.learned.extend(e.message_id for e in events),
             invalidate_user=self._invalidate,
-            wake_dispatcher=self.woken.append,
+            wake_dispatcher=self._wake,
         )
         self.events = MemoryEventStore(FlowPlanner(flows), self.after_commit, self.ledger)
         self.events.log = self.profile_store.log  # replayed from what the event store keeps
         self.ingestor = Ingestor(self.events, self.after_commit, clock=self.clock.now, observer=observer)
+
+    def _wake(self, due_at: datetime) -> None:
+        self.woken.append(due_at)
+        if self.wake_dispatcher is not None:
+            self.wake_dispatcher(due_at)
 
     def _invalidate(self, profile_key: str) -> None:
         self.invalidated.append(profile_key)
@@ -678,3 +677,41 @@ def identify(
         user_id=user,
         traits=TraitsUpdate(email=email, **known, extra=traits),
     )
+
+
+def content_pipeline(
+    rig: IngestRig,
+    templates: Templates,
+    *,
+    products: Sequence[Product] = (),
+    upstreams: Sequence[MemoryUpstream] = (),
+    loop_lag: Callable[[], float] | None = None,
+    observer: ContentObserver | None = None,
+) -> tuple[ContentPipeline, CacheFetcher]:
+    """A ContentPipeline over the rig's profiles and the real block cache, on
+    the rig's clock; the rig's commits drop its cached blocks, as in the server.
+    Close the fetcher (``aclose``) after."""
+    fetcher = CacheFetcher(MemoryCache[Any](max_bytes=1 << 24, clock=rig.clock.monotonic))
+    pipeline = ContentPipeline(
+        profiles=rig.profiles,
+        catalog=Catalog(products),
+        recommender=Recommender(),
+        cache=fetcher,
+        upstreams={upstream.name: upstream for upstream in upstreams},
+        templates=templates,
+        policy=ContentPolicy(
+            block_ttl_s=30,
+            block_stale_ttl_s=300,
+            min_fetch_s=0.005,
+            cache_results=True,
+            recommendations_size=4,
+            recently_viewed_size=4,
+            drop_out_of_stock=False,
+        ),
+        max_concurrent=8,
+        clock=rig.clock.monotonic,
+        observer=observer,
+        loop_lag=loop_lag,
+    )
+    rig.invalidate_user = pipeline.invalidate_user
+    return pipeline, fetcher

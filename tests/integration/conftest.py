@@ -5,11 +5,31 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import pytest
 from aiohttp import web
+
+T = TypeVar("T")
+
+
+async def eventually(
+    check: Callable[[], Awaitable[T]], *, until: Callable[[T], bool], timeout: float = 10.0
+) -> T:
+    """Ask ``check`` again until its answer satisfies ``until``, and return that
+    answer: a wait on a condition, not a guess at how long something takes.
+    (``timeout`` only ends a test that would otherwise hang.)"""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = await check()
+        if until(answer):
+            return answer
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still {answer!r} after {timeout:g} s")
+        await asyncio.sleep(0.02)
 
 
 @dataclass

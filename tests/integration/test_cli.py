@@ -16,6 +16,9 @@ import pytest
 
 from sendtime.server.app import Sendtime
 
+# slow: each command runs the CLI as a process of its own (make test-fast leaves them out)
+pytestmark = pytest.mark.slow
+
 
 @dataclass(frozen=True)
 class Result:

@@ -13,7 +13,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from sendtime.server.app import Sendtime
+
+# slow: each command runs the CLI as a process of its own (make test-fast leaves them out)
+pytestmark = pytest.mark.slow
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,9 @@ from sendtime.client._content import block_from_proto, content_request
 from sendtime.server.app import Sendtime
 from sendtime.v1 import content_service_pb2
 
+# slow: each command runs the CLI as a process of its own (and Chromium) (make test-fast leaves them out)
+pytestmark = pytest.mark.slow
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SHOPPER_CART = {"kettle-steel", "kettle-electric", "filters-100"}
 

@@ -37,6 +37,9 @@ from sendtime.server.app import Sendtime
 from sendtime.server.settings import hash_key
 from tests.conftest import SettingsFactory
 
+# slow: each command runs the CLI as a process of its own (make test-fast leaves them out)
+pytestmark = pytest.mark.slow
+
 #: A cart line of the demo catalog, so the abandoned-cart template has a cart to show.
 CART_LINE = {"cart_id": "c1", "product_id": "kettle-steel", "name": "Kettle", "price": 70, "quantity": 1}
 DEFAULT_FLOWS = {

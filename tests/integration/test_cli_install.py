@@ -11,23 +11,16 @@ import asyncio
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from sendtime.server.app import Sendtime
+from tests.integration.test_cli import Result
 
 CLIENT = Path(__file__).parents[2] / "clients" / "python"
 
 pytestmark = pytest.mark.slow
-
-
-@dataclass(frozen=True)
-class Result:
-    code: int
-    stdout: str
-    stderr: str
 
 
 async def run(*command: str | Path, env: dict[str, str] | None = None, timeout: float = 60) -> Result:

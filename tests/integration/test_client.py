@@ -208,6 +208,7 @@ async def test_tls_with_given_credentials(tmp_path: Path, make_settings: Setting
                 await plaintext.get_profile("u1")
 
 
+@pytest.mark.slow  # timing: retries against the clock
 async def test_unavailable_is_retried_until_the_deadline(refusing_port: int) -> None:
     retry = RetryPolicy(initial_backoff=0.02, max_backoff=0.1)
     async with AsyncClient(f"127.0.0.1:{refusing_port}", "dev-key", retry=retry) as client:
@@ -218,6 +219,7 @@ async def test_unavailable_is_retried_until_the_deadline(refusing_port: int) -> 
     assert 0.3 < elapsed < 2.0, elapsed
 
 
+@pytest.mark.slow  # timing: retries against the clock
 async def test_a_retry_reaches_a_server_that_comes_up(make_settings: SettingsFactory) -> None:
     with socket.socket() as sock:  # find a free port, then let the server take it
         sock.bind(("127.0.0.1", 0))
@@ -319,6 +321,7 @@ async def test_stream_gives_up_after_its_reconnect_timeout(refusing_port: int) -
         await ack
 
 
+@pytest.mark.slow  # timing: retries against the clock
 async def test_stream_reconnects_to_a_restarted_server_and_every_event_is_acked(
     make_settings: SettingsFactory,
 ) -> None:

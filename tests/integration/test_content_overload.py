@@ -5,7 +5,9 @@ server counts shed calls and answers that left after their deadline
 (``sendtime_content_shed_total``, ``sendtime_content_late_answers_total``).
 
 The server runs in the test's own event loop, so a test makes it run late the
-way overload does: it holds the loop (time.sleep) for a while."""
+way overload does: it holds the loop (time.sleep) for a while. Timing tests,
+so marked slow: what they check is told by the server's own counters (shed,
+late answers), never by how long the test waited."""
 
 from __future__ import annotations
 
@@ -21,11 +23,13 @@ import pytest
 from sendtime.server.app import Sendtime
 from sendtime.v1 import content_service_pb2, content_service_pb2_grpc
 from tests.conftest import DEV_AUTH, SettingsFactory
-from tests.integration.conftest import Upstream
+from tests.integration.conftest import Upstream, eventually
 from tests.integration.observing import scrape, value
 from tests.integration.test_content import config_for
 
 AUTH = {"Authorization": "Bearer dev-key"}
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
@@ -62,12 +66,10 @@ async def test_blocks_are_shed_to_cache_or_fallback_when_the_server_runs_late(ap
 
         await run_late(0.4)
         headers = {**AUTH, "Sendtime-Deadline-Ms": "200"}
-        started = time.perf_counter()
         async with http.get(f"{base}/v1/content/ada?blocks=cart,recommendations", headers=headers) as r:
             ada = await r.json()
         async with http.get(f"{base}/v1/content/bob?blocks=cart", headers=headers) as r:
             bob = await r.json()
-        took = time.perf_counter() - started
 
         # ada's cart was cached: served from the cache; what was not is a
         # fallback that says why; bob has nothing cached at all
@@ -81,16 +83,18 @@ async def test_blocks_are_shed_to_cache_or_fallback_when_the_server_runs_late(ap
             "fallback",
             "overloaded",
         )
-        assert took < 0.2
 
+        # shed at admission, and in time: the server counts no late answer
         families = await scrape(app.http_port)
         assert value(families, "sendtime_content_shed_total", call="content") == 2
         assert value(families, "sendtime_content_late_answers_total") == 0
 
         # once the loop keeps time again, the same call is answered in full
-        await asyncio.sleep(0.6)
-        async with http.get(f"{base}/v1/content/bob?blocks=cart", headers=headers) as r:
-            assert (await r.json())["blocks"]["cart"]["source"] == "fresh"
+        async def bobs_cart() -> str:
+            async with http.get(f"{base}/v1/content/bob?blocks=cart", headers=headers) as r:
+                return str((await r.json())["blocks"]["cart"]["source"])
+
+        assert await eventually(bobs_cart, until=lambda source: source != "fallback") == "fresh"
 
 
 async def test_a_whole_email_that_cannot_be_made_in_time_is_refused_at_once(app: Sendtime) -> None:
@@ -105,10 +109,8 @@ async def test_a_whole_email_that_cannot_be_made_in_time_is_refused_at_once(app:
 
         await run_late(0.4)
         headers = {**AUTH, "Sendtime-Deadline-Ms": "200"}
-        started = time.perf_counter()
         async with http.get(f"{base}/v1/content/ada?template=abandoned_cart", headers=headers) as response:
             body = await response.json()
-        assert time.perf_counter() - started < 0.2
         assert response.status == 429
         assert response.headers["Retry-After"] == "1"
         assert body["error"]["reason"] == "RESOURCE_EXHAUSTED"
@@ -128,10 +130,15 @@ async def test_a_whole_email_that_cannot_be_made_in_time_is_refused_at_once(app:
         assert value(families, "sendtime_content_shed_total", call="email") == 2
 
         # in time again: the email is made
-        await asyncio.sleep(0.6)
-        async with http.get(f"{base}/v1/content/ada?template=abandoned_cart", headers=headers) as response:
-            assert response.status == 200
-            assert "Stoneware Mug" in (await response.json())["email"]["html"]
+        async def email() -> tuple[int, str]:
+            async with http.get(
+                f"{base}/v1/content/ada?template=abandoned_cart", headers=headers
+            ) as response:
+                return response.status, await response.text()
+
+        status, text = await eventually(email, until=lambda answer: answer[0] != 429)
+        assert status == 200
+        assert "Stoneware Mug" in text
 
 
 async def test_an_answer_that_leaves_after_its_deadline_is_counted(

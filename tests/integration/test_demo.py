@@ -13,10 +13,15 @@ import re
 import time
 from pathlib import Path
 
+import pytest
+
 from sendtime.server.app import Sendtime
 from sendtime.server.settings import load_settings
 from tests.conftest import SettingsFactory
 from tests.integration.server_process import run_sendtime, start_server
+
+# slow: servers run as processes, and the demo's flows wait their delays (make test-fast leaves them out)
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "demo" / "sendtime.toml"

@@ -235,6 +235,7 @@ async def sent(make_settings: SettingsFactory) -> AsyncIterator[Sendtime]:
 
 
 @needs_chromium
+@pytest.mark.slow
 async def test_the_status_pages_preview_shows_the_pictures(sent: Sendtime, tmp_path: Path) -> None:
     """The email a flow sent, as the status page previews it in a browser."""
     base_url = base(sent)
@@ -261,6 +262,7 @@ async def test_the_status_pages_preview_shows_the_pictures(sent: Sendtime, tmp_p
 
 
 @needs_chromium
+@pytest.mark.slow
 async def test_the_preview_loads_the_pictures(
     server: Sendtime,
     session: aiohttp.ClientSession,

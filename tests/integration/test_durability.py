@@ -11,11 +11,15 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sendtime.v1 import event_pb2, event_service_pb2, profile_service_pb2
 from tests.conftest import DEV_AUTH, event_stub, profile_stub
 from tests.integration.server_process import ServerProcess, start_server
+
+# slow: servers run as processes and are killed (make test-fast leaves them out)
+pytestmark = pytest.mark.slow
 
 BATCH = 50
 

@@ -5,6 +5,7 @@ when no public address is configured. Real sendtime, real SMTP server."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import re
 from collections.abc import Iterator
@@ -15,11 +16,12 @@ import pytest
 
 from sendtime.server.app import Sendtime
 from sendtime.v1 import delivery_service_pb2 as D
-from tests.conftest import SettingsFactory
+from tests.conftest import DEV_AUTH, SettingsFactory
 from tests.integration.smtp_server import SmtpServer
 from tests.integration.test_delivery import (
     add_to_cart,
     channel_to,
+    deliveries,
     identify,
     ingest,
     smtp_relay,
@@ -99,7 +101,14 @@ async def test_a_send_due_at_start_links_to_the_port_the_restarted_edge_listens_
     settings = make_settings(config(smtp_relay(smtp.port), delay_s=0.5))
     async with Sendtime(settings) as app, channel_to(app) as channel:
         await ingest(channel, identify("i1"), add_to_cart("a1"))
-    await asyncio.sleep(0.6)
+        (scheduled,) = (
+            await deliveries(channel).ListDeliveries(
+                D.ListDeliveriesRequest(user_id="ada"), metadata=DEV_AUTH
+            )
+        ).deliveries
+    # down until it is due (the wait is the time left to its due time, read from the ledger)
+    due = scheduled.due_time.ToDatetime(tzinfo=dt.UTC)
+    await asyncio.sleep(max((due - dt.datetime.now(dt.UTC)).total_seconds(), 0) + 0.01)
     async with Sendtime(settings) as restarted:
         (message,) = await asyncio.to_thread(smtp.inbox.wait_for, 1)
         unsubscribe = message["List-Unsubscribe"].split(",")[0].strip("<> ")

@@ -72,6 +72,22 @@ async def test_unary_rejection_names_the_field(events: event_service_pb2_grpc.Ev
     assert [field for field, _ in violations] == ["event.track.properties_json.products[0].price"]
 
 
+async def test_an_alias_is_accepted_and_one_without_previous_id_is_refused_naming_it(
+    events: event_service_pb2_grpc.EventServiceAsyncStub,
+) -> None:
+    alias = event_pb2.Event(
+        message_id="al-1", user_id="ada", alias=event_pb2.AliasPayload(previous_id="anon-1")
+    )
+    answer = await events.IngestEvent(event_service_pb2.IngestEventRequest(event=alias), metadata=DEV_AUTH)
+    assert answer.ack.outcome == event_pb2.EVENT_OUTCOME_ACCEPTED
+    empty = event_pb2.Event(message_id="al-2", user_id="ada", alias=event_pb2.AliasPayload())
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await events.IngestEvent(event_service_pb2.IngestEventRequest(event=empty), metadata=DEV_AUTH)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    _, violations = details(caught.value)
+    assert [field for field, _ in violations] == ["event.alias.previous_id"]
+
+
 async def test_batch_keeps_the_good_and_rejects_the_bad(
     events: event_service_pb2_grpc.EventServiceAsyncStub,
     profiles: profile_service_pb2_grpc.ProfileServiceAsyncStub,

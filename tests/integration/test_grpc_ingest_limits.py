@@ -68,6 +68,7 @@ async def assert_serving(server: ServerProcess, message_id: str) -> None:
         assert ack.ack.outcome == event_pb2.EVENT_OUTCOME_ACCEPTED
 
 
+@pytest.mark.slow
 async def test_a_stream_message_over_the_event_limit_is_refused_and_the_server_lives(
     child: ServerProcess,
 ) -> None:
@@ -99,6 +100,7 @@ async def test_a_stream_message_over_the_event_limit_is_refused_and_the_server_l
     await assert_serving(child, "after-the-big-one")
 
 
+@pytest.mark.slow
 async def test_a_client_resetting_the_stream_does_not_crash_the_server(child: ServerProcess) -> None:
     """Within the per-message limit, an ack can still exceed what a client takes
     (rejected events echo their message ids): the client resets the stream. The

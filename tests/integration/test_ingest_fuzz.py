@@ -29,6 +29,9 @@ from sendtime.v1 import event_pb2, event_service_pb2
 from tests.fuzzing import RSS_GROWTH_BOUND_MIB, door_settings
 from tests.integration.server_process import ChildServer, child_server
 
+# slow: the fuzzed server runs as a process (make test-fast leaves them out)
+pytestmark = pytest.mark.slow
+
 AUTH = {"Authorization": "Bearer dev-key"}
 GRPC_AUTH = (("authorization", "Bearer dev-key"),)
 #: Every reason an ingest error may carry. A new one is a decision: add it here.

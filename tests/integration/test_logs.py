@@ -176,6 +176,7 @@ async def test_one_line_per_delivery_attempt_without_the_email(
     assert (skipped["outcome"], skipped["reason"]) == ("skipped", "no_email")
 
 
+@pytest.mark.slow
 async def test_sendtime_serve_writes_json_lines_to_a_pipe(tmp_path: Path) -> None:
     server = await start_server(tmp_path / "data")
     try:

@@ -150,6 +150,7 @@ async def test_every_metric_named_is_on_a_real_servers_metrics(server: Sendtime,
             assert info.kind is Kind.HISTOGRAM, name
 
 
+@pytest.mark.slow
 def test_promtool_accepts_the_rules() -> None:
     promtool = shutil.which("promtool")
     if promtool is None:

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sendtime.server.app import Sendtime
 from sendtime.v1 import event_service_pb2
 from tests.conftest import DEV_AUTH, SettingsFactory, event_stub
+from tests.integration.conftest import eventually
 
 #: Long enough for a loaded machine to answer; a hanging server takes it all.
 PATIENCE_S = 10.0
@@ -193,9 +194,18 @@ async def test_grpc_calls_beyond_the_bound_are_refused_at_once(app: Sendtime) ->
             await health.Check(health_pb2.HealthCheckRequest(), timeout=PATIENCE_S)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         idle_streams[0].cancel()
-        await asyncio.sleep(0.2)
-        reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=PATIENCE_S)
-        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        async def check() -> grpc.StatusCode:
+            try:
+                await health.Check(health_pb2.HealthCheckRequest(), timeout=PATIENCE_S)
+            except grpc.aio.AioRpcError as error:
+                return error.code()  # RESOURCE_EXHAUSTED until the slot is free
+            return grpc.StatusCode.OK
+
+        # the cancelled stream's slot comes free: the next call is served
+        assert await eventually(check, until=lambda code: code != grpc.StatusCode.RESOURCE_EXHAUSTED) == (
+            grpc.StatusCode.OK
+        )
         for stream in idle_streams[1:]:
             stream.cancel()
 

@@ -12,8 +12,13 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
+
 from sendtime.server.settings import load_settings
 from tests.integration.server_process import run_sendtime, start_server
+
+# slow: servers run as processes from other folders (make test-fast leaves them out)
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -81,6 +81,7 @@ async def test_replicas_starting_together_migrate_once(dsn: str) -> None:
             await conn.close()
 
 
+@pytest.mark.slow
 def test_sendtime_migrate_brings_the_schema_up_to_date(dsn: str, tmp_path: Any) -> None:
     env = {
         "SENDTIME_STORAGE__BACKEND": "postgres",

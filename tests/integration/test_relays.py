@@ -153,7 +153,12 @@ def is_tls(server: SMTP) -> bool:
 
 
 class LoopbackController(Controller):
-    """aiosmtpd's threaded controller, bound to 127.0.0.1 port 0 (or a given port)."""
+    """aiosmtpd's threaded controller, bound to 127.0.0.1 port 0 (or a given port).
+    Given as long as it needs to start: its default (5 s, the TLS handshake of
+    its start-up probe included) is a race a busy machine can lose."""
+
+    def __init__(self, handler: Any, **options: Any) -> None:
+        super().__init__(handler, ready_timeout=60.0, **options)
 
     def _trigger_server(self) -> None:
         assert isinstance(self.server, asyncio.Server)
@@ -200,7 +205,8 @@ def server_tls(authority: trustme.CA) -> ssl.SSLContext:
 
 def smtp_relay(port: int, **options: Any) -> SmtpRelay:
     relay = build_relay(
-        SmtpConfig(**{"host": "127.0.0.1", "port": port, "timeout_s": 5.0, "tls": "off", **options})
+        # a long timeout unless a test is about timeouts: the server is local, only slow when the machine is
+        SmtpConfig(**{"host": "127.0.0.1", "port": port, "timeout_s": 30.0, "tls": "off", **options})
     )
     assert isinstance(relay, SmtpRelay)
     return relay

@@ -30,6 +30,9 @@ from sendtime.v1 import content_service_pb2, delivery_service_pb2, profile_servi
 from tests.fuzzing import RSS_GROWTH_BOUND_MIB, door_settings
 from tests.integration.server_process import ChildServer, child_server
 
+# slow: the fuzzed server runs as a process (make test-fast leaves them out)
+pytestmark = pytest.mark.slow
+
 WEBHOOK_SECRET = "a-webhook-secret-of-some-length"
 FUZZ = door_settings(30)
 #: gRPC codes a caller may get for bad input; UNKNOWN and INTERNAL never.

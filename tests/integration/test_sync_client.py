@@ -78,6 +78,7 @@ async def test_errors_are_typed(server: Sendtime, client: Client) -> None:
         await asyncio.to_thread(stranger.track, "Signed Up", user_id="u1")
 
 
+@pytest.mark.slow  # timing: retries against the clock
 def test_unavailable_is_retried_until_the_deadline() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused

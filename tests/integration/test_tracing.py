@@ -5,10 +5,10 @@ attempts, and export over OTLP to real receivers (gRPC and HTTP) on loopback."""
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import aiohttp
 import grpc
@@ -24,6 +24,7 @@ from sendtime.server.app import Sendtime
 from sendtime.v1 import content_service_pb2, content_service_pb2_grpc
 from sendtime.v1 import delivery_service_pb2 as D
 from tests.conftest import DEV_AUTH, SettingsFactory
+from tests.integration.conftest import eventually
 from tests.integration.observing import recording_upstream, scrape, value
 from tests.integration.test_delivery import (
     add_to_cart,
@@ -167,8 +168,12 @@ async def test_a_send_is_a_trace_with_its_render_and_relay_attempts(make_setting
     ):
         await ingest(channel, identify("i1"), add_to_cart("a1"))
         await wait_for_status(channel, {D.DELIVERY_STATUS_SENT})
-        await asyncio.sleep(0.05)  # the send's span ends right after the ledger says sent
-    spans = list(exporter.get_finished_spans())
+
+        async def finished() -> list[Any]:
+            return list(exporter.get_finished_spans())
+
+        # the send's span ends right after the ledger says sent
+        spans = await eventually(finished, until=lambda got: any(s.name == "sendtime.send" for s in got))
     send = one(spans, "sendtime.send")
     assert send.parent is None
     assert send.attributes is not None

@@ -35,10 +35,14 @@ from tests.conftest import SettingsFactory
 NODE_CLIENT = Path(__file__).parent / "node" / "client.mjs"
 GOOGLEAPIS_PROTOS = Path(next(iter(google.rpc.__path__))).parent.parent
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("node") is None or not (NODE_CLIENT.parent / "node_modules").is_dir(),
-    reason="Node.js or tests/interop/node/node_modules missing (make install runs npm ci there)",
-)
+# slow: the Node client runs as a process of its own (make test-fast leaves them out)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("node") is None or not (NODE_CLIENT.parent / "node_modules").is_dir(),
+        reason="Node.js or tests/interop/node/node_modules missing (make install runs npm ci there)",
+    ),
+]
 
 
 async def node(target: str, case: str, arg: str = "", *, key: str | None = "dev-key") -> dict[str, Any]:

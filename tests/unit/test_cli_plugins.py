@@ -7,15 +7,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
-import subprocess
-import sys
 from importlib.metadata import entry_points
 
 import pytest
 
 from sendtime.cli import Subcommands, build_parser, main
 from sendtime.cli._plugins import COMMANDS_GROUP, SERVER_COMMANDS, SETTINGS_GROUP, settings_loader
+from tests.unit.test_client_surface import sendtime_modules_imported_by
 
 
 def test_the_server_registers_its_commands_and_settings_through_entry_points() -> None:
@@ -80,12 +78,7 @@ def test_the_settings_reach_the_client_as_the_server_reads_them(monkeypatch: pyt
 
 
 def test_the_cli_package_does_not_import_the_server() -> None:
-    code = "import sys, sendtime.cli; print(sorted(m for m in sys.modules if m.startswith('sendtime.')))"
-    modules = json.loads(
-        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-        .stdout.strip()
-        .replace("'", '"')
-    )
+    modules = sendtime_modules_imported_by("sendtime.cli")
     assert not [m for m in modules if m.startswith("sendtime.server")]
     assert "sendtime.cli._deliveries" in modules
 

@@ -295,12 +295,19 @@ def test_invalid_argument_reads_well() -> None:
     assert str(error) == "INVALID_ARGUMENT: invalid event (event.user_id: required)"
 
 
-def test_the_client_does_not_import_the_server() -> None:
-    code = "import sys, sendtime.client; print(sorted(m for m in sys.modules if m.startswith('sendtime.')))"
-    modules = json.loads(
-        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-        .stdout.strip()
-        .replace("'", '"')
+def sendtime_modules_imported_by(module: str) -> list[str]:
+    """The sendtime modules a fresh interpreter holds after ``import module``."""
+    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.startswith('sendtime.')))"
+    return list(
+        json.loads(
+            subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+            .stdout.strip()
+            .replace("'", '"')
+        )
     )
+
+
+def test_the_client_does_not_import_the_server() -> None:
+    modules = sendtime_modules_imported_by("sendtime.client")
     assert not [m for m in modules if m.startswith("sendtime.server")]
     assert "sendtime.v1.event_pb2" in modules

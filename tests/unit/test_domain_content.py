@@ -7,24 +7,29 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
 
-from sendtime.server.cache import CacheFetcher, MemoryCache
-from sendtime.server.domain.catalog import Catalog, Product
+from sendtime.server.cache import CacheFetcher
+from sendtime.server.domain.blocks import BUILT_IN_BLOCKS, BlockName
+from sendtime.server.domain.catalog import Product
 from sendtime.server.domain.content import (
     Block,
     ContentContext,
     ContentPipeline,
-    ContentPolicy,
-    Reason,
-    Source,
 )
 from sendtime.server.domain.errors import InvalidInput, Overloaded
 from sendtime.server.domain.events import Identity
-from sendtime.server.domain.recommend import Recommender
-from tests.fakes import IngestRig, MemoryUpstream, PlainTemplate, Templates, identify, track
+from sendtime.server.domain.provenance import Reason, Source
+from tests.fakes import (
+    IngestRig,
+    MemoryUpstream,
+    PlainTemplate,
+    Templates,
+    content_pipeline,
+    identify,
+    track,
+)
 
 ADA = Identity("ada")
 PRODUCTS = [
@@ -75,8 +80,6 @@ async def content() -> AsyncIterator[ContentRig]:
             track("m2", "Product Added", {"product_id": "p1", "cart_id": "c1", "price": 10.0, "quantity": 2}),
             track("m3", "Product Viewed", {"product_id": "p3"}),
         )
-        cache = MemoryCache[Any](max_bytes=1 << 24, clock=rig.clock.monotonic)
-        fetcher = CacheFetcher(cache)
         loyalty = MemoryUpstream("loyalty", answer={"points": 1200}, ttl_s=60, stale_ttl_s=600)
         lag = Lag()
         template = PlainTemplate("cart_email", {"cart": {}, "loyalty": {}})
@@ -92,28 +95,14 @@ async def content() -> AsyncIterator[ContentRig]:
             def late(self, call: str) -> None:
                 pass
 
-        pipeline = ContentPipeline(
-            profiles=rig.profiles,
-            catalog=Catalog(PRODUCTS),
-            recommender=Recommender(),
-            cache=fetcher,
-            upstreams={"loyalty": loyalty},
-            templates=Templates(template),
-            policy=ContentPolicy(
-                block_ttl_s=30,
-                block_stale_ttl_s=300,
-                min_fetch_s=0.005,
-                cache_results=True,
-                recommendations_size=4,
-                recently_viewed_size=4,
-                drop_out_of_stock=False,
-            ),
-            max_concurrent=8,
-            clock=rig.clock.monotonic,
-            observer=Observer(),
+        pipeline, fetcher = content_pipeline(
+            rig,
+            Templates(template),
+            products=PRODUCTS,
+            upstreams=[loyalty],
             loop_lag=lag,
+            observer=Observer(),
         )
-        rig.invalidate_user = pipeline.invalidate_user
         yield ContentRig(rig, pipeline, fetcher, loyalty, lag, template, shed)
         await fetcher.aclose()
 
@@ -269,3 +258,10 @@ async def test_a_shed_call_finds_recommendations_cached_beside_recently_viewed(c
     # cached apart from recommendations alone (they leave out what is shown beside them)
     assert state(blocks["recommendations"]) == (Source.CACHED, None)
     assert state(blocks["recently_viewed"]) == (Source.CACHED, None)
+
+
+def test_every_built_in_block_name_is_computed_and_asked_for_by_default() -> None:
+    from sendtime.server.domain import content as module
+
+    assert set(module._BUILT_IN) == set(BlockName)
+    assert tuple(BlockName) == BUILT_IN_BLOCKS

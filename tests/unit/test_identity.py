@@ -7,8 +7,8 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sendtime.server.domain.events import Event
-from sendtime.server.domain.identity import Identities, Link, UserAlias
+from sendtime.server.domain.events import Event, EventKind, IncomingEvent, validate
+from sendtime.server.domain.identity import IdLink, Identities, Link, UserAlias, identities_from, links_of
 from sendtime.server.domain.profile import Profile, merge, view
 from tests.unit.test_profile import SESSION, at, folded, track
 
@@ -161,3 +161,39 @@ def test_merging_a_profile_into_itself_twice_changes_nothing_but_the_count() -> 
     assert msgspec.structs.replace(view(again), event_count=0) == msgspec.structs.replace(
         view(profile), event_count=0
     )
+
+
+# -- the links events carry ---------------------------------------------------------
+
+
+def _event(kind: EventKind, user: str = "", anonymous: str = "", previous: str = "") -> Event:
+    return validate(
+        IncomingEvent(
+            message_id="e1",
+            kind=kind,
+            user_id=user,
+            anonymous_id=anonymous,
+            previous_id=previous,
+            name="Product Viewed" if kind is EventKind.TRACK else "",
+            timestamp=at(3),
+        ),
+        at(3),
+    )
+
+
+def test_an_identify_or_track_with_both_ids_carries_a_link_and_other_events_none() -> None:
+    expected = (IdLink("a:anon-1", "u:ada", at(3), "e1"),)
+    assert links_of(_event(EventKind.IDENTIFY, "ada", "anon-1")) == expected
+    assert links_of(_event(EventKind.TRACK, "ada", "anon-1")) == expected
+    assert links_of(_event(EventKind.TRACK, "ada")) == ()
+    assert links_of(_event(EventKind.TRACK, anonymous="anon-1")) == ()
+    assert links_of(_event(EventKind.PAGE, "ada", "anon-1")) == ()
+
+
+def test_an_alias_links_its_previous_id_as_either_kind_of_id() -> None:
+    links = links_of(_event(EventKind.ALIAS, "ada", previous="old"))
+    assert {(link.from_key, link.to_key) for link in links} == {("a:old", "u:ada"), ("u:old", "u:ada")}
+    assert links_of(_event(EventKind.ALIAS, "ada", previous="ada")) == ()
+    identities = identities_from(links)
+    assert identities.person("old") == identities.person("ada")
+    assert identities.owner("old", at(1)) == identities.person("ada")

@@ -15,6 +15,9 @@ from sendtime.server.rendering import RenderPool, TemplateStore
 from sendtime.server.rendering._worker import TemplateRenderer
 from tests.unit.test_rendering import SHIPPED, TEMPLATES, full_context
 
+# slow: render worker processes (make test-fast leaves them out)
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 async def pool() -> AsyncIterator[RenderPool]:

@@ -26,6 +26,9 @@ from sendtime.server.rendering import RenderPool, TemplateError, TemplateStore, 
 from sendtime.server.rendering._pool import LENGTH_BYTES, MAX_WAITING, _Worker
 from tests.unit.test_rendering import TEMPLATES, full_context
 
+# slow: render worker processes, stuck and killed (make test-fast leaves them out)
+pytestmark = pytest.mark.slow
+
 PROBED_WORKER = """
 import logging, os, time
 from sendtime.server.rendering import _worker
@@ -135,6 +138,7 @@ async def test_stray_output_on_fd_1_in_the_worker_does_not_corrupt_its_answers(
 
 GARBAGE_WORKER = """
 import sys
+
 answers = sys.stdout.buffer
 answers.write((5).to_bytes(4, "big") + b"ready")
 answers.flush()

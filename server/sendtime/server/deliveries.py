@@ -137,25 +137,28 @@ class FlowRecount:
     is counted, not a tally of this process's own changes: replicas on one
     database change it too."""
 
-    def __init__(self, ledger: DeliveryLedger, *, max_age_s: float = 2.0) -> None:
+    def __init__(
+        self, ledger: DeliveryLedger, *, max_age_s: float = 2.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._ledger = ledger
         self._max_age_s = max_age_s
+        self._clock = clock
         self._counts: dict[str, dict[str, int]] | None = None
         self._counted_at = 0.0
         self._counting: asyncio.Task[None] | None = None
 
     async def counts(self) -> tuple[dict[str, dict[str, int]], float]:
         """The last count and its age in seconds; the first call waits for one."""
-        if self._counts is None or time.monotonic() - self._counted_at > self._max_age_s:
+        if self._counts is None or self._clock() - self._counted_at > self._max_age_s:
             if self._counting is None:
                 self._counting = asyncio.create_task(self._recount(), name="sendtime-flow-recount")
             if self._counts is None:
                 await self._counting
         assert self._counts is not None
-        return self._counts, time.monotonic() - self._counted_at
+        return self._counts, self._clock() - self._counted_at
 
     async def _recount(self) -> None:
-        started = time.monotonic()
+        started = self._clock()
         try:
             self._counts = await self._ledger.flow_counts()
             self._counted_at = started

@@ -33,7 +33,7 @@ from typing import Final, Protocol
 
 from opentelemetry.trace import Span, Tracer
 
-from sendtime.server.domain.content import ContentContext, ContentPipeline, Source
+from sendtime.server.domain.content import ContentContext, ContentPipeline
 from sendtime.server.domain.errors import SendtimeError
 from sendtime.server.domain.events import Identity
 from sendtime.server.domain.flows import Flow
@@ -41,6 +41,7 @@ from sendtime.server.domain.ingest import utc_now
 from sendtime.server.domain.ports import DeliveryLedger, HandOver, LastChecks
 from sendtime.server.domain.profile import Profile
 from sendtime.server.domain.profiles import ProfileBook
+from sendtime.server.domain.provenance import Source
 from sendtime.server.domain.sends import FrequencyCap, QuietHours, SendRecord, SendStatus
 from sendtime.server.domain.unsubscribe import EmailLinks
 from sendtime.server.relay import message as mime

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sendtime/v1/event.proto\x12\x0bsendtime.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd7\x01\n\x05\x45vent\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x14\n\x0c\x61nonymous_id\x18\x03 \x01(\t\x12-\n\ttimestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x05track\x18\n \x01(\x0b\x32\x19.sendtime.v1.TrackPayloadH\x00\x12\x30\n\x08identify\x18\x0b \x01(\x0b\x32\x1c.sendtime.v1.IdentifyPayloadH\x00\x42\x06\n\x04kind\"5\n\x0cTrackPayload\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fproperties_json\x18\x02 \x01(\x0c\"Q\n\x0fIdentifyPayload\x12#\n\x06traits\x18\x01 \x01(\x0b\x32\x13.sendtime.v1.Traits\x12\x19\n\x11\x65xtra_traits_json\x18\x02 \x01(\x0c\"\xde\x01\n\x06Traits\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x12\n\nfirst_name\x18\x02 \x01(\t\x12\x11\n\tlast_name\x18\x03 \x01(\t\x12\x0e\n\x06locale\x18\x04 \x01(\t\x12\x10\n\x08timezone\x18\x05 \x01(\t\x12\x31\n\x07\x63onsent\x18\x06 \x03(\x0b\x32 .sendtime.v1.Traits.ConsentEntry\x1aI\n\x0c\x43onsentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0e\x32\x19.sendtime.v1.ConsentState:\x02\x38\x01\"\xa0\x01\n\x08\x45ventAck\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12*\n\x07outcome\x18\x02 \x01(\x0e\x32\x19.sendtime.v1.EventOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x35\n\x10\x66ield_violations\x18\x04 \x03(\x0b\x32\x1b.sendtime.v1.FieldViolation\x12\r\n\x05index\x18\x05 \x01(\r\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t*f\n\x0c\x43onsentState\x12\x1d\n\x19\x43ONSENT_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43ONSENT_STATE_OPTED_IN\x10\x01\x12\x1b\n\x17\x43ONSENT_STATE_OPTED_OUT\x10\x02*\x82\x01\n\x0c\x45ventOutcome\x12\x1d\n\x19\x45VENT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45VENT_OUTCOME_ACCEPTED\x10\x01\x12\x1b\n\x17\x45VENT_OUTCOME_DUPLICATE\x10\x02\x12\x1a\n\x16\x45VENT_OUTCOME_REJECTED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17sendtime/v1/event.proto\x12\x0bsendtime.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x83\x02\n\x05\x45vent\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x14\n\x0c\x61nonymous_id\x18\x03 \x01(\t\x12-\n\ttimestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x05track\x18\n \x01(\x0b\x32\x19.sendtime.v1.TrackPayloadH\x00\x12\x30\n\x08identify\x18\x0b \x01(\x0b\x32\x1c.sendtime.v1.IdentifyPayloadH\x00\x12*\n\x05\x61lias\x18\x0c \x01(\x0b\x32\x19.sendtime.v1.AliasPayloadH\x00\x42\x06\n\x04kind\"#\n\x0c\x41liasPayload\x12\x13\n\x0bprevious_id\x18\x01 \x01(\t\"5\n\x0cTrackPayload\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fproperties_json\x18\x02 \x01(\x0c\"Q\n\x0fIdentifyPayload\x12#\n\x06traits\x18\x01 \x01(\x0b\x32\x13.sendtime.v1.Traits\x12\x19\n\x11\x65xtra_traits_json\x18\x02 \x01(\x0c\"\xde\x01\n\x06Traits\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x12\n\nfirst_name\x18\x02 \x01(\t\x12\x11\n\tlast_name\x18\x03 \x01(\t\x12\x0e\n\x06locale\x18\x04 \x01(\t\x12\x10\n\x08timezone\x18\x05 \x01(\t\x12\x31\n\x07\x63onsent\x18\x06 \x03(\x0b\x32 .sendtime.v1.Traits.ConsentEntry\x1aI\n\x0c\x43onsentEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0e\x32\x19.sendtime.v1.ConsentState:\x02\x38\x01\"\xa0\x01\n\x08\x45ventAck\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12*\n\x07outcome\x18\x02 \x01(\x0e\x32\x19.sendtime.v1.EventOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x35\n\x10\x66ield_violations\x18\x04 \x03(\x0b\x32\x1b.sendtime.v1.FieldViolation\x12\r\n\x05index\x18\x05 \x01(\r\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t*f\n\x0c\x43onsentState\x12\x1d\n\x19\x43ONSENT_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43ONSENT_STATE_OPTED_IN\x10\x01\x12\x1b\n\x17\x43ONSENT_STATE_OPTED_OUT\x10\x02*\x82\x01\n\x0c\x45ventOutcome\x12\x1d\n\x19\x45VENT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45VENT_OUTCOME_ACCEPTED\x10\x01\x12\x1b\n\x17\x45VENT_OUTCOME_DUPLICATE\x10\x02\x12\x1a\n\x16\x45VENT_OUTCOME_REJECTED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,22 +34,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRAITS_CONSENTENTRY']._loaded_options = None
   _globals['_TRAITS_CONSENTENTRY']._serialized_options = b'8\001'
-  _globals['_CONSENTSTATE']._serialized_start=871
-  _globals['_CONSENTSTATE']._serialized_end=973
-  _globals['_EVENTOUTCOME']._serialized_start=976
-  _globals['_EVENTOUTCOME']._serialized_end=1106
+  _globals['_CONSENTSTATE']._serialized_start=952
+  _globals['_CONSENTSTATE']._serialized_end=1054
+  _globals['_EVENTOUTCOME']._serialized_start=1057
+  _globals['_EVENTOUTCOME']._serialized_end=1187
   _globals['_EVENT']._serialized_start=74
-  _globals['_EVENT']._serialized_end=289
-  _globals['_TRACKPAYLOAD']._serialized_start=291
-  _globals['_TRACKPAYLOAD']._serialized_end=344
-  _globals['_IDENTIFYPAYLOAD']._serialized_start=346
-  _globals['_IDENTIFYPAYLOAD']._serialized_end=427
-  _globals['_TRAITS']._serialized_start=430
-  _globals['_TRAITS']._serialized_end=652
-  _globals['_TRAITS_CONSENTENTRY']._serialized_start=579
-  _globals['_TRAITS_CONSENTENTRY']._serialized_end=652
-  _globals['_EVENTACK']._serialized_start=655
-  _globals['_EVENTACK']._serialized_end=815
-  _globals['_FIELDVIOLATION']._serialized_start=817
-  _globals['_FIELDVIOLATION']._serialized_end=869
+  _globals['_EVENT']._serialized_end=333
+  _globals['_ALIASPAYLOAD']._serialized_start=335
+  _globals['_ALIASPAYLOAD']._serialized_end=370
+  _globals['_TRACKPAYLOAD']._serialized_start=372
+  _globals['_TRACKPAYLOAD']._serialized_end=425
+  _globals['_IDENTIFYPAYLOAD']._serialized_start=427
+  _globals['_IDENTIFYPAYLOAD']._serialized_end=508
+  _globals['_TRAITS']._serialized_start=511
+  _globals['_TRAITS']._serialized_end=733
+  _globals['_TRAITS_CONSENTENTRY']._serialized_start=660
+  _globals['_TRAITS_CONSENTENTRY']._serialized_end=733
+  _globals['_EVENTACK']._serialized_start=736
+  _globals['_EVENTACK']._serialized_end=896
+  _globals['_FIELDVIOLATION']._serialized_start=898
+  _globals['_FIELDVIOLATION']._serialized_end=950
 # @@protoc_insertion_point(module_scope)

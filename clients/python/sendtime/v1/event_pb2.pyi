@@ -65,7 +65,7 @@ Global___EventOutcome: _TypeAlias = EventOutcome  # noqa: Y015
 
 @_typing.final
 class Event(_message.Message):
-    """One event from a client: a tracked action or an identify call.
+    """One event from a client: a tracked action, an identify call or an alias.
 
     message_id is the idempotency key: an event whose message_id was seen before
     (within the server's retention) is acknowledged as a duplicate and applied
@@ -80,10 +80,13 @@ class Event(_message.Message):
     TIMESTAMP_FIELD_NUMBER: _builtins.int
     TRACK_FIELD_NUMBER: _builtins.int
     IDENTIFY_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
     message_id: _builtins.str
     """Required, at most 100 characters."""
     user_id: _builtins.str
-    """At least one of user_id and anonymous_id is required."""
+    """At least one of user_id and anonymous_id is required. A track or identify
+    that carries both links the anonymous id to the user (one person).
+    """
     anonymous_id: _builtins.str
     @_builtins.property
     def timestamp(self) -> _timestamp_pb2.Timestamp:
@@ -95,6 +98,8 @@ class Event(_message.Message):
     def track(self) -> Global___TrackPayload: ...
     @_builtins.property
     def identify(self) -> Global___IdentifyPayload: ...
+    @_builtins.property
+    def alias(self) -> Global___AliasPayload: ...
     def __init__(
         self,
         *,
@@ -104,16 +109,42 @@ class Event(_message.Message):
         timestamp: _timestamp_pb2.Timestamp | None = ...,
         track: Global___TrackPayload | None = ...,
         identify: Global___IdentifyPayload | None = ...,
+        alias: Global___AliasPayload | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["identify", b"identify", "kind", b"kind", "timestamp", b"timestamp", "track", b"track"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "identify", b"identify", "kind", b"kind", "timestamp", b"timestamp", "track", b"track"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["anonymous_id", b"anonymous_id", "identify", b"identify", "kind", b"kind", "message_id", b"message_id", "timestamp", b"timestamp", "track", b"track", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "anonymous_id", b"anonymous_id", "identify", b"identify", "kind", b"kind", "message_id", b"message_id", "timestamp", b"timestamp", "track", b"track", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["track", "identify"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["track", "identify", "alias"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class AliasPayload(_message.Message):
+    """Segment's alias: previous_id and the event's user_id are one person. Links
+    previous_id whether it was an anonymous id or a user id; a user id is never
+    merged into another user id by a shared anonymous id alone, only by alias.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREVIOUS_ID_FIELD_NUMBER: _builtins.int
+    previous_id: _builtins.str
+    """Required, at most 200 characters: the id the user was known by before."""
+    def __init__(
+        self,
+        *,
+        previous_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["previous_id", b"previous_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AliasPayload: _TypeAlias = AliasPayload  # noqa: Y015
 
 @_typing.final
 class TrackPayload(_message.Message):

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from sendtime.v1 import event_pb2 as sendtime_dot_v1_dot_event__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!sendtime/v1/profile_service.proto\x12\x0bsendtime.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17sendtime/v1/event.proto\":\n\x11GetProfileRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61nonymous_id\x18\x02 \x01(\t\";\n\x12GetProfileResponse\x12%\n\x07profile\x18\x01 \x01(\x0b\x32\x14.sendtime.v1.Profile\"\xed\x02\n\x07Profile\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61nonymous_id\x18\x02 \x01(\t\x12#\n\x06traits\x18\x03 \x01(\x0b\x32\x13.sendtime.v1.Traits\x12\x19\n\x11\x65xtra_traits_json\x18\x04 \x01(\x0c\x12 \n\x05\x63\x61rts\x18\x05 \x03(\x0b\x32\x11.sendtime.v1.Cart\x12\x33\n\x0frecently_viewed\x18\x06 \x03(\x0b\x32\x1a.sendtime.v1.ViewedProduct\x12\"\n\x06orders\x18\x07 \x03(\x0b\x32\x12.sendtime.v1.Order\x12\x33\n\x0f\x66irst_seen_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12last_activity_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x65vent_count\x18\n \x01(\x04\"n\n\x04\x43\x61rt\x12\x0f\n\x07\x63\x61rt_id\x18\x01 \x01(\t\x12$\n\x05lines\x18\x02 \x03(\x0b\x32\x15.sendtime.v1.CartLine\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9e\x01\n\x08\x43\x61rtLine\x12\x12\n\nproduct_id\x18\x01 \x01(\t\x12\x0b\n\x03sku\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05price\x18\x04 \x01(\x01\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12\x10\n\x08quantity\x18\x06 \x01(\r\x12\x0b\n\x03url\x18\x07 \x01(\t\x12\x11\n\timage_url\x18\x08 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\t \x01(\t\"\xc0\x01\n\rViewedProduct\x12\x12\n\nproduct_id\x18\x01 \x01(\t\x12\x0b\n\x03sku\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05price\x18\x04 \x01(\x01\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12\x0b\n\x03url\x18\x06 \x01(\t\x12\x11\n\timage_url\x18\x07 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x08 \x01(\t\x12-\n\tview_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xcb\x01\n\x05Order\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\r\n\x05total\x18\x02 \x01(\x01\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12\x13\n\x0bproduct_ids\x18\x04 \x03(\t\x12\x31\n\rcomplete_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brefund_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0erefunded_total\x18\x07 \x01(\x01\x32_\n\x0eProfileService\x12M\n\nGetProfile\x12\x1e.sendtime.v1.GetProfileRequest\x1a\x1f.sendtime.v1.GetProfileResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!sendtime/v1/profile_service.proto\x12\x0bsendtime.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17sendtime/v1/event.proto\":\n\x11GetProfileRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61nonymous_id\x18\x02 \x01(\t\";\n\x12GetProfileResponse\x12%\n\x07profile\x18\x01 \x01(\x0b\x32\x14.sendtime.v1.Profile\"\xa4\x03\n\x07Profile\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61nonymous_id\x18\x02 \x01(\t\x12#\n\x06traits\x18\x03 \x01(\x0b\x32\x13.sendtime.v1.Traits\x12\x19\n\x11\x65xtra_traits_json\x18\x04 \x01(\x0c\x12 \n\x05\x63\x61rts\x18\x05 \x03(\x0b\x32\x11.sendtime.v1.Cart\x12\x33\n\x0frecently_viewed\x18\x06 \x03(\x0b\x32\x1a.sendtime.v1.ViewedProduct\x12\"\n\x06orders\x18\x07 \x03(\x0b\x32\x12.sendtime.v1.Order\x12\x33\n\x0f\x66irst_seen_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12last_activity_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x65vent_count\x18\n \x01(\x04\x12\x17\n\x0flinked_user_ids\x18\x0b \x03(\t\x12\x1c\n\x14linked_anonymous_ids\x18\x0c \x03(\t\"n\n\x04\x43\x61rt\x12\x0f\n\x07\x63\x61rt_id\x18\x01 \x01(\t\x12$\n\x05lines\x18\x02 \x03(\x0b\x32\x15.sendtime.v1.CartLine\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9e\x01\n\x08\x43\x61rtLine\x12\x12\n\nproduct_id\x18\x01 \x01(\t\x12\x0b\n\x03sku\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05price\x18\x04 \x01(\x01\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12\x10\n\x08quantity\x18\x06 \x01(\r\x12\x0b\n\x03url\x18\x07 \x01(\t\x12\x11\n\timage_url\x18\x08 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\t \x01(\t\"\xc0\x01\n\rViewedProduct\x12\x12\n\nproduct_id\x18\x01 \x01(\t\x12\x0b\n\x03sku\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05price\x18\x04 \x01(\x01\x12\x10\n\x08\x63urrency\x18\x05 \x01(\t\x12\x0b\n\x03url\x18\x06 \x01(\t\x12\x11\n\timage_url\x18\x07 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x08 \x01(\t\x12-\n\tview_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xcb\x01\n\x05Order\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\r\n\x05total\x18\x02 \x01(\x01\x12\x10\n\x08\x63urrency\x18\x03 \x01(\t\x12\x13\n\x0bproduct_ids\x18\x04 \x03(\t\x12\x31\n\rcomplete_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brefund_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0erefunded_total\x18\x07 \x01(\x01\x32_\n\x0eProfileService\x12M\n\nGetProfile\x12\x1e.sendtime.v1.GetProfileRequest\x1a\x1f.sendtime.v1.GetProfileResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,15 +38,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETPROFILERESPONSE']._serialized_start=168
   _globals['_GETPROFILERESPONSE']._serialized_end=227
   _globals['_PROFILE']._serialized_start=230
-  _globals['_PROFILE']._serialized_end=595
-  _globals['_CART']._serialized_start=597
-  _globals['_CART']._serialized_end=707
-  _globals['_CARTLINE']._serialized_start=710
-  _globals['_CARTLINE']._serialized_end=868
-  _globals['_VIEWEDPRODUCT']._serialized_start=871
-  _globals['_VIEWEDPRODUCT']._serialized_end=1063
-  _globals['_ORDER']._serialized_start=1066
-  _globals['_ORDER']._serialized_end=1269
-  _globals['_PROFILESERVICE']._serialized_start=1271
-  _globals['_PROFILESERVICE']._serialized_end=1366
+  _globals['_PROFILE']._serialized_end=650
+  _globals['_CART']._serialized_start=652
+  _globals['_CART']._serialized_end=762
+  _globals['_CARTLINE']._serialized_start=765
+  _globals['_CARTLINE']._serialized_end=923
+  _globals['_VIEWEDPRODUCT']._serialized_start=926
+  _globals['_VIEWEDPRODUCT']._serialized_end=1118
+  _globals['_ORDER']._serialized_start=1121
+  _globals['_ORDER']._serialized_end=1324
+  _globals['_PROFILESERVICE']._serialized_start=1326
+  _globals['_PROFILESERVICE']._serialized_end=1421
 # @@protoc_insertion_point(module_scope)

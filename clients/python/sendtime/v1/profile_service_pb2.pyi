@@ -79,6 +79,8 @@ class Profile(_message.Message):
     FIRST_SEEN_TIME_FIELD_NUMBER: _builtins.int
     LAST_ACTIVITY_TIME_FIELD_NUMBER: _builtins.int
     EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    LINKED_USER_IDS_FIELD_NUMBER: _builtins.int
+    LINKED_ANONYMOUS_IDS_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     anonymous_id: _builtins.str
     extra_traits_json: _builtins.bytes
@@ -102,6 +104,14 @@ class Profile(_message.Message):
     def first_seen_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def last_activity_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def linked_user_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The other ids of this person (linked by identify, track or alias):
+        reading any of them gives this profile.
+        """
+
+    @_builtins.property
+    def linked_anonymous_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -115,10 +125,12 @@ class Profile(_message.Message):
         first_seen_time: _timestamp_pb2.Timestamp | None = ...,
         last_activity_time: _timestamp_pb2.Timestamp | None = ...,
         event_count: _builtins.int = ...,
+        linked_user_ids: _abc.Iterable[_builtins.str] | None = ...,
+        linked_anonymous_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["first_seen_time", b"first_seen_time", "last_activity_time", b"last_activity_time", "traits", b"traits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["anonymous_id", b"anonymous_id", "carts", b"carts", "event_count", b"event_count", "extra_traits_json", b"extra_traits_json", "first_seen_time", b"first_seen_time", "last_activity_time", b"last_activity_time", "orders", b"orders", "recently_viewed", b"recently_viewed", "traits", b"traits", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anonymous_id", b"anonymous_id", "carts", b"carts", "event_count", b"event_count", "extra_traits_json", b"extra_traits_json", "first_seen_time", b"first_seen_time", "last_activity_time", b"last_activity_time", "linked_anonymous_ids", b"linked_anonymous_ids", "linked_user_ids", b"linked_user_ids", "orders", b"orders", "recently_viewed", b"recently_viewed", "traits", b"traits", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -12,7 +12,7 @@ and an async get-or-fetch.
 
 from sendtime.server.cache._aiocache import RustCacheBackend
 from sendtime.server.cache._breaker import BreakerState, BreakerStats, CircuitBreaker, CircuitBreakers
-from sendtime.server.cache._fetch import CacheFetcher, FetcherStats, Reason, Result, Source
+from sendtime.server.cache._fetch import CacheFetcher, FetcherStats, Result
 from sendtime.server.cache._memory import (
     ENTRY_OVERHEAD_BYTES,
     CacheStats,
@@ -23,6 +23,7 @@ from sendtime.server.cache._memory import (
     MemoryCache,
     estimate_size,
 )
+from sendtime.server.domain.provenance import Reason, Source
 
 __all__ = [
     "ENTRY_OVERHEAD_BYTES",

@@ -17,7 +17,6 @@ template's fallback) and whose reason says why it is not fresh.
 from __future__ import annotations
 
 import asyncio
-import enum
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
@@ -28,33 +27,11 @@ import msgspec
 
 from sendtime.server.cache._breaker import CircuitBreaker, CircuitBreakers
 from sendtime.server.cache._memory import Entry, Fill, Freshness, MemoryCache
+from sendtime.server.domain.provenance import Reason, Source
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-class Source(enum.StrEnum):
-    FRESH = "fresh"
-    """Fetched for this call (or for a concurrent one it joined)."""
-    CACHED = "cached"
-    """A fresh cache entry."""
-    STALE = "stale"
-    """A cache entry past its ttl but within its stale window."""
-    FALLBACK = "fallback"
-    """No value: the caller uses its fallback content."""
-
-
-class Reason(enum.StrEnum):
-    TIMEOUT = "timeout"
-    """No answer within the caller's timeout; remembered as a failure when the
-    fetch itself timed out (its own timeout, or the fetcher's max_fetch_s)."""
-    UPSTREAM_ERROR = "upstream_error"
-    CIRCUIT_OPEN = "circuit_open"
-    REVALIDATING = "revalidating"
-    """Stale served at once while a refresh runs."""
-    SHUTDOWN = "shutdown"
-    """The fetcher is closed, or the fetch was cancelled by its closing."""
 
 
 class Result(msgspec.Struct, Generic[T], frozen=True):

@@ -7,6 +7,7 @@ the pipeline turns into the block's fallback with reason MISSING_DATA.
 
 from __future__ import annotations
 
+import enum
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +17,19 @@ from sendtime.server.domain.catalog import Catalog, Product
 from sendtime.server.domain.profile import CartView, Line, ProfileView
 from sendtime.server.domain.recommend import Recommender
 
-BUILT_IN_BLOCKS: Final = ("cart", "recommendations", "recently_viewed", "offers", "last_order")
+
+class BlockName(enum.StrEnum):
+    """The built-in blocks, by the names templates and callers ask for."""
+
+    CART = "cart"
+    RECOMMENDATIONS = "recommendations"
+    RECENTLY_VIEWED = "recently_viewed"
+    OFFERS = "offers"
+    LAST_ORDER = "last_order"
+
+
+#: What a content call without names gets, in this order.
+BUILT_IN_BLOCKS: Final = tuple(BlockName)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -26,32 +25,16 @@ from typing import Any, Final, Protocol
 from opentelemetry.trace import Tracer
 
 from sendtime.server.domain import blocks as builtin
+from sendtime.server.domain.blocks import BlockName
 from sendtime.server.domain.catalog import Catalog
 from sendtime.server.domain.errors import InvalidInput, Overloaded
 from sendtime.server.domain.events import Identity
 from sendtime.server.domain.profile import Profile, ProfileView, view
 from sendtime.server.domain.profiles import ProfileBook
+from sendtime.server.domain.provenance import Reason, Source
 from sendtime.server.domain.recommend import Recommender
 
 MAX_BLOCKS: Final = 20
-
-
-class Source(enum.StrEnum):
-    FRESH = "fresh"
-    CACHED = "cached"
-    STALE = "stale"
-    FALLBACK = "fallback"
-
-
-class Reason(enum.StrEnum):
-    TIMEOUT = "timeout"
-    UPSTREAM_ERROR = "upstream_error"
-    CIRCUIT_OPEN = "circuit_open"
-    MISSING_DATA = "missing_data"
-    DEADLINE_TOO_SHORT = "deadline_too_short"
-    OVERLOADED = "overloaded"
-    REVALIDATING = "revalidating"
-    SHUTDOWN = "shutting_down"
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,9 +85,9 @@ class Fetched(Protocol):
     @property
     def value(self) -> Any: ...
     @property
-    def source(self) -> str: ...  # "fresh", "cached", "stale" or "fallback"
+    def source(self) -> Source: ...
     @property
-    def reason(self) -> str | None: ...
+    def reason(self) -> Reason | None: ...
     @property
     def age(self) -> float: ...
     @property
@@ -733,9 +716,6 @@ class ContentPipeline:
         return Block(name, data, Source.FRESH)
 
 
-_CACHE_REASONS: Final = {"shutdown": Reason.SHUTDOWN}
-
-
 def _upstream_key(name: str, url: str) -> str:
     """An upstream block's cache key: by its URL, which holds the user's
     fields, and unlike any built-in block's key (which starts with a digit)."""
@@ -743,8 +723,7 @@ def _upstream_key(name: str, url: str) -> str:
 
 
 def _from_fetched(name: str, fetched: Fetched) -> Block:
-    source = Source(fetched.source)
-    reason = (_CACHE_REASONS.get(fetched.reason) or Reason(fetched.reason)) if fetched.reason else None
+    source, reason = fetched.source, fetched.reason
     if source is Source.FRESH:
         return Block(name, fetched.value, source) if fetched.value is not None else _missing(name)
     if fetched.value is None and source is not Source.FALLBACK:
@@ -783,7 +762,9 @@ class _Request:
         #: One answer shows a product once: recommendations asked for beside a
         #: recently viewed block leave its products out (while enough others
         #: remain), a different answer from the block alone, so cached apart.
-        self.recommend_beside_viewed = "recently_viewed" in names and "recommendations" in names
+        self.recommend_beside_viewed = (
+            BlockName.RECENTLY_VIEWED in names and BlockName.RECOMMENDATIONS in names
+        )
         self._profile: asyncio.Future[ProfileView | None] | None = None
         self._key_prefix: str | None = None
 
@@ -797,7 +778,7 @@ class _Request:
         if self._key_prefix is None:
             key, campaign = self.identity.key, self.context.campaign
             self._key_prefix = f"{len(key)}:{key}|{len(campaign)}:{campaign}|{self.context.cart_id}"
-        if name == "recommendations" and self.recommend_beside_viewed:
+        if name == BlockName.RECOMMENDATIONS and self.recommend_beside_viewed:
             name = "recommendations+recently_viewed"  # no built-in or upstream block name holds a "+"
         return f"{len(name)}:{name}|{self._key_prefix}"
 
@@ -927,10 +908,10 @@ def _last_order(pipeline: ContentPipeline, profile: ProfileView | None, request:
 
 
 _BUILT_IN: Final[dict[str, Callable[[ContentPipeline, ProfileView | None, _Request], Any]]] = {
-    "cart": _cart,
-    "recommendations": _recommendations,
-    "recently_viewed": _recently_viewed,
-    "offers": _offers,
-    "last_order": _last_order,
+    BlockName.CART: _cart,
+    BlockName.RECOMMENDATIONS: _recommendations,
+    BlockName.RECENTLY_VIEWED: _recently_viewed,
+    BlockName.OFFERS: _offers,
+    BlockName.LAST_ORDER: _last_order,
 }
 _EMPTY_PROFILE: Final = Profile()

@@ -27,6 +27,9 @@ MAX_ID_CHARS: Final = 200
 MAX_EVENT_NAME_CHARS: Final = 200
 #: Segment's limit per event; applied to the properties (or traits) JSON.
 MAX_EVENT_BYTES: Final = 32 * 1024
+#: Events in one batch at any door: a Segment /v1/batch, an IngestEvents call,
+#: a StreamEvents message (Segment's own batch limit).
+MAX_BATCH_EVENTS: Final = 2500
 #: Objects and arrays inside one another in an event's JSON. Real events nest
 #: a handful of levels (properties > products > product > options); a bound
 #: keeps every later decoding of a stored event far from Python's recursion
@@ -295,7 +298,7 @@ def validate(incoming: IncomingEvent, received_at: datetime, window: EventWindow
         violations.append(FieldViolation("user_id", "user_id or anonymous_id is required"))
     kind = incoming.kind
     if kind is None:
-        violations.append(FieldViolation("kind", "an event must be a track or an identify call"))
+        violations.append(FieldViolation("kind", "an event must be a track, an identify or an alias call"))
     timestamp = incoming.timestamp or received_at
     if timestamp.tzinfo is None:
         timestamp = timestamp.replace(tzinfo=UTC)

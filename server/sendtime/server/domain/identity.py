@@ -26,6 +26,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from sendtime.server.domain.events import Event, EventKind
+
 
 @dataclass(frozen=True, slots=True, order=True)
 class Link:
@@ -117,3 +119,57 @@ class Identities:
             if self.person(user) == root:
                 members.add(user)
         return frozenset(members)
+
+
+# -- links as stored --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class IdLink:
+    """One stored link between two profile keys, as the stores keep it.
+
+    ``from_key`` is ``a:<anonymous id>`` (an anonymous id seen with the user)
+    or ``u:<user id>`` (``alias`` from that user id); ``to_key`` is always
+    ``u:<user id>``. One event may write two: an ``alias`` does not say
+    whether its ``previousId`` was an anonymous id or a user id (Segment's
+    libraries send the anonymous id; a server that renames users sends the
+    old user id), so it links both, and a key that was never used links
+    nothing that exists."""
+
+    from_key: str
+    to_key: str
+    at: datetime
+    message_id: str
+
+
+def links_of(event: Event) -> tuple[IdLink, ...]:
+    """The links ``event`` carries (most carry none)."""
+    user = event.identity.user_id
+    if not user:
+        return ()
+    to_key = f"u:{user}"
+    if event.kind is EventKind.ALIAS:
+        previous = event.previous_id
+        if not previous or previous == user:
+            return ()
+        return (
+            IdLink(f"a:{previous}", to_key, event.timestamp, event.message_id),
+            IdLink(f"u:{previous}", to_key, event.timestamp, event.message_id),
+        )
+    anonymous = event.identity.anonymous_id
+    if anonymous and event.kind in (EventKind.IDENTIFY, EventKind.TRACK):
+        return (IdLink(f"a:{anonymous}", to_key, event.timestamp, event.message_id),)
+    return ()
+
+
+def identities_from(links: Iterable[IdLink]) -> Identities:
+    """What the stored ``links`` say, whatever their order."""
+    anonymous: list[Link] = []
+    aliases: list[UserAlias] = []
+    for link in links:
+        user = link.to_key[2:]
+        if link.from_key.startswith("a:"):
+            anonymous.append(Link(link.at, link.message_id, link.from_key[2:], user))
+        else:
+            aliases.append(UserAlias(link.from_key[2:], user))
+    return Identities(anonymous, aliases)

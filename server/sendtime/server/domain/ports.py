@@ -6,6 +6,8 @@ and never import a backend. Only the server factory picks one.
 
 - ``EventStore``: events and their de-duplication by message id;
 - ``ProfileStore``: folded profiles, saved in batches with the event position they include;
+- ``IdentityLinks``: which ids are one person (written by the event store
+  with the events that carry them), read together with the profiles;
 - ``CatalogStore``: catalog updates made through the API;
 - ``DeliveryLedger``: one row per send and its state machine (see domain.sends);
 - ``SuppressionList``: who gets no more marketing;
@@ -29,6 +31,7 @@ import msgspec
 from sendtime.server.domain.catalog import Product
 from sendtime.server.domain.events import Event
 from sendtime.server.domain.flows import PlannedExit, PlannedSend
+from sendtime.server.domain.identity import IdLink
 from sendtime.server.domain.profile import Profile
 from sendtime.server.domain.sends import SendRecord, SendStatus
 
@@ -132,6 +135,37 @@ class ProfileStore(Protocol):
 
     async def replay(self, after: int) -> tuple[list[Event], int]:
         """The stored events past ``after`` and the last position."""
+        ...
+
+
+# -- identity links ----------------------------------------------------------
+
+#: How many keys one read follows links to. A person has a handful; an id
+#: shared by very many (a shop's kiosk, a bot) stops there rather than pull
+#: in thousands of strangers' profiles.
+MAX_LINKED_KEYS = 200
+
+
+@dataclass(frozen=True, slots=True)
+class People:
+    """What one read found for some profile keys."""
+
+    #: The stored profiles of the keys asked for and of every key linked to them.
+    profiles: dict[str, Profile]
+    #: Every link reachable from the keys asked for (at most MAX_LINKED_KEYS
+    #: keys are followed).
+    links: list[IdLink]
+
+
+class IdentityLinks(Protocol):
+    """Links between ids (domain.identity). The event store writes the links
+    an event carries (domain.identity.links_of) in the transaction that stores
+    the event, so a link is exactly as durable as its event."""
+
+    async def load_people(self, keys: Sequence[str]) -> People:
+        """The links reachable from ``keys`` and the stored profiles of every
+        key they reach, in one read: the first touch of an id costs what
+        loading its profile alone did."""
         ...
 
 
@@ -306,6 +340,8 @@ class Storage(Protocol):
 
     @property
     def profiles(self) -> ProfileStore: ...
+    @property
+    def links(self) -> IdentityLinks: ...
     @property
     def catalog(self) -> CatalogStore: ...
     @property

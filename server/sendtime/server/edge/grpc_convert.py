@@ -11,12 +11,13 @@ import msgspec
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from sendtime.server.domain.content import Block, ContentContext, Reason, Source
+from sendtime.server.domain.content import Block, ContentContext
 from sendtime.server.domain.errors import FieldViolation, InvalidInput
 from sendtime.server.domain.events import ConsentState, EventKind, IncomingEvent, TraitsUpdate
 from sendtime.server.domain.flows import Flow
 from sendtime.server.domain.ingest import Ack, Outcome, Undecodable
 from sendtime.server.domain.profile import Line, ProfileView
+from sendtime.server.domain.provenance import Reason, Source
 from sendtime.server.domain.sends import SendRecord, SendStatus
 from sendtime.v1 import content_service_pb2, delivery_service_pb2, event_pb2, profile_service_pb2
 
@@ -37,6 +38,7 @@ _FIELD_PREFIXES: Final = (
     ("name", "track.name"),
     ("traits", "identify.traits"),
     ("extra_traits", "identify.extra_traits_json"),
+    ("previous_id", "alias.previous_id"),
 )
 
 
@@ -95,6 +97,15 @@ def incoming_event(event: event_pb2.Event | InvalidInput) -> IncomingEvent | Und
                 },
             ),
             extra_traits=event.identify.extra_traits_json,
+        )
+    if kind == "alias":
+        return IncomingEvent(
+            message_id=event.message_id,
+            kind=EventKind.ALIAS,
+            user_id=event.user_id,
+            anonymous_id=event.anonymous_id,
+            timestamp=timestamp,
+            previous_id=event.alias.previous_id,
         )
     return IncomingEvent(
         message_id=event.message_id,

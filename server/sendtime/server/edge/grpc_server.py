@@ -29,7 +29,7 @@ from sendtime.server.domain.errors import (
     SendtimeError,
     Unavailable,
 )
-from sendtime.server.domain.events import Identity
+from sendtime.server.domain.events import MAX_BATCH_EVENTS, Identity
 from sendtime.server.domain.ingest import Ack, Ingestor, Outcome
 from sendtime.server.domain.queries import ProfileQueries
 from sendtime.server.edge import grpc_convert as convert
@@ -50,8 +50,6 @@ from sendtime.v1 import (
 
 log = logging.getLogger(__name__)
 
-#: Events in one IngestEvents call or one StreamEvents message (Segment's batch limit).
-MAX_BATCH_EVENTS: Final = 2500
 SERVICE_NAMES: Final = (
     event_service_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
     profile_service_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name,

@@ -18,6 +18,7 @@ import msgspec
 
 from sendtime.server.domain.errors import FieldViolation, InvalidInput, PayloadTooLarge
 from sendtime.server.domain.events import (
+    MAX_BATCH_EVENTS,
     MAX_EVENT_BYTES,
     MAX_JSON_DEPTH,
     ConsentState,
@@ -29,7 +30,6 @@ from sendtime.server.domain.events import (
 from sendtime.server.domain.ingest import Undecodable
 
 MAX_BATCH_BYTES: Final = 500 * 1024
-MAX_BATCH_EVENTS: Final = 2500
 
 Id = str | int
 

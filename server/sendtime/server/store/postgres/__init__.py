@@ -27,7 +27,12 @@ from sendtime.server.domain.ports import CommitListener, SendPlanner, StoreStats
 from sendtime.server.store.postgres._events import COMMITS_CHANNEL, PostgresEventStore
 from sendtime.server.store.postgres._ledger import Plans, PostgresLedger
 from sendtime.server.store.postgres._migrations import LATEST, migrate
-from sendtime.server.store.postgres._records import PostgresCatalog, PostgresProfiles, PostgresSuppressions
+from sendtime.server.store.postgres._records import (
+    PostgresCatalog,
+    PostgresLinks,
+    PostgresProfiles,
+    PostgresSuppressions,
+)
 
 __all__ = ["LATEST", "PostgresBackend", "migrate", "migrate_database"]
 
@@ -69,6 +74,7 @@ class PostgresBackend:
         self._listener: CommitListener | None = None
         self._pruner: asyncio.Task[None] | None = None
         self.profiles = PostgresProfiles(pool)
+        self.links = PostgresLinks(pool)
         self.catalog = PostgresCatalog(pool)
         self.ledger = PostgresLedger(pool, self._plans, lease=lease)
         self.suppressions = PostgresSuppressions(pool)

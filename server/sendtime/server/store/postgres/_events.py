@@ -19,6 +19,7 @@ COMMIT; one statement more when it schedules sends whose keys are new):
 3. the sends whose keys are new (send_keys, then sends, one statement);
 4. last statement: the exits recorded and the sends they end cancelled; the
    folded profiles written back, the rows of users not seen before inserted;
+   the identity links the events carry (domain.identity.links_of);
    pg_notify (delivered at commit): the touched users and the earliest due
    send, for the other replicas.
 
@@ -51,6 +52,7 @@ import msgspec
 
 from sendtime.server.domain.errors import Overloaded, Unavailable
 from sendtime.server.domain.events import Event, EventKind, IncomingEvent, TraitsUpdate, validate
+from sendtime.server.domain.identity import links_of
 from sendtime.server.domain.ports import Appended, CommitListener, CommittedRound, SendPlanner
 from sendtime.server.domain.profile import Profile, fold
 from sendtime.server.store.postgres._ledger import PlanCounts, Plans, exit_columns, exits_sql
@@ -95,9 +97,12 @@ _EXITED, _CANCELLED = exits_sql(5)
 # A round's last statement: its exits (recorded; the scheduled sends they end
 # cancelled), the folded profiles written (the new users' rows inserted; one
 # that another replica inserted meanwhile returns nothing, and the round is
-# written again), and the NOTIFY for the other replicas, sent at commit.
+# written again), the identity links its events carry, and the NOTIFY for the
+# other replicas, sent at commit.
 _FINISH: Final = (
     f"WITH {_EXITED}, {_CANCELLED},"  # noqa: S608 (only $n marks)
+    " linked AS (INSERT INTO identity_links SELECT * FROM"
+    " unnest($13::text[], $14::text[], $15::text[], $16::timestamptz[]) ON CONFLICT DO NOTHING),"
     " added AS (INSERT INTO profiles SELECT * FROM unnest($1::text[], $2::bytea[]) ORDER BY 1"
     " ON CONFLICT DO NOTHING RETURNING 1),"
     " written AS (UPDATE profiles SET doc = v.doc FROM unnest($3::text[], $4::bytea[]) AS v(k, doc)"
@@ -364,6 +369,7 @@ class PostgresEventStore:
                     *exit_columns(exits, now),
                     COMMITS_CHANNEL,
                     _notices(self._replica, keys, earliest),
+                    *_link_columns(new_events),
                 ):
                     if what == "added":
                         rows_added += 1
@@ -399,6 +405,17 @@ def _notices(replica: str, keys: list[str], due: datetime | None) -> list[str]:
     if batch:
         payloads.append(head + "\x1e".join(batch))
     return payloads
+
+
+def _link_columns(events: list[Event]) -> list[list[Any]]:
+    """The links the events carry, as columns: from, to, message id, time."""
+    links = [link for e in events if e.identity.user_id for link in links_of(e)]
+    return [
+        [link.from_key for link in links],
+        [link.to_key for link in links],
+        [link.message_id for link in links],
+        [link.at for link in links],
+    ]
 
 
 def _event_columns(events: list[Event]) -> list[list[Any]]:

@@ -131,6 +131,32 @@ ALTER TABLE sends ADD COLUMN lease_until timestamptz;
 CREATE INDEX sends_leased ON sends (lease_until) WHERE status IN ('sending', 'relaying');
 """,
     ),
+    (
+        3,
+        "identity links, with those the stored events carry",
+        """
+-- Ids that are one person (domain.identity.IdLink): from 'a:<anonymous id>'
+-- or 'u:<user id>' (alias) to 'u:<user id>', written in the transaction of
+-- the event that says so. Keyed by from_key first, like the per-user tables.
+CREATE TABLE identity_links (
+    from_key   text NOT NULL,
+    to_key     text NOT NULL,
+    message_id text NOT NULL,
+    at         timestamptz NOT NULL,
+    PRIMARY KEY (from_key, to_key, message_id)
+);
+CREATE INDEX identity_links_to ON identity_links (to_key, from_key);
+-- The links of the events still stored (those past the dedupe retention are gone).
+INSERT INTO identity_links
+SELECT 'a:' || anonymous_id, 'u:' || user_id, message_id, event_time FROM events
+WHERE user_id != '' AND anonymous_id != '' AND kind IN ('identify', 'track')
+UNION ALL
+SELECT prefix || ref_id, 'u:' || user_id, message_id, event_time
+FROM events, (VALUES ('a:'), ('u:')) AS p(prefix)
+WHERE kind = 'alias' AND user_id != '' AND ref_id != '' AND ref_id != user_id
+ON CONFLICT DO NOTHING;
+""",
+    ),
 )
 
 LATEST: Final = MIGRATIONS[-1][0]

@@ -1,15 +1,18 @@
-"""The smaller ports on PostgreSQL: profiles, catalog, suppressions, exits."""
+"""The smaller ports on PostgreSQL: profiles, identity links, catalog, suppressions, exits."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Final
 
 import asyncpg
 import msgspec
 
 from sendtime.server.domain.catalog import Product
 from sendtime.server.domain.events import Event
+from sendtime.server.domain.identity import IdLink
+from sendtime.server.domain.ports import MAX_LINKED_KEYS, People
 from sendtime.server.domain.profile import Profile
 from sendtime.server.store.postgres._events import replay
 
@@ -50,6 +53,44 @@ class PostgresProfiles:
 
     async def replay(self, after: int) -> tuple[list[Event], int]:
         return await replay(self._pool, after)
+
+
+# Every key linked to the keys asked for, through links either way (at most
+# $2 keys: the walk stops when the outer query has enough), then in one
+# answer the links that leave the keys reached and those keys' profiles.
+_PEOPLE: Final = """
+WITH RECURSIVE reach(k) AS (
+    SELECT unnest($1::text[])
+    UNION SELECT CASE WHEN l.from_key = r.k THEN l.to_key ELSE l.from_key END
+    FROM identity_links l JOIN reach r ON l.from_key = r.k OR l.to_key = r.k
+), reached AS (SELECT k FROM reach LIMIT $2)
+SELECT from_key, to_key, message_id, at, NULL::bytea AS doc FROM identity_links
+WHERE from_key IN (SELECT k FROM reached)
+UNION ALL
+SELECT profile_key, NULL, NULL, NULL, doc FROM profiles
+WHERE profile_key IN (SELECT k FROM reached) AND doc != ''::bytea
+"""
+
+
+class PostgresLinks:
+    """Identity links (written by the event store with their events), read
+    with the profiles they reach in one statement: one round trip, as
+    loading the profiles alone was."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def load_people(self, keys: Sequence[str]) -> People:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(_PEOPLE, list(keys), len(keys) + MAX_LINKED_KEYS)
+        profiles: dict[str, Profile] = {}
+        links: list[IdLink] = []
+        for from_key, to_key, message_id, at, doc in rows:
+            if doc is not None:
+                profiles[from_key] = _decode_profile(doc)
+            else:
+                links.append(IdLink(from_key, to_key, at, message_id))
+        return People(profiles, links)
 
 
 class PostgresCatalog:

@@ -5,8 +5,9 @@ with group commit). The default, and the one ``make run`` uses.
     events = storage.event_store(planner, listener)   # once the domain exists
 
 Modules: _db (schema, writer thread, reader), _events (append, dedupe, the
-round's flow plan), _ledger (sends and their state machine), _records
-(profiles, catalog, suppressions, exits), _rows (value conversions).
+round's flow plan, the links events carry), _ledger (sends and their state
+machine), _records (profiles, identity links, catalog, suppressions, exits),
+_rows (value conversions).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sendtime.server.store.sqlite._ledger import Plans, SqliteLedger
 from sendtime.server.store.sqlite._records import (
     SqliteCatalog,
     SqliteExits,
+    SqliteLinks,
     SqliteProfiles,
     SqliteSuppressions,
 )
@@ -37,6 +39,7 @@ class SqliteBackend:
         self._max_queued = max_queued_events
         self._events: SqliteEventStore | None = None
         self.profiles = SqliteProfiles(db)
+        self.links = SqliteLinks(db)
         self.catalog = SqliteCatalog(db)
         self.ledger = SqliteLedger(db, self._plans)
         self.suppressions = SqliteSuppressions(db)

@@ -38,7 +38,9 @@ from sendtime.server.domain.ports import Appended
 
 log = logging.getLogger("sendtime.server.store.sqlite")
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
+#: Older versions this one opens, upgrading them (0: a new file).
+UPGRADES_FROM: Final = (0, 2)
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS events (
     position     INTEGER PRIMARY KEY AUTOINCREMENT,  -- only grows, even after purges
@@ -123,6 +125,17 @@ CREATE TABLE IF NOT EXISTS flow_exits (
     event_name  TEXT NOT NULL,
     PRIMARY KEY (profile_key, flow_id, entry_key, event_time)
 ) WITHOUT ROWID;
+-- Ids that are one person (domain.identity.IdLink): from "a:<anonymous id>"
+-- or "u:<user id>" (alias) to "u:<user id>", written in the transaction of
+-- the event that says so.
+CREATE TABLE IF NOT EXISTS identity_links (
+    from_key   TEXT NOT NULL,
+    to_key     TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    at         INTEGER NOT NULL,  -- the event's time, microseconds since the epoch
+    PRIMARY KEY (from_key, to_key, message_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS identity_links_to ON identity_links (to_key, from_key);
 -- Who gets no more marketing: subject is "u:<id>", "a:<id>" or "email:<address>".
 CREATE TABLE IF NOT EXISTS suppressions (
     subject     TEXT NOT NULL,
@@ -133,6 +146,15 @@ CREATE TABLE IF NOT EXISTS suppressions (
     PRIMARY KEY (subject, grp)
 ) WITHOUT ROWID;
 """
+#: Version 3 added identity_links: the links the events a version-2 file
+#: still holds carry (those older than the dedupe retention are gone).
+_LINKS_FROM_EVENTS: Final = (
+    "INSERT OR IGNORE INTO identity_links SELECT 'a:' || anonymous_id, 'u:' || user_id, message_id,"
+    " event_time FROM events WHERE user_id != '' AND anonymous_id != '' AND kind IN ('identify', 'track')",
+    "INSERT OR IGNORE INTO identity_links SELECT prefix || ref_id, 'u:' || user_id, message_id, event_time"
+    " FROM events, (SELECT 'a:' AS prefix UNION ALL SELECT 'u:')"
+    " WHERE kind = 'alias' AND user_id != '' AND ref_id != '' AND ref_id != user_id",
+)
 PROFILES_POSITION: Final = "profiles_position"
 FILE_MODE: Final = 0o600
 
@@ -302,12 +324,24 @@ class SqliteDatabase:
             # this process; group commit keeps the fsync cost per round.
             conn.execute(f"PRAGMA synchronous = {self._synchronous.upper()}")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if version not in (*UPGRADES_FROM, SCHEMA_VERSION):
                 raise Unavailable(
-                    f"{self.path} has schema version {version}; this sendtime needs {SCHEMA_VERSION}"
+                    f"{self.path} has schema version {version}; this sendtime opens versions"
+                    f" {', '.join(map(str, UPGRADES_FROM))} and {SCHEMA_VERSION}"
                 )
             conn.executescript(SCHEMA)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if version != SCHEMA_VERSION:
+                with transaction(conn):
+                    linked = sum(conn.execute(sql).rowcount for sql in _LINKS_FROM_EVENTS)
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                if version:
+                    log.info(
+                        "upgraded %s from schema version %d to %d (%d identity links from stored events)",
+                        self.path,
+                        version,
+                        SCHEMA_VERSION,
+                        linked,
+                    )
             # staged by a save that never committed: the events they hold are replayed
             conn.execute("DELETE FROM profiles_staged")
             self.start_position = conn.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]

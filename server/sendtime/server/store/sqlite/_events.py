@@ -31,10 +31,11 @@ import msgspec
 
 from sendtime.server.domain.errors import Overloaded, Unavailable
 from sendtime.server.domain.events import Event, EventKind, IncomingEvent, TraitsUpdate, validate
+from sendtime.server.domain.identity import links_of
 from sendtime.server.domain.ports import Appended, CommitListener, CommittedRound, SendPlanner
 from sendtime.server.store.sqlite._db import Append, SqliteDatabase, fail, resolve, transaction
 from sendtime.server.store.sqlite._ledger import PlanCounts, Plans
-from sendtime.server.store.sqlite._rows import chunks, encode_json, from_micros, micros
+from sendtime.server.store.sqlite._rows import chunks, encode_json, from_micros, insert_rows, micros
 
 log = logging.getLogger("sendtime.server.store.sqlite")
 
@@ -244,6 +245,7 @@ class SqliteEventStore:
                         (minute, last),
                     )
                     new_events = [e for e, new in zip(events, is_new, strict=True) if new]
+                    _write_links(conn, new_events)
                     sends, exits = self._planner.plan(new_events, self._plans.known_keys)
                     counts, earliest = self._plans.apply(conn, sends, exits)
         except BaseException:
@@ -252,6 +254,17 @@ class SqliteEventStore:
         self._plans.committed()
         self._position = last
         return _Written(is_new, counts, earliest)
+
+
+def _write_links(conn: sqlite3.Connection, events: list[Event]) -> None:
+    """The links the new events carry, in their transaction."""
+    rows: list[Any] = []
+    for event in events:
+        if event.identity.user_id:  # the common anonymous-only event carries none
+            for link in links_of(event):
+                rows += (link.from_key, link.to_key, link.message_id, micros(link.at))
+    if rows:
+        insert_rows(conn, "INSERT OR IGNORE INTO identity_links VALUES", "(?,?,?,?)", rows)
 
 
 def _not_the_events_fault(exc: BaseException) -> bool:

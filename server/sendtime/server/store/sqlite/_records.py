@@ -1,4 +1,4 @@
-"""The smaller ports on SQLite: profiles, catalog, suppressions and exits."""
+"""The smaller ports on SQLite: profiles, identity links, catalog, suppressions and exits."""
 
 from __future__ import annotations
 
@@ -6,18 +6,22 @@ import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from functools import cache
+from typing import Final
 
 import msgspec
 
 from sendtime.server.domain.catalog import Product
 from sendtime.server.domain.events import Event
+from sendtime.server.domain.identity import IdLink
+from sendtime.server.domain.ports import MAX_LINKED_KEYS, People
 from sendtime.server.domain.profile import Profile
 from sendtime.server.store.sqlite._db import PROFILES_POSITION, SqliteDatabase, select_meta
 from sendtime.server.store.sqlite._events import replay
 from sendtime.server.store.sqlite._ledger import select_exit, select_suppressed
-from sendtime.server.store.sqlite._rows import encode_json, insert_rows, micros, padded
+from sendtime.server.store.sqlite._rows import encode_json, from_micros, insert_rows, micros, padded
 
 _decode_product = msgspec.json.Decoder(Product).decode
+_encode_json = msgspec.json.Encoder().encode
 _decode_profile = msgspec.msgpack.Decoder(Profile).decode
 
 
@@ -80,6 +84,44 @@ def _select_profiles(conn: sqlite3.Connection, keys: list[str]) -> dict[str, Pro
 @cache
 def _select_profiles_sql(keys: int) -> str:
     return f"SELECT profile_key, doc FROM profiles WHERE profile_key IN ({','.join('?' * keys)})"  # noqa: S608
+
+
+class SqliteLinks:
+    """Identity links (written by the event store with their events), read
+    with the profiles they reach in one call on the reader: one thread hop,
+    as loading the profiles alone was."""
+
+    def __init__(self, db: SqliteDatabase) -> None:
+        self._db = db
+
+    async def load_people(self, keys: Sequence[str]) -> People:
+        return await self._db.read(_select_people, list(keys))
+
+
+# Every key linked to the keys asked for, through links either way, then the
+# links that leave the keys reached. (A link's both keys are reached, unless
+# the bound cut the walk short.)
+_REACHED_LINKS: Final = """
+WITH RECURSIVE reach(k) AS (
+    SELECT value FROM json_each(?)
+    UNION SELECT to_key FROM identity_links JOIN reach ON from_key = k
+    UNION SELECT from_key FROM identity_links JOIN reach ON to_key = k
+    LIMIT ?
+)
+SELECT from_key, to_key, at, message_id FROM identity_links WHERE from_key IN reach
+"""
+
+
+def _select_people(conn: sqlite3.Connection, keys: list[str]) -> People:
+    links = [
+        IdLink(from_key, to_key, from_micros(at), message_id)
+        for from_key, to_key, at, message_id in conn.execute(
+            _REACHED_LINKS, (_encode_json(keys).decode(), len(keys) + MAX_LINKED_KEYS)
+        )
+    ]
+    if links:
+        keys = list(dict.fromkeys([*keys, *(key for link in links for key in (link.from_key, link.to_key))]))
+    return People(_select_profiles(conn, keys), links)
 
 
 class SqliteCatalog:
