@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sendtime.server.domain.events import Event, EventKind, IncomingEvent, validate
-from sendtime.server.domain.identity import IdLink, Identities, Link, UserAlias, identities_from, links_of
+from sendtime.server.domain.identity import Identities, IdLink, Link, UserAlias, identities_from, links_of
 from sendtime.server.domain.profile import Profile, merge, view
 from tests.unit.test_profile import SESSION, at, folded, track
 
