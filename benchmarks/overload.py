@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import threading
 import time
@@ -74,6 +73,7 @@ from benchmarks.harness import (
     machine,
     progress,
     prometheus_counters,
+    report,
     require_wrk,
     rss_mib,
     run_wrk,
@@ -423,10 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.duration, args.users = 4.0, 12_000  # runs long enough for the paced connections to start
     result = run(args)
-    print(summary(result), file=sys.stderr)
-    if args.json:
-        print(json.dumps(result))
-    return 0 if result["correct"] and all(result["meets_targets"].values()) else 1
+    passed = result["correct"] and all(result["meets_targets"].values())
+    return report(result, summary, as_json=args.json, passed=passed)
 
 
 if __name__ == "__main__":

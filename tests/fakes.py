@@ -36,6 +36,7 @@ from sendtime.server.domain.flows import (
     PlannedExit,
     PlannedSend,
 )
+from sendtime.server.domain.identity import IdLink, links_of
 from sendtime.server.domain.ingest import Ack, IngestObserver, Ingestor
 from sendtime.server.domain.ports import (
     Appended,
@@ -44,6 +45,7 @@ from sendtime.server.domain.ports import (
     DueSends,
     HandOver,
     LastChecks,
+    People,
     SendPlanner,
 )
 from sendtime.server.domain.profile import Profile
@@ -175,6 +177,20 @@ class MemoryProfileStore:
             raise self.fail_loads
         return {key: _decode_profile(self.rows[key]) for key in keys if key in self.rows}
 
+    async def load_people(self, keys: Sequence[str]) -> People:
+        """An IdentityLinks over ``log``: the links its events carry (a
+        backend writes them with the events), followed from ``keys``."""
+        every = [link for _, event in self.log for link in links_of(event)]
+        reached, links = set(keys), set[IdLink]()
+        while True:
+            more = {link for link in every if link.from_key in reached or link.to_key in reached} - links
+            if not more:
+                break
+            links |= more
+            reached |= {key for link in more for key in (link.from_key, link.to_key)}
+        profiles = await self.load_profiles([*keys, *sorted(reached - set(keys))])
+        return People(profiles, sorted(links, key=lambda link: (link.at, link.message_id)))
+
     async def stage_profiles(self, rows: Sequence[tuple[str, bytes]]) -> None:
         if self.fail_saves is not None:
             raise self.fail_saves
@@ -198,6 +214,9 @@ class MemoryProfileStore:
         return [event for position, event in self.log if position > after], max(
             (position for position, _ in self.log[-1:]), default=after
         )
+
+    async def scan_profiles(self, after: str, limit: int) -> list[tuple[str, bytes]]:
+        return sorted((key, row) for key, row in self.rows.items() if key > after)[:limit]
 
 
 # -- the delivery ledger ---------------------------------------------------------
@@ -367,23 +386,43 @@ class MemoryLedger:
         self, send_id: int, *, relay: str, template_version: str, checks: LastChecks
     ) -> HandOver:
         record = self.sends[send_id]
-        exit_event = (
-            await self.exit_since(checks.profile_key, checks.flow_id, checks.entry_key, checks.entry_time)
-            if checks.flow_id
-            else None
+        keys = sorted(set(checks.person_keys) | {checks.profile_key})
+        others = [key for key in keys if key != checks.profile_key]
+        exit_event = None
+        for key in keys if checks.flow_id else ():
+            exit_event = exit_event or await self.exit_since(
+                key, checks.flow_id, checks.entry_key, checks.entry_time
+            )
+        duplicate = (
+            checks.duplicate_since is not None
+            and bool(checks.flow_id)
+            and any(
+                r.profile_key in others
+                and r.flow_id == checks.flow_id
+                and r.entry_key == checks.entry_key
+                and r.entry_time >= checks.duplicate_since
+                and r.status in (SendStatus.SENT, SendStatus.RELAYING, SendStatus.UNCERTAIN)
+                for r in self.sends.values()
+            )
         )
         suppressed = bool(checks.subjects) and self.suppressions.suppressed(checks.subjects, checks.group)
-        sent = self._sent_since(checks.profile_key, checks.cap_since) if checks.cap_since is not None else 0
+        sent = (
+            sum(self._sent_since(key, checks.cap_since) for key in keys)
+            if checks.cap_since is not None
+            else 0
+        )
         capped = checks.cap_since is not None and sent >= checks.cap_count
         current = record.status is SendStatus.SENDING and (
             not checks.attempt or record.attempts == checks.attempt
         )
-        if current and exit_event is None and not suppressed and not capped:
+        if current and exit_event is None and not duplicate and not suppressed and not capped:
             self._set(
                 record, status=SendStatus.RELAYING, reason="", relay=relay, template_version=template_version
             )
             return HandOver(True)
-        return HandOver(False, exit_event=exit_event, suppressed=suppressed, capped=capped, sent=sent)
+        return HandOver(
+            False, exit_event=exit_event, suppressed=suppressed, capped=capped, sent=sent, duplicate=duplicate
+        )
 
     async def recover_interrupted(
         self, *, relay_idempotent: bool, now: datetime | None = None
@@ -612,7 +651,9 @@ class IngestRig:
         self.ledger = MemoryLedger(self.clock)
         self.profile_store = MemoryProfileStore(log=[])
         # the flusher saves on close only: never on a timer in a test
-        self.profiles = ProfileBook(self.profile_store, max_cached=max_cached, flush_interval_s=3600)
+        self.profiles = ProfileBook(
+            self.profile_store, self.profile_store, max_cached=max_cached, flush_interval_s=3600
+        )
         self.learned: list[str] = []
         self.invalidated: list[str] = []
         self.woken: list[datetime] = []

@@ -52,6 +52,9 @@ class FoldsWhileStaging:
     async def replay(self, after: int) -> tuple[list[Event], int]:
         return await self._store.replay(after)
 
+    async def scan_profiles(self, after: str, limit: int) -> list[tuple[str, bytes]]:
+        return await self._store.scan_profiles(after, limit)
+
 
 def expected(events: list[Event]) -> dict[str, Profile]:
     profiles: dict[str, Profile] = {}
@@ -68,7 +71,7 @@ async def test_a_save_in_slices_holds_every_round_folded_before_its_position(tmp
     storage = await SqliteBackend.open(tmp_path / "sendtime.sqlite3")
     book: list[ProfileBook] = []
     store = FoldsWhileStaging(storage.profiles, book, during)
-    book.append(ProfileBook(store, max_cached=100_000, flush_interval_s=3600))
+    book.append(ProfileBook(store, storage.links, max_cached=100_000, flush_interval_s=3600))
     await book[0].fold(first, 1)
     await book[0].close()  # saves what is dirty
     assert store.staged >= 2  # in slices
@@ -102,7 +105,7 @@ async def test_a_failed_save_leaves_every_staged_profile_to_save_again(tmp_path:
     storage = await SqliteBackend.open(tmp_path / "sendtime.sqlite3")
     book: list[ProfileBook] = []
     store = FoldsWhileStaging(storage.profiles, book, [])
-    book.append(ProfileBook(store, max_cached=10, flush_interval_s=3600))
+    book.append(ProfileBook(store, storage.links, max_cached=10, flush_interval_s=3600))
     await book[0].fold(first, 1)
     store.failing_saves = 1
     with pytest.raises(OSError):

@@ -27,7 +27,7 @@ def viewed(message_id: str, user: str, product: str = "p1") -> Event:
 
 
 def book(store: MemoryProfileStore, *, max_cached: int = 100) -> ProfileBook:
-    return ProfileBook(store, max_cached=max_cached, flush_interval_s=3600)
+    return ProfileBook(store, store, max_cached=max_cached, flush_interval_s=3600)
 
 
 def encoded(profile: Profile) -> bytes:
@@ -143,7 +143,11 @@ async def test_forget_drops_a_clean_profile_and_keeps_one_not_saved_yet() -> Non
     await profiles.start()
     await profiles.fold([viewed("m1", "ada")], 1)
     profiles.forget("u:ada")
-    assert profiles.in_memory("u:ada") is not None  # dirty: forgetting it would lose the event
+    # dirty: forgetting it would lose the event (its links are read again, with it kept)
+    kept = await profiles.get("u:ada")
+    assert kept is not None
+    assert kept.event_count == 1
+    assert store.saved("u:ada") is None
     await profiles.close()
     profiles.forget("u:ada")
     assert profiles.in_memory("u:ada") is None

@@ -26,9 +26,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Final, Protocol
 
 from opentelemetry.trace import Span, Tracer
@@ -36,7 +36,7 @@ from opentelemetry.trace import Span, Tracer
 from sendtime.server.domain.content import ContentContext, ContentPipeline
 from sendtime.server.domain.errors import SendtimeError
 from sendtime.server.domain.events import Identity
-from sendtime.server.domain.flows import Flow
+from sendtime.server.domain.flows import Flow, Reentry
 from sendtime.server.domain.ingest import utc_now
 from sendtime.server.domain.ports import DeliveryLedger, HandOver, LastChecks
 from sendtime.server.domain.profile import Profile
@@ -50,6 +50,7 @@ from sendtime.server.relay.base import PermanentFailure, RetryingRelay, Transien
 log = logging.getLogger(__name__)
 
 _RETRY_LATER_BASE: Final = timedelta(seconds=30)
+_EARLIEST: Final = datetime.min.replace(tzinfo=UTC)
 
 
 @dataclass(slots=True)
@@ -71,6 +72,24 @@ class Attempt:
     relay_s: float = 0.0
     #: From the triggering event's arrival to the ESP's acceptance (sent only).
     latency_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignSend:
+    """What a campaign (a broadcast) says of one of its sends as it goes out."""
+
+    sender: str = ""
+    require_blocks: tuple[str, ...] = ()
+    #: Put it back, due then, instead of sending it (a paused broadcast).
+    hold_until: datetime | None = None
+    #: Settle it so instead of sending it: (status, reason, reason class).
+    stop: tuple[SendStatus, str, str] | None = None
+
+
+class Campaigns(Protocol):
+    async def campaign_send(self, record: SendRecord, now: datetime) -> CampaignSend | None:
+        """None when ``record`` is not a campaign's send."""
+        ...
 
 
 class SendObserver(Protocol):
@@ -109,7 +128,9 @@ class Dispatcher:
         clock: Callable[[], datetime] = utc_now,
         observer: SendObserver | None = None,
         tracer: Tracer | None = None,
+        campaigns: Campaigns | None = None,
     ) -> None:
+        self._campaigns = campaigns
         self._observer = observer
         self._tracer = tracer
         self._ledger = ledger
@@ -228,11 +249,20 @@ class Dispatcher:
 
     async def _send(self, record: SendRecord) -> Attempt:
         flow = self._flows.get(record.flow_id)
-        profile = await self._profiles.get(record.profile_key)
+        campaign = None
+        if flow is None and self._campaigns is not None:
+            campaign = await self._campaigns.campaign_send(record, self._clock())
+            stopped = await self._campaign_stopped(record, campaign)
+            if stopped is not None:
+                return stopped
+        # the person the send's id was when the flow was entered (a shared
+        # device's anonymous id may be someone else's by now)
+        person = await self._profiles.person(record.profile_key, record.entry_time)
+        profile = person.profile if person is not None else None
         # only a few traits and the consent are needed here: not the whole
         # view (carts, orders), which the content pipeline builds for itself
         email = _text(profile, "email")
-        if not email:
+        if profile is None or not email:
             await self._finish(record, SendStatus.SKIPPED, "the profile has no email address")
             return Attempt("skipped", "no_email")
         now = self._clock()
@@ -259,7 +289,12 @@ class Dispatcher:
         if unsubscribe_url:
             # the body's Unsubscribe link is the same one-click URL as the header's
             links.append(("unsubscribe_url", unsubscribe_url))
-        identity = Identity(record.user_id, record.anonymous_id)
+        # rendered for the person: an anonymous cart gets the name given later
+        identity = (
+            Identity(profile.user_id, "")
+            if profile.user_id
+            else Identity(record.user_id, record.anonymous_id)
+        )
         context = ContentContext(
             campaign=record.flow_id,
             cart_id=record.entry_key if flow is not None and flow.entry_key == "cart_id" else "",
@@ -275,7 +310,7 @@ class Dispatcher:
             await self._finish(record, SendStatus.FAILED, detail)
             return Attempt("failed", "render_error", detail, render_s=time.perf_counter() - render_started)
         render_s = time.perf_counter() - render_started
-        required = flow.require_blocks if flow is not None else ()
+        required = flow.require_blocks if flow is not None else campaign.require_blocks if campaign else ()
         missing = [b.name for b in answer.blocks if b.name in required and b.source is Source.FALLBACK]
         if missing:
             await self._finish(record, SendStatus.SKIPPED, f"nothing to show: no {', '.join(missing)}")
@@ -286,7 +321,13 @@ class Dispatcher:
             outgoing = mime.build(
                 send_key=record.send_key,
                 message_id_domain=self._policy.message_id_domain,
-                sender=(flow.sender if flow is not None and flow.sender else self._policy.default_sender),
+                sender=(
+                    flow.sender
+                    if flow is not None and flow.sender
+                    else campaign.sender
+                    if campaign is not None and campaign.sender
+                    else self._policy.default_sender
+                ),
                 recipient_email=email,
                 recipient_name=" ".join(
                     filter(None, (_text(profile, "first_name"), _text(profile, "last_name")))
@@ -304,6 +345,13 @@ class Dispatcher:
             await self._finish(record, SendStatus.SKIPPED, f"cannot address the email: {error}")
             return Attempt("skipped", "bad_address", render_s=render_s)
 
+        if campaign is not None and self._campaigns is not None:
+            # paused or cancelled while it rendered: it stops here, within a second
+            stopped = await self._campaign_stopped(
+                record, await self._campaigns.campaign_send(record, self._clock()), render_s
+            )
+            if stopped is not None:
+                return stopped
         # The last look, right before the message leaves, in the transaction
         # that hands it over: an exit event, a suppression or another send
         # stored while the email rendered still stops it.
@@ -311,7 +359,7 @@ class Dispatcher:
             record.id,
             relay=self._relay.name,
             template_version=rendered.version,
-            checks=self._last_checks(record, email, now),
+            checks=self._last_checks(record, email, now, person.keys if person is not None else ()),
         )
         if not handover.handed_over:
             return await self._refused_at_handover(record, handover, render_s)
@@ -372,6 +420,26 @@ class Dispatcher:
             latency_s=(accepted_at - record.received_at).total_seconds(),
         )
 
+    async def _campaign_stopped(
+        self, record: SendRecord, campaign: CampaignSend | None, render_s: float = 0.0
+    ) -> Attempt | None:
+        if campaign is None:
+            return None
+        if campaign.hold_until is not None:
+            await self._ledger.update_send(
+                record.id,
+                SendStatus.SCHEDULED,
+                expect=SendStatus.SENDING,
+                reason="held: the broadcast is paused",
+                due_at=campaign.hold_until,
+            )
+            return Attempt("held", "paused", render_s=render_s)
+        if campaign.stop is not None:
+            status, reason, reason_class = campaign.stop
+            await self._finish(record, status, reason)
+            return Attempt(status.value, reason_class, render_s=render_s)
+        return None
+
     def _refusal(
         self, record: SendRecord, profile: Profile | None, now: datetime
     ) -> tuple[SendStatus, str, datetime | None, str] | None:
@@ -400,26 +468,50 @@ class Dispatcher:
                 return SendStatus.SKIPPED, "quiet hours", None, "quiet_hours"
         return None
 
-    def _last_checks(self, record: SendRecord, email: str, now: datetime) -> LastChecks:
+    def _last_checks(
+        self, record: SendRecord, email: str, now: datetime, person_keys: Sequence[str]
+    ) -> LastChecks:
+        """Exits, suppressions and the cap per person: under any of their ids."""
         group = record.subscription_group
         cap = self._policy.frequency_cap if group else None
         capped = cap is not None and cap.count > 0
+        keys = tuple(dict.fromkeys((record.profile_key, *person_keys)))
         return LastChecks(
             profile_key=record.profile_key,
             flow_id=record.flow_id,
             entry_key=record.entry_key,
             entry_time=record.entry_time,
             group=group,
-            subjects=(record.profile_key, f"email:{email.lower()}") if group else (),
+            subjects=(*keys, f"email:{email.lower()}") if group else (),
             cap_since=now - cap.period if cap is not None and capped else None,
             cap_count=cap.count if cap is not None and capped else 0,
             attempt=record.attempts,
+            person_keys=keys,
+            duplicate_since=self._reentry_since(record),
         )
+
+    def _reentry_since(self, record: SendRecord) -> datetime | None:
+        """Since when another send of this flow entry to another of the
+        person's ids makes this one a duplicate: the re-entry rule's, as the
+        send key applies it to one id (once per key: ever; once per period:
+        this period)."""
+        flow = self._flows.get(record.flow_id)
+        if flow is None:
+            return None
+        if flow.reentry is Reentry.ONCE_PER_PERIOD:
+            period = flow.reentry_period.total_seconds()
+            start = record.entry_time.timestamp() // period * period
+            return datetime.fromtimestamp(start, UTC)
+        return _EARLIEST
 
     async def _refused_at_handover(self, record: SendRecord, handover: HandOver, render_s: float) -> Attempt:
         if handover.exit_event is not None:
             await self._finish(record, SendStatus.CANCELLED, f"exit: {handover.exit_event}")
             return Attempt("cancelled", "exit", render_s=render_s)
+        if handover.duplicate:
+            # the person had this email under another of their ids
+            await self._finish(record, SendStatus.SKIPPED, "duplicate")
+            return Attempt("skipped", "duplicate", render_s=render_s)
         if handover.suppressed:
             await self._finish(record, SendStatus.SKIPPED, f"suppressed for {record.subscription_group}")
             return Attempt("skipped", "suppressed", render_s=render_s)

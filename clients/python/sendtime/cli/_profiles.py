@@ -49,6 +49,11 @@ def _show_profile(profile: dict[str, Any]) -> str:
     if profile.get("anonymous_id"):
         who.append(f"anonymous id {profile['anonymous_id']}")
     lines = [", ".join(w for w in who if w)]
+    # the person's other ids: the profile shown is merged from all of them
+    linked = [f"user {user}" for user in profile.get("linked_user_ids", [])]
+    linked += [f"anonymous id {anonymous}" for anonymous in profile.get("linked_anonymous_ids", [])]
+    if linked:
+        lines.append(f"  linked: {', '.join(linked)}")
     traits = profile.get("traits", {})
     name = " ".join(t for t in (traits.get("first_name"), traits.get("last_name")) if t)
     for label, value in (

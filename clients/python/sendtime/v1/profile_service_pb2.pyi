@@ -106,8 +106,9 @@ class Profile(_message.Message):
     def last_activity_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def linked_user_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The other ids of this person (linked by identify, track or alias):
-        reading any of them gives this profile.
+        """The person's ids other than the one asked for (linked by an identify or
+        track carrying both ids, or by alias): reading any of them gives this
+        profile, merged from every id's events.
         """
 
     @_builtins.property

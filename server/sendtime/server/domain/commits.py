@@ -12,8 +12,10 @@
    that folds in the events' transaction, for several replicas, hands over
    the profiles it wrote instead.) A commit on another replica drops what
    this one holds of its users (``committed_elsewhere``).
-5. Learn from them (recommendations) and drop each touched user's cached
-   content, so the next content request sees the event.
+5. Learn from them (recommendations) and drop the cached content of every
+   id of each touched person (the ids linked to the events' ids, and those
+   the events link), so the next content request, under any of them, sees
+   the event.
 6. Ack: ``Ingestor`` waits for ``settled(position)`` before it answers, so
    whoever reads after an ack sees the event (read-your-writes).
 
@@ -25,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 
 from sendtime.server.domain.events import Event
@@ -80,12 +82,10 @@ class AfterCommit:
 
     def committed_elsewhere(self, profile_keys: Sequence[str], earliest_due: datetime | None) -> None:
         """Another replica's commit: what this one holds of those users is stale."""
+        touched: set[str] = set()
         for key in profile_keys:
-            self._profiles.forget(key)
-            try:
-                self._invalidate_user(key)
-            except Exception:
-                log.exception("dropping the cached content of %s failed", key)
+            touched |= self._profiles.forget(key)
+        self._invalidate(touched)
         if earliest_due is not None:
             self._wake_dispatcher(earliest_due)
 
@@ -101,7 +101,7 @@ class AfterCommit:
         while True:
             round_ = await self._rounds.get()
             try:
-                await self._profiles.fold(round_.new_events, round_.position, round_.profiles)
+                touched = await self._profiles.fold(round_.new_events, round_.position, round_.profiles)
             except Exception:
                 # The events are durable and a restart folds them again from the
                 # last save (the book stops saving): never hold every ack hostage.
@@ -109,18 +109,23 @@ class AfterCommit:
                     "folding %d events failed; profiles are no longer saved", len(round_.new_events)
                 )
             else:
-                self._learned(round_.new_events)
+                self._learned(round_.new_events, touched)
             finally:
                 self._rounds.task_done()
             self._settled = max(self._settled, round_.position)
             self._release_waiters()
 
-    def _learned(self, events: Sequence[Event]) -> None:
+    def _learned(self, events: Sequence[Event], touched: Iterable[str]) -> None:
         try:
             self._learn(events)
         except Exception:
             log.exception("learning from %d events failed", len(events))
-        for key in dict.fromkeys(event.profile_key for event in events):
+        self._invalidate(touched)
+
+    def _invalidate(self, keys: Iterable[str]) -> None:
+        """Drop the cached content of ``keys``: each id of a person whose
+        profile changed (content asked under any id answers for the person)."""
+        for key in keys:
             try:
                 self._invalidate_user(key)
             except Exception:

@@ -106,6 +106,24 @@ class Identities:
         index = bisect.bisect_right([link.at for link in links], at) - 1
         return self.person(links[max(index, 0)].user_id)
 
+    def spans(self, anonymous_id: str, person: str) -> list[tuple[datetime | None, datetime | None]]:
+        """The times (from, until; None: no bound) in which the anonymous id's
+        events are the person's, as ``owner`` says: ``[(None, None)]`` when
+        they all are, ``[]`` when none are."""
+        links = self._links.get(anonymous_id, [])
+        root = self.person(person)
+        spans: list[tuple[datetime | None, datetime | None]] = []
+        for index, link in enumerate(links):
+            if self.person(link.user_id) != root:
+                continue
+            start = None if index == 0 else link.at
+            end = links[index + 1].at if index + 1 < len(links) else None
+            if spans and spans[-1][1] == start:
+                spans[-1] = (spans[-1][0], end)  # the same person linked again
+            else:
+                spans.append((start, end))
+        return [span for span in spans if span[0] is None or span[1] is None or span[0] < span[1]]
+
     def anonymous_ids(self, person: str) -> frozenset[str]:
         """Every anonymous id ever linked to the person (some may be shared
         with another person: ``owner`` says whose each event is)."""

@@ -359,6 +359,53 @@ def merge(into: Profile, other: Profile) -> None:
     into.event_count += other.event_count
 
 
+def restrict(profile: Profile, since: datetime | None, until: datetime | None) -> Profile:
+    """What ``profile`` holds of the events from ``since`` (included) until
+    ``until`` (excluded): the part of a shared device's anonymous profile
+    that was one person's (domain.identity.Identities.spans). A new profile;
+    ``profile`` is left as it was. Its event count is unknown and left at 0:
+    the fold keeps no per-event record to count."""
+
+    def inside(moment: datetime | None) -> bool:
+        return moment is not None and (since is None or moment >= since) and (until is None or moment < until)
+
+    part = Profile(user_id=profile.user_id, anonymous_id=profile.anonymous_id)
+    for mine, theirs in (
+        (part.traits, profile.traits),
+        (part.extra_traits, profile.extra_traits),
+        (part.consent, profile.consent),
+    ):
+        mine.update((key, register) for key, register in theirs.items() if inside(register.at))
+    if inside(profile.all_carts_cleared_through):
+        part.all_carts_cleared_through = profile.all_carts_cleared_through
+    for cart in profile.carts.values():
+        ops = [op for op in cart.ops if inside(op.at)]
+        cleared = cart.cleared_through if inside(cart.cleared_through) else None
+        if ops or cleared is not None:
+            part.carts[cart.cart_id] = CartState(
+                cart_id=cart.cart_id,
+                ops=ops,
+                cleared_through=cleared,
+                updated_at=max((op.at for op in ops), default=cleared),
+            )
+    part.viewed = {key: seen for key, seen in profile.viewed.items() if inside(seen.viewed_at)}
+    part.orders = {
+        key: order
+        for key, order in profile.orders.items()
+        if inside(order.completed[0] if order.completed else None)
+        or inside(order.refunded[0] if order.refunded else None)
+    }
+    moments = [
+        *(register.at for register in (*part.traits.values(), *part.consent.values())),
+        *(op.at for cart in part.carts.values() for op in cart.ops),
+        *(seen.viewed_at for seen in part.viewed.values()),
+        *(stamp[0] for order in part.orders.values() for stamp in (order.completed, order.refunded) if stamp),
+    ]
+    part.first_seen_at = min(moments, default=None)
+    part.last_activity_at = max(moments, default=None)
+    return part
+
+
 def _merge_cart(into: CartState, other: CartState, all_cleared_through: datetime | None) -> None:
     into.cleared_through = _latest(into.cleared_through, other.cleared_through)
     # other's closed operations are gone, but they still date the cart
@@ -424,6 +471,9 @@ class ProfileView(msgspec.Struct, kw_only=True):
     first_seen_at: datetime | None
     last_activity_at: datetime | None
     event_count: int
+    #: The person's ids other than the one asked for (profiles.Person).
+    linked_user_ids: list[str] = []
+    linked_anonymous_ids: list[str] = []
 
 
 def view(profile: Profile) -> ProfileView:

@@ -15,6 +15,15 @@ to about a tenth of the loop's time (a restart then re-folds a few seconds of
 events rather than one). Only clean profiles are
 evicted, so memory is bounded by the cache size plus what a flush interval of
 traffic makes dirty.
+
+One person, several ids (domain.identity): profiles stay folded per id, and a
+read answers for the person: the profiles of every id linked to the one asked
+for, merged (domain.profile.merge; only the part of a shared device's
+anonymous profile that was the person's). A profile is loaded together with
+the links that reach it and their profiles (IdentityLinks.load_people: one
+store call, so the first touch of an id costs no more than before); links
+that later commits carry are learned from the events as they are folded, so
+a person known in memory stays known without reading the store again.
 """
 
 from __future__ import annotations
@@ -24,14 +33,17 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Final
 
 import msgspec
 
 from sendtime.server.domain.events import Event
-from sendtime.server.domain.ports import ProfileStore
-from sendtime.server.domain.profile import Profile, fold
+from sendtime.server.domain.identity import IdLink, identities_from, links_of
+from sendtime.server.domain.ports import IdentityLinks, ProfileStore
+from sendtime.server.domain.profile import Profile, fold, merge, restrict
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +56,105 @@ _MAX_SAVE_SPACING_S: Final = 30.0
 _SAVE_SLICE: Final = 256
 
 _encode = msgspec.msgpack.Encoder().encode
+_LATEST: Final = datetime.max.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Person:
+    """One person as a read found them."""
+
+    #: Their profile: every id's, merged. Callers must not change it.
+    profile: Profile
+    #: Every profile key of the person, the one asked for first.
+    keys: tuple[str, ...]
+    #: The person's ids other than the one asked for.
+    linked_user_ids: tuple[str, ...] = ()
+    linked_anonymous_ids: tuple[str, ...] = ()
+
+
+class _Linked:
+    """Keys linked to one another (directly or through others), as the store
+    and the folds since have told: what their links say, and the merged
+    profiles read since the last fold that touched them."""
+
+    __slots__ = ("identities", "keys", "links", "merged")
+
+    def __init__(self, links: Iterable[IdLink]) -> None:
+        self.links = frozenset(links)
+        self.identities = identities_from(self.links)
+        self.keys = frozenset(key for link in self.links for key in (link.from_key, link.to_key))
+        #: person -> what a read with no time gave (dropped by every fold of its keys)
+        self.merged: dict[str, Person] = {}
+
+    def person(self, key: str, at: datetime | None) -> str | None:
+        """Whose ``key`` is (at ``at``, for an anonymous id: a shared device
+        changes hands); None: nobody's but its own."""
+        if key.startswith("u:"):
+            return self.identities.person(key[2:])
+        return self.identities.owner(key[2:], at or _LATEST)
+
+    def parts(self, person: str) -> list[tuple[str, tuple[datetime | None, datetime | None] | None]]:
+        """The person's keys, each with the span of its events that are the
+        person's (None: all of them), in a fixed order."""
+        parts: list[tuple[str, tuple[datetime | None, datetime | None] | None]] = [
+            (f"u:{user}", None) for user in sorted(self.identities.user_ids(person))
+        ]
+        for anonymous in sorted(self.identities.anonymous_ids(person)):
+            spans = self.identities.spans(anonymous, person)
+            if spans == [(None, None)]:
+                parts.append((f"a:{anonymous}", None))
+            else:
+                parts += [(f"a:{anonymous}", span) for span in spans]
+        return parts
+
+
+def _components(links: Iterable[IdLink]) -> list[set[IdLink]]:
+    """``links`` grouped by the keys they connect."""
+    parent: dict[str, str] = {}
+
+    def root(key: str) -> str:
+        while (up := parent.setdefault(key, key)) != key:
+            parent[key] = parent.setdefault(up, up)
+            key = up
+        return key
+
+    links = list(links)
+    for link in links:
+        a, b = root(link.from_key), root(link.to_key)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    groups: dict[str, set[IdLink]] = {}
+    for link in links:
+        groups.setdefault(root(link.from_key), set()).add(link)
+    return list(groups.values())
+
+
+def _others(key: str, person: Person) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The person's user ids and anonymous ids other than ``key``'s."""
+    others = [k for k in person.keys if k != key]
+    return (
+        tuple(sorted(k[2:] for k in others if k.startswith("u:"))),
+        tuple(sorted(k[2:] for k in others if k.startswith("a:"))),
+    )
 
 
 class ProfileBook:
     def __init__(
         self,
         store: ProfileStore,
+        links: IdentityLinks,
         *,
         max_cached: int,
         flush_interval_s: float = 1.0,
     ) -> None:
         self._store = store
+        self._links = links
+        #: Keys whose links are known: what links them (None: nothing does).
+        #: A key is here while its profile is in memory (or one it links to is).
+        self._linked: dict[str, _Linked | None] = {}
+        #: Counts the links learned from folds: a load that began before one
+        #: may have read the store without it, and does not say who is linked.
+        self._links_learned = 0
         # Set when a round could not be folded: saving then would record a
         # position that includes events missing from the profiles.
         self._saves_stopped = False
@@ -102,10 +202,12 @@ class ProfileBook:
 
     async def fold(
         self, events: Sequence[Event], position: int, folded: dict[str, Profile] | None = None
-    ) -> None:
+    ) -> set[str]:
         """Fold one committed round, whose events reach ``position``. Called in
         commit order, one round at a time. ``folded``: the profiles as the
-        store already folded and wrote them (kept as they are, nothing to save)."""
+        store already folded and wrote them (kept as they are, nothing to save).
+        Returns every key whose person's profile the round may have changed
+        (the events' keys, the keys linked to them, the keys newly linked)."""
         try:
             if folded is not None:
                 for key, profile in folded.items():
@@ -115,9 +217,17 @@ class ProfileBook:
                     if key not in self._dirty and (held is None or profile.event_count >= held.event_count):
                         self._profiles[key] = profile
                         self._profiles.move_to_end(key)
-                self._evict()
-                return
-            await self._fold_round(events)
+            else:
+                await self._fold_round(events)
+            touched = self._learn_links(events)
+            for key in dict.fromkeys(event.profile_key for event in events):
+                linked = self._linked.get(key)
+                if linked is not None:
+                    linked.merged.clear()
+                    touched |= linked.keys
+                touched.add(key)
+            self._evict()
+            return touched
         except Exception:
             # The store could not load a profile: saving now would record a
             # position that includes events missing from the profiles.
@@ -126,9 +236,40 @@ class ProfileBook:
         finally:
             self._folded = max(self._folded, position)
 
+    def _learn_links(self, events: Sequence[Event]) -> set[str]:
+        """Learn the links the round's events carry (the store wrote them in
+        the round's transaction). Two groups known here are joined in memory;
+        a key whose links are not known here is left to be loaded again."""
+        touched: set[str] = set()
+        for event in events:
+            if not event.identity.user_id:
+                continue  # the common anonymous event links nothing
+            for link in links_of(event):
+                self._links_learned += 1
+                ends = [self._linked.get(key, self) for key in (link.from_key, link.to_key)]
+                for end in ends:
+                    if isinstance(end, _Linked):
+                        touched |= end.keys
+                touched |= {link.from_key, link.to_key}
+                if any(end is self for end in ends):
+                    for end, key in zip(ends, (link.from_key, link.to_key), strict=True):
+                        self._drop_links(key, end)
+                    continue
+                joined = _Linked({link}.union(*(end.links for end in ends if isinstance(end, _Linked))))
+                for key in joined.keys:
+                    self._linked[key] = joined
+        return touched
+
+    def _drop_links(self, key: str, known: object) -> None:
+        """Forget what links ``key`` (and every key of its group)."""
+        self._linked.pop(key, None)
+        if isinstance(known, _Linked):
+            for other in known.keys:
+                self._linked.pop(other, None)
+
     async def _fold_round(self, events: Sequence[Event]) -> None:
         keys = {event.profile_key for event in events}
-        missing = [key for key in keys if key not in self._profiles]
+        missing = [key for key in keys if key not in self._profiles or key not in self._linked]
         if missing:
             await self._load(missing)
         for event in events:
@@ -136,61 +277,131 @@ class ProfileBook:
             profile = self._profiles.get(key)
             if profile is None:
                 profile = self._profiles[key] = Profile()
+                # the load just made found nothing: nothing links it (yet)
+                self._linked.setdefault(key, None)
             fold(profile, event)
             self._dirty.add(key)
-        self._evict()
 
-    def forget(self, key: str) -> None:
-        """Drop a profile someone else changed (it is loaded again when read)."""
+    def forget(self, key: str) -> set[str]:
+        """Drop a profile someone else changed, and what links it (both are
+        loaded again when read); returns the keys whose person it touched."""
         if key not in self._dirty and key not in self._staged:
             self._profiles.pop(key, None)
+        known = self._linked.get(key)
+        self._drop_links(key, known)
+        return {key} | (known.keys if known is not None else set())
 
     # -- reading ------------------------------------------------------------
 
     def in_memory(self, key: str) -> Profile | None:
-        """The profile if it is in memory now (no store read), else None.
-        Callers must not change it."""
-        profile = self._profiles.get(key)
-        if profile is not None:
-            self._profiles.move_to_end(key)
-        return profile
+        """The person's profile if all of it is in memory now (no store
+        read), else None. Callers must not change it."""
+        person = self._person(key, None)
+        return person.profile if isinstance(person, Person) else None
 
     async def get(self, key: str) -> Profile | None:
-        """The profile as of the last folded round. Callers must not change it."""
+        """The profile of the person ``key`` is, as of the last folded round.
+        Callers must not change it."""
+        person = await self.person(key)
+        return person.profile if person is not None else None
+
+    async def person(self, key: str, at: datetime | None = None) -> Person | None:
+        """The person ``key`` is (for an anonymous id, the one it was at
+        ``at``: a shared device changes hands; None: now), as of the last
+        folded round; None when no events were seen for any of their ids."""
+        person = self._person(key, at)
+        for _ in range(2):  # again when links were learned while it loaded
+            if person is not self:
+                return person if isinstance(person, Person) else None
+            await self._load([key])
+            person = self._person(key, at)
+        # links keep arriving for this key: answer with its own profile now
         profile = self._profiles.get(key)
-        if profile is not None:
+        return Person(profile, (key,)) if profile is not None else None
+
+    def person_keys(self, key: str) -> frozenset[str]:
+        """The keys known in memory to be linked to ``key`` (and itself)."""
+        linked = self._linked.get(key)
+        return linked.keys | {key} if linked is not None else frozenset((key,))
+
+    def _person(self, key: str, at: datetime | None) -> Person | ProfileBook | None:
+        """The person, without I/O: ``self`` when something must be loaded first."""
+        if key not in self._linked:
+            return self
+        linked = self._linked[key]
+        person = linked.person(key, at) if linked is not None else None
+        if linked is None or person is None:
+            profile = self._profiles.get(key)
+            if profile is None:
+                return None
             self._profiles.move_to_end(key)
-            return profile
-        await self._load([key])
-        return self._profiles.get(key)
+            return Person(profile, (key,))
+        if at is None and (known := linked.merged.get(person)) is not None:
+            for part in known.keys:
+                if part in self._profiles:
+                    self._profiles.move_to_end(part)
+            return Person(known.profile, (key, *(k for k in known.keys if k != key)), *_others(key, known))
+        merged = Profile(user_id=person)
+        keys: dict[str, None] = {key: None}
+        seen = False
+        for part, span in linked.parts(person):
+            keys[part] = None
+            profile = self._profiles.get(part)
+            if profile is None:
+                continue
+            self._profiles.move_to_end(part)
+            seen = True
+            merge(merged, profile if span is None else restrict(profile, *span))
+        if not seen:
+            return None
+        found = Person(merged, tuple(keys))
+        if at is None:
+            linked.merged[person] = found
+        return Person(merged, found.keys, *_others(key, found))
 
     async def _load(self, keys: Sequence[str]) -> None:
-        """Load profiles not in memory, each key at most once at a time."""
+        """Load the people of keys whose links are not known (the links and
+        every linked key's profile, in one store call), each key at most once
+        at a time. Profiles in memory are kept: they are as new or newer."""
         waiting = [self._loading[key] for key in keys if key in self._loading]
-        wanted = [key for key in keys if key not in self._loading and key not in self._profiles]
+        wanted = [key for key in keys if key not in self._loading and key not in self._linked]
         if wanted:
             loop = asyncio.get_running_loop()
             futures = {key: loop.create_future() for key in wanted}
             self._loading.update(futures)
+            learned = self._links_learned
             try:
-                found = await self._store.load_profiles(wanted)
+                found = await self._links.load_people(wanted)
             except BaseException as exc:
                 for key, future in futures.items():
                     del self._loading[key]
                     future.set_exception(exc)
                     future.exception()  # retrieved here; the raise below reports it
                 raise
+            for key, profile in found.profiles.items():
+                # a fold may have created it while we waited: keep that one
+                if key not in self._profiles:
+                    self._profiles[key] = profile
+            if learned == self._links_learned:  # else the next read loads again
+                for group in _components(found.links):
+                    linked = _Linked(group)
+                    for key in linked.keys:
+                        self._linked[key] = linked
+                for key in wanted:
+                    if key in self._profiles:
+                        self._linked.setdefault(key, None)
             for key, future in futures.items():
                 del self._loading[key]
-                profile = found.get(key)
-                # a fold may have created it while we waited: keep that one
-                if profile is not None and key not in self._profiles:
-                    self._profiles[key] = profile
-                future.set_result(profile)
+                future.set_result(self._profiles.get(key))
         for future in waiting:
             await future
 
     # -- saving -------------------------------------------------------------
+
+    async def save_now(self) -> None:
+        """Save every profile folded so far (a walk through the stored
+        profiles then sees them all)."""
+        await self._flush()
 
     def _evict(self) -> None:
         excess = len(self._profiles) - self._max_cached
@@ -201,6 +412,7 @@ class ProfileBook:
                 break
             if key not in self._dirty and key not in self._staged and key not in self._loading:
                 del self._profiles[key]
+                self._drop_links(key, self._linked.get(key))
                 excess -= 1
         if excess > 0:
             self._flush_now.set()  # everything old is dirty: save so it can go

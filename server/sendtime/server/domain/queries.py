@@ -14,8 +14,11 @@ class ProfileQueries:
 
     async def get(self, *, user_id: str = "", anonymous_id: str = "") -> ProfileView:
         identity = Identity.exactly_one(user_id, anonymous_id)
-        profile = await self._profiles.get(identity.key)
-        if profile is None:
+        person = await self._profiles.person(identity.key)
+        if person is None:
             who = f"user {user_id!r}" if user_id else f"anonymous id {anonymous_id!r}"
             raise NotFound(f"no events were ever seen for {who}")
-        return view(profile)
+        shown = view(person.profile)
+        shown.linked_user_ids = list(person.linked_user_ids)
+        shown.linked_anonymous_ids = list(person.linked_anonymous_ids)
+        return shown

@@ -216,6 +216,8 @@ def profile(view: ProfileView, extra_traits_json: bytes) -> profile_service_pb2.
         first_seen_time=_timestamp(view.first_seen_at),
         last_activity_time=_timestamp(view.last_activity_at),
         event_count=view.event_count,
+        linked_user_ids=view.linked_user_ids,
+        linked_anonymous_ids=view.linked_anonymous_ids,
     )
 
 

@@ -23,8 +23,6 @@ this process, good for that one delivery's preview for PREVIEW_TOKEN_S.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
 import html
@@ -46,6 +44,7 @@ from sendtime.server.domain.content import ContentContext, ContentPipeline
 from sendtime.server.domain.errors import NotFound, Overloaded, PermissionDenied, Unauthenticated
 from sendtime.server.domain.events import Identity
 from sendtime.server.domain.sends import SendRecord
+from sendtime.server.edge.http_keys import header_key, names_a_key
 from sendtime.server.observe.metrics import Metrics
 from sendtime.server.settings import Scope
 
@@ -434,16 +433,9 @@ def _time(moment: datetime | None) -> str:
 
 
 def _key(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer":
-        return value.strip() or None
-    if scheme.lower() == "basic":
-        try:
-            user = base64.b64decode(value, validate=True).decode().partition(":")[0]
-        except (binascii.Error, UnicodeDecodeError):
-            return None
-        return user or None
+    """The Authorization header's key (edge.http_keys), else ``?key=``."""
+    if names_a_key(request.headers):
+        return header_key(request.headers)
     return request.query.get("key") or None
 
 

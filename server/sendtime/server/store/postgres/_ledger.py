@@ -176,14 +176,18 @@ class Plans:
 
 
 _EXIT_SQL: Final = (
-    "SELECT event_name FROM flow_exits WHERE profile_key = $1 AND flow_id = $2 AND event_time >= $3"
+    "SELECT event_name FROM flow_exits WHERE profile_key = ANY($1::text[]) AND flow_id = $2 AND event_time >= $3"
     " AND entry_key IN ($4, '*') LIMIT 1"
+)
+_DUPLICATE_SQL: Final = (
+    "SELECT 1 FROM sends WHERE profile_key = ANY($1::text[]) AND flow_id = $2 AND entry_key = $3"
+    " AND entry_time >= $4 AND status IN ('sent', 'relaying', 'uncertain') LIMIT 1"
 )
 _SUPPRESSED_SQL: Final = (
     "SELECT 1 FROM suppressions WHERE subject = ANY($1::text[]) AND grp IN ($2, '*') LIMIT 1"
 )
 _SENT_SINCE_SQL: Final = (
-    "SELECT count(*) FROM sends WHERE profile_key = $1 AND subscription_group != ''"
+    "SELECT count(*) FROM sends WHERE profile_key = ANY($1::text[]) AND subscription_group != ''"
     " AND status IN ('sent', 'relaying', 'uncertain') AND coalesce(accepted_at, updated_at) >= $2"
 )
 
@@ -307,17 +311,29 @@ class PostgresLedger:
     ) -> HandOver:
         now = datetime.now(UTC)
         subjects = list(checks.subjects) if checks.group else []
+        # the person's keys: exits and the cap count for every id of the person
+        keys = sorted(set(checks.person_keys) | {checks.profile_key})
+        others = [key for key in keys if key != checks.profile_key]
+        duplicates = checks.duplicate_since is not None and bool(others) and bool(checks.flow_id)
         conditions = ["id = $1", "status = 'sending'"]
         values: list[Any] = [send_id, relay, template_version, now, now + self._lease]
         if checks.attempt:
             values.append(checks.attempt)
             conditions.append(f"attempts = ${len(values)}")
         if checks.flow_id:
-            values += (checks.profile_key, checks.flow_id, checks.entry_time, checks.entry_key)
+            values += (keys, checks.flow_id, checks.entry_time, checks.entry_key)
             n = len(values)
             conditions.append(
-                f"NOT EXISTS (SELECT 1 FROM flow_exits WHERE profile_key = ${n - 3} AND flow_id = ${n - 2}"  # noqa: S608 (only $n marks)
+                f"NOT EXISTS (SELECT 1 FROM flow_exits WHERE profile_key = ANY(${n - 3}::text[]) AND flow_id = ${n - 2}"  # noqa: S608 (only $n marks)
                 f" AND event_time >= ${n - 1} AND entry_key IN (${n}, '*'))"
+            )
+        if duplicates:
+            values += (others, checks.flow_id, checks.entry_key, checks.duplicate_since)
+            n = len(values)
+            conditions.append(
+                f"NOT EXISTS (SELECT 1 FROM sends AS other WHERE other.profile_key = ANY(${n - 3}::text[])"  # noqa: S608 (only $n marks)
+                f" AND other.flow_id = ${n - 2} AND other.entry_key = ${n - 1} AND other.entry_time >= ${n}"
+                " AND other.status IN ('sent', 'relaying', 'uncertain'))"
             )
         if subjects:
             values += (subjects, checks.group)
@@ -326,10 +342,10 @@ class PostgresLedger:
                 f"NOT EXISTS (SELECT 1 FROM suppressions WHERE subject = ANY(${n - 1}::text[]) AND grp IN (${n}, '*'))"  # noqa: S608 (only $n marks)
             )
         if checks.cap_since is not None:
-            values += (checks.profile_key, checks.cap_since, checks.cap_count)
+            values += (keys, checks.cap_since, checks.cap_count)
             n = len(values)
             conditions.append(
-                f"(SELECT count(*) FROM sends WHERE profile_key = ${n - 2} AND subscription_group != ''"  # noqa: S608 (only $n marks)
+                f"(SELECT count(*) FROM sends WHERE profile_key = ANY(${n - 2}::text[]) AND subscription_group != ''"  # noqa: S608 (only $n marks)
                 f" AND status IN ('sent', 'relaying', 'uncertain') AND coalesce(accepted_at, updated_at) >= ${n - 1})"
                 f" < ${n}"
             )
@@ -338,28 +354,38 @@ class PostgresLedger:
             f" updated_at = $4, lease_until = $5 WHERE {' AND '.join(conditions)}"
         )
         async with self._pool.acquire() as conn, conn.transaction():
-            # Hand-overs to one user take turns, on every replica: the cap
-            # counts the "relaying" of a hand-over that committed just before.
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", checks.profile_key)
+            # Hand-overs to one person take turns, on every replica: the cap
+            # and the duplicate check see the "relaying" of a hand-over that
+            # committed just before (each key locked, in key order: no deadlock).
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(key, 0)) FROM unnest($1::text[]) AS key ORDER BY key",
+                keys,
+            )
             if _count(await conn.execute(sql, *values)):
                 return HandOver(True)
             exit_event = (
-                await conn.fetchval(
-                    _EXIT_SQL, checks.profile_key, checks.flow_id, checks.entry_time, checks.entry_key
-                )
+                await conn.fetchval(_EXIT_SQL, keys, checks.flow_id, checks.entry_time, checks.entry_key)
                 if checks.flow_id
                 else None
+            )
+            duplicate = duplicates and (
+                await conn.fetchval(
+                    _DUPLICATE_SQL, others, checks.flow_id, checks.entry_key, checks.duplicate_since
+                )
+                is not None
             )
             suppressed = (
                 bool(subjects) and await conn.fetchval(_SUPPRESSED_SQL, subjects, checks.group) is not None
             )
             sent = (
-                int(await conn.fetchval(_SENT_SINCE_SQL, checks.profile_key, checks.cap_since))
+                int(await conn.fetchval(_SENT_SINCE_SQL, keys, checks.cap_since))
                 if checks.cap_since is not None
                 else 0
             )
         capped = checks.cap_since is not None and sent >= checks.cap_count
-        return HandOver(False, exit_event=exit_event, suppressed=suppressed, capped=capped, sent=sent)
+        return HandOver(
+            False, exit_event=exit_event, suppressed=suppressed, capped=capped, sent=sent, duplicate=duplicate
+        )
 
     async def recover_interrupted(
         self, *, relay_idempotent: bool, now: datetime | None = None
@@ -415,11 +441,11 @@ class PostgresLedger:
 
     async def sent_since(self, profile_key: str, since: datetime) -> int:
         async with self._pool.acquire() as conn:
-            return int(await conn.fetchval(_SENT_SINCE_SQL, profile_key, since))
+            return int(await conn.fetchval(_SENT_SINCE_SQL, [profile_key], since))
 
     async def exit_since(self, profile_key: str, flow_id: str, entry_key: str, since: datetime) -> str | None:
         async with self._pool.acquire() as conn:
-            name: str | None = await conn.fetchval(_EXIT_SQL, profile_key, flow_id, since, entry_key)
+            name: str | None = await conn.fetchval(_EXIT_SQL, [profile_key], flow_id, since, entry_key)
             return name
 
 

@@ -193,23 +193,31 @@ class SqliteLedger:
         statement: the writer thread takes the GIL back once); only a send
         they stop is looked at again, to say why."""
         now = micros(datetime.now(UTC))
-        exit_args = (checks.profile_key, checks.flow_id, checks.entry_key, micros(checks.entry_time))
+        # the person's keys: exits and the cap count for every id of the person
+        keys = sorted(set(checks.person_keys) | {checks.profile_key})
+        others = [key for key in keys if key != checks.profile_key]
+        entry_time = micros(checks.entry_time)
         subjects = list(checks.subjects) if checks.group else []
         cap_since = None if checks.cap_since is None else micros(checks.cap_since)
+        duplicate_since = None if checks.duplicate_since is None else micros(checks.duplicate_since)
+        duplicates = duplicate_since is not None and bool(others) and bool(checks.flow_id)
         conditions = ["id = ?", "status = 'sending'"]
         values: list[Any] = [relay, template_version, now, send_id]
         if checks.attempt:
             conditions.append("attempts = ?")
             values.append(checks.attempt)
         if checks.flow_id:
-            conditions.append(f"NOT EXISTS ({EXIT_SQL})")
-            values += (checks.profile_key, checks.flow_id, exit_args[3], checks.entry_key)
+            conditions.append(f"NOT EXISTS ({exit_sql(len(keys))})")
+            values += (*keys, checks.flow_id, entry_time, checks.entry_key)
+        if duplicates:
+            conditions.append(f"NOT EXISTS ({duplicate_sql(len(others))})")
+            values += (*others, checks.flow_id, checks.entry_key, duplicate_since)
         if subjects:
             conditions.append(f"NOT EXISTS ({suppressed_sql(len(subjects))})")
             values += (*subjects, checks.group)
         if cap_since is not None:
-            conditions.append(f"({_SENT_SINCE_SQL}) < ?")
-            values += (checks.profile_key, cap_since, checks.cap_count)
+            conditions.append(f"({sent_since_sql(len(keys))}) < ?")
+            values += (*keys, cap_since, checks.cap_count)
         sql = (
             "UPDATE sends SET status = 'relaying', reason = '', relay = ?, template_version = ?,"  # noqa: S608
             f" updated_at = ? WHERE {' AND '.join(conditions)}"
@@ -218,11 +226,28 @@ class SqliteLedger:
         def hand(conn: sqlite3.Connection) -> HandOver:
             if conn.execute(sql, values).rowcount:
                 return HandOver(True)
-            exit_event = select_exit(conn, exit_args) if checks.flow_id else None
+            exit_event = (
+                _select_exit(conn, keys, checks.flow_id, checks.entry_key, entry_time)
+                if checks.flow_id
+                else None
+            )
+            duplicate = duplicates and (
+                conn.execute(
+                    duplicate_sql(len(others)), (*others, checks.flow_id, checks.entry_key, duplicate_since)
+                ).fetchone()
+                is not None
+            )
             suppressed = bool(subjects) and select_suppressed(conn, (subjects, checks.group))
-            sent = _select_sent_since(conn, (checks.profile_key, cap_since)) if cap_since is not None else 0
+            sent = _select_sent_since(conn, (keys, cap_since)) if cap_since is not None else 0
             capped = cap_since is not None and sent >= checks.cap_count
-            return HandOver(False, exit_event=exit_event, suppressed=suppressed, capped=capped, sent=sent)
+            return HandOver(
+                False,
+                exit_event=exit_event,
+                suppressed=suppressed,
+                capped=capped,
+                sent=sent,
+                duplicate=duplicate,
+            )
 
         return await self._db.submit(hand)
 
@@ -273,7 +298,7 @@ class SqliteLedger:
         return await self._db.scan(lambda conn: _select_flow_counts(conn, None))
 
     async def sent_since(self, profile_key: str, since: datetime) -> int:
-        return await self._db.read(_select_sent_since, (profile_key, micros(since)))
+        return await self._db.read(_select_sent_since, ([profile_key], micros(since)))
 
 
 _SCHEDULE_SQL: Final = (
@@ -347,19 +372,39 @@ def _cancel_sql(rows: int) -> str:
     )
 
 
-EXIT_SQL: Final = (
-    "SELECT event_name FROM flow_exits WHERE profile_key = ? AND flow_id = ? AND event_time >= ?"
-    " AND entry_key IN (?, '*') LIMIT 1"
-)
-# Counts what may have reached the user: sent (accepted), and also relaying
-# (handed to the ESP, answer pending) and uncertain (the ESP may have taken it),
-# timed by acceptance or else by the hand-over. Without the in-flight ones, two
-# sends for one user handed over while the other was at the ESP would both pass
-# a cap of one.
-_SENT_SINCE_SQL: Final = (
-    "SELECT count(*) FROM sends WHERE profile_key = ? AND subscription_group != ''"
-    " AND status IN ('sent', 'relaying', 'uncertain') AND coalesce(accepted_at, updated_at) >= ?"
-)
+@cache
+def exit_sql(keys: int) -> str:
+    """An exit of the flow entry under any of ``keys`` profile keys, at or after the entry."""
+    marks = ",".join("?" * keys)
+    return (
+        f"SELECT event_name FROM flow_exits WHERE profile_key IN ({marks}) AND flow_id = ?"  # noqa: S608 (only "?" marks)
+        " AND event_time >= ? AND entry_key IN (?, '*') LIMIT 1"
+    )
+
+
+@cache
+def duplicate_sql(keys: int) -> str:
+    """A send of the same flow entry to one of ``keys``, entered since a time,
+    that went (or may have gone) to the ESP."""
+    marks = ",".join("?" * keys)
+    return (
+        f"SELECT 1 FROM sends WHERE profile_key IN ({marks}) AND flow_id = ? AND entry_key = ?"  # noqa: S608 (only "?" marks)
+        " AND entry_time >= ? AND status IN ('sent', 'relaying', 'uncertain') LIMIT 1"
+    )
+
+
+@cache
+def sent_since_sql(keys: int) -> str:
+    """Counts what may have reached the person: sent (accepted), and also
+    relaying (handed to the ESP, answer pending) and uncertain (the ESP may
+    have taken it), timed by acceptance or else by the hand-over. Without the
+    in-flight ones, two sends for one user handed over while the other was at
+    the ESP would both pass a cap of one."""
+    marks = ",".join("?" * keys)
+    return (
+        f"SELECT count(*) FROM sends WHERE profile_key IN ({marks}) AND subscription_group != ''"  # noqa: S608 (only "?" marks)
+        " AND status IN ('sent', 'relaying', 'uncertain') AND coalesce(accepted_at, updated_at) >= ?"
+    )
 
 
 @cache
@@ -370,7 +415,13 @@ def suppressed_sql(subjects: int) -> str:
 
 def select_exit(conn: sqlite3.Connection, args: tuple[str, str, str, int]) -> str | None:
     profile_key, flow_id, entry_key, since = args
-    row = conn.execute(EXIT_SQL, (profile_key, flow_id, since, entry_key)).fetchone()
+    return _select_exit(conn, [profile_key], flow_id, entry_key, since)
+
+
+def _select_exit(
+    conn: sqlite3.Connection, keys: list[str], flow_id: str, entry_key: str, since: int
+) -> str | None:
+    row = conn.execute(exit_sql(len(keys)), (*keys, flow_id, since, entry_key)).fetchone()
     return row[0] if row else None
 
 
@@ -379,8 +430,9 @@ def select_suppressed(conn: sqlite3.Connection, args: tuple[list[str], str]) -> 
     return conn.execute(suppressed_sql(len(subjects)), (*subjects, group)).fetchone() is not None
 
 
-def _select_sent_since(conn: sqlite3.Connection, args: tuple[str, int]) -> int:
-    return int(conn.execute(_SENT_SINCE_SQL, args).fetchone()[0])
+def _select_sent_since(conn: sqlite3.Connection, args: tuple[list[str], int]) -> int:
+    keys, since = args
+    return int(conn.execute(sent_since_sql(len(keys)), (*keys, since)).fetchone()[0])
 
 
 def _select_send(conn: sqlite3.Connection, args: tuple[int | None, str | None]) -> SendRecord | None:
