@@ -52,6 +52,7 @@ import cachebox
 import msgspec
 import uvloop
 
+from benchmarks.harness import report
 from sendtime.server.cache import MemoryCache, RustCacheBackend
 
 TARGETS: Final = {"overhead_ratio_max": 3.0, "speedup_vs_aiocache_min": 20.0}
@@ -321,13 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result = run(args)
-    if args.json:
-        print(summary(result), file=sys.stderr)
-        print(msgspec.json.encode(result).decode(), flush=True)
-    else:
-        print(summary(result))
-    return 0
+    return report(run(args), summary, as_json=args.json)
 
 
 if __name__ == "__main__":

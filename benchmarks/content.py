@@ -98,6 +98,7 @@ from benchmarks.harness import (
     SERVER_CORES,
     WRK_DONE,
     WrkResult,
+    checks_line,
     counter_delta,
     lua_string,
     machine,
@@ -107,6 +108,7 @@ from benchmarks.harness import (
     prometheus_counters,
     py_spy,
     ratio,
+    report,
     require_wrk,
     run_wrk,
     set_affinity,
@@ -810,8 +812,7 @@ def summary(result: dict[str, Any]) -> str:
         f"  slow upstream p99 : {ms(result['slow_upstream_p99_ms'])} ({mark('slow_upstream_p99_ms')}),"
         f" deadline misses {result['deadline_misses']} ({mark('deadline_misses')})",
         f"  server CPU per call (us): {result['server_cpu_us_per_call']}",
-        f"  checks            : {'all passed' if result['correct'] else 'FAILED'}"
-        + "".join(f"\n    {'ok  ' if ok else 'FAIL'} {name}" for name, ok in result["checks"].items()),
+        checks_line(result, "  checks            "),
     ]
     return "\n".join(lines)
 
@@ -849,11 +850,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is None:
             setattr(args, name, value)
     result = run(args)
-    if args.json:
-        print(msgspec.json.encode(result).decode(), flush=True)
-    else:
-        print(summary(result))
-    return 0 if result["correct"] else 1
+    return report(result, summary, as_json=args.json, passed=result["correct"])
 
 
 if __name__ == "__main__":

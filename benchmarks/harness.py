@@ -29,12 +29,14 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Final
+
+import msgspec
 
 #: The server's core and the load generator's, when pinned.
 SERVER_CORES: Final = "0"
@@ -454,6 +456,29 @@ def counter_delta(before: dict[str, float | None], after: dict[str, float | None
 
 
 # -- the JSON summary -------------------------------------------------------------------
+
+
+def report(
+    result: Mapping[str, Any], summary: Callable[[Any], str], *, as_json: bool, passed: bool = True
+) -> int:
+    """Print a benchmark's result and give its exit status (0 when ``passed``).
+    With ``as_json`` the readable summary goes to stderr and the last line of
+    stdout is the result as one JSON object (what benchmarks.report reads);
+    without, the summary alone, on stdout."""
+    if as_json:
+        print(summary(result), file=sys.stderr)
+        print(msgspec.json.encode(result).decode(), flush=True)
+    else:
+        print(summary(result), flush=True)
+    return 0 if passed else 1
+
+
+def checks_line(result: Mapping[str, Any], label: str) -> str:
+    """A summary's checks: 'all passed' or 'FAILED', then each check, ok or FAIL."""
+    verdict = "all passed" if result["correct"] else "FAILED"
+    return f"{label}: {verdict}" + "".join(
+        f"\n    {'ok  ' if ok else 'FAIL'} {name}" for name, ok in result["checks"].items()
+    )
 
 
 def ratio(a: float | None, b: float | None) -> float:

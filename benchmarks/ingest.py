@@ -54,6 +54,7 @@ from benchmarks.harness import (
     SERVER_CORES,
     WRK_DONE,
     WrkResult,
+    checks_line,
     lua_string,
     machine,
     ms,
@@ -61,6 +62,7 @@ from benchmarks.harness import (
     progress,
     py_spy,
     ratio,
+    report,
     require_wrk,
     run_wrk,
     version,
@@ -299,8 +301,7 @@ def summary(result: dict[str, Any]) -> str:
         f" {TARGETS['http_batch_vs_baseline']:g})",
         f"  gRPC StreamEvents  : {result['events_per_s'] or 0:>10,.0f} events/s (Python generator)"
         f"  p99 ack {ms(result['p99_ack_ms'])}",
-        f"  checks             : {'all passed' if result['correct'] else 'FAILED'}"
-        + "".join(f"\n    {'ok  ' if ok else 'FAIL'} {name}" for name, ok in result["checks"].items()),
+        checks_line(result, "  checks             "),
     ]
     return "\n".join(lines)
 
@@ -331,11 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.duration is None:
         args.duration = 1.0 if args.quick else 10.0
     result = run(args)
-    if args.json:
-        print(msgspec.json.encode(result).decode(), flush=True)
-    else:
-        print(summary(result))
-    return 0 if result["correct"] else 1
+    return report(result, summary, as_json=args.json, passed=result["correct"])
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ from typing import Any, Final
 import grpc
 import msgspec
 
-from benchmarks.harness import machine_cpu, process_cpu_s, summarize_stacks
+from benchmarks.harness import machine_cpu, process_cpu_s, report, summarize_stacks
 from benchmarks.relay_load import RelayLoadResult, email_of
 from benchmarks.servers import REPO, ServerProcess, sendtime_server
 from sendtime.v1 import delivery_service_pb2, delivery_service_pb2_grpc
@@ -628,11 +628,7 @@ def main() -> None:
     parser.add_argument("--py-spy", metavar="DIR", help="sample the server with py-spy into DIR")
     parser.add_argument("--keep", metavar="DIR", help="keep every run's files (logs, arrivals) in DIR")
     args = parser.parse_args()
-    result = run(args)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(json.dumps(result, indent=2))
+    report(run(args), lambda result: json.dumps(result, indent=2), as_json=args.json)
 
 
 if __name__ == "__main__":

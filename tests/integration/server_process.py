@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from benchmarks.harness import rss_mib
 
@@ -128,20 +130,43 @@ def child_server(data_dir: Path, *, config: Path | None = None) -> Iterator[Chil
             process.wait(30)
 
 
-async def run_sendtime(*args: str, cwd: Path) -> tuple[int, str, str]:
-    """``sendtime ARGS`` in ``cwd`` with none of the caller's SENDTIME_* settings:
-    (exit code, stdout, stderr)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SENDTIME_")}
+class Result(NamedTuple):
+    """A ``sendtime`` command's exit code and output."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+    def error(self) -> Any:
+        """With --json, an error is one JSON object on stderr, and stdout is empty."""
+        assert self.stdout == "", self.stdout
+        return json.loads(self.stderr)
+
+
+async def run_sendtime(
+    *args: str,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    stdin: str | None = None,
+    timeout: float = 90,
+) -> Result:
+    """``sendtime ARGS`` (the client's command) in ``cwd``, with none of the
+    caller's SENDTIME_* settings but ``env``'s, and ``stdin`` as its input."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SENDTIME_")} | dict(env or {})
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "sendtime.cli",
         *args,
-        env=env,
+        env=environ,
         cwd=cwd,
+        stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
+    out, err = await asyncio.wait_for(process.communicate(None if stdin is None else stdin.encode()), timeout)
     assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    return Result(process.returncode, out.decode(), err.decode())

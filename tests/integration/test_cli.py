@@ -8,31 +8,15 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from sendtime.server.app import Sendtime
+from tests.integration.server_process import Result, run_sendtime
 
 # slow: each command runs the CLI as a process of its own (make test-fast leaves them out)
 pytestmark = pytest.mark.slow
-
-
-@dataclass(frozen=True)
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-    def error(self) -> Any:
-        """With --json, an error is one JSON object on stderr, and stdout is empty."""
-        assert self.stdout == "", self.stdout
-        return json.loads(self.stderr)
 
 
 RunCli = Callable[..., Awaitable[Result]]
@@ -40,23 +24,10 @@ RunCli = Callable[..., Awaitable[Result]]
 
 @pytest.fixture
 def cli(server: Sendtime) -> RunCli:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SENDTIME_")}
-    env["SENDTIME_TARGET"] = f"127.0.0.1:{server.grpc_port}"  # the API key defaults to dev-key
+    target = {"SENDTIME_TARGET": f"127.0.0.1:{server.grpc_port}"}  # the API key defaults to dev-key
 
     async def run(*args: str, stdin: str | None = None) -> Result:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "sendtime.cli",
-            *args,
-            env=env,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(process.communicate(stdin.encode() if stdin else None), 60)
-        assert process.returncode is not None
-        return Result(process.returncode, out.decode(), err.decode())
+        return await run_sendtime(*args, env=target, stdin=stdin, timeout=60)
 
     return run
 

@@ -5,46 +5,23 @@ with --json. Real CLI processes against a real sendtime on 127.0.0.1:0."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import socket
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from sendtime.server.app import Sendtime
+from tests.integration.server_process import Result, run_sendtime
 
 # slow: each command runs the CLI as a process of its own (make test-fast leaves them out)
 pytestmark = pytest.mark.slow
 
 
-@dataclass(frozen=True)
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-
 async def run_cli(*args: str, cwd: Path, **env: str) -> Result:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("SENDTIME_")} | env
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sendtime.cli",
-        *args,
-        env=environ,
-        cwd=cwd,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
     # Generous, and far under the --timeout the unreachable cases pass: a
     # command that waited for its timeout instead of failing fast ends here.
-    out, err = await asyncio.wait_for(process.communicate(), 45)
-    assert process.returncode is not None
-    return Result(process.returncode, out.decode(), err.decode())
+    return await run_sendtime(*args, cwd=cwd, env=env, timeout=45)
 
 
 def free_port() -> int:

@@ -7,14 +7,10 @@ repository root, where its default paths find them)."""
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import shutil
 import socket
 import struct
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,27 +30,13 @@ from sendtime.client import (
 from sendtime.client._content import block_from_proto, content_request
 from sendtime.server.app import Sendtime
 from sendtime.v1 import content_service_pb2
+from tests.integration.server_process import Result, run_sendtime
 
 # slow: each command runs the CLI as a process of its own (and Chromium) (make test-fast leaves them out)
 pytestmark = pytest.mark.slow
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SHOPPER_CART = {"kettle-steel", "kettle-electric", "filters-100"}
-
-
-@dataclass(frozen=True)
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-    def error(self) -> Any:
-        """With --json, an error is one JSON object on stderr, and stdout is empty."""
-        assert self.stdout == "", self.stdout
-        return json.loads(self.stderr)
 
 
 RunCli = Callable[..., Awaitable[Result]]
@@ -66,23 +48,7 @@ def target(app: Sendtime) -> str:
 
 async def run_cli(*args: str, cwd: Path, path: str | None = None) -> Result:
     """Run ``sendtime ARGS`` in ``cwd``; ``path`` replaces $PATH."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SENDTIME_")}
-    if path is not None:
-        env["PATH"] = path
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sendtime.cli",
-        *args,
-        env=env,
-        cwd=cwd,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 90)
-    assert process.returncode is not None
-    return Result(process.returncode, out.decode(), err.decode())
+    return await run_sendtime(*args, cwd=cwd, env={"PATH": path} if path is not None else None)
 
 
 @pytest.fixture

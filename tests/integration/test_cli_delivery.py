@@ -9,16 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
-import os
 import re
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from email import message_from_bytes, policy
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -36,6 +31,7 @@ from sendtime.client import (
 from sendtime.server.app import Sendtime
 from sendtime.server.settings import hash_key
 from tests.conftest import SettingsFactory
+from tests.integration.server_process import Result, run_sendtime
 
 # slow: each command runs the CLI as a process of its own (make test-fast leaves them out)
 pytestmark = pytest.mark.slow
@@ -59,40 +55,11 @@ def outbox_config(outbox: Path, extra: str = "") -> str:
     )
 
 
-@dataclass(frozen=True)
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-    def error(self) -> Any:
-        """With --json, an error is one JSON object on stderr, and stdout is empty."""
-        assert self.stdout == "", self.stdout
-        return json.loads(self.stderr)
-
-
 RunCli = Callable[..., Awaitable[Result]]
 
 
 async def run_cli(*args: str, cwd: Path) -> Result:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SENDTIME_")}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sendtime.cli",
-        *args,
-        env=env,
-        cwd=cwd,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 90)
-    assert process.returncode is not None
-    return Result(process.returncode, out.decode(), err.decode())
+    return await run_sendtime(*args, cwd=cwd)
 
 
 def target(app: Sendtime) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from sendtime.server.app import Sendtime
-from tests.integration.test_cli import Result
+from tests.integration.server_process import Result
 
 CLIENT = Path(__file__).parents[2] / "clients" / "python"
 

@@ -7,8 +7,18 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks.content import Users, content_script
-from benchmarks.harness import WRK_DONE, counter_delta, lua_string, parse_counters, parse_wrk
+from benchmarks.harness import (
+    WRK_DONE,
+    checks_line,
+    counter_delta,
+    lua_string,
+    parse_counters,
+    parse_wrk,
+    report,
+)
 
 METRICS = """\
 # HELP sendtime_content_shed_total Content calls shed at admission.
@@ -84,3 +94,19 @@ def test_first_touch_users_are_handed_out_once() -> None:
 
 def test_lua_strings_keep_quotes_and_non_ascii_as_they_are() -> None:
     assert lua_string('{"name": "Café"}') == '"{\\"name\\": \\"Café\\"}"'
+
+
+def test_report_puts_the_json_object_last_on_stdout_and_the_summary_aside(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    result = {"correct": False, "checks": {"acked": True, "no duplicates": False}}
+
+    def summary(got: dict[str, object]) -> str:
+        return checks_line(got, "  checks")
+
+    assert report(result, summary, as_json=True, passed=bool(result["correct"])) == 1
+    out, err = capsys.readouterr()
+    assert json.loads(out.splitlines()[-1]) == result
+    assert err.splitlines() == ["  checks: FAILED", "    ok   acked", "    FAIL no duplicates"]
+    assert report(result, summary, as_json=False) == 0
+    assert capsys.readouterr().out.startswith("  checks: FAILED\n")

@@ -29,8 +29,6 @@ Errors go through http_errors; every JSON error names the field at fault.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
 import hmac
 import html
@@ -65,6 +63,7 @@ from sendtime.server.domain.ingest import Ack, Ingestor, Outcome, Undecodable, u
 from sendtime.server.domain.queries import ProfileQueries
 from sendtime.server.edge import preferences_page, segment
 from sendtime.server.edge.http_errors import error_body, error_response
+from sendtime.server.edge.http_keys import header_key, names_a_key
 from sendtime.server.edge.http_limits import ConnectionLimiter, IngestAdmission, read_body
 from sendtime.server.edge.http_observe import observe_middleware
 from sendtime.server.edge.profile_json import profile_json
@@ -114,19 +113,9 @@ def _json_response(body: object, status: int = 200) -> web.Response:
 
 
 def _api_key(request: web.Request, body: bytes | None = None) -> str | None:
-    """Bearer key, or Basic with the key as the user name (Segment's write key)."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer":
-        return value.strip() or None
-    if scheme.lower() == "basic":
-        try:
-            user, _, _password = base64.b64decode(value, validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError):
-            raise Unauthenticated("the Basic credentials are not valid base64") from None
-        return user or None
-    if not body:
-        return None
+    """The Authorization header's key (edge.http_keys), else Segment's write key in the body."""
+    if names_a_key(request.headers) or not body:
+        return header_key(request.headers)
     try:
         return segment.write_key_in_body(body)
     except UnicodeDecodeError:
@@ -186,23 +175,14 @@ def _decompressed(body: bytes, coding: str, limit: int) -> bytes:
     return decoded
 
 
-@dataclass
-class _Routes:
+@dataclass(kw_only=True)
+class _IngestRoutes:
+    """Events in: Segment's single and batch calls, and signed webhooks."""
+
     ingestor: Ingestor
-    queries: ProfileQueries
     authenticator: Authenticator
     webhooks: dict[str, WebhookSource]
-    pipeline: ContentPipeline
-    catalog: CatalogUpdater
-    default_deadline_s: float
-    suppressions: Suppressions
-    sendgrid: SendGridFeedback | None
-    postmark: PostmarkFeedback | None
-    ready: Callable[[], bool]
-    telemetry: Telemetry
     clock: Callable[[], datetime] = utc_now
-    preferences: Preferences | None = None
-    images: Mapping[str, StaticFile] = field(default_factory=dict)
 
     async def single(self, request: web.Request) -> web.Response:
         route = request.match_info["kind"]
@@ -246,6 +226,17 @@ class _Routes:
         )
         error = InvalidInput(message, reason="INVALID_EVENTS")
         return _json_response({**error_body(error), "results": results}, status=400)
+
+
+@dataclass(kw_only=True)
+class _DataRoutes:
+    """Profiles and content out, catalog updates in."""
+
+    authenticator: Authenticator
+    queries: ProfileQueries
+    pipeline: ContentPipeline
+    catalog: CatalogUpdater
+    default_deadline_s: float
 
     async def profile(self, request: web.Request) -> web.Response:
         self.authenticator.authorize(_api_key(request), Scope.CONTENT)
@@ -323,6 +314,16 @@ class _Routes:
         self.authenticator.authorize(_api_key(request), Scope.ADMIN)
         count = await self.catalog.upsert(await _read(request, MAX_CATALOG_BYTES))
         return _json_response({"success": True, "upserted": count})
+
+
+@dataclass(kw_only=True)
+class _RecipientRoutes:
+    """What recipients and their ESPs tell: unsubscribes, preferences, bounces and complaints."""
+
+    suppressions: Suppressions
+    sendgrid: SendGridFeedback | None
+    postmark: PostmarkFeedback | None
+    preferences: Preferences | None = None
 
     async def unsubscribe_page(self, request: web.Request) -> web.Response:
         """The link a person clicks: says what it will do, and asks to confirm
@@ -402,6 +403,16 @@ class _Routes:
         body = await _read(request, segment.MAX_BATCH_BYTES)
         added = await self.suppressions.from_feedback(self.postmark.suppressions(body))
         return _json_response({"success": True, "suppressed": added})
+
+
+@dataclass(kw_only=True)
+class _OpsRoutes:
+    """Health, readiness, metrics and the demo's pictures."""
+
+    authenticator: Authenticator
+    ready: Callable[[], bool]
+    telemetry: Telemetry
+    images: Mapping[str, StaticFile] = field(default_factory=dict)
 
     async def demo_image(self, request: web.Request) -> web.Response:
         """A picture from memory, by its exact name: nothing the request says is
@@ -639,21 +650,23 @@ def build_http_edge(
     preferences: Preferences | None = None,
     demo_images: Path | None = None,
 ) -> HttpEdge:
-    routes = _Routes(
-        ingestor,
-        queries,
-        authenticator,
-        {w.name: w for w in webhooks},
-        pipeline,
-        catalog,
-        default_deadline_s,
-        suppressions,
-        sendgrid,
-        postmark,
-        ready,
-        telemetry,
-        clock,
-        preferences=preferences,
+    ingest = _IngestRoutes(
+        ingestor=ingestor, authenticator=authenticator, webhooks={w.name: w for w in webhooks}, clock=clock
+    )
+    data = _DataRoutes(
+        authenticator=authenticator,
+        queries=queries,
+        pipeline=pipeline,
+        catalog=catalog,
+        default_deadline_s=default_deadline_s,
+    )
+    recipients = _RecipientRoutes(
+        suppressions=suppressions, sendgrid=sendgrid, postmark=postmark, preferences=preferences
+    )
+    ops = _OpsRoutes(
+        authenticator=authenticator,
+        ready=ready,
+        telemetry=telemetry,
         images=load_images(demo_images) if demo_images is not None else {},
     )
     limiter = ConnectionLimiter(settings.max_connections)
@@ -675,31 +688,31 @@ def build_http_edge(
     def no_key(_request: web.Request) -> None:
         """Webhooks are signed instead; the route checks the signature header first."""
 
-    batch = admission.wrap(routes.batch, ingest_key, segment.MAX_BATCH_BYTES)
+    batch = admission.wrap(ingest.batch, ingest_key, segment.MAX_BATCH_BYTES)
     app.router.add_post("/v1/batch", batch)
     app.router.add_post("/v1/import", batch)  # Segment's older name for batch
     app.router.add_post(
         r"/v1/{kind:(" + "|".join(_SINGLE_ROUTES) + ")}",
-        admission.wrap(routes.single, ingest_key, MAX_EVENT_BYTES),
+        admission.wrap(ingest.single, ingest_key, MAX_EVENT_BYTES),
     )
     app.router.add_post(
-        "/v1/webhooks/{source}", admission.wrap(routes.webhook, no_key, segment.MAX_BATCH_BYTES)
+        "/v1/webhooks/{source}", admission.wrap(ingest.webhook, no_key, segment.MAX_BATCH_BYTES)
     )
-    app.router.add_get("/v1/profiles", routes.profile_by_anonymous_id)
-    app.router.add_get("/v1/profiles/{user_id}", routes.profile)
-    app.router.add_get("/v1/content/{user_id}", routes.content)
-    app.router.add_post("/v1/catalog/products", routes.upsert_products)
-    app.router.add_get("/v1/unsubscribe/{token}", routes.unsubscribe_page)
-    app.router.add_post("/v1/unsubscribe/{token}", routes.unsubscribe)
-    app.router.add_get("/v1/preferences/{token}", routes.preferences_page)
-    app.router.add_post("/v1/preferences/{token}", routes.update_preferences)
-    app.router.add_post("/v1/feedback/sendgrid", routes.sendgrid_feedback)
-    app.router.add_post("/v1/feedback/postmark", routes.postmark_feedback)
-    app.router.add_get("/demo/images/{name}", routes.demo_image)
-    app.router.add_get("/healthz", routes.healthz)
-    app.router.add_get("/readyz", routes.readyz)
+    app.router.add_get("/v1/profiles", data.profile_by_anonymous_id)
+    app.router.add_get("/v1/profiles/{user_id}", data.profile)
+    app.router.add_get("/v1/content/{user_id}", data.content)
+    app.router.add_post("/v1/catalog/products", data.upsert_products)
+    app.router.add_get("/v1/unsubscribe/{token}", recipients.unsubscribe_page)
+    app.router.add_post("/v1/unsubscribe/{token}", recipients.unsubscribe)
+    app.router.add_get("/v1/preferences/{token}", recipients.preferences_page)
+    app.router.add_post("/v1/preferences/{token}", recipients.update_preferences)
+    app.router.add_post("/v1/feedback/sendgrid", recipients.sendgrid_feedback)
+    app.router.add_post("/v1/feedback/postmark", recipients.postmark_feedback)
+    app.router.add_get("/demo/images/{name}", ops.demo_image)
+    app.router.add_get("/healthz", ops.healthz)
+    app.router.add_get("/readyz", ops.readyz)
     if telemetry.metrics is not None:
-        app.router.add_get("/metrics", routes.metrics)
+        app.router.add_get("/metrics", ops.metrics)
     if status_page is not None:
         status_page.register(app)  # GET / and GET /v1/deliveries/{id}/preview (admin)
     ssl_context = None

@@ -23,8 +23,6 @@ this process, good for that one delivery's preview for PREVIEW_TOKEN_S.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
 import html
@@ -46,11 +44,16 @@ from sendtime.server.domain.content import ContentContext, ContentPipeline
 from sendtime.server.domain.errors import NotFound, Overloaded, PermissionDenied, Unauthenticated
 from sendtime.server.domain.events import Identity
 from sendtime.server.domain.sends import SendRecord
+from sendtime.server.edge.http_keys import header_key, names_a_key
 from sendtime.server.observe.metrics import Metrics
 from sendtime.server.settings import Scope
 
 REFRESH_S: Final = 5
 WINDOW_S: Final = 300.0
+#: Snapshots kept in the ring at least this far apart: a crowd of draws (each
+#: takes one) would otherwise fill the ring in a second with hundreds of
+#: thousands of tracked objects, which every full collection walks.
+RING_SPACING_S: Final = 1.0
 LATEST_DELIVERIES: Final = 20
 #: How long a preview link from the page works without a key.
 PREVIEW_TOKEN_S: Final = 900
@@ -162,7 +165,9 @@ class StatusPage:
     metrics: Metrics | None
     flow_ids: Sequence[str]
     started: float = field(default_factory=time.monotonic)
-    _ring: deque[tuple[float, Samples]] = field(default_factory=lambda: deque(maxlen=512))
+    _ring: deque[tuple[float, Samples]] = field(
+        default_factory=lambda: deque(maxlen=int(WINDOW_S / RING_SPACING_S) + 2)
+    )
     #: Signs preview links; made anew at each start (old links stop working).
     _link_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     #: Pages and previews drawn at once; more are answered 429 at once. A page
@@ -269,7 +274,8 @@ class StatusPage:
         ring = self._ring
         while ring and now - ring[0][0] > WINDOW_S:
             ring.popleft()
-        ring.append((now, samples))
+        if not ring or now - ring[-1][0] >= RING_SPACING_S:
+            ring.append((now, samples))
         then_at, then = ring[0]
         if then is samples or now - then_at < 1.0:
             return _Window(samples, {}, now - self.started, since_start=True)
@@ -427,16 +433,9 @@ def _time(moment: datetime | None) -> str:
 
 
 def _key(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer":
-        return value.strip() or None
-    if scheme.lower() == "basic":
-        try:
-            user = base64.b64decode(value, validate=True).decode().partition(":")[0]
-        except (binascii.Error, UnicodeDecodeError):
-            return None
-        return user or None
+    """The Authorization header's key (edge.http_keys), else ``?key=``."""
+    if names_a_key(request.headers):
+        return header_key(request.headers)
     return request.query.get("key") or None
 
 
