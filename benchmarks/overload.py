@@ -38,7 +38,9 @@ every event of every batch answered 200 (``ingest_acked_events`` <=
     python -m benchmarks.overload [--json] [--quick] [--duration S] [--users N] [--doors a,b]
 
 --doors runs only the doors named (comma-separated; the ingest check only
-when ``ingest`` is among them).
+when ``ingest`` is among them). --set SETTING=VALUE (repeatable) gives the
+server a setting (``--set http.max_ingest_bytes_in_flight=524288``), to
+measure what a bound trades.
 
 --quick is a smoke test (4 s runs, few users): its figures mean little.
 Progress goes to stderr; with --json the last stdout line is one JSON object
@@ -285,7 +287,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         server = sendtime_server(
             data_dir,
             tmp,
-            {"SENDTIME_CONFIG": str(config), "SENDTIME_STORAGE__PROFILE_CACHE_SIZE": str(args.users + 1000)},
+            {
+                "SENDTIME_CONFIG": str(config),
+                "SENDTIME_STORAGE__PROFILE_CACHE_SIZE": str(args.users + 1000),
+                **dict(args.settings),
+            },
             cores=SERVER_CORES,
         )
         with server:
@@ -334,6 +340,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         **{name: {k: v for k, v in asdict(door).items() if k != "runs"} for name, door in doors.items()},
         "doors": list(doors),
+        "settings": dict(args.settings),
         "budget_ms": BUDGET_MS,
         "ingest_acked_events": acked,
         "ingest_stored_events": stored_from_load,
@@ -382,7 +389,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(BUDGET_MS),
         help=f"comma-separated doors to run (default all: {','.join(BUDGET_MS)})",
     )
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="SETTING=VALUE",
+        help="a server setting for the run (repeatable): http.max_ingest_bytes_in_flight=524288",
+    )
     return parser
+
+
+def _setting(value: str) -> tuple[str, str]:
+    name, equals, setting = value.partition("=")
+    if not equals or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected SETTING=VALUE, not {value!r}")
+    return "SENDTIME_" + name.strip().upper().replace(".", "__"), setting
 
 
 def _doors(value: str) -> list[str]:

@@ -215,6 +215,9 @@ class MemoryProfileStore:
             (position for position, _ in self.log[-1:]), default=after
         )
 
+    async def scan_profiles(self, after: str, limit: int) -> list[tuple[str, bytes]]:
+        return sorted((key, row) for key, row in self.rows.items() if key > after)[:limit]
+
 
 # -- the delivery ledger ---------------------------------------------------------
 

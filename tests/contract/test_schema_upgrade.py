@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from sendtime.server.domain.errors import Unavailable
-from sendtime.server.store.postgres import PostgresBackend
+from sendtime.server.store.postgres import LATEST, PostgresBackend
 from sendtime.server.store.postgres._migrations import migrate, version
 from sendtime.server.store.sqlite import SCHEMA_VERSION, SqliteBackend
 from sendtime.server.store.sqlite._db import SCHEMA
@@ -101,7 +101,7 @@ async def test_a_postgres_database_at_migration_2_gets_the_links_of_its_events()
             )
         finally:
             await conn.close()
-        storage = await PostgresBackend.open(dsn, pool_size=2)  # applies migration 3
+        storage = await PostgresBackend.open(dsn, pool_size=2)  # applies migration 3 (and those after)
         try:
             people = await storage.links.load_people(["u:ada", "u:bob"])
             assert {(link.from_key, link.to_key) for link in people.links} == EXPECTED
@@ -109,6 +109,6 @@ async def test_a_postgres_database_at_migration_2_gets_the_links_of_its_events()
             await storage.close()
         conn = await asyncpg.connect(dsn)
         try:
-            assert await version(conn) == 3
+            assert await version(conn) == LATEST
         finally:
             await conn.close()

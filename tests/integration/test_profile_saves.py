@@ -52,6 +52,9 @@ class FoldsWhileStaging:
     async def replay(self, after: int) -> tuple[list[Event], int]:
         return await self._store.replay(after)
 
+    async def scan_profiles(self, after: str, limit: int) -> list[tuple[str, bytes]]:
+        return await self._store.scan_profiles(after, limit)
+
 
 def expected(events: list[Event]) -> dict[str, Profile]:
     profiles: dict[str, Profile] = {}

@@ -27,6 +27,7 @@ import uvloop
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from sendtime.server.auth import Authenticator
+from sendtime.server.broadcasting import Broadcasts, SegmentEvaluator, Segments
 from sendtime.server.cache import CacheFetcher, CircuitBreakers, MemoryCache
 from sendtime.server.deliveries import Deliveries, DeliveryQueries, Suppressions
 from sendtime.server.dispatch import Dispatcher, DispatchPolicy
@@ -43,6 +44,7 @@ from sendtime.server.domain.ports import EventStore, Storage
 from sendtime.server.domain.profiles import ProfileBook
 from sendtime.server.domain.queries import ProfileQueries
 from sendtime.server.domain.recommend import Recommender
+from sendtime.server.domain.segments import Segment
 from sendtime.server.domain.sends import FrequencyCap, QuietHours
 from sendtime.server.domain.unsubscribe import EmailLinks
 from sendtime.server.edge.grpc_server import GrpcEdge, build_grpc_edge
@@ -94,6 +96,8 @@ class Sendtime:
         self._session: aiohttp.ClientSession | None = None
         self._render_pool: RenderPool | None = None
         self._dispatcher: Dispatcher | None = None
+        self._segment_evaluator: SegmentEvaluator | None = None
+        self._broadcasts: Broadcasts | None = None
         self._loop_lag = LoopLag()
         self._grpc: GrpcEdge | None = None
         self._http: HttpEdge | None = None
@@ -120,6 +124,11 @@ class Sendtime:
     def public_base_url(self) -> str:
         """Where the links in emails point (delivery.public_base_url, else the HTTP edge)."""
         return public_base_url(self.settings, self.http_port)
+
+    @property
+    def broadcasts_runner(self) -> Broadcasts:
+        assert self._broadcasts is not None, "start() first"
+        return self._broadcasts
 
     @property
     def cache(self) -> CacheFetcher:
@@ -211,6 +220,24 @@ class Sendtime:
         relay = build_retrying_relay(_in_data_dir(delivery.relay, storage.data_dir))
         relay.observer = telemetry.relay_observer(relay.name)
         relay.tracer = tracer
+        self._segment_evaluator = SegmentEvaluator(settings.broadcasts.segment_processes)
+        segments = Segments(
+            store=backend.broadcasts,
+            profiles=backend.profiles,
+            book=profiles,
+            configured=configured_segments(settings),
+            evaluator=self._segment_evaluator,
+            batch=settings.broadcasts.segment_batch,
+            clock=self._clock,
+        )
+        self._broadcasts = broadcasts = Broadcasts(
+            store=backend.broadcasts,
+            segments=segments,
+            templates=templates.get,
+            clock=self._clock,
+            default_sender=delivery.default_sender,
+            poll_interval_s=settings.broadcasts.progress_interval_s,
+        )
         self._dispatcher = dispatcher = Dispatcher(
             ledger=backend.ledger,
             profiles=profiles,
@@ -221,6 +248,8 @@ class Sendtime:
             policy=_dispatch_policy(delivery),
             observer=telemetry.send_observer(),
             tracer=tracer,
+            campaigns=broadcasts,
+            clock=self._clock,
         )
         if metrics is not None:
             metrics.watch_gauge("sendtime_content_requests_in_flight", lambda: pipeline.in_flight)
@@ -262,6 +291,8 @@ class Sendtime:
             pipeline=pipeline,
             default_deadline_s=default_deadline_s,
             deliveries=deliveries,
+            segments=segments,
+            broadcasts=broadcasts,
             authenticator=authenticator,
             telemetry=telemetry,
         )
@@ -317,6 +348,7 @@ class Sendtime:
         await self._grpc.start()
         # after the HTTP edge listens: a send due at start renders links to its address
         await dispatcher.start()
+        await broadcasts.start()
         if is_loopback_url(self.public_base_url) and not isinstance(delivery.relay, OutboxConfig):
             log.warning(
                 "links in emails (unsubscribe, preferences) point at %s, which only this machine can open,"
@@ -386,8 +418,12 @@ class Sendtime:
             await self._grpc.stop(grace)
         if self._http is not None:
             await self._http.stop()
+        if self._broadcasts is not None:
+            await self._broadcasts.close()
         if self._dispatcher is not None:
             await self._dispatcher.close(grace)
+        if self._segment_evaluator is not None:
+            await self._segment_evaluator.close()
         if self._render_pool is not None:  # after the last render: edges and sends are done
             await self._render_pool.aclose()
         if self._fetcher is not None:
@@ -469,6 +505,16 @@ def flow_from_settings(flow: FlowSettings, default_sender: str) -> Flow:
         reply_to=flow.reply_to,
         require_blocks=tuple(flow.require_blocks),
     )
+
+
+def configured_segments(settings: Settings) -> list[Segment]:
+    """[[segments]], checked: a bad expression stops the server at start, saying where."""
+    segments = [
+        Segment(name=s.name, expression=s.expression.strip(), description=s.description, source="config")
+        for s in settings.segments
+    ]
+    Segments.check_configured(segments)
+    return segments
 
 
 def _dispatch_policy(delivery: DeliverySettings) -> DispatchPolicy:

@@ -74,6 +74,24 @@ class Attempt:
     latency_s: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class CampaignSend:
+    """What a campaign (a broadcast) says of one of its sends as it goes out."""
+
+    sender: str = ""
+    require_blocks: tuple[str, ...] = ()
+    #: Put it back, due then, instead of sending it (a paused broadcast).
+    hold_until: datetime | None = None
+    #: Settle it so instead of sending it: (status, reason, reason class).
+    stop: tuple[SendStatus, str, str] | None = None
+
+
+class Campaigns(Protocol):
+    async def campaign_send(self, record: SendRecord, now: datetime) -> CampaignSend | None:
+        """None when ``record`` is not a campaign's send."""
+        ...
+
+
 class SendObserver(Protocol):
     def attempted(self, record: SendRecord, attempt: Attempt, relay: str, elapsed_s: float) -> None:
         """Told once per claimed send, after its outcome was written."""
@@ -110,7 +128,9 @@ class Dispatcher:
         clock: Callable[[], datetime] = utc_now,
         observer: SendObserver | None = None,
         tracer: Tracer | None = None,
+        campaigns: Campaigns | None = None,
     ) -> None:
+        self._campaigns = campaigns
         self._observer = observer
         self._tracer = tracer
         self._ledger = ledger
@@ -229,6 +249,12 @@ class Dispatcher:
 
     async def _send(self, record: SendRecord) -> Attempt:
         flow = self._flows.get(record.flow_id)
+        campaign = None
+        if flow is None and self._campaigns is not None:
+            campaign = await self._campaigns.campaign_send(record, self._clock())
+            stopped = await self._campaign_stopped(record, campaign)
+            if stopped is not None:
+                return stopped
         # the person the send's id was when the flow was entered (a shared
         # device's anonymous id may be someone else's by now)
         person = await self._profiles.person(record.profile_key, record.entry_time)
@@ -284,7 +310,7 @@ class Dispatcher:
             await self._finish(record, SendStatus.FAILED, detail)
             return Attempt("failed", "render_error", detail, render_s=time.perf_counter() - render_started)
         render_s = time.perf_counter() - render_started
-        required = flow.require_blocks if flow is not None else ()
+        required = flow.require_blocks if flow is not None else campaign.require_blocks if campaign else ()
         missing = [b.name for b in answer.blocks if b.name in required and b.source is Source.FALLBACK]
         if missing:
             await self._finish(record, SendStatus.SKIPPED, f"nothing to show: no {', '.join(missing)}")
@@ -295,7 +321,13 @@ class Dispatcher:
             outgoing = mime.build(
                 send_key=record.send_key,
                 message_id_domain=self._policy.message_id_domain,
-                sender=(flow.sender if flow is not None and flow.sender else self._policy.default_sender),
+                sender=(
+                    flow.sender
+                    if flow is not None and flow.sender
+                    else campaign.sender
+                    if campaign is not None and campaign.sender
+                    else self._policy.default_sender
+                ),
                 recipient_email=email,
                 recipient_name=" ".join(
                     filter(None, (_text(profile, "first_name"), _text(profile, "last_name")))
@@ -313,6 +345,13 @@ class Dispatcher:
             await self._finish(record, SendStatus.SKIPPED, f"cannot address the email: {error}")
             return Attempt("skipped", "bad_address", render_s=render_s)
 
+        if campaign is not None and self._campaigns is not None:
+            # paused or cancelled while it rendered: it stops here, within a second
+            stopped = await self._campaign_stopped(
+                record, await self._campaigns.campaign_send(record, self._clock()), render_s
+            )
+            if stopped is not None:
+                return stopped
         # The last look, right before the message leaves, in the transaction
         # that hands it over: an exit event, a suppression or another send
         # stored while the email rendered still stops it.
@@ -380,6 +419,26 @@ class Dispatcher:
             relay_s=relay_s,
             latency_s=(accepted_at - record.received_at).total_seconds(),
         )
+
+    async def _campaign_stopped(
+        self, record: SendRecord, campaign: CampaignSend | None, render_s: float = 0.0
+    ) -> Attempt | None:
+        if campaign is None:
+            return None
+        if campaign.hold_until is not None:
+            await self._ledger.update_send(
+                record.id,
+                SendStatus.SCHEDULED,
+                expect=SendStatus.SENDING,
+                reason="held: the broadcast is paused",
+                due_at=campaign.hold_until,
+            )
+            return Attempt("held", "paused", render_s=render_s)
+        if campaign.stop is not None:
+            status, reason, reason_class = campaign.stop
+            await self._finish(record, status, reason)
+            return Attempt(status.value, reason_class, render_s=render_s)
+        return None
 
     def _refusal(
         self, record: SendRecord, profile: Profile | None, now: datetime

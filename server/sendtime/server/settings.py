@@ -320,6 +320,28 @@ class FlowSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError(f"flows[{self.id}].reentry must be 'once_per_key' or 'once_per_period'")
 
 
+SegmentName = Annotated[str, msgspec.Meta(pattern="^[a-z0-9][a-z0-9_-]{0,63}$")]
+
+
+class SegmentSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A named audience: a CEL expression over the profile (see README, Segments and broadcasts)."""
+
+    name: SegmentName
+    expression: str
+    description: str = ""
+
+
+class BroadcastSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    #: Worker processes that evaluate segments over batches of stored profiles
+    #: (beside the event loop, so planning a large audience does not hold it).
+    #: 0 evaluates in a thread of the server's own process.
+    segment_processes: Annotated[int, msgspec.Meta(ge=0, le=32)] = 1
+    #: Profiles read from the store per batch.
+    segment_batch: Annotated[int, msgspec.Meta(ge=100, le=100_000)] = 5000
+    #: How often a running broadcast's progress is read from the ledger.
+    progress_interval_s: Seconds = 1.0
+
+
 class QuietHoursSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     start: Clock = "21:00"
     end: Clock = "08:00"
@@ -469,6 +491,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     content: ContentSettings = msgspec.field(default_factory=ContentSettings)
     delivery: DeliverySettings = msgspec.field(default_factory=DeliverySettings)
     flows: list[FlowSettings] = msgspec.field(default_factory=_default_flows)
+    segments: list[SegmentSettings] = []
+    broadcasts: BroadcastSettings = msgspec.field(default_factory=BroadcastSettings)
     webhooks: list[WebhookSource] = []
     #: How long shutdown waits for streams and requests to finish.
     shutdown_grace_s: Seconds = 10.0

@@ -11,7 +11,8 @@ and never import a backend. Only the server factory picks one.
 - ``CatalogStore``: catalog updates made through the API;
 - ``DeliveryLedger``: one row per send and its state machine (see domain.sends);
 - ``SuppressionList``: who gets no more marketing;
-- ``ExitLog``: exit events, for the last check before relay.
+- ``ExitLog``: exit events, for the last check before relay;
+- ``BroadcastStore``: segments, broadcasts and their rows in the ledger.
 
 An ``EventStore`` plans flow sends for each commit through a ``SendPlanner``
 (a pure domain step) inside the transaction that stores the events, so a
@@ -28,11 +29,13 @@ from typing import Protocol
 
 import msgspec
 
+from sendtime.server.domain.broadcasts import Broadcast, BroadcastState
 from sendtime.server.domain.catalog import Product
 from sendtime.server.domain.events import Event
 from sendtime.server.domain.flows import PlannedExit, PlannedSend
 from sendtime.server.domain.identity import IdLink
 from sendtime.server.domain.profile import Profile
+from sendtime.server.domain.segments import Segment
 from sendtime.server.domain.sends import SendRecord, SendStatus
 
 # -- events ------------------------------------------------------------------
@@ -135,6 +138,11 @@ class ProfileStore(Protocol):
 
     async def replay(self, after: int) -> tuple[list[Event], int]:
         """The stored events past ``after`` and the last position."""
+        ...
+
+    async def scan_profiles(self, after: str, limit: int) -> list[tuple[str, bytes]]:
+        """Up to ``limit`` stored profiles (key, msgpack) with keys after
+        ``after``, in key order: one page of a walk through every profile."""
         ...
 
 
@@ -328,6 +336,59 @@ class ExitLog(Protocol):
         ...
 
 
+# -- segments and broadcasts -------------------------------------------------
+
+
+class BroadcastStore(Protocol):
+    async def save_segment(self, segment: Segment) -> None:
+        """Add or replace the segment of that name."""
+        ...
+
+    async def get_segment(self, name: str) -> Segment | None: ...
+
+    async def list_segments(self) -> list[Segment]: ...
+
+    async def create_broadcast(self, broadcast: Broadcast) -> tuple[Broadcast, bool]:
+        """Store ``broadcast`` unless one with its idempotency key exists:
+        returns the stored one and whether it was made now."""
+        ...
+
+    async def get_broadcast(self, broadcast_id: str) -> Broadcast | None: ...
+
+    async def list_broadcasts(self, *, active_only: bool = False, limit: int = 100) -> list[Broadcast]:
+        """Newest first."""
+        ...
+
+    async def update_broadcast(self, broadcast: Broadcast, *, expect: Sequence[BroadcastState]) -> bool:
+        """Write ``broadcast`` if its stored state is one of ``expect`` (False: it was not)."""
+        ...
+
+    async def add_recipients(self, sends: Sequence[PlannedSend]) -> int:
+        """Schedule a broadcast's sends (one per key: those already there are
+        left as they are); returns how many are new."""
+        ...
+
+    async def park_sends(self, flow_id: str, parked_at: datetime) -> int:
+        """Make the scheduled sends of ``flow_id`` due at ``parked_at`` (never, in practice)."""
+        ...
+
+    async def parked_sends(self, flow_id: str, parked_at: datetime) -> list[tuple[int, datetime]]:
+        """The parked sends: (send id, entry time)."""
+        ...
+
+    async def reschedule_sends(self, due: Sequence[tuple[int, datetime]]) -> int:
+        """Set the due time of scheduled sends (send id, due at)."""
+        ...
+
+    async def settle_remaining(self, flow_id: str, status: SendStatus, reason: str) -> int:
+        """Move every scheduled send of ``flow_id`` to ``status``; returns how many."""
+        ...
+
+    async def send_counts(self, flow_id: str) -> dict[tuple[str, str], int]:
+        """The sends of ``flow_id`` by (status, reason)."""
+        ...
+
+
 # -- one backend -------------------------------------------------------------
 
 
@@ -360,6 +421,8 @@ class Storage(Protocol):
     def suppressions(self) -> SuppressionList: ...
     @property
     def exits(self) -> ExitLog: ...
+    @property
+    def broadcasts(self) -> BroadcastStore: ...
 
     def event_store(self, planner: SendPlanner, listener: CommitListener) -> EventStore:
         """The event store (at most one per backend)."""

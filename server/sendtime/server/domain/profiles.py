@@ -398,6 +398,11 @@ class ProfileBook:
 
     # -- saving -------------------------------------------------------------
 
+    async def save_now(self) -> None:
+        """Save every profile folded so far (a walk through the stored
+        profiles then sees them all)."""
+        await self._flush()
+
     def _evict(self) -> None:
         excess = len(self._profiles) - self._max_cached
         if excess <= 0:

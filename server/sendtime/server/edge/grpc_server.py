@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from sendtime.server.auth import Authenticator
+from sendtime.server.broadcasting import Broadcasts, Segments
 from sendtime.server.deliveries import Deliveries
 from sendtime.server.domain.content import ContentPipeline
 from sendtime.server.domain.errors import (
@@ -32,6 +33,7 @@ from sendtime.server.domain.errors import (
 from sendtime.server.domain.events import MAX_BATCH_EVENTS, Identity
 from sendtime.server.domain.ingest import Ack, Ingestor, Outcome
 from sendtime.server.domain.queries import ProfileQueries
+from sendtime.server.edge import grpc_broadcasts
 from sendtime.server.edge import grpc_convert as convert
 from sendtime.server.edge import grpc_decode as decode
 from sendtime.server.edge.grpc_errors import abort, mapped_errors, status_for
@@ -39,6 +41,7 @@ from sendtime.server.edge.grpc_observe import ObserveInterceptor
 from sendtime.server.observe import Telemetry
 from sendtime.server.settings import GrpcSettings, Scope
 from sendtime.v1 import (
+    broadcast_service_pb2,
     content_service_pb2,
     content_service_pb2_grpc,
     delivery_service_pb2,
@@ -55,6 +58,7 @@ SERVICE_NAMES: Final = (
     profile_service_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name,
     content_service_pb2.DESCRIPTOR.services_by_name["ContentService"].full_name,
     delivery_service_pb2.DESCRIPTOR.services_by_name["DeliveryService"].full_name,
+    *grpc_broadcasts.SERVICE_NAMES,
 )
 #: Which scope each of our services needs. Methods of our package that are not
 #: listed here are refused; health and reflection are open, as probes expect.
@@ -63,6 +67,8 @@ SCOPES: Final[Mapping[str, Scope]] = {
     "sendtime.v1.ProfileService": Scope.CONTENT,
     "sendtime.v1.ContentService": Scope.CONTENT,
     "sendtime.v1.DeliveryService": Scope.SEND,
+    "sendtime.v1.SegmentService": Scope.SEND,
+    "sendtime.v1.BroadcastService": Scope.SEND,
 }
 _OUR_PACKAGE: Final = "/sendtime."
 
@@ -408,6 +414,7 @@ def _method_names() -> list[str]:
         profile_service_pb2.DESCRIPTOR,
         content_service_pb2.DESCRIPTOR,
         delivery_service_pb2.DESCRIPTOR,
+        broadcast_service_pb2.DESCRIPTOR,
         health_pb2.DESCRIPTOR,
         reflection_pb2.DESCRIPTOR,
     )
@@ -458,6 +465,8 @@ def build_grpc_edge(
     pipeline: ContentPipeline,
     default_deadline_s: float,
     deliveries: Deliveries,
+    segments: Segments,
+    broadcasts: Broadcasts,
     authenticator: Authenticator,
     telemetry: Telemetry,
 ) -> GrpcEdge:
@@ -491,6 +500,7 @@ def build_grpc_edge(
     decode.add_service(
         delivery_service_pb2_grpc.add_DeliveryServiceServicer_to_server, DeliveryService(deliveries), server
     )
+    grpc_broadcasts.add_broadcast_services(server, segments, broadcasts)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -50,6 +50,10 @@ from sendtime.server.settings import Scope
 
 REFRESH_S: Final = 5
 WINDOW_S: Final = 300.0
+#: Snapshots kept in the ring at least this far apart: a crowd of draws (each
+#: takes one) would otherwise fill the ring in a second with hundreds of
+#: thousands of tracked objects, which every full collection walks.
+RING_SPACING_S: Final = 1.0
 LATEST_DELIVERIES: Final = 20
 #: How long a preview link from the page works without a key.
 PREVIEW_TOKEN_S: Final = 900
@@ -161,7 +165,9 @@ class StatusPage:
     metrics: Metrics | None
     flow_ids: Sequence[str]
     started: float = field(default_factory=time.monotonic)
-    _ring: deque[tuple[float, Samples]] = field(default_factory=lambda: deque(maxlen=512))
+    _ring: deque[tuple[float, Samples]] = field(
+        default_factory=lambda: deque(maxlen=int(WINDOW_S / RING_SPACING_S) + 2)
+    )
     #: Signs preview links; made anew at each start (old links stop working).
     _link_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     #: Pages and previews drawn at once; more are answered 429 at once. A page
@@ -268,7 +274,8 @@ class StatusPage:
         ring = self._ring
         while ring and now - ring[0][0] > WINDOW_S:
             ring.popleft()
-        ring.append((now, samples))
+        if not ring or now - ring[-1][0] >= RING_SPACING_S:
+            ring.append((now, samples))
         then_at, then = ring[0]
         if then is samples or now - then_at < 1.0:
             return _Window(samples, {}, now - self.started, since_start=True)

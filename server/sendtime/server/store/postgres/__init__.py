@@ -24,6 +24,7 @@ import asyncpg
 
 from sendtime.server.domain.errors import Unavailable
 from sendtime.server.domain.ports import CommitListener, SendPlanner, StoreStats
+from sendtime.server.store.postgres._broadcasts import PostgresBroadcasts
 from sendtime.server.store.postgres._events import COMMITS_CHANNEL, PostgresEventStore
 from sendtime.server.store.postgres._ledger import Plans, PostgresLedger
 from sendtime.server.store.postgres._migrations import LATEST, migrate
@@ -79,6 +80,7 @@ class PostgresBackend:
         self.ledger = PostgresLedger(pool, self._plans, lease=lease)
         self.suppressions = PostgresSuppressions(pool)
         self.exits = self.ledger
+        self.broadcasts = PostgresBroadcasts(pool, self._plans)
 
     @classmethod
     async def open(

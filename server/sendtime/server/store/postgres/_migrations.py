@@ -157,6 +157,23 @@ WHERE kind = 'alias' AND user_id != '' AND ref_id != '' AND ref_id != user_id
 ON CONFLICT DO NOTHING;
 """,
     ),
+    (
+        4,
+        "segments and broadcasts (a broadcast's sends are rows of sends)",
+        """
+CREATE TABLE segments (
+    name text PRIMARY KEY,
+    doc  bytea NOT NULL
+);
+CREATE TABLE broadcasts (
+    id              text PRIMARY KEY,
+    idempotency_key text NOT NULL UNIQUE,
+    state           text NOT NULL,
+    created_at      timestamptz NOT NULL,
+    doc             bytea NOT NULL
+);
+""",
+    ),
 )
 
 LATEST: Final = MIGRATIONS[-1][0]

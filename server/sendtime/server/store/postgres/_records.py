@@ -54,6 +54,16 @@ class PostgresProfiles:
     async def replay(self, after: int) -> tuple[list[Event], int]:
         return await replay(self._pool, after)
 
+    async def scan_profiles(self, after: str, limit: int) -> list[tuple[str, bytes]]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT profile_key, doc FROM profiles WHERE profile_key > $1 AND doc != ''::bytea"
+                " ORDER BY profile_key LIMIT $2",
+                after,
+                limit,
+            )
+        return [(row[0], row[1]) for row in rows]
+
 
 # Every key linked to the keys asked for, through links either way (at most
 # $2 keys: the walk stops when the outer query has enough), then in one

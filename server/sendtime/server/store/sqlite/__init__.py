@@ -7,7 +7,7 @@ with group commit). The default, and the one ``make run`` uses.
 Modules: _db (schema, writer thread, reader), _events (append, dedupe, the
 round's flow plan, the links events carry), _ledger (sends and their state
 machine), _records (profiles, identity links, catalog, suppressions, exits),
-_rows (value conversions).
+_broadcasts (segments, broadcasts and their sends), _rows (value conversions).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from sendtime.server.domain.ports import CommitListener, SendPlanner, StoreStats
+from sendtime.server.store.sqlite._broadcasts import SqliteBroadcasts
 from sendtime.server.store.sqlite._db import FILE_MODE, SCHEMA_VERSION, SqliteDatabase, Synchronous
 from sendtime.server.store.sqlite._events import SqliteEventStore
 from sendtime.server.store.sqlite._ledger import Plans, SqliteLedger
@@ -44,6 +45,7 @@ class SqliteBackend:
         self.ledger = SqliteLedger(db, self._plans)
         self.suppressions = SqliteSuppressions(db)
         self.exits = SqliteExits(db)
+        self.broadcasts = SqliteBroadcasts(db, self._plans)
 
     @classmethod
     async def open(

@@ -145,6 +145,19 @@ CREATE TABLE IF NOT EXISTS suppressions (
     created_at  INTEGER NOT NULL,
     PRIMARY KEY (subject, grp)
 ) WITHOUT ROWID;
+-- Segments made through the API ([[segments]] in the settings are not stored).
+CREATE TABLE IF NOT EXISTS segments (
+    name TEXT PRIMARY KEY,
+    doc  BLOB NOT NULL      -- JSON of domain.segments.Segment
+) WITHOUT ROWID;
+-- Broadcasts; their sends are rows of the ledger (flow_id 'broadcast:<id>').
+CREATE TABLE IF NOT EXISTS broadcasts (
+    id              TEXT PRIMARY KEY,
+    idempotency_key TEXT NOT NULL UNIQUE,
+    state           TEXT NOT NULL,
+    created_at      INTEGER NOT NULL,
+    doc             BLOB NOT NULL  -- JSON of domain.broadcasts.Broadcast
+) WITHOUT ROWID;
 """
 #: Version 3 added identity_links: the links the events a version-2 file
 #: still holds carry (those older than the dedupe retention are gone).

@@ -65,6 +65,15 @@ class SqliteProfiles:
     async def replay(self, after: int) -> tuple[list[Event], int]:
         return await self._db.scan(lambda conn: replay(conn, after))
 
+    async def scan_profiles(self, after: str, limit: int) -> list[tuple[str, bytes]]:
+        return await self._db.read(_scan_profiles, (after, limit))
+
+
+def _scan_profiles(conn: sqlite3.Connection, arg: tuple[str, int]) -> list[tuple[str, bytes]]:
+    return conn.execute(
+        "SELECT profile_key, doc FROM profiles WHERE profile_key > ? ORDER BY profile_key LIMIT ?", arg
+    ).fetchall()
+
 
 def _upsert_profiles(conn: sqlite3.Connection, table: str, flat: list[bytes | str]) -> None:
     tail = " ON CONFLICT (profile_key) DO UPDATE SET doc = excluded.doc"

@@ -1,0 +1,183 @@
+"""Segments, broadcasts and a broadcast's rows of the ledger, on SQLite."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from sendtime.server.domain.broadcasts import ACTIVE_STATES, Broadcast, BroadcastState
+from sendtime.server.domain.flows import PlannedSend
+from sendtime.server.domain.segments import Segment
+from sendtime.server.domain.sends import SendStatus
+from sendtime.server.store.sqlite._db import SqliteDatabase
+from sendtime.server.store.sqlite._ledger import PlanCounts, Plans
+from sendtime.server.store.sqlite._rows import chunks, encode_json, from_micros, micros
+
+_decode_segment = msgspec.json.Decoder(Segment).decode
+_decode_broadcast = msgspec.json.Decoder(Broadcast).decode
+#: Sends per statement when writing a broadcast's rows (each a transaction of the writer's).
+_ROWS_PER_WRITE = 5000
+
+
+class SqliteBroadcasts:
+    def __init__(self, db: SqliteDatabase, plans: Plans) -> None:
+        self._db = db
+        self._plans = plans
+
+    async def save_segment(self, segment: Segment) -> None:
+        doc = encode_json(segment)
+
+        def save(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO segments VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET doc = excluded.doc",
+                (segment.name, doc),
+            )
+
+        await self._db.submit(save)
+
+    async def get_segment(self, name: str) -> Segment | None:
+        rows = await self._db.read(_select, ("SELECT doc FROM segments WHERE name = ?", (name,)))
+        return _decode_segment(rows[0][0]) if rows else None
+
+    async def list_segments(self) -> list[Segment]:
+        rows = await self._db.read(_select, ("SELECT doc FROM segments ORDER BY name", ()))
+        return [_decode_segment(doc) for (doc,) in rows]
+
+    async def create_broadcast(self, broadcast: Broadcast) -> tuple[Broadcast, bool]:
+        doc = encode_json(broadcast)
+
+        def create(conn: sqlite3.Connection) -> tuple[bytes, bool]:
+            made = conn.execute(
+                "INSERT OR IGNORE INTO broadcasts VALUES (?, ?, ?, ?, ?)",
+                (
+                    broadcast.id,
+                    broadcast.idempotency_key,
+                    broadcast.state.value,
+                    micros(broadcast.created_at),
+                    doc,
+                ),
+            ).rowcount
+            row = conn.execute(
+                "SELECT doc FROM broadcasts WHERE idempotency_key = ?", (broadcast.idempotency_key,)
+            ).fetchone()
+            return row[0], bool(made)
+
+        stored, made = await self._db.submit(create)
+        return _decode_broadcast(stored), made
+
+    async def get_broadcast(self, broadcast_id: str) -> Broadcast | None:
+        rows = await self._db.read(_select, ("SELECT doc FROM broadcasts WHERE id = ?", (broadcast_id,)))
+        return _decode_broadcast(rows[0][0]) if rows else None
+
+    async def list_broadcasts(self, *, active_only: bool = False, limit: int = 100) -> list[Broadcast]:
+        if active_only:
+            marks = ",".join("?" * len(ACTIVE_STATES))
+            sql = f"SELECT doc FROM broadcasts WHERE state IN ({marks}) ORDER BY created_at DESC, id LIMIT ?"  # noqa: S608
+            args: tuple[object, ...] = (*sorted(ACTIVE_STATES), limit)
+        else:
+            sql, args = "SELECT doc FROM broadcasts ORDER BY created_at DESC, id LIMIT ?", (limit,)
+        rows = await self._db.read(_select, (sql, args))
+        return [_decode_broadcast(doc) for (doc,) in rows]
+
+    async def update_broadcast(self, broadcast: Broadcast, *, expect: Sequence[BroadcastState]) -> bool:
+        doc = encode_json(broadcast)
+        marks = ",".join("?" * len(expect))
+
+        def update(conn: sqlite3.Connection) -> bool:
+            return bool(
+                conn.execute(
+                    f"UPDATE broadcasts SET state = ?, doc = ? WHERE id = ? AND state IN ({marks})",  # noqa: S608
+                    (broadcast.state.value, doc, broadcast.id, *(s.value for s in expect)),
+                ).rowcount
+            )
+
+        return await self._db.submit(update)
+
+    async def add_recipients(self, sends: Sequence[PlannedSend]) -> int:
+        added = 0
+        for start in range(0, len(sends), _ROWS_PER_WRITE):
+            batch = list(sends[start : start + _ROWS_PER_WRITE])
+
+            def add(conn: sqlite3.Connection, batch: list[PlannedSend] = batch) -> PlanCounts:
+                counts, _ = self._plans.apply(conn, batch, [], memo=False)
+                return counts
+
+            counts = await self._db.submit(add)
+            self._plans.count([counts])
+            added += sum(counts[0].values())
+        return added
+
+    async def park_sends(self, flow_id: str, parked_at: datetime) -> int:
+        at, now = micros(parked_at), micros(datetime.now(UTC))
+
+        def park(conn: sqlite3.Connection) -> int:
+            return int(
+                conn.execute(
+                    "UPDATE sends SET due_at = ?, updated_at = ? WHERE flow_id = ? AND status = 'scheduled'",
+                    (at, now, flow_id),
+                ).rowcount
+            )
+
+        return await self._db.submit(park)
+
+    async def parked_sends(self, flow_id: str, parked_at: datetime) -> list[tuple[int, datetime]]:
+        rows = await self._db.read(
+            _select,
+            (
+                "SELECT id, entry_time FROM sends WHERE flow_id = ? AND status = 'scheduled' AND due_at >= ?",
+                (flow_id, micros(parked_at)),
+            ),
+        )
+        return [(send_id, from_micros(entry)) for send_id, entry in rows]
+
+    async def reschedule_sends(self, due: Sequence[tuple[int, datetime]]) -> int:
+        flat = [value for send_id, at in due for value in (send_id, micros(at))]
+        now = micros(datetime.now(UTC))
+        changed = 0
+        for chunk in chunks(flat, 2):
+
+            def reschedule(conn: sqlite3.Connection, chunk: list[int] = chunk) -> int:
+                values = ",".join(["(?,?)"] * (len(chunk) // 2))
+                return int(
+                    conn.execute(
+                        "UPDATE sends SET due_at = due.column2, updated_at = ?"  # noqa: S608
+                        f" FROM (VALUES {values}) AS due WHERE sends.id = due.column1 AND status = 'scheduled'",
+                        (now, *chunk),
+                    ).rowcount
+                )
+
+            changed += await self._db.submit(reschedule)
+        return changed
+
+    async def settle_remaining(self, flow_id: str, status: SendStatus, reason: str) -> int:
+        now = micros(datetime.now(UTC))
+
+        def settle(conn: sqlite3.Connection) -> int:
+            return int(
+                conn.execute(
+                    "UPDATE sends SET status = ?, reason = ?, updated_at = ?"
+                    " WHERE flow_id = ? AND status = 'scheduled'",
+                    (status.value, reason, now, flow_id),
+                ).rowcount
+            )
+
+        return await self._db.submit(settle)
+
+    async def send_counts(self, flow_id: str) -> dict[tuple[str, str], int]:
+        rows = await self._db.read(
+            _select,
+            (
+                "SELECT status, reason, count(*) FROM sends WHERE flow_id = ? GROUP BY status, reason",
+                (flow_id,),
+            ),
+        )
+        return {(status, reason): count for status, reason, count in rows}
+
+
+def _select(conn: sqlite3.Connection, arg: tuple[str, Sequence[object]]) -> list[Any]:
+    sql, args = arg
+    return conn.execute(sql, args).fetchall()
