@@ -157,3 +157,10 @@ async def test_an_alias_makes_two_user_ids_one_person() -> None:
             assert person is not None
             assert person.profile.traits["email"].value == "ada@example.com"
             assert list(person.profile.carts) == ["c1"]
+
+
+async def test_reading_an_id_never_seen_costs_one_store_call() -> None:
+    async with IngestRig() as rig:
+        loads = len(rig.profile_store.loads)
+        assert await rig.profiles.get("u:stranger") is None
+        assert len(rig.profile_store.loads) == loads + 1

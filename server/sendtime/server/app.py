@@ -328,6 +328,7 @@ class Sendtime:
                 metrics,
                 [f.id for f in flows],
                 max_drawing=settings.http.max_status_page_draws,
+                broadcasts=broadcasts.running,
             ),
             # refused before their bodies are read, rather than decoded and then refused by the store
             ingest_backlogged=lambda: backend.stats().queued_events >= storage.max_queued_events,
