@@ -5,12 +5,15 @@ which one did."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+import dataclasses
+from datetime import UTC, datetime, timedelta
+
+import msgspec
 
 from sendtime.server.domain.flows import PlannedSend
 from sendtime.server.domain.ports import DeliveryLedger, LastChecks
 from sendtime.server.domain.sends import SendRecord, SendStatus
-from tests.contract.conftest import NOW, Backend
+from tests.contract.conftest import NOW, Backend, track
 
 
 def planned(
@@ -241,3 +244,75 @@ async def test_unsuppress_lifts_only_a_suppression_given_for_that_reason(backend
     assert await suppressions.unsuppress("u:ada", "marketing", "unsubscribed")
     assert not await suppressions.unsuppress("u:ada", "marketing", "unsubscribed")
     assert not await suppressions.is_suppressed(["u:ada"], "marketing")
+
+
+# -- one person, several ids (domain.identity) ----------------------------------
+
+
+async def claimed_for(
+    store: DeliveryLedger, key: str, profile_key: str, *, entry_key: str = "cart-1"
+) -> SendRecord:
+    send = msgspec.structs.replace(planned(key, entry_key=entry_key), profile_key=profile_key)
+    await store.schedule_send(send)
+    due = await store.claim_due(NOW, 10)
+    (record,) = [r for r in due.records if r.send_key == key]
+    return record
+
+
+def person_checks(record: SendRecord, *, cap_count: int = 0, duplicates: bool = False) -> LastChecks:
+    """The checks of a send to the person known as u:ada and a:anon-1."""
+    return dataclasses.replace(
+        checks(record, cap_count=cap_count),
+        person_keys=("u:ada", "a:anon-1"),
+        duplicate_since=datetime.min.replace(tzinfo=UTC) if duplicates else None,
+    )
+
+
+async def test_an_exit_under_another_id_of_the_person_stops_the_send(backend: Backend) -> None:
+    store = backend.storage.ledger
+    anonymous = await claimed_for(store, "k1", "a:anon-1")
+    # the order came under the user id, after the anonymous cart entered the flow
+    await backend.events().append([track("o1", "Order Completed", b'{"order_id": "o1"}', at=NOW)])
+    alone = await store.hand_over(anonymous.id, relay="smtp", template_version="v1", checks=checks(anonymous))
+    assert alone.handed_over  # its own key has no exit: only the person's keys find it
+    again = await claimed_for(store, "k2", "a:anon-1", entry_key="cart-2")
+    handover = await store.hand_over(
+        again.id, relay="smtp", template_version="v1", checks=person_checks(again)
+    )
+    assert (handover.handed_over, handover.exit_event) == (False, "Order Completed")
+
+
+async def test_the_cap_counts_the_sends_to_every_id_of_the_person(backend: Backend) -> None:
+    store = backend.storage.ledger
+    first = await claimed_for(store, "k1", "u:ada")
+    assert (
+        await store.hand_over(first.id, relay="smtp", template_version="v1", checks=checks(first))
+    ).handed_over
+    anonymous = await claimed_for(store, "k2", "a:anon-1", entry_key="cart-2")
+    own = checks(anonymous, cap_count=1)
+    person = person_checks(anonymous, cap_count=1)
+    assert (await store.sent_since("a:anon-1", NOW - timedelta(days=1))) == 0
+    handover = await store.hand_over(anonymous.id, relay="smtp", template_version="v1", checks=person)
+    assert (handover.handed_over, handover.capped, handover.sent) == (False, True, 1)
+    assert (await store.hand_over(anonymous.id, relay="smtp", template_version="v1", checks=own)).handed_over
+
+
+async def test_one_cart_entered_under_two_ids_of_the_person_is_sent_once(backend: Backend) -> None:
+    store = backend.storage.ledger
+    anonymous = await claimed_for(store, "k1", "a:anon-1")
+    user = await claimed_for(store, "k2", "u:ada")
+    first = await store.hand_over(
+        anonymous.id, relay="smtp", template_version="v1", checks=person_checks(anonymous, duplicates=True)
+    )
+    assert first.handed_over
+    second = await store.hand_over(
+        user.id, relay="smtp", template_version="v1", checks=person_checks(user, duplicates=True)
+    )
+    assert (second.handed_over, second.duplicate) == (False, True)
+    # another cart of the person is no duplicate
+    other = await claimed_for(store, "k3", "u:ada", entry_key="cart-2")
+    assert (
+        await store.hand_over(
+            other.id, relay="smtp", template_version="v1", checks=person_checks(other, duplicates=True)
+        )
+    ).handed_over

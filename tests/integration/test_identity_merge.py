@@ -7,20 +7,23 @@ PostgreSQL (aiosmtpd as the relay)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from typing import Any
 
+import aiohttp
 import grpc.aio
 import pytest
 from segment.analytics import Client
 
 from sendtime.server.app import Sendtime
 from sendtime.server.settings import Settings
+from sendtime.v1 import content_service_pb2 as C
+from sendtime.v1 import content_service_pb2_grpc, profile_service_pb2
 from sendtime.v1 import delivery_service_pb2 as D
-from sendtime.v1 import profile_service_pb2
 from tests.conftest import DEV_AUTH, SettingsFactory, profile_stub
 from tests.contract.conftest import postgres_schema
 from tests.integration.smtp_server import SmtpServer
@@ -253,3 +256,80 @@ async def test_a_shared_device_keeps_two_shoppers_apart(settings_for: Any, smtp:
     # two people, each with the device's id among theirs: a user id never joins another by it
     assert profiles["ada"].traits.email == "ada@example.com"
     assert (list(profiles["ada"].linked_user_ids), list(profiles["bob"].linked_user_ids)) == ([], [])
+
+
+async def test_an_exit_under_the_user_id_cancels_the_anonymous_send_at_the_last_check(
+    settings_for: Any, smtp: SmtpServer
+) -> None:
+    """A flow that needs no cart block: the email would render, and the last
+    check before relay finds the order under the person's user id."""
+    now = datetime.now(UTC)
+    calls = [
+        (
+            "track",
+            {"anonymous_id": "anon-3", "event": "Product Added", "properties": KETTLE, "timestamp": now},
+        ),
+        (
+            "identify",
+            {
+                "user_id": "cy",
+                "anonymous_id": "anon-3",
+                "traits": {"email": "cy@example.com"},
+                "timestamp": now,
+            },
+        ),
+        (
+            "track",
+            {
+                "user_id": "cy",
+                "event": "Order Completed",
+                "properties": {"order_id": "o-3", "cart_id": "cart-1", "total": 64.0},
+                "timestamp": now + timedelta(milliseconds=5),
+            },
+        ),
+    ]
+    config = flows_config(smtp_relay(smtp.port), delay_s=0.5).replace('require_blocks = ["cart"]\n', "")
+    async with Sendtime(settings_for(config)) as app, channel_to(app) as channel:
+        await asyncio.to_thread(shop, app, calls)
+        (delivery,) = await until_settled(channel, 1)
+        await asyncio.sleep(0.3)
+    assert (delivery.status, delivery.reason) == (D.DELIVERY_STATUS_CANCELLED, "exit: Order Completed")
+    assert smtp.inbox.messages == []
+
+
+async def test_content_under_either_id_answers_for_the_person(make_settings: SettingsFactory) -> None:
+    now = datetime.now(UTC)
+    calls = [
+        (
+            "track",
+            {"anonymous_id": "anon-4", "event": "Product Added", "properties": KETTLE, "timestamp": now},
+        ),
+        (
+            "identify",
+            {
+                "user_id": "dee",
+                "anonymous_id": "anon-4",
+                "traits": {"email": "dee@example.com", "firstName": "Dee"},
+                "timestamp": now,
+            },
+        ),
+    ]
+    async with Sendtime(make_settings()) as app, channel_to(app) as channel:
+        await asyncio.to_thread(shop, app, calls)
+        stub = content_service_pb2_grpc.ContentServiceStub(channel)
+        for request in (
+            C.GetContentRequest(user_id="dee", blocks=["cart"]),
+            C.GetContentRequest(anonymous_id="anon-4", blocks=["cart"]),
+        ):
+            reply = await stub.GetContent(request, metadata=DEV_AUTH)
+            (cart,) = reply.blocks
+            assert C.BlockSource.Name(cart.source) == "BLOCK_SOURCE_FRESH"
+            assert json.loads(cart.data_json)["lines"][0]["product"]["id"] == "kettle-steel"
+        base = f"http://127.0.0.1:{app.http_port}/v1/content"
+        headers = {"Authorization": "Bearer dev-key"}
+        url = f"{base}/anon-4?anonymous=1&template=abandoned_cart"
+        async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as r:
+            assert r.status == 200
+            email = (await r.json())["email"]
+    assert email["subject"].startswith("Dee")  # the name given after the cart was filled
+    assert "Gooseneck Kettle, Brushed Steel" in email["html"]

@@ -20,6 +20,7 @@ import pytest
 
 from sendtime.server.app import Sendtime
 from sendtime.server.domain.errors import Unavailable
+from sendtime.server.domain.events import EventKind, IncomingEvent, TraitsUpdate, validate
 from sendtime.server.domain.flows import FlowPlanner, PlannedSend
 from sendtime.server.domain.ports import LastChecks
 from sendtime.server.domain.profile import Profile
@@ -225,6 +226,37 @@ async def test_two_stores_folding_brand_new_users_at_once_lose_no_event(dsn: str
             await conn.close()
         counts = {key: msgspec.msgpack.decode(doc, type=Profile).event_count for key, doc in rows}
         assert counts == {f"u:{user}": 2 * rounds for user in users}
+    finally:
+        for backend in backends:
+            await backend.close()
+
+
+async def test_another_replica_hears_of_the_ids_a_commit_linked(dsn: str) -> None:
+    """Its ProfileBook drops what it holds of both sides of a new link (the
+    anonymous id's profile, read as the person's, is stale)."""
+    backends = [await PostgresBackend.open(dsn, pool_size=2) for _ in range(2)]
+    listeners = [Listener(), Listener()]
+    try:
+        stores = [
+            backend.event_store(FlowPlanner([ABANDONED_CART]), listener)
+            for backend, listener in zip(backends, listeners, strict=True)
+        ]
+        identify = validate(
+            IncomingEvent(
+                message_id="i1",
+                kind=EventKind.IDENTIFY,
+                user_id="ada",
+                anonymous_id="anon-1",
+                traits=TraitsUpdate(email="ada@example.com"),
+            ),
+            datetime.now(UTC),
+        )
+        await stores[0].append([identify])
+        deadline = asyncio.get_running_loop().time() + 10
+        while not listeners[1].elsewhere and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        told = {key for keys, _ in listeners[1].elsewhere for key in keys}
+        assert told == {"u:ada", "a:anon-1"}
     finally:
         for backend in backends:
             await backend.close()

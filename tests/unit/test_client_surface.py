@@ -32,6 +32,9 @@ PUBLIC = [
     "Ack",
     "AsyncClient",
     "BlockSource",
+    "Broadcast",
+    "BroadcastProgress",
+    "BroadcastState",
     "Cancelled",
     "Client",
     "Content",
@@ -51,6 +54,9 @@ PUBLIC = [
     "RenderedEmail",
     "ResourceExhausted",
     "RetryPolicy",
+    "Segment",
+    "SegmentCount",
+    "SegmentMember",
     "SendtimeError",
     "Unauthenticated",
     "Unavailable",
@@ -162,6 +168,32 @@ def test_client_signatures(cls: type[object]) -> None:
         "timeout",
     ]
     assert _params(cls.list_flows) == ["self", "timeout"]  # type: ignore[attr-defined]
+    assert _params(cls.create_segment) == ["self", "name", "expression", "description", "timeout"]  # type: ignore[attr-defined]
+    assert _params(cls.count_segment) == ["self", "segment", "expression", "timeout"]  # type: ignore[attr-defined]
+    assert _params(cls.sample_segment) == ["self", "segment", "expression", "limit", "timeout"]  # type: ignore[attr-defined]
+    assert _params(cls.create_broadcast) == [  # type: ignore[attr-defined]
+        "self",
+        "template_id",
+        "idempotency_key",
+        "segment",
+        "expression",
+        "name",
+        "transactional",
+        "subscription_group",
+        "sender",
+        "send_time",
+        "local_time",
+        "fallback_time_zone",
+        "rate_limit",
+        "end_time",
+        "require_blocks",
+        "timeout",
+    ]
+    create = inspect.signature(cls.create_broadcast).parameters  # type: ignore[attr-defined]
+    assert create["idempotency_key"].default is inspect.Parameter.empty  # no broadcast without a key
+    for method in ("get_broadcast", "pause_broadcast", "resume_broadcast", "cancel_broadcast"):
+        assert _params(getattr(cls, method)) == ["self", "id", "timeout"], method
+    assert _params(cls.list_broadcasts) == ["self", "active_only", "page_size", "timeout"]  # type: ignore[attr-defined]
 
 
 def test_async_only_parts() -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 
 import pytest
 
-from sendtime.server.domain import blocks
+from sendtime.server.domain import blocks, recommend
 from sendtime.server.domain.catalog import Catalog, Product
 from sendtime.server.domain.profile import CartView, Line, OrderView, ProfileView, ViewedView
 from sendtime.server.domain.recommend import Recommendation, Recommender
@@ -110,7 +110,12 @@ def reference(
 
 
 @pytest.mark.parametrize("max_popular", [1_000, 40])  # 40: the popularity table is cut as it grows
-def test_the_same_picks_as_the_original_algorithm_for_many_shoppers(max_popular: int) -> None:
+# 0: candidates numbered by sorting the neighbours, as for a catalog far larger than them
+@pytest.mark.parametrize("direct_scores_factor", [recommend._DIRECT_SCORES_FACTOR, 0])
+def test_the_same_picks_as_the_original_algorithm_for_many_shoppers(
+    max_popular: int, direct_scores_factor: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recommend, "_DIRECT_SCORES_FACTOR", direct_scores_factor)
     recommender = learned(max_popular)
     rng = random.Random(3)
     for _ in range(500):
@@ -185,3 +190,19 @@ def test_recommendations_are_topped_up_from_the_catalog_when_popularity_runs_out
     # cart's kettle, not the sold-out teapot, not the bought spoon
     assert ids == ["mug", "tray", "cosy", "sugar"]
     assert data["strategy"] == "viewed_together"
+
+
+def test_the_same_picks_when_most_of_the_best_are_unavailable() -> None:
+    # Only one product in 5 can be taken: the picks come from past the
+    # shortlist of the best candidates, in the same order as ever.
+    recommender = learned()
+    rng = random.Random(4)
+
+    def rare(product_id: str) -> bool:
+        return int(product_id[1:]) % 5 == 4
+
+    for _ in range(300):
+        seeds = rng.sample(PRODUCTS[:60], rng.randint(1, 10))
+        size = rng.randint(1, 8)
+        got = recommender.recommend(seeds=seeds, exclude=seeds[:2], size=size, available=rare)
+        assert got == reference(recommender, seeds=seeds, exclude=seeds[:2], size=size, available=rare)

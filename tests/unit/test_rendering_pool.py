@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sendtime.server.rendering import RenderPool, TemplateStore
+from sendtime.server.rendering._pool import _CORES_RECHECK_S
 from sendtime.server.rendering._worker import TemplateRenderer
 from tests.unit.test_rendering import SHIPPED, TEMPLATES, full_context
 
@@ -90,6 +91,26 @@ async def test_no_processes_renders_in_place() -> None:
     template = TemplateStore(TEMPLATES).get("post_purchase")
     assert await pool.render(template, full_context()) == template.render(full_context())
     await pool.aclose()
+
+
+async def test_on_one_core_the_workers_are_left_idle_until_a_second_core_comes() -> None:
+    cores = [1]
+    pool = RenderPool(1, cores=lambda: cores[0])
+    await pool.start()
+    try:
+        template = TemplateStore(TEMPLATES).get("abandoned_cart")
+        worker = pool._workers[0]
+        assert worker is not None
+        # one core: a worker would take its CPU from the event loop's core
+        assert await pool.render(template, full_context()) == template.render(full_context())
+        assert worker.asked == 0
+        # the process is given a second core: read again within the recheck
+        cores[0] = 2
+        pool._cores_read_at -= _CORES_RECHECK_S
+        assert await pool.render(template, full_context()) == template.render(full_context())
+        assert worker.asked == 1
+    finally:
+        await pool.aclose()
 
 
 def test_the_worker_refuses_a_version_it_cannot_find(tmp_path: Path) -> None:

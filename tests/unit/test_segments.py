@@ -41,15 +41,23 @@ NOW = at(60)
         "cart_total == 180.0 && cart_quantity == 2 && carts[0].product_ids == ['boot-1']",
         "order_count == 1 && order_total == 45.5 && orders[0].order_id == 'o1' && last_order_at < now",
         "event_count == 5 && first_seen_at < last_activity_at && user_id == 'u1' && anonymous_id == ''",
+        # maps used whole, not only by field: built whole
+        '"country" in traits && size(traits) == 3 && size(consent) == 1',
+        'viewed.exists(v, "category" in v && v["category"] == "hats") && orders.all(o, o.total > 45.0)',
+        "carts.exists(c, c.total == 180.0 && 'boot-1' in c.product_ids)",
     ],
 )
 def test_every_name_reads_the_profile(expression: str) -> None:
     assert compile_segment(expression).matches(SHOPPER, NOW) is True
 
 
-def test_the_activation_holds_only_the_names_used() -> None:
-    segment = compile_segment('traits.country == "DE"')
-    assert [name for name, _ in segment._builders] == ["traits"]
+def test_the_activation_holds_only_the_names_used_and_their_fields_read() -> None:
+    segment = compile_segment('traits.country == "DE" && viewed.exists(v, v.category == "boots")')
+    activation = {name: build(SHOPPER, NOW) for name, build in segment._builders}
+    assert activation == {
+        "traits": {"country": "DE"},
+        "viewed": [{"category": "boots"}, {"category": "hats"}],
+    }
     assert set(VARIABLES) >= {"traits", "consent", "carts", "orders", "viewed", "event_count", "now"}
 
 

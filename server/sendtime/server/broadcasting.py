@@ -423,6 +423,15 @@ class Broadcasts:
     async def list_broadcasts(self, *, active_only: bool = False, limit: int = 50) -> list[Broadcast]:
         return await self._store.list_broadcasts(active_only=active_only, limit=limit)
 
+    async def running(self) -> list[tuple[Broadcast, Progress]]:
+        """The broadcasts not done or cancelled, with their progress (as the
+        loop last read it, at most a poll interval old, else read now)."""
+        found = []
+        for broadcast in await self._store.list_broadcasts(active_only=True, limit=50):
+            known = self.progress.get(broadcast.id)
+            found.append((broadcast, known if known is not None else await self.progress_of(broadcast)))
+        return found
+
     async def progress_of(self, broadcast: Broadcast) -> Progress:
         return progress(broadcast.audience, await self._store.send_counts(broadcast.flow_id))
 

@@ -21,7 +21,14 @@ _PR_SET_PDEATHSIG: Final = 1
 _WATCH_EVERY_S: Final = 1.0
 
 
+#: Below the server's priority: a segment walk is background work, and the
+#: event loop's ingest and content calls must keep their latency beside it.
+_NICENESS: Final = 10
+
+
 def started(server_pid: int) -> None:
+    with contextlib.suppress(OSError):
+        os.nice(_NICENESS)
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Iterable, Sequence
 
-from sendtime.cli import _content, _deliveries, _demo, _events, _profiles
+from sendtime.cli import _broadcasts, _content, _deliveries, _demo, _events, _profiles
 from sendtime.cli._connection import connection_arguments
 from sendtime.cli._plugins import Register, add_missing_server_commands, command_plugins, server_missing
 
@@ -25,7 +25,7 @@ Example: SENDTIME_GRPC__PORT=51051 sendtime profile ada --json
 """
 
 #: The client's command groups, in the order the help lists them.
-GROUPS = (_events, _profiles, _content, _demo, _deliveries)
+GROUPS = (_events, _profiles, _content, _demo, _deliveries, _broadcasts)
 
 Command = Callable[[argparse.Namespace], int]
 

@@ -15,12 +15,25 @@
         sent = await client.send_email("post_purchase", user_id="u1", idempotency_key="u1-order-42")
         sent = await client.get_delivery(sent.id)           # sent.status: a DeliveryStatus
         page = await client.list_deliveries(user_id="u1")   # newest first; page.next_page_token
+        await client.create_segment("germany", 'traits.locale == "de-DE"')
+        print((await client.count_segment(segment="germany")).count)
+        b = await client.create_broadcast("winter_sale", idempotency_key="winter-2026", segment="germany",
+                                          local_time="2026-12-04T19:00", fallback_time_zone="Europe/Berlin")
+        b = await client.get_broadcast(b.id)                 # b.state, b.progress.sent, ...
 
 ``Client`` is the blocking twin of ``AsyncClient`` (unary calls only).
 Everything public is re-exported here; the underscored modules are private.
 """
 
 from sendtime.client._async_client import AsyncClient
+from sendtime.client._broadcasts import (
+    Broadcast,
+    BroadcastProgress,
+    BroadcastState,
+    Segment,
+    SegmentCount,
+    SegmentMember,
+)
 from sendtime.client._content import BlockSource, Content, ContentBlock, FallbackReason, RenderedEmail
 from sendtime.client._delivery import Delivery, DeliveryPage, DeliveryStatus, FlowSummary
 from sendtime.client._errors import (
@@ -44,6 +57,9 @@ __all__ = [
     "Ack",
     "AsyncClient",
     "BlockSource",
+    "Broadcast",
+    "BroadcastProgress",
+    "BroadcastState",
     "Cancelled",
     "Client",
     "Content",
@@ -63,6 +79,9 @@ __all__ = [
     "RenderedEmail",
     "ResourceExhausted",
     "RetryPolicy",
+    "Segment",
+    "SegmentCount",
+    "SegmentMember",
     "SendtimeError",
     "Unauthenticated",
     "Unavailable",

@@ -12,6 +12,17 @@ import grpc
 import grpc.aio
 
 from sendtime.client import _config
+from sendtime.client._broadcasts import (
+    Broadcast,
+    Segment,
+    SegmentCount,
+    SegmentMember,
+    broadcast_from_proto,
+    count_from_proto,
+    create_broadcast_request,
+    members_from_proto,
+    segment_from_proto,
+)
 from sendtime.client._content import (
     Content,
     RenderedEmail,
@@ -42,7 +53,9 @@ from sendtime.client._stream import (
     EventStream,
     StreamCall,
 )
+from sendtime.v1 import broadcast_service_pb2 as pb
 from sendtime.v1 import (
+    broadcast_service_pb2_grpc,
     content_service_pb2,
     content_service_pb2_grpc,
     delivery_service_pb2,
@@ -90,6 +103,8 @@ class AsyncClient:
         self._deliveries: delivery_service_pb2_grpc.DeliveryServiceAsyncStub | None = None
         self._streams: set[EventStream] = set()
         self._closed = False
+        self._segments: broadcast_service_pb2_grpc.SegmentServiceAsyncStub | None = None
+        self._broadcasts: broadcast_service_pb2_grpc.BroadcastServiceAsyncStub | None = None
 
     # -------------------------------------------------------------- lifecycle
 
@@ -420,3 +435,230 @@ class AsyncClient:
 
         response = await retry_async(attempt, self._timeout(timeout), self._retry)
         return [flow_from_proto(flow) for flow in response.flows]
+
+    # -- segments and broadcasts
+
+    def _broadcast_stubs(
+        self,
+    ) -> tuple[
+        broadcast_service_pb2_grpc.SegmentServiceAsyncStub,
+        broadcast_service_pb2_grpc.BroadcastServiceAsyncStub,
+    ]:
+        self._stubs()  # the channel, opened on first use
+        channel = self._channel
+        assert channel is not None
+        if self._segments is None or self._broadcasts is None:
+            self._segments = broadcast_service_pb2_grpc.SegmentServiceStub(channel)
+            self._broadcasts = broadcast_service_pb2_grpc.BroadcastServiceStub(channel)
+        return self._segments, self._broadcasts
+
+    async def create_segment(
+        self,
+        name: str,
+        expression: str,
+        *,
+        description: str = "",
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Segment:
+        """Make or replace a segment made through the API (not one from the server's settings). A bad expression raises ``InvalidArgument`` naming the bad part of it."""
+        stub = self._broadcast_stubs()[0]
+        request = pb.CreateSegmentRequest(
+            segment=pb.Segment(name=name, expression=expression, description=description)
+        )
+
+        async def attempt(seconds: float) -> pb.CreateSegmentResponse:
+            return await stub.CreateSegment(request, timeout=seconds, metadata=self._metadata)
+
+        response = await retry_async(attempt, self._timeout(timeout), self._retry)
+        return segment_from_proto(response.segment)
+
+    async def get_segment(
+        self,
+        name: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Segment:
+        """A segment by name."""
+        stub = self._broadcast_stubs()[0]
+        request = pb.GetSegmentRequest(name=name)
+
+        async def attempt(seconds: float) -> pb.GetSegmentResponse:
+            return await stub.GetSegment(request, timeout=seconds, metadata=self._metadata)
+
+        response = await retry_async(attempt, self._timeout(timeout), self._retry)
+        return segment_from_proto(response.segment)
+
+    async def list_segments(
+        self,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> list[Segment]:
+        """Every segment, those from the server's settings and those made through the API, by name."""
+        stub = self._broadcast_stubs()[0]
+        request = pb.ListSegmentsRequest()
+
+        async def attempt(seconds: float) -> pb.ListSegmentsResponse:
+            return await stub.ListSegments(request, timeout=seconds, metadata=self._metadata)
+
+        response = await retry_async(attempt, self._timeout(timeout), self._retry)
+        return [segment_from_proto(s) for s in response.segments]
+
+    async def count_segment(
+        self,
+        *,
+        segment: str | None = None,
+        expression: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> SegmentCount:
+        """How many stored profiles are in a segment (by name) or an expression, now."""
+        stub = self._broadcast_stubs()[0]
+        request = pb.CountSegmentRequest(segment=segment or "", expression=expression or "")
+
+        async def attempt(seconds: float) -> pb.CountSegmentResponse:
+            return await stub.CountSegment(request, timeout=seconds, metadata=self._metadata)
+
+        response = await retry_async(attempt, self._timeout(timeout), self._retry)
+        return count_from_proto(response)
+
+    async def sample_segment(
+        self,
+        *,
+        segment: str | None = None,
+        expression: str | None = None,
+        limit: int = 10,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> list[SegmentMember]:
+        """A few users in a segment or an expression (at most ``limit``, 1 to 100)."""
+        stub = self._broadcast_stubs()[0]
+        request = pb.SampleSegmentRequest(segment=segment or "", expression=expression or "", limit=limit)
+
+        async def attempt(seconds: float) -> pb.SampleSegmentResponse:
+            return await stub.SampleSegment(request, timeout=seconds, metadata=self._metadata)
+
+        response = await retry_async(attempt, self._timeout(timeout), self._retry)
+        return members_from_proto(response)
+
+    async def create_broadcast(
+        self,
+        template_id: str,
+        *,
+        idempotency_key: str,
+        segment: str | None = None,
+        expression: str | None = None,
+        name: str | None = None,
+        transactional: bool = False,
+        subscription_group: str | None = None,
+        sender: str | None = None,
+        send_time: dt.datetime | None = None,
+        local_time: str | None = None,
+        fallback_time_zone: str | None = None,
+        rate_limit: float = 0.0,
+        end_time: dt.datetime | None = None,
+        require_blocks: Iterable[str] = (),
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Broadcast:
+        """Send ``template_id`` to a segment (by name) or an expression's users: now, at ``send_time`` (aware), or at ``local_time`` ("2026-12-04T19:00") in each user's zone (``fallback_time_zone`` when unknown), at most ``rate_limit`` emails/s, none after ``end_time``. The same ``idempotency_key`` returns the first broadcast."""
+        stub = self._broadcast_stubs()[1]
+        request = create_broadcast_request(
+            template_id,
+            idempotency_key,
+            segment=segment,
+            expression=expression,
+            name=name,
+            transactional=transactional,
+            subscription_group=subscription_group,
+            sender=sender,
+            send_time=send_time,
+            local_time=local_time,
+            fallback_time_zone=fallback_time_zone,
+            rate_limit=rate_limit,
+            end_time=end_time,
+            require_blocks=require_blocks,
+        )
+
+        async def attempt(seconds: float) -> pb.CreateBroadcastResponse:
+            return await stub.CreateBroadcast(request, timeout=seconds, metadata=self._metadata)
+
+        response = await retry_async(attempt, self._timeout(timeout), self._retry)
+        return broadcast_from_proto(response.broadcast)
+
+    async def get_broadcast(
+        self,
+        id: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Broadcast:
+        """A broadcast and its progress."""
+        stub = self._broadcast_stubs()[1]
+        request = pb.GetBroadcastRequest(id=id)
+
+        async def attempt(seconds: float) -> pb.GetBroadcastResponse:
+            return await stub.GetBroadcast(request, timeout=seconds, metadata=self._metadata)
+
+        response = await retry_async(attempt, self._timeout(timeout), self._retry)
+        return broadcast_from_proto(response.broadcast)
+
+    async def list_broadcasts(
+        self,
+        *,
+        active_only: bool = False,
+        page_size: int | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> list[Broadcast]:
+        """Broadcasts, newest first, with their progress."""
+        stub = self._broadcast_stubs()[1]
+        request = pb.ListBroadcastsRequest(active_only=active_only, page_size=page_size or 0)
+
+        async def attempt(seconds: float) -> pb.ListBroadcastsResponse:
+            return await stub.ListBroadcasts(request, timeout=seconds, metadata=self._metadata)
+
+        response = await retry_async(attempt, self._timeout(timeout), self._retry)
+        return [broadcast_from_proto(b) for b in response.broadcasts]
+
+    async def pause_broadcast(
+        self,
+        id: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Broadcast:
+        """No more of its emails go out (within a second) until resumed."""
+        stub = self._broadcast_stubs()[1]
+        request = pb.PauseBroadcastRequest(id=id)
+
+        async def attempt(seconds: float) -> pb.PauseBroadcastResponse:
+            return await stub.PauseBroadcast(request, timeout=seconds, metadata=self._metadata)
+
+        response = await retry_async(attempt, self._timeout(timeout), self._retry)
+        return broadcast_from_proto(response.broadcast)
+
+    async def resume_broadcast(
+        self,
+        id: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Broadcast:
+        """The rest go at their own times again, at the same rate, from now."""
+        stub = self._broadcast_stubs()[1]
+        request = pb.ResumeBroadcastRequest(id=id)
+
+        async def attempt(seconds: float) -> pb.ResumeBroadcastResponse:
+            return await stub.ResumeBroadcast(request, timeout=seconds, metadata=self._metadata)
+
+        response = await retry_async(attempt, self._timeout(timeout), self._retry)
+        return broadcast_from_proto(response.broadcast)
+
+    async def cancel_broadcast(
+        self,
+        id: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Broadcast:
+        """The rest are cancelled; what was sent stays sent."""
+        stub = self._broadcast_stubs()[1]
+        request = pb.CancelBroadcastRequest(id=id)
+
+        async def attempt(seconds: float) -> pb.CancelBroadcastResponse:
+            return await stub.CancelBroadcast(request, timeout=seconds, metadata=self._metadata)
+
+        response = await retry_async(attempt, self._timeout(timeout), self._retry)
+        return broadcast_from_proto(response.broadcast)

@@ -11,6 +11,17 @@ from typing import Any, Self
 import grpc
 
 from sendtime.client import _config
+from sendtime.client._broadcasts import (
+    Broadcast,
+    Segment,
+    SegmentCount,
+    SegmentMember,
+    broadcast_from_proto,
+    count_from_proto,
+    create_broadcast_request,
+    members_from_proto,
+    segment_from_proto,
+)
 from sendtime.client._content import (
     Content,
     RenderedEmail,
@@ -32,7 +43,9 @@ from sendtime.client._delivery import (
 )
 from sendtime.client._events import Ack, ack_from_proto, identify_event, track_event
 from sendtime.client._retry import RetryPolicy, retry_sync
+from sendtime.v1 import broadcast_service_pb2 as pb
 from sendtime.v1 import (
+    broadcast_service_pb2_grpc,
     content_service_pb2,
     content_service_pb2_grpc,
     delivery_service_pb2,
@@ -77,6 +90,8 @@ class Client:
         self._profiles = profile_service_pb2_grpc.ProfileServiceStub(self._channel)
         self._content = content_service_pb2_grpc.ContentServiceStub(self._channel)
         self._deliveries = delivery_service_pb2_grpc.DeliveryServiceStub(self._channel)
+        self._segments = broadcast_service_pb2_grpc.SegmentServiceStub(self._channel)
+        self._broadcasts = broadcast_service_pb2_grpc.BroadcastServiceStub(self._channel)
 
     def __enter__(self) -> Self:
         return self
@@ -276,3 +291,163 @@ class Client:
             return self._deliveries.ListFlows(request, timeout=seconds, metadata=self._metadata)
 
         return [flow_from_proto(f) for f in retry_sync(attempt, self._timeout(timeout), self._retry).flows]
+
+    # -- segments and broadcasts
+
+    def create_segment(
+        self, name: str, expression: str, *, description: str = "", timeout: float | None = None
+    ) -> Segment:
+        """See ``AsyncClient.create_segment``."""
+        request = pb.CreateSegmentRequest(
+            segment=pb.Segment(name=name, expression=expression, description=description)
+        )
+
+        def attempt(seconds: float) -> pb.CreateSegmentResponse:
+            return self._segments.CreateSegment(request, timeout=seconds, metadata=self._metadata)
+
+        response = retry_sync(attempt, self._timeout(timeout), self._retry)
+        return segment_from_proto(response.segment)
+
+    def get_segment(self, name: str, *, timeout: float | None = None) -> Segment:
+        """See ``AsyncClient.get_segment``."""
+        request = pb.GetSegmentRequest(name=name)
+
+        def attempt(seconds: float) -> pb.GetSegmentResponse:
+            return self._segments.GetSegment(request, timeout=seconds, metadata=self._metadata)
+
+        response = retry_sync(attempt, self._timeout(timeout), self._retry)
+        return segment_from_proto(response.segment)
+
+    def list_segments(self, *, timeout: float | None = None) -> list[Segment]:
+        """See ``AsyncClient.list_segments``."""
+        request = pb.ListSegmentsRequest()
+
+        def attempt(seconds: float) -> pb.ListSegmentsResponse:
+            return self._segments.ListSegments(request, timeout=seconds, metadata=self._metadata)
+
+        response = retry_sync(attempt, self._timeout(timeout), self._retry)
+        return [segment_from_proto(s) for s in response.segments]
+
+    def count_segment(
+        self, *, segment: str | None = None, expression: str | None = None, timeout: float | None = None
+    ) -> SegmentCount:
+        """See ``AsyncClient.count_segment``."""
+        request = pb.CountSegmentRequest(segment=segment or "", expression=expression or "")
+
+        def attempt(seconds: float) -> pb.CountSegmentResponse:
+            return self._segments.CountSegment(request, timeout=seconds, metadata=self._metadata)
+
+        response = retry_sync(attempt, self._timeout(timeout), self._retry)
+        return count_from_proto(response)
+
+    def sample_segment(
+        self,
+        *,
+        segment: str | None = None,
+        expression: str | None = None,
+        limit: int = 10,
+        timeout: float | None = None,
+    ) -> list[SegmentMember]:
+        """See ``AsyncClient.sample_segment``."""
+        request = pb.SampleSegmentRequest(segment=segment or "", expression=expression or "", limit=limit)
+
+        def attempt(seconds: float) -> pb.SampleSegmentResponse:
+            return self._segments.SampleSegment(request, timeout=seconds, metadata=self._metadata)
+
+        response = retry_sync(attempt, self._timeout(timeout), self._retry)
+        return members_from_proto(response)
+
+    def create_broadcast(
+        self,
+        template_id: str,
+        *,
+        idempotency_key: str,
+        segment: str | None = None,
+        expression: str | None = None,
+        name: str | None = None,
+        transactional: bool = False,
+        subscription_group: str | None = None,
+        sender: str | None = None,
+        send_time: dt.datetime | None = None,
+        local_time: str | None = None,
+        fallback_time_zone: str | None = None,
+        rate_limit: float = 0.0,
+        end_time: dt.datetime | None = None,
+        require_blocks: Iterable[str] = (),
+        timeout: float | None = None,
+    ) -> Broadcast:
+        """See ``AsyncClient.create_broadcast``."""
+        request = create_broadcast_request(
+            template_id,
+            idempotency_key,
+            segment=segment,
+            expression=expression,
+            name=name,
+            transactional=transactional,
+            subscription_group=subscription_group,
+            sender=sender,
+            send_time=send_time,
+            local_time=local_time,
+            fallback_time_zone=fallback_time_zone,
+            rate_limit=rate_limit,
+            end_time=end_time,
+            require_blocks=require_blocks,
+        )
+
+        def attempt(seconds: float) -> pb.CreateBroadcastResponse:
+            return self._broadcasts.CreateBroadcast(request, timeout=seconds, metadata=self._metadata)
+
+        response = retry_sync(attempt, self._timeout(timeout), self._retry)
+        return broadcast_from_proto(response.broadcast)
+
+    def get_broadcast(self, id: str, *, timeout: float | None = None) -> Broadcast:
+        """See ``AsyncClient.get_broadcast``."""
+        request = pb.GetBroadcastRequest(id=id)
+
+        def attempt(seconds: float) -> pb.GetBroadcastResponse:
+            return self._broadcasts.GetBroadcast(request, timeout=seconds, metadata=self._metadata)
+
+        response = retry_sync(attempt, self._timeout(timeout), self._retry)
+        return broadcast_from_proto(response.broadcast)
+
+    def list_broadcasts(
+        self, *, active_only: bool = False, page_size: int | None = None, timeout: float | None = None
+    ) -> list[Broadcast]:
+        """See ``AsyncClient.list_broadcasts``."""
+        request = pb.ListBroadcastsRequest(active_only=active_only, page_size=page_size or 0)
+
+        def attempt(seconds: float) -> pb.ListBroadcastsResponse:
+            return self._broadcasts.ListBroadcasts(request, timeout=seconds, metadata=self._metadata)
+
+        response = retry_sync(attempt, self._timeout(timeout), self._retry)
+        return [broadcast_from_proto(b) for b in response.broadcasts]
+
+    def pause_broadcast(self, id: str, *, timeout: float | None = None) -> Broadcast:
+        """See ``AsyncClient.pause_broadcast``."""
+        request = pb.PauseBroadcastRequest(id=id)
+
+        def attempt(seconds: float) -> pb.PauseBroadcastResponse:
+            return self._broadcasts.PauseBroadcast(request, timeout=seconds, metadata=self._metadata)
+
+        response = retry_sync(attempt, self._timeout(timeout), self._retry)
+        return broadcast_from_proto(response.broadcast)
+
+    def resume_broadcast(self, id: str, *, timeout: float | None = None) -> Broadcast:
+        """See ``AsyncClient.resume_broadcast``."""
+        request = pb.ResumeBroadcastRequest(id=id)
+
+        def attempt(seconds: float) -> pb.ResumeBroadcastResponse:
+            return self._broadcasts.ResumeBroadcast(request, timeout=seconds, metadata=self._metadata)
+
+        response = retry_sync(attempt, self._timeout(timeout), self._retry)
+        return broadcast_from_proto(response.broadcast)
+
+    def cancel_broadcast(self, id: str, *, timeout: float | None = None) -> Broadcast:
+        """See ``AsyncClient.cancel_broadcast``."""
+        request = pb.CancelBroadcastRequest(id=id)
+
+        def attempt(seconds: float) -> pb.CancelBroadcastResponse:
+            return self._broadcasts.CancelBroadcast(request, timeout=seconds, metadata=self._metadata)
+
+        response = retry_sync(attempt, self._timeout(timeout), self._retry)
+        return broadcast_from_proto(response.broadcast)

@@ -767,9 +767,16 @@ class _Request:
         )
         self._profile: asyncio.Future[ProfileView | None] | None = None
         self._key_prefix: str | None = None
+        self._base_url: str | None = None
 
     def remaining(self) -> float:
         return self.deadline - self.pipeline._clock()
+
+    def base_url(self) -> str:
+        """The server's public address, read once per call (every product link of every block takes it)."""
+        if self._base_url is None:
+            self._base_url = self.pipeline.base_url()
+        return self._base_url
 
     def cache_key(self, name: str) -> str:
         """The block's cache key for this user and context. Every part but the
@@ -865,7 +872,7 @@ def _cart(pipeline: ContentPipeline, profile: ProfileView | None, request: _Requ
         pipeline._catalog,
         cart_id=request.context.cart_id,
         drop_out_of_stock=pipeline._policy.drop_out_of_stock,
-        base_url=pipeline.base_url(),
+        base_url=request.base_url(),
     )
 
 
@@ -884,7 +891,7 @@ def _recommendations(pipeline: ContentPipeline, profile: ProfileView | None, req
         pipeline._recommender,
         size=policy.recommendations_size,
         shown_beside=shown_beside,
-        base_url=pipeline.base_url(),
+        base_url=request.base_url(),
     )
 
 
@@ -892,7 +899,7 @@ def _recently_viewed(pipeline: ContentPipeline, profile: ProfileView | None, req
     if profile is None:
         return None
     return builtin.recently_viewed(
-        profile, pipeline._catalog, size=pipeline._policy.recently_viewed_size, base_url=pipeline.base_url()
+        profile, pipeline._catalog, size=pipeline._policy.recently_viewed_size, base_url=request.base_url()
     )
 
 
@@ -904,7 +911,7 @@ def _offers(pipeline: ContentPipeline, profile: ProfileView | None, request: _Re
 def _last_order(pipeline: ContentPipeline, profile: ProfileView | None, request: _Request) -> Any:
     if profile is None:
         return None
-    return builtin.last_order(profile, pipeline._catalog, base_url=pipeline.base_url())
+    return builtin.last_order(profile, pipeline._catalog, base_url=request.base_url())
 
 
 _BUILT_IN: Final[dict[str, Callable[[ContentPipeline, ProfileView | None, _Request], Any]]] = {

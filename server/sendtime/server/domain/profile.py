@@ -476,7 +476,8 @@ class ProfileView(msgspec.Struct, kw_only=True):
     linked_anonymous_ids: list[str] = []
 
 
-def view(profile: Profile) -> ProfileView:
+def open_carts(profile: Profile) -> list[CartView]:
+    """The carts with lines in them, the most recently updated first."""
     carts = []
     for cart in profile.carts.values():
         clears = [s for s in (cart.cleared_through, profile.all_carts_cleared_through) if s is not None]
@@ -484,6 +485,11 @@ def view(profile: Profile) -> ProfileView:
         if lines:
             carts.append(CartView(cart_id=cart.cart_id, lines=lines, updated_at=cart.updated_at))
     carts.sort(key=lambda c: (c.updated_at is not None, c.updated_at), reverse=True)
+    return carts
+
+
+def view(profile: Profile) -> ProfileView:
+    carts = open_carts(profile)
     orders = sorted(profile.orders.values(), key=_order_sort_key, reverse=True)
     viewed = sorted(profile.viewed.values(), key=lambda v: v.viewed_at, reverse=True)
     return ProfileView(

@@ -310,14 +310,16 @@ class ProfileBook:
         ``at``: a shared device changes hands; None: now), as of the last
         folded round; None when no events were seen for any of their ids."""
         person = self._person(key, at)
-        for _ in range(2):  # again when links were learned while it loaded
-            if person is not self:
-                return person if isinstance(person, Person) else None
-            await self._load([key])
+        if person is self:
+            for _ in range(2):  # again when links were learned while it loaded
+                if await self._load([key]):
+                    break
             person = self._person(key, at)
-        # links keep arriving for this key: answer with its own profile now
-        profile = self._profiles.get(key)
-        return Person(profile, (key,)) if profile is not None else None
+        if person is self:
+            # nothing is stored under it (or links kept arriving): its own profile, if any
+            profile = self._profiles.get(key)
+            return Person(profile, (key,)) if profile is not None else None
+        return person if isinstance(person, Person) else None
 
     def person_keys(self, key: str) -> frozenset[str]:
         """The keys known in memory to be linked to ``key`` (and itself)."""
@@ -359,10 +361,13 @@ class ProfileBook:
             linked.merged[person] = found
         return Person(merged, found.keys, *_others(key, found))
 
-    async def _load(self, keys: Sequence[str]) -> None:
+    async def _load(self, keys: Sequence[str]) -> bool:
         """Load the people of keys whose links are not known (the links and
         every linked key's profile, in one store call), each key at most once
-        at a time. Profiles in memory are kept: they are as new or newer."""
+        at a time. Profiles in memory are kept: they are as new or newer.
+        False when a fold learned links meanwhile: what was read may miss
+        them, so it says nothing of who is linked (load again)."""
+        settled = True
         waiting = [self._loading[key] for key in keys if key in self._loading]
         wanted = [key for key in keys if key not in self._loading and key not in self._linked]
         if wanted:
@@ -382,7 +387,8 @@ class ProfileBook:
                 # a fold may have created it while we waited: keep that one
                 if key not in self._profiles:
                     self._profiles[key] = profile
-            if learned == self._links_learned:  # else the next read loads again
+            settled = learned == self._links_learned
+            if settled:  # else the next read loads again
                 for group in _components(found.links):
                     linked = _Linked(group)
                     for key in linked.keys:
@@ -395,6 +401,7 @@ class ProfileBook:
                 future.set_result(self._profiles.get(key))
         for future in waiting:
             await future
+        return settled
 
     # -- saving -------------------------------------------------------------
 

@@ -13,6 +13,7 @@ products kept.
 from __future__ import annotations
 
 import bisect
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,6 +26,14 @@ VIEW_WEIGHT: Final = 1.0
 BOUGHT_WEIGHT: Final = 3.0
 #: How many of a shopper's latest views a new view is paired with.
 VIEW_WINDOW: Final = 10
+#: Candidates are scored in an array indexed by product number when the
+#: products numbered are at most this many times the neighbours summed (a
+#: bincount, no sort); beyond, numbered by sorting the neighbours, so a call's
+#: work stays bounded by the neighbour lists whatever the catalog's size.
+_DIRECT_SCORES_FACTOR: Final = 8
+#: The best candidates ranked first, per pick asked for: enough that the
+#: picks are nearly always among them (only an unavailable one costs one).
+_SHORTLIST_PER_PICK: Final = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,49 +137,80 @@ class Recommender:
         ``size`` are available (only those are checked), then the popular ones
         in their kept ranking, again only until ``size``."""
         excluded = exclude if isinstance(exclude, set | frozenset) else set(exclude)
+        unique_seeds = list(dict.fromkeys(seeds))
         numbers: list[npt.NDArray[np.intp]] = []
         weights: list[npt.NDArray[np.float64]] = []
-        from_bought: list[npt.NDArray[np.float64]] = []
-        for rank, seed in enumerate(dict.fromkeys(seeds)):
+        dampings: list[float] = []
+        lengths: list[int] = []
+        for rank, seed in enumerate(unique_seeds):
             damping = 1.0 / (1 + rank * 0.25)  # earlier seeds say more
             # Bought-with before viewed-with, per seed, each in the graph's
             # order: a candidate's score adds up in that order (float sums
             # depend on it), as it always has.
-            for graph, bought in ((self._bought_with, 1.0), (self._viewed_with, 0.0)):
+            for graph in (self._bought_with, self._viewed_with):
                 neighbours, weight = self._neighbours(graph, seed)
                 if len(neighbours):
                     numbers.append(neighbours)
-                    weights.append(weight * damping)
-                    from_bought.append(np.full(len(neighbours), bought))
+                    weights.append(weight)
+                    dampings.append(damping)
+                    lengths.append(len(neighbours))
         picks: list[str] = []
         strategy = "popular"
         if numbers:
-            # Summed per candidate in C (bincount adds in array order), then
-            # taken best first, ties by id, only until `size` are available.
-            candidates, where = np.unique(np.concatenate(numbers), return_inverse=True)
-            scores = np.bincount(where, weights=np.concatenate(weights))
-            bought_together = np.bincount(where, weights=np.concatenate(from_bought)) > 0
-            for product_id in excluded:
-                number = self._number.get(product_id)
-                if number is not None:
-                    at = int(np.searchsorted(candidates, number))
-                    if at < len(candidates) and candidates[at] == number:
-                        scores[at] = -np.inf
-            order = np.argsort(-scores, kind="stable")
-            descending = -scores[order]
+            # A handful of numpy calls for all seeds at once: on arrays this
+            # short a call costs more than its arithmetic. Each weight times
+            # its seed's damping, as before, and bincount adds each
+            # candidate's weights in array order, as before (float sums
+            # depend on the order).
+            named = np.concatenate(numbers)
+            scaled = np.concatenate(weights) * np.repeat(np.array(dampings), lengths)
+            if len(self._names) <= _DIRECT_SCORES_FACTOR * len(named):
+                # Scored by product number directly (every weight is > 0, so
+                # a score > 0 is a candidate): no sort to number them.
+                by_number = np.bincount(named, weights=scaled)
+                candidates = np.flatnonzero(by_number > 0)
+                scores = by_number[candidates]
+            else:  # a catalog much larger than the neighbour lists: numbered by a sort
+                candidates, where = np.unique(named, return_inverse=True)
+                scores = np.bincount(where, weights=scaled)
+            known = [n for n in map(self._number.get, excluded) if n is not None]
+            if known:
+                wanted = np.array(known, dtype=np.intp)
+                at = np.minimum(np.searchsorted(candidates, wanted), len(candidates) - 1)
+                scores[at[candidates[at] == wanted]] = -np.inf
+            # Taken best first, ties by id, only until `size` are available:
+            # first from the few best (every candidate scoring at least the
+            # SHORTLIST-th best score, ties kept whole), from all only when
+            # too few of those could be taken.
+            negated = -scores
+            shortlist = _SHORTLIST_PER_PICK * size
+            if len(negated) > shortlist:
+                bound = np.partition(negated, shortlist - 1)[shortlist - 1]
+                tops = [np.flatnonzero(negated <= bound), None]
+            else:
+                tops = [None]
             names = self._names
-            start, count = 0, len(order)
-            while start < count and len(picks) < size and descending[start] != np.inf:
-                end = int(np.searchsorted(descending, descending[start], side="right"))
-                tied = sorted((names[candidates[k]], k) for k in order[start:end].tolist())
-                for product_id, k in tied:
+            for top in tops:
+                chosen_numbers = candidates if top is None else candidates[top]
+                chosen_scores = negated if top is None else negated[top]
+                ranked = sorted(
+                    zip(chosen_scores.tolist(), map(names.__getitem__, chosen_numbers.tolist()), strict=True)
+                )
+                picks = []
+                for negative_score, product_id in ranked:
+                    if negative_score == math.inf or len(picks) >= size:
+                        break
                     if available is None or available(product_id):
-                        if not picks:
-                            strategy = "bought_together" if bought_together[k] else "viewed_together"
                         picks.append(product_id)
-                        if len(picks) >= size:
-                            break
-                start = end
+                if len(picks) >= size:
+                    break
+            if picks:
+                bought_with = self._bought_with
+                strategy = (
+                    "bought_together"
+                    if any(picks[0] in bought_with.get(seed, ()) for seed in unique_seeds)
+                    else "viewed_together"
+                )
         if len(picks) < size:
             chosen = set(picks)
             for _, product_id in self._popular_ranked:

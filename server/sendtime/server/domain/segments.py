@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from typing import Any, Final
+from typing import Any, Final, get_type_hints
 
 import cel
 import msgspec
@@ -44,7 +44,7 @@ from sendtime.server.domain.profile import (
     Profile,
     Stamped,
     Viewed,
-    view,
+    open_carts,
 )
 
 MAX_EXPRESSION_CHARS: Final = 4000
@@ -65,6 +65,27 @@ def _traits(p: Profile, _now: datetime) -> dict[str, Any]:
     return traits
 
 
+def _some_traits(keys: frozenset[str]) -> Callable[[Profile, datetime], dict[str, Any]]:
+    """``traits`` holding only ``keys``: turning a map into CEL's costs by its size."""
+
+    def build(p: Profile, _now: datetime) -> dict[str, Any]:
+        found = {}
+        for key in keys:
+            stamped = p.traits.get(key) or p.extra_traits.get(key)
+            if stamped is not None:
+                found[key] = stamped.value
+        return found
+
+    return build
+
+
+def _some_consent(keys: frozenset[str]) -> Callable[[Profile, datetime], dict[str, Any]]:
+    def build(p: Profile, _now: datetime) -> dict[str, Any]:
+        return {key: str(p.consent[key].value) for key in keys if key in p.consent}
+
+    return build
+
+
 def _carts(p: Profile, _now: datetime) -> list[dict[str, Any]]:
     return [
         {
@@ -75,7 +96,7 @@ def _carts(p: Profile, _now: datetime) -> list[dict[str, Any]]:
             "categories": sorted({line.category for line in cart.lines if line.category}),
             "updated_at": cart.updated_at,
         }
-        for cart in view(p).carts
+        for cart in open_carts(p)
     ]
 
 
@@ -121,7 +142,7 @@ def _viewed_item(v: Viewed) -> dict[str, Any]:
 
 
 def _open_cart_lines(p: Profile) -> list[Line]:
-    return [line for cart in view(p).carts for line in cart.lines]
+    return [line for cart in open_carts(p) for line in cart.lines]
 
 
 #: The names an expression can use, how each is made from a profile, and what
@@ -162,6 +183,105 @@ VARIABLES: Final[dict[str, tuple[Callable[[Profile, datetime], Any], str]]] = {
 }
 
 
+def _narrowed(
+    whole: Callable[[Profile, datetime], list[dict[str, Any]]],
+) -> Callable[[frozenset[str]], Callable[[Profile, datetime], list[dict[str, Any]]]]:
+    """A list-of-maps name whose maps hold only the fields the expression may read."""
+
+    def narrowed(read: frozenset[str]) -> Callable[[Profile, datetime], list[dict[str, Any]]]:
+        def build(p: Profile, now: datetime) -> list[dict[str, Any]]:
+            return [{k: v for k, v in item.items() if k in read} for item in whole(p, now)]
+
+        return build
+
+    return narrowed
+
+
+def _viewed_fields(read: frozenset[str]) -> Callable[[Profile, datetime], list[dict[str, Any]]]:
+    """``viewed`` with only the fields read (the common case, built directly:
+    a timestamp per item is the dearest value to hand to CEL)."""
+    category, at, product = "category" in read, "viewed_at" in read, "product_id" in read
+    if "name" in read or "price" in read:
+        return _narrowed(_viewed)(read)
+
+    def build(p: Profile, _now: datetime) -> list[dict[str, Any]]:
+        items = []
+        for v in p.viewed.values():
+            item: dict[str, Any] = {}
+            if category:
+                item["category"] = v.line.category
+            if at:
+                item["viewed_at"] = v.viewed_at
+            if product:
+                item["product_id"] = v.line.product_id
+            items.append(item)
+        return items
+
+    return build
+
+
+_ITEMS: Final = {"viewed": _viewed_fields, "orders": _narrowed(_orders), "carts": _narrowed(_carts)}
+
+
+#: The profile's fields each name reads (a profile is decoded with those only).
+_FIELDS: Final[dict[str, tuple[str, ...]]] = {
+    "user_id": ("user_id",),
+    "anonymous_id": ("anonymous_id",),
+    "email": ("traits",),
+    "timezone": ("traits",),
+    "traits": ("traits", "extra_traits"),
+    "consent": ("consent",),
+    "carts": ("carts", "all_carts_cleared_through"),
+    "cart_total": ("carts", "all_carts_cleared_through"),
+    "cart_quantity": ("carts", "all_carts_cleared_through"),
+    "orders": ("orders",),
+    "order_count": ("orders",),
+    "order_total": ("orders",),
+    "last_order_at": ("orders",),
+    "viewed": ("viewed",),
+    "viewed_products": ("viewed",),
+    "viewed_categories": ("viewed",),
+    "first_seen_at": ("first_seen_at",),
+    "last_activity_at": ("last_activity_at",),
+    "event_count": ("event_count",),
+    "now": (),
+}
+#: What a recipient needs whatever the expression reads.
+_RECIPIENT_FIELDS: Final = ("user_id", "anonymous_id", "traits")
+_SELECTION: Final = r"\s*\.\s*([A-Za-z_]\w*)(?!\s*\()"
+
+
+def _selected_keys(source: str, name: str) -> frozenset[str] | None:
+    """The keys of map ``name`` the expression reads, when it only ever
+    selects fields of it (``traits.country``, ``has(traits.country)``);
+    None when it uses the map otherwise (``"x" in traits``, ``size(traits)``)."""
+    keys = set()
+    for found in re.finditer(rf"(?<![\w.]){name}\b", source):
+        selected = re.match(_SELECTION, source[found.end() :])
+        if selected is None:
+            return None
+        keys.add(selected.group(1))
+    return frozenset(keys)
+
+
+def _decoder(fields: set[str]) -> Callable[[bytes], Any]:
+    """A msgpack decoder of the stored Profile that builds only ``fields``
+    (the others are skipped, not made into objects)."""
+    hints = get_type_hints(Profile)
+    defaults = {f.name: f for f in msgspec.structs.fields(Profile)}
+    spec = []
+    for name in sorted(fields):
+        info = defaults[name]
+        default = (
+            info.default
+            if info.default is not msgspec.NODEFAULT
+            else msgspec.field(default_factory=info.default_factory)
+        )
+        spec.append((name, hints[name], default))
+    narrow = msgspec.defstruct("SegmentProfile", spec, kw_only=True, gc=False)
+    return msgspec.msgpack.Decoder(narrow).decode
+
+
 class Recipient(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """What planning a broadcast needs of a profile in the segment."""
 
@@ -193,7 +313,24 @@ class CompiledSegment:
     def __init__(self, expression: str, program: Any, names: Sequence[str]) -> None:
         self.expression = expression
         self._program = program
-        self._builders = tuple((name, VARIABLES[name][0]) for name in names)
+        builders = []
+        # every field name the expression could read of a list's items: what
+        # it selects anywhere (v.category) and the strings it spells ("category" in v)
+        read = frozenset(re.findall(_SELECTION, expression)) | frozenset(
+            re.findall(r"[\"']([A-Za-z_]\w*)[\"']", expression)
+        )
+        for name in names:
+            build = VARIABLES[name][0]
+            keys = _selected_keys(expression, name) if name in ("traits", "consent") else None
+            if keys is not None:
+                build = _some_traits(keys) if name == "traits" else _some_consent(keys)
+            elif name in _ITEMS:
+                build = _ITEMS[name](read)
+            builders.append((name, build))
+        self._builders = tuple(builders)
+        fields = {field for name in names for field in _FIELDS[name]}
+        self._decode = _decoder(fields | set(_RECIPIENT_FIELDS))
+        self._decode_for_count = _decoder(fields)
 
     def matches(self, profile: Profile, now: datetime) -> bool:
         """True when ``profile`` is in the segment; raises what CEL raised."""
@@ -206,10 +343,14 @@ class CompiledSegment:
         """Stored profiles (key, msgpack) in, those in the segment out (with
         ``keep``; else only counted). Never raises for one profile."""
         found = Matches(scanned=len(rows), recipients=[] if keep else None)
+        decode = self._decode if keep else self._decode_for_count
+        builders = self._builders
+        execute = self._program.execute
         for key, doc in rows:
             try:
-                profile = _decode_profile(doc)
-                hit = self.matches(profile, now)
+                # a narrow profile: the builders read only the fields it has
+                profile = decode(doc)
+                hit = execute({name: build(profile, now) for name, build in builders}) is True
             except Exception as error:  # one profile the expression errs on
                 found.errors += 1
                 if not found.first_error:

@@ -20,12 +20,17 @@
   keeps health checks and content calls answered during an intake flood. A key
   in the Authorization header is checked then too, so a wrong key is refused
   before its body is buffered.
+- When a request's first bytes were read (``arrived``): the time a request
+  waits for its handler while the event loop serves others (a loop iteration
+  running many calls) counts against its deadline, so content calls see it at
+  admission and are shed rather than answered late.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -97,6 +102,16 @@ class IngestAdmission:
         return admitted
 
 
+#: Where the limiter's middleware leaves when the request's first bytes were
+#: read (time.monotonic), for the handlers.
+_ARRIVED: Final = web.RequestKey("sendtime.arrived", float)
+
+
+def arrived(request: web.Request) -> float | None:
+    """When the request's first bytes were read (time.monotonic), if known."""
+    return request.get(_ARRIVED)
+
+
 class ConnectionLimiter:
     """Bounds the open connections of one listening socket (see the module doc)."""
 
@@ -140,11 +155,18 @@ class ConnectionLimiter:
         """Marks the connection busy while its request is handled: never evicted then."""
         transport = request.transport
         connection = self._idle.pop(transport, None) if transport is not None else None
+        if connection is not None and connection.arrived is not None:
+            request[_ARRIVED] = connection.arrived
+            connection.arrived = None  # the next bytes are the next request's
         try:
             response = await handler(request)
         finally:
-            if connection is not None and connection.counted and connection.transport is not None:
-                self._idle[connection.transport] = connection
+            if connection is not None:
+                # bytes read while it was handled were its body's: the next
+                # request's come after its answer
+                connection.arrived = None
+                if connection.counted and connection.transport is not None:
+                    self._idle[connection.transport] = connection
         if not request.content.is_eof():
             # Refused before its body was read (429, 401, 413...): close rather
             # than read and discard the rest of it.
@@ -156,7 +178,7 @@ class _Counted(asyncio.Protocol):
     """Forwards everything to aiohttp's protocol, telling the limiter of each
     connection's start and end."""
 
-    __slots__ = ("_inner", "_limiter", "counted", "transport")
+    __slots__ = ("_inner", "_limiter", "arrived", "counted", "transport")
 
     def __init__(self, limiter: ConnectionLimiter, inner: asyncio.BaseProtocol) -> None:
         self._limiter = limiter
@@ -164,6 +186,8 @@ class _Counted(asyncio.Protocol):
         #: Counted among the open connections (not yet lost, nor evicted).
         self.counted = False
         self.transport: asyncio.BaseTransport | None = None
+        #: When the first bytes of the request not yet handled were read.
+        self.arrived: float | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self._limiter._admit(self, transport):
@@ -189,6 +213,8 @@ class _Counted(asyncio.Protocol):
         self._inner.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.arrived is None:
+            self.arrived = time.monotonic()
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:

@@ -53,6 +53,7 @@ from sendtime.server.domain.content import ContentContext, ContentPipeline
 from sendtime.server.domain.errors import (
     InvalidInput,
     NotFound,
+    Overloaded,
     PayloadTooLarge,
     SendtimeError,
     Unauthenticated,
@@ -64,7 +65,7 @@ from sendtime.server.domain.queries import ProfileQueries
 from sendtime.server.edge import preferences_page, segment
 from sendtime.server.edge.http_errors import error_body, error_response
 from sendtime.server.edge.http_keys import header_key, names_a_key
-from sendtime.server.edge.http_limits import ConnectionLimiter, IngestAdmission, read_body
+from sendtime.server.edge.http_limits import ConnectionLimiter, IngestAdmission, arrived, read_body
 from sendtime.server.edge.http_observe import observe_middleware
 from sendtime.server.edge.profile_json import profile_json
 from sendtime.server.edge.status_page import StatusPage
@@ -260,10 +261,22 @@ class _DataRoutes:
             cart_id=query.get("cart_id", ""),
         )
         budget = self._budget(request)
+        # The deadline runs from when the request came, not from its handler's
+        # start: under load it waits a loop iteration or more for the handler,
+        # and what is left decides whether the call can be answered in time.
+        came = arrived(request)
+        left = max(budget - (time.monotonic() - came), 0.0) if came is not None else budget
         template_id = query.get("template", "")
         body: dict[str, Any] = {"user_id": user_id}
         if template_id:
-            rendered = await self.pipeline.email(template_id, identity, context, budget)
+            try:
+                rendered = await self.pipeline.email(template_id, identity, context, left)
+            except Overloaded:
+                # a refusal that could only leave after the caller's deadline
+                # (it waited that long for its handler) is a late answer too
+                if came is not None:
+                    self.pipeline.left("email", came + budget)
+                raise
             blocks = rendered.blocks
             email = rendered.email
             body["email"] = {
@@ -277,7 +290,7 @@ class _DataRoutes:
             elapsed, deadline, call = rendered.elapsed_s, rendered.deadline, "email"
         else:
             names = [n for n in query.get("blocks", "").split(",") if n.strip()]
-            answer = await self.pipeline.content(identity, [n.strip() for n in names], context, budget)
+            answer = await self.pipeline.content(identity, [n.strip() for n in names], context, left)
             blocks, elapsed = answer.blocks, answer.elapsed_s
             deadline, call = answer.deadline, "content"
         body["blocks"] = {

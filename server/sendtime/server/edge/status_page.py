@@ -29,7 +29,7 @@ import html
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -40,6 +40,7 @@ from aiohttp import web
 from sendtime.server.auth import Authenticator
 from sendtime.server.cache import CacheFetcher
 from sendtime.server.deliveries import MAX_ID, DeliveryQueries
+from sendtime.server.domain.broadcasts import FLOW_PREFIX, Broadcast, Progress
 from sendtime.server.domain.content import ContentContext, ContentPipeline
 from sendtime.server.domain.errors import NotFound, Overloaded, PermissionDenied, Unauthenticated
 from sendtime.server.domain.events import Identity
@@ -176,6 +177,8 @@ class StatusPage:
     #: and an answer that would come late is worth less than a quick "retry".
     max_drawing: int = 4
     _drawing: int = 0
+    #: The broadcasts not done or cancelled, with their progress (None: none to show).
+    broadcasts: Callable[[], Awaitable[list[tuple[Broadcast, Progress]]]] | None = None
 
     @contextmanager
     def _admitted(self) -> Iterator[None]:
@@ -200,10 +203,12 @@ class StatusPage:
         with self._admitted():
             flows, counted_s_ago = await self.deliveries.flow_counts()
             sends = await self.deliveries.latest(LATEST_DELIVERIES)
+            running = await self.broadcasts() if self.broadcasts is not None else []
             body = "".join(
                 (
                     self._traffic(),
                     self._cache(),
+                    self._broadcasts(running),
                     self._flows(flows, counted_s_ago),
                     self._deliveries(sends),
                 )
@@ -347,7 +352,27 @@ class StatusPage:
             "</table><p class=note>Since the server started.</p></section>"
         )
 
+    def _broadcasts(self, running: Sequence[tuple[Broadcast, Progress]]) -> str:
+        if not running:
+            return "<section><h2>Broadcasts</h2><p>No broadcast is running.</p></section>"
+        rows = "".join(
+            f"<tr><th scope=row>{_e(b.name)}<br><small>{_e(b.id)}</small></th><td>{_e(b.state.value)}</td>"
+            f"<td>{_e(b.template_id)}</td>"
+            f"<td><progress value={p.settled} max={max(p.audience, p.planned, 1)}></progress> "
+            f"{p.settled:,} of {p.audience:,}</td>"
+            f"<td>{p.sent:,}</td><td>{sum(p.skipped.values()):,}</td><td>{p.failed:,}</td>"
+            f"<td>{p.uncertain:,}</td><td>{p.scheduled + p.in_flight:,}</td></tr>"
+            for b, p in running
+        )
+        return (
+            "<section><h2>Broadcasts</h2><table id=broadcasts><tr><th>Broadcast</th><th>state</th>"
+            "<th>template</th><th>progress</th><th>sent</th><th>skipped</th><th>failed</th>"
+            f"<th>uncertain</th><th>to go</th></tr>{rows}</table></section>"
+        )
+
     def _flows(self, counts: dict[str, dict[str, int]], counted_s_ago: float) -> str:
+        # a broadcast's sends are shown with the broadcast
+        counts = {k: v for k, v in counts.items() if not k.startswith(FLOW_PREFIX)}
         ids = list(dict.fromkeys([*self.flow_ids, *sorted(counts)]))
         statuses = sorted({status for per_flow in counts.values() for status in per_flow})
         if not ids:

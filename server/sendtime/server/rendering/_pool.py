@@ -14,6 +14,13 @@ worker cannot render (the file changed since the server parsed it, a worker
 died, a context that does not pickle) is rendered in the server's process, so
 every call still gets its email from the version the server picked.
 
+Workers are used only while this process may run on more than one core: on
+one (a container given one CPU, a process pinned with taskset) a worker would
+take its render's CPU from the same core as the event loop, and add the
+pipe's copies and a second process to schedule; the email is rendered in
+place then. The cores are read again every second (a deployment may move the
+process).
+
 A worker is waited for only the time the caller can spare (``timeout_s``);
 a late, busy, starting or dead worker means a render in the server, never a
 missed deadline. A worker that stays silent far past the limit is killed, and
@@ -27,6 +34,8 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
+import os
 import pickle
 import subprocess
 import sys
@@ -73,6 +82,16 @@ _HEALTHY_AFTER_S: Final = 60.0
 _FIRST_SERVICE_S: Final = 0.002
 #: Weight of the latest render in the running estimate of a worker's render time.
 _SERVICE_WEIGHT: Final = 0.1
+#: How often the cores this process may run on are read again.
+_CORES_RECHECK_S: Final = 1.0
+
+
+def cores_allowed() -> int:
+    """The cores this process may run on now (its CPU affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity on this platform
+        return os.cpu_count() or 1
 
 
 class Renderable(Protocol):
@@ -89,9 +108,19 @@ class RenderPool:
     ``await pool.start()`` once on the running loop, ``await pool.render(template,
     context, timeout_s=...)`` per email, ``await pool.aclose()`` at shutdown."""
 
-    def __init__(self, processes: int, *, argv: tuple[str, ...] = _WORKER_ARGV) -> None:
+    def __init__(
+        self,
+        processes: int,
+        *,
+        argv: tuple[str, ...] = _WORKER_ARGV,
+        cores: Callable[[], int] = cores_allowed,
+    ) -> None:
         self.processes = processes
         self._argv = argv
+        self._cores = cores
+        #: The cores last read, and when to read them again.
+        self._cores_seen = 0
+        self._cores_read_at = -math.inf
         self._workers: list[_Worker | None] = [None] * processes
         #: Deaths in a row of each slot's workers without useful work.
         self._failures = [0] * processes
@@ -131,6 +160,8 @@ class RenderPool:
         DEFAULT_TIMEOUT_S), else rendered here."""
         if not self.processes or self._closed or not isinstance(template, Template):
             return template.render(context)  # type: ignore[no-any-return]
+        if self._one_core():  # a worker would only take the event loop's core
+            return template.render(context)
         limit = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
         if limit <= 0:  # no time to wait for anyone
             return template.render(context)
@@ -170,6 +201,13 @@ class RenderPool:
             return template.render(context)
         assert isinstance(email, RenderedEmail)
         return email
+
+    def _one_core(self) -> bool:
+        now = time.monotonic()
+        if now >= self._cores_read_at + _CORES_RECHECK_S:
+            self._cores_read_at = now
+            self._cores_seen = self._cores()
+        return self._cores_seen <= 1
 
     def _least_busy(self) -> _Worker | None:
         """The ready worker with the fewest requests waiting, unless even it

@@ -20,8 +20,8 @@ COMMIT; one statement more when it schedules sends whose keys are new):
 4. last statement: the exits recorded and the sends they end cancelled; the
    folded profiles written back, the rows of users not seen before inserted;
    the identity links the events carry (domain.identity.links_of);
-   pg_notify (delivered at commit): the touched users and the earliest due
-   send, for the other replicas.
+   pg_notify (delivered at commit): the touched users (and the ids the
+   round linked) and the earliest due send, for the other replicas.
 
 A user not seen before has no row to lock. If another replica inserts that
 user's row while this round folds, this round's insert of it returns nothing:
@@ -356,6 +356,7 @@ class PostgresEventStore:
                 sends, exits = self._planner.plan(new_events, self._plans.known_keys)
                 now = datetime.now(UTC)
                 scheduled, earliest = await self._plans.insert_sends(conn, self._plans.fresh(sends), now)
+                links = _link_columns(new_events)
                 added = [key for key in keys if key not in docs]
                 kept = [key for key in keys if key in docs]
                 cancelled: dict[str, int] = {}
@@ -368,8 +369,9 @@ class PostgresEventStore:
                     [_encode(profiles[key]) for key in kept],
                     *exit_columns(exits, now),
                     COMMITS_CHANNEL,
-                    _notices(self._replica, keys, earliest),
-                    *_link_columns(new_events),
+                    # the newly linked ids too: what another replica holds of their person is stale
+                    _notices(self._replica, sorted({*keys, *links[0]}), earliest),
+                    *links,
                 ):
                     if what == "added":
                         rows_added += 1
