@@ -144,8 +144,9 @@ async def test_sigterm_drains_streams_and_acks_what_it_read(tmp_path: Path) -> N
                     break
         assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses
     code = await asyncio.wait_for(stream, 30)
+    exit_code = await server.wait()  # first: a failed check must not leave the process behind
     assert code == grpc.StatusCode.UNAVAILABLE, "the client is told to reconnect"
-    assert await server.wait() == 0, server.stderr
+    assert exit_code == 0, server.stderr
 
     restarted = await start_server(tmp_path / "data")
     try:

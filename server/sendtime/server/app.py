@@ -15,7 +15,7 @@ import gc
 import logging
 import secrets
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, time, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -56,6 +56,7 @@ from sendtime.server.looplag import LoopLag
 from sendtime.server.observe import Telemetry
 from sendtime.server.preferences import Preferences
 from sendtime.server.relay import OutboxConfig, RelayConfig, build_retrying_relay
+from sendtime.server.relay.base import RetryingRelay
 from sendtime.server.rendering import RenderPool, TemplateStore
 from sendtime.server.settings import (
     ContentSettings,
@@ -149,39 +150,80 @@ class Sendtime:
         self._serving = True
 
     async def _start(self) -> None:
+        """Build and start everything, in the order each part needs the others;
+        the edges listen last, HTTP first, and only then do sends go out."""
         settings = self.settings
-        storage = settings.storage
-        content = settings.content
         self._telemetry = telemetry = Telemetry(settings, span_exporter=self._span_exporter)
-        metrics = telemetry.metrics
-        tracer = telemetry.tracer
         self._storage = backend = await self._open_storage()
+        if telemetry.metrics is not None:
+            telemetry.metrics.watch_store(backend.stats)
         self._profiles = profiles = ProfileBook(
             backend.profiles,
             backend.links,
-            max_cached=storage.profile_cache_size,
-            flush_interval_s=storage.profile_flush_interval_s,
+            max_cached=settings.storage.profile_cache_size,
+            flush_interval_s=settings.storage.profile_flush_interval_s,
         )
-        if metrics is not None:
-            metrics.watch_store(backend.stats)
         flows = [flow_from_settings(f, settings.delivery.default_sender) for f in settings.flows]
+        await self._load_catalog(settings.content)
+        templates = TemplateStore(_templates_dir(settings.content))
+        pipeline = await self._content_pipeline(profiles, templates)
+        self._loop_lag.start()
+        await profiles.start()
+        # email links point at the HTTP edge's own port when no public address
+        # is configured, known once it listens (port 0 in tests)
+        links = EmailLinks(await self._unsubscribe_secret(settings.delivery), lambda: self.public_base_url)
+        relay = self._relay()
+        segments, broadcasts = self._broadcasting(backend, profiles, templates)
+        dispatcher = self._dispatcher_for(backend, profiles, pipeline, relay, links, flows, broadcasts)
+        ingestor = await self._ingestion(backend, profiles, pipeline, dispatcher, flows)
+        authenticator = Authenticator(settings.auth)
+        self._grpc = build_grpc_edge(
+            settings.grpc,
+            ingestor=ingestor,
+            queries=ProfileQueries(profiles),
+            pipeline=pipeline,
+            default_deadline_s=settings.content.default_deadline_ms / 1000,
+            deliveries=Deliveries(backend.ledger, flows, templates.get, dispatcher.wake, self._clock),
+            segments=segments,
+            broadcasts=broadcasts,
+            authenticator=authenticator,
+            telemetry=telemetry,
+        )
+        self._http = self._http_edge(
+            backend, profiles, pipeline, links, flows, broadcasts, ingestor, authenticator
+        )
+        # HTTP first: the public address (links, catalog image paths) is the HTTP edge's
+        # own until set, and a content call over gRPC must not cache one with port 0
+        await self._http.start()
+        await self._grpc.start()
+        # after the HTTP edge listens: a send due at start renders links to its address
+        await dispatcher.start()
+        await broadcasts.start()
+        if is_loopback_url(self.public_base_url) and not isinstance(settings.delivery.relay, OutboxConfig):
+            log.warning(
+                "links in emails (unsubscribe, preferences) point at %s, which only this machine can open,"
+                " while the %s relay sends real emails: set delivery.public_base_url to this server's public"
+                " https address",
+                self.public_base_url,
+                relay.name,
+            )
 
-        await self._load_catalog(content)
-        learner = EventLearner(self.recommender)
-
+    async def _content_pipeline(self, profiles: ProfileBook, templates: TemplateStore) -> ContentPipeline:
+        """The block cache, the upstreams' HTTP session, the render workers, and the pipeline over them."""
+        content = self.settings.content
+        telemetry = self.telemetry
         breakers = CircuitBreakers(
             failure_threshold=content.breaker_failures, reset_timeout=content.breaker_reset_s
         )
         self._fetcher = fetcher = CacheFetcher(
             MemoryCache(max_bytes=content.cache_max_bytes), breakers=breakers
         )
-        if metrics is not None:
-            metrics.watch_cache(fetcher)
-        self._session = aiohttp.ClientSession(
+        if telemetry.metrics is not None:
+            telemetry.metrics.watch_cache(fetcher)
+        self._session = session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=content.upstream_connections_per_host)
         )
         allowed = frozenset(content.allowed_upstream_hosts)
-        templates = TemplateStore(_templates_dir(content))
         self._render_pool = render_pool = RenderPool(content.render_processes)
         await render_pool.start()
         pipeline = ContentPipeline(
@@ -192,10 +234,10 @@ class Sendtime:
             upstreams={
                 u.name: UpstreamProvider(
                     u,
-                    self._session,
+                    session,
                     allowed,
                     observer=telemetry.upstream_observer(u.name),
-                    tracer=tracer,
+                    tracer=telemetry.tracer,
                     propagator=telemetry.propagator,
                 )
                 for u in content.upstreams
@@ -204,22 +246,21 @@ class Sendtime:
             policy=_policy(content),
             max_concurrent=content.max_concurrent,
             observer=telemetry.content_observer([*BUILT_IN_BLOCKS, *(u.name for u in content.upstreams)]),
-            tracer=tracer,
+            tracer=telemetry.tracer,
             loop_lag=lambda: self._loop_lag.recent_peak_s,
             renderer=render_pool,
             # a catalog image_url "/demo/images/..." is on this server: known once it listens
             public_base_url=lambda: self.public_base_url,
         )
-        self._loop_lag.start()
-        await profiles.start()
+        if telemetry.metrics is not None:
+            telemetry.metrics.watch_gauge("sendtime_content_requests_in_flight", lambda: pipeline.in_flight)
+        return pipeline
 
-        delivery = settings.delivery
-        # email links point at the HTTP edge's own port when no public address
-        # is configured, known once it listens (port 0 in tests)
-        links = EmailLinks(await self._unsubscribe_secret(delivery), lambda: self.public_base_url)
-        relay = build_retrying_relay(_in_data_dir(delivery.relay, storage.data_dir))
-        relay.observer = telemetry.relay_observer(relay.name)
-        relay.tracer = tracer
+    def _broadcasting(
+        self, backend: Storage, profiles: ProfileBook, templates: TemplateStore
+    ) -> tuple[Segments, Broadcasts]:
+        """Segments (counted in worker processes) and the broadcasts runner over them."""
+        settings = self.settings
         self._segment_evaluator = SegmentEvaluator(settings.broadcasts.segment_processes)
         segments = Segments(
             store=backend.broadcasts,
@@ -235,9 +276,33 @@ class Sendtime:
             segments=segments,
             templates=templates.get,
             clock=self._clock,
-            default_sender=delivery.default_sender,
+            default_sender=settings.delivery.default_sender,
             poll_interval_s=settings.broadcasts.progress_interval_s,
         )
+        return segments, broadcasts
+
+    def _relay(self) -> RetryingRelay:
+        """The relay to the ESP, with retries, observed and traced."""
+        relay = build_retrying_relay(
+            _in_data_dir(self.settings.delivery.relay, self.settings.storage.data_dir)
+        )
+        relay.observer = self.telemetry.relay_observer(relay.name)
+        relay.tracer = self.telemetry.tracer
+        return relay
+
+    def _dispatcher_for(
+        self,
+        backend: Storage,
+        profiles: ProfileBook,
+        pipeline: ContentPipeline,
+        relay: RetryingRelay,
+        links: EmailLinks,
+        flows: Sequence[Flow],
+        broadcasts: Broadcasts,
+    ) -> Dispatcher:
+        """The dispatcher: due sends, through the relay, once each."""
+        delivery = self.settings.delivery
+        telemetry = self.telemetry
         self._dispatcher = dispatcher = Dispatcher(
             ledger=backend.ledger,
             profiles=profiles,
@@ -247,15 +312,27 @@ class Sendtime:
             flows={f.id: f for f in flows},
             policy=_dispatch_policy(delivery),
             observer=telemetry.send_observer(),
-            tracer=tracer,
+            tracer=telemetry.tracer,
             campaigns=broadcasts,
             clock=self._clock,
         )
-        if metrics is not None:
-            metrics.watch_gauge("sendtime_content_requests_in_flight", lambda: pipeline.in_flight)
-            metrics.watch_gauge("sendtime_sends_in_flight", lambda: dispatcher.in_flight)
-        # What follows a commit, and the event store that tells it (last: it
-        # needs them all). The stored track events teach the recommender first.
+        if telemetry.metrics is not None:
+            telemetry.metrics.watch_gauge("sendtime_sends_in_flight", lambda: dispatcher.in_flight)
+        return dispatcher
+
+    async def _ingestion(
+        self,
+        backend: Storage,
+        profiles: ProfileBook,
+        pipeline: ContentPipeline,
+        dispatcher: Dispatcher,
+        flows: Sequence[Flow],
+    ) -> Ingestor:
+        """What follows a commit, the event store that tells it (made last: it
+        needs them all), and the ingestor in front. The stored track events
+        teach the recommender first."""
+        settings = self.settings
+        learner = EventLearner(self.recommender)
         self._after_commit = after_commit = AfterCommit(
             profiles=profiles,
             learn=learner.learned,
@@ -268,43 +345,41 @@ class Sendtime:
         )
         log.info("recommendations learned from %d stored events", learned)
         after_commit.start()
-        deliveries = Deliveries(backend.ledger, flows, templates.get, dispatcher.wake, self._clock)
-        feedback = delivery.feedback
-
-        ingestor = Ingestor(
+        return Ingestor(
             events,
             after_commit,
             self._clock,
-            observer=telemetry.ingest_observer(),
+            observer=self.telemetry.ingest_observer(),
             window=EventWindow(
                 max_ahead=timedelta(seconds=settings.events.max_ahead_s),
                 max_age=timedelta(seconds=settings.events.max_age_s),
             ),
         )
-        queries = ProfileQueries(profiles)
-        authenticator = Authenticator(settings.auth)
-        default_deadline_s = content.default_deadline_ms / 1000
-        self._grpc = build_grpc_edge(
-            settings.grpc,
-            ingestor=ingestor,
-            queries=queries,
-            pipeline=pipeline,
-            default_deadline_s=default_deadline_s,
-            deliveries=deliveries,
-            segments=segments,
-            broadcasts=broadcasts,
-            authenticator=authenticator,
-            telemetry=telemetry,
-        )
-        self._http = build_http_edge(
+
+    def _http_edge(
+        self,
+        backend: Storage,
+        profiles: ProfileBook,
+        pipeline: ContentPipeline,
+        links: EmailLinks,
+        flows: Sequence[Flow],
+        broadcasts: Broadcasts,
+        ingestor: Ingestor,
+        authenticator: Authenticator,
+    ) -> HttpEdge:
+        settings = self.settings
+        delivery = settings.delivery
+        feedback = delivery.feedback
+        telemetry = self.telemetry
+        return build_http_edge(
             settings.http,
             ingestor=ingestor,
-            queries=queries,
+            queries=ProfileQueries(profiles),
             authenticator=authenticator,
             webhooks=settings.webhooks,
             pipeline=pipeline,
             catalog=CatalogUpdater(self.catalog, backend.catalog.save_products, pipeline.invalidate_catalog),
-            default_deadline_s=default_deadline_s,
+            default_deadline_s=settings.content.default_deadline_ms / 1000,
             suppressions=Suppressions(backend.suppressions, links.unsubscribe_tokens, self._clock),
             sendgrid=(
                 SendGridFeedback(feedback.sendgrid_public_key, tolerance_s=feedback.sendgrid_tolerance_s)
@@ -324,14 +399,14 @@ class Sendtime:
                 authenticator,
                 DeliveryQueries(backend.ledger),
                 pipeline,
-                fetcher,
-                metrics,
+                self.cache,
+                telemetry.metrics,
                 [f.id for f in flows],
                 max_drawing=settings.http.max_status_page_draws,
                 broadcasts=broadcasts.running,
             ),
             # refused before their bodies are read, rather than decoded and then refused by the store
-            ingest_backlogged=lambda: backend.stats().queued_events >= storage.max_queued_events,
+            ingest_backlogged=lambda: backend.stats().queued_events >= settings.storage.max_queued_events,
             preferences=Preferences(
                 tokens=links.preferences_tokens,
                 profiles=profiles,
@@ -343,21 +418,6 @@ class Sendtime:
             ),
             demo_images=shipped(DEMO_IMAGES),
         )
-        # HTTP first: the public address (links, catalog image paths) is the HTTP edge's
-        # own until set, and a content call over gRPC must not cache one with port 0
-        await self._http.start()
-        await self._grpc.start()
-        # after the HTTP edge listens: a send due at start renders links to its address
-        await dispatcher.start()
-        await broadcasts.start()
-        if is_loopback_url(self.public_base_url) and not isinstance(delivery.relay, OutboxConfig):
-            log.warning(
-                "links in emails (unsubscribe, preferences) point at %s, which only this machine can open,"
-                " while the %s relay sends real emails: set delivery.public_base_url to this server's public"
-                " https address",
-                self.public_base_url,
-                relay.name,
-            )
 
     async def _open_storage(self) -> Storage:
         """The one place that picks a backend."""

@@ -33,7 +33,7 @@ from typing import Final, Protocol
 
 from opentelemetry.trace import Span, Tracer
 
-from sendtime.server.domain.content import ContentContext, ContentPipeline
+from sendtime.server.domain.content import ContentContext, ContentPipeline, RenderedEmail
 from sendtime.server.domain.errors import SendtimeError
 from sendtime.server.domain.events import Identity
 from sendtime.server.domain.flows import Flow, Reentry
@@ -45,7 +45,13 @@ from sendtime.server.domain.provenance import Source
 from sendtime.server.domain.sends import FrequencyCap, QuietHours, SendRecord, SendStatus
 from sendtime.server.domain.unsubscribe import EmailLinks
 from sendtime.server.relay import message as mime
-from sendtime.server.relay.base import PermanentFailure, RetryingRelay, TransientFailure, UncertainFailure
+from sendtime.server.relay.base import (
+    OutgoingEmail,
+    PermanentFailure,
+    RetryingRelay,
+    TransientFailure,
+    UncertainFailure,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +118,50 @@ class DispatchPolicy:
     poll_interval_s: float
     #: Marketing sends need an explicit opt-in; else only an opt-out stops them.
     require_opt_in: bool = False
+
+
+class _Stopped(Exception):
+    """A step of a send ended it, having written why: the attempt to report."""
+
+    def __init__(self, attempt: Attempt) -> None:
+        super().__init__(attempt.outcome)
+        self.attempt = attempt
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What the send belongs to: a flow, a campaign (a broadcast's send), or neither (the API's)."""
+
+    flow: Flow | None
+    campaign: CampaignSend | None
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        """Blocks that must have data, else the send is skipped."""
+        if self.flow is not None:
+            return self.flow.require_blocks
+        return self.campaign.require_blocks if self.campaign is not None else ()
+
+    @property
+    def sender(self) -> str:
+        """The From the flow or campaign names ("": the default sender)."""
+        if self.flow is not None and self.flow.sender:
+            return self.flow.sender
+        return self.campaign.sender if self.campaign is not None else ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Recipient:
+    """Who a send goes to, as the profile said when it was checked."""
+
+    #: Every profile key of the person (exits, suppressions and caps apply to all).
+    person_keys: tuple[str, ...]
+    profile: Profile
+    email: str
+    #: When the profile was checked: the email's date, its links' issue time, the cap's window.
+    now: datetime
+    #: The one-click unsubscribe URL ("" for a transactional send).
+    unsubscribe_url: str
 
 
 class Dispatcher:
@@ -248,13 +298,32 @@ class Dispatcher:
             self._observer.attempted(record, attempt, self._relay.name, time.perf_counter() - started)
 
     async def _send(self, record: SendRecord) -> Attempt:
+        """One claimed send, step by step; a step that ends it (skipped, held,
+        failed, cancelled...) has written why and raises _Stopped."""
+        try:
+            plan = await self._plan(record)
+            recipient = await self._recipient(record)
+            render_started = time.perf_counter()
+            rendered = await self._render(record, plan, recipient)
+            render_s = time.perf_counter() - render_started
+            outgoing = await self._address(record, plan, recipient, rendered, render_s)
+            await self._hand_over(record, plan, recipient, rendered, render_s)
+            return await self._relay_and_record(record, outgoing, render_s)
+        except _Stopped as stopped:
+            return stopped.attempt
+
+    async def _plan(self, record: SendRecord) -> _Plan:
+        """The flow or campaign the send belongs to (a paused or ended campaign stops it)."""
         flow = self._flows.get(record.flow_id)
         campaign = None
         if flow is None and self._campaigns is not None:
             campaign = await self._campaigns.campaign_send(record, self._clock())
-            stopped = await self._campaign_stopped(record, campaign)
-            if stopped is not None:
-                return stopped
+            await self._unless_campaign_stopped(record, campaign)
+        return _Plan(flow, campaign)
+
+    async def _recipient(self, record: SendRecord) -> _Recipient:
+        """Who gets it, and whether the profile allows it now (address,
+        consent, quiet hours); the links the email carries for them."""
         # the person the send's id was when the flow was entered (a shared
         # device's anonymous id may be someone else's by now)
         person = await self._profiles.person(record.profile_key, record.entry_time)
@@ -264,7 +333,7 @@ class Dispatcher:
         email = _text(profile, "email")
         if profile is None or not email:
             await self._finish(record, SendStatus.SKIPPED, "the profile has no email address")
-            return Attempt("skipped", "no_email")
+            raise _Stopped(Attempt("skipped", "no_email"))
         now = self._clock()
         refusal = self._refusal(record, profile, now)
         if refusal is not None:
@@ -278,23 +347,29 @@ class Dispatcher:
                     due_at=hold_until,
                 )
                 self.wake(hold_until)
-                return Attempt("held", reason_class)
+                raise _Stopped(Attempt("held", reason_class))
             await self._finish(record, status, reason)
-            return Attempt(status.value, reason_class)
-
+            raise _Stopped(Attempt(status.value, reason_class))
         group = record.subscription_group
         unsubscribe_url = self._links.unsubscribe_url(record.profile_key, group, now) if group else ""
+        return _Recipient(person.keys if person is not None else (), profile, email, now, unsubscribe_url)
+
+    async def _render(self, record: SendRecord, plan: _Plan, recipient: _Recipient) -> RenderedEmail:
+        """The email with live content; stopped when it cannot be made or a
+        block the flow requires has nothing to show."""
         # every email, transactional ones too, links its recipient's preferences page
-        links = [("preferences_url", self._links.preferences_url(record.profile_key, now))]
-        if unsubscribe_url:
+        links = [("preferences_url", self._links.preferences_url(record.profile_key, recipient.now))]
+        if recipient.unsubscribe_url:
             # the body's Unsubscribe link is the same one-click URL as the header's
-            links.append(("unsubscribe_url", unsubscribe_url))
+            links.append(("unsubscribe_url", recipient.unsubscribe_url))
+        profile = recipient.profile
         # rendered for the person: an anonymous cart gets the name given later
         identity = (
             Identity(profile.user_id, "")
             if profile.user_id
             else Identity(record.user_id, record.anonymous_id)
         )
+        flow = plan.flow
         context = ContentContext(
             campaign=record.flow_id,
             cart_id=record.entry_key if flow is not None and flow.entry_key == "cart_id" else "",
@@ -308,61 +383,67 @@ class Dispatcher:
         except SendtimeError as error:
             detail = f"cannot render {record.template_id}: {error.message}"
             await self._finish(record, SendStatus.FAILED, detail)
-            return Attempt("failed", "render_error", detail, render_s=time.perf_counter() - render_started)
-        render_s = time.perf_counter() - render_started
-        required = flow.require_blocks if flow is not None else campaign.require_blocks if campaign else ()
-        missing = [b.name for b in answer.blocks if b.name in required and b.source is Source.FALLBACK]
+            raise _Stopped(
+                Attempt("failed", "render_error", detail, render_s=time.perf_counter() - render_started)
+            ) from None
+        missing = [b.name for b in answer.blocks if b.name in plan.required and b.source is Source.FALLBACK]
         if missing:
             await self._finish(record, SendStatus.SKIPPED, f"nothing to show: no {', '.join(missing)}")
-            return Attempt("skipped", "nothing_to_show", render_s=render_s)
+            render_s = time.perf_counter() - render_started
+            raise _Stopped(Attempt("skipped", "nothing_to_show", render_s=render_s))
+        return answer.email
 
-        rendered = answer.email
+    async def _address(
+        self, record: SendRecord, plan: _Plan, recipient: _Recipient, rendered: RenderedEmail, render_s: float
+    ) -> OutgoingEmail:
+        """The message as it will leave, with the headers mailbox providers require."""
+        group = record.subscription_group
+        profile = recipient.profile
         try:
-            outgoing = mime.build(
+            return mime.build(
                 send_key=record.send_key,
                 message_id_domain=self._policy.message_id_domain,
-                sender=(
-                    flow.sender
-                    if flow is not None and flow.sender
-                    else campaign.sender
-                    if campaign is not None and campaign.sender
-                    else self._policy.default_sender
-                ),
-                recipient_email=email,
+                sender=plan.sender or self._policy.default_sender,
+                recipient_email=recipient.email,
                 recipient_name=" ".join(
                     filter(None, (_text(profile, "first_name"), _text(profile, "last_name")))
                 ),
-                reply_to=flow.reply_to if flow is not None else "",
+                reply_to=plan.flow.reply_to if plan.flow is not None else "",
                 subject=rendered.subject,
                 html=rendered.html,
                 text=rendered.text,
-                date=now,
+                date=recipient.now,
                 list_id=self._policy.list_id if group else "",
-                unsubscribe_url=unsubscribe_url,
+                unsubscribe_url=recipient.unsubscribe_url,
                 unsubscribe_mailto=self._policy.unsubscribe_mailto if group else "",
             )
         except ValueError as error:
             await self._finish(record, SendStatus.SKIPPED, f"cannot address the email: {error}")
-            return Attempt("skipped", "bad_address", render_s=render_s)
+            raise _Stopped(Attempt("skipped", "bad_address", render_s=render_s)) from None
 
-        if campaign is not None and self._campaigns is not None:
+    async def _hand_over(
+        self, record: SendRecord, plan: _Plan, recipient: _Recipient, rendered: RenderedEmail, render_s: float
+    ) -> None:
+        """The last look, right before the message leaves, in the transaction
+        that hands it over ("relaying"): an exit event, a suppression or
+        another send stored while the email rendered still stops it."""
+        if plan.campaign is not None and self._campaigns is not None:
             # paused or cancelled while it rendered: it stops here, within a second
-            stopped = await self._campaign_stopped(
-                record, await self._campaigns.campaign_send(record, self._clock()), render_s
-            )
-            if stopped is not None:
-                return stopped
-        # The last look, right before the message leaves, in the transaction
-        # that hands it over: an exit event, a suppression or another send
-        # stored while the email rendered still stops it.
+            campaign = await self._campaigns.campaign_send(record, self._clock())
+            await self._unless_campaign_stopped(record, campaign, render_s)
         handover = await self._ledger.hand_over(
             record.id,
             relay=self._relay.name,
             template_version=rendered.version,
-            checks=self._last_checks(record, email, now, person.keys if person is not None else ()),
+            checks=self._last_checks(record, recipient.email, recipient.now, recipient.person_keys),
         )
         if not handover.handed_over:
-            return await self._refused_at_handover(record, handover, render_s)
+            raise _Stopped(await self._refused_at_handover(record, handover, render_s))
+
+    async def _relay_and_record(
+        self, record: SendRecord, outgoing: OutgoingEmail, render_s: float
+    ) -> Attempt:
+        """Hand the message to the ESP and write what came of it."""
         relay_started = time.perf_counter()
         try:
             accepted = await self._relay.send(outgoing)
@@ -420,11 +501,12 @@ class Dispatcher:
             latency_s=(accepted_at - record.received_at).total_seconds(),
         )
 
-    async def _campaign_stopped(
+    async def _unless_campaign_stopped(
         self, record: SendRecord, campaign: CampaignSend | None, render_s: float = 0.0
-    ) -> Attempt | None:
+    ) -> None:
+        """Stops the send when its campaign says so: held (paused) or settled (cancelled, ended)."""
         if campaign is None:
-            return None
+            return
         if campaign.hold_until is not None:
             await self._ledger.update_send(
                 record.id,
@@ -433,12 +515,11 @@ class Dispatcher:
                 reason="held: the broadcast is paused",
                 due_at=campaign.hold_until,
             )
-            return Attempt("held", "paused", render_s=render_s)
+            raise _Stopped(Attempt("held", "paused", render_s=render_s))
         if campaign.stop is not None:
             status, reason, reason_class = campaign.stop
             await self._finish(record, status, reason)
-            return Attempt(status.value, reason_class, render_s=render_s)
-        return None
+            raise _Stopped(Attempt(status.value, reason_class, render_s=render_s))
 
     def _refusal(
         self, record: SendRecord, profile: Profile | None, now: datetime

@@ -53,6 +53,7 @@ from sendtime.server.domain.content import ContentContext, ContentPipeline
 from sendtime.server.domain.errors import (
     InvalidInput,
     NotFound,
+    Overloaded,
     PayloadTooLarge,
     SendtimeError,
     Unauthenticated,
@@ -268,7 +269,14 @@ class _DataRoutes:
         template_id = query.get("template", "")
         body: dict[str, Any] = {"user_id": user_id}
         if template_id:
-            rendered = await self.pipeline.email(template_id, identity, context, left)
+            try:
+                rendered = await self.pipeline.email(template_id, identity, context, left)
+            except Overloaded:
+                # a refusal that could only leave after the caller's deadline
+                # (it waited that long for its handler) is a late answer too
+                if came is not None:
+                    self.pipeline.left("email", came + budget)
+                raise
             blocks = rendered.blocks
             email = rendered.email
             body["email"] = {

@@ -136,7 +136,7 @@ CATALOGUE: Final[tuple[MetricInfo, ...]] = (
     MetricInfo(
         "sendtime_content_late_answers_total",
         C,
-        "Content answers (blocks or whole email) handed to the transport after the caller's deadline.",
+        "Content answers (blocks, whole email or refusal) handed to the transport after the caller's deadline.",
         ("call",),
     ),
     MetricInfo(
