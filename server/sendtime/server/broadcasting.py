@@ -258,7 +258,7 @@ class Segments:
 #: dispatcher's check of each send (another replica may pause it).
 _STATE_TTL_S: Final = 0.5
 #: Sends written per step while planning: the loop is free between steps.
-_PLAN_STEP: Final = 5000
+_PLAN_STEP: Final = 1000
 MAX_KEY_CHARS: Final = 100
 
 

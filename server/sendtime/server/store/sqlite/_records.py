@@ -66,7 +66,9 @@ class SqliteProfiles:
         return await self._db.scan(lambda conn: replay(conn, after))
 
     async def scan_profiles(self, after: str, limit: int) -> list[tuple[str, bytes]]:
-        return await self._db.read(_scan_profiles, (after, limit))
+        # a connection of its own: a page is a long read, and the shared
+        # reader serves the profile loads of content calls meanwhile
+        return await self._db.scan(lambda conn: _scan_profiles(conn, (after, limit)))
 
 
 def _scan_profiles(conn: sqlite3.Connection, arg: tuple[str, int]) -> list[tuple[str, bytes]]:
