@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import grpc.aio
+import pytest
 
 from sendtime.v1 import broadcast_service_pb2 as B
 from sendtime.v1 import broadcast_service_pb2_grpc, event_pb2, event_service_pb2
@@ -43,6 +44,7 @@ async def broadcast_state(server: ServerProcess, broadcast_id: str) -> B.Broadca
         return answer.broadcast
 
 
+@pytest.mark.slow  # servers run as processes and are killed
 async def test_kill_9_mid_broadcast_loses_and_repeats_nobody(tmp_path: Path) -> None:
     smtp = SmtpServer()
     smtp.start()
