@@ -42,7 +42,7 @@ from sendtime.server.domain.ports import DeliveryLedger, HandOver, LastChecks
 from sendtime.server.domain.profile import Profile
 from sendtime.server.domain.profiles import ProfileBook
 from sendtime.server.domain.provenance import Source
-from sendtime.server.domain.sends import FrequencyCap, QuietHours, SendRecord, SendStatus
+from sendtime.server.domain.sends import FrequencyCap, QuietHours, SendOutcome, SendRecord, SendStatus
 from sendtime.server.domain.unsubscribe import EmailLinks
 from sendtime.server.relay import message as mime
 from sendtime.server.relay.base import (
@@ -63,10 +63,7 @@ _EARLIEST: Final = datetime.min.replace(tzinfo=UTC)
 class Attempt:
     """What one go at a claimed send came to: for metrics and the log line."""
 
-    #: "sent", "failed", "retry" (a transient failure: scheduled again later),
-    #: "uncertain" (the ESP may have taken it: not resent), "skipped",
-    #: "cancelled" or "held" (quiet hours: scheduled again later).
-    outcome: str
+    outcome: SendOutcome
     #: Why, as a class: no_email, opted_out, no_opt_in, suppressed, frequency_cap,
     #: quiet_hours, nothing_to_show, bad_address, exit, not_sending, render_error, refused,
     #: transient, gave_up, internal; "" when sent.
@@ -292,7 +289,7 @@ class Dispatcher:
             raise
         except Exception as error:
             log.exception("send %s failed unexpectedly", record.id)
-            attempt = Attempt("failed", "internal", f"internal error: {error}")
+            attempt = Attempt(SendOutcome.FAILED, "internal", f"internal error: {error}")
             await self._finish(record, SendStatus.FAILED, attempt.detail, expect=SendStatus.SENDING)
         if self._observer is not None:
             self._observer.attempted(record, attempt, self._relay.name, time.perf_counter() - started)
@@ -333,7 +330,7 @@ class Dispatcher:
         email = _text(profile, "email")
         if profile is None or not email:
             await self._finish(record, SendStatus.SKIPPED, "the profile has no email address")
-            raise _Stopped(Attempt("skipped", "no_email"))
+            raise _Stopped(Attempt(SendOutcome.SKIPPED, "no_email"))
         now = self._clock()
         refusal = self._refusal(record, profile, now)
         if refusal is not None:
@@ -347,9 +344,9 @@ class Dispatcher:
                     due_at=hold_until,
                 )
                 self.wake(hold_until)
-                raise _Stopped(Attempt("held", reason_class))
+                raise _Stopped(Attempt(SendOutcome.HELD, reason_class))
             await self._finish(record, status, reason)
-            raise _Stopped(Attempt(status.value, reason_class))
+            raise _Stopped(Attempt(SendOutcome.of(status), reason_class))
         group = record.subscription_group
         unsubscribe_url = self._links.unsubscribe_url(record.profile_key, group, now) if group else ""
         return _Recipient(person.keys if person is not None else (), profile, email, now, unsubscribe_url)
@@ -384,13 +381,15 @@ class Dispatcher:
             detail = f"cannot render {record.template_id}: {error.message}"
             await self._finish(record, SendStatus.FAILED, detail)
             raise _Stopped(
-                Attempt("failed", "render_error", detail, render_s=time.perf_counter() - render_started)
+                Attempt(
+                    SendOutcome.FAILED, "render_error", detail, render_s=time.perf_counter() - render_started
+                )
             ) from None
         missing = [b.name for b in answer.blocks if b.name in plan.required and b.source is Source.FALLBACK]
         if missing:
             await self._finish(record, SendStatus.SKIPPED, f"nothing to show: no {', '.join(missing)}")
             render_s = time.perf_counter() - render_started
-            raise _Stopped(Attempt("skipped", "nothing_to_show", render_s=render_s))
+            raise _Stopped(Attempt(SendOutcome.SKIPPED, "nothing_to_show", render_s=render_s))
         return answer.email
 
     async def _address(
@@ -419,7 +418,7 @@ class Dispatcher:
             )
         except ValueError as error:
             await self._finish(record, SendStatus.SKIPPED, f"cannot address the email: {error}")
-            raise _Stopped(Attempt("skipped", "bad_address", render_s=render_s)) from None
+            raise _Stopped(Attempt(SendOutcome.SKIPPED, "bad_address", render_s=render_s)) from None
 
     async def _hand_over(
         self, record: SendRecord, plan: _Plan, recipient: _Recipient, rendered: RenderedEmail, render_s: float
@@ -456,7 +455,7 @@ class Dispatcher:
                 expect=SendStatus.RELAYING,
                 attempt=(record.attempts, "refused", f"{failure.reason} (after {failure.attempts} tries)"),
             )
-            return Attempt("failed", "refused", failure.reason, failure.attempts, render_s, relay_s)
+            return Attempt(SendOutcome.FAILED, "refused", failure.reason, failure.attempts, render_s, relay_s)
         except UncertainFailure as failure:
             # as if the server had died while "relaying": the ESP may have it
             relay_s = time.perf_counter() - relay_started
@@ -467,12 +466,14 @@ class Dispatcher:
                 expect=SendStatus.RELAYING,
                 attempt=(record.attempts, "uncertain", failure.reason),
             )
-            return Attempt("uncertain", "no_answer", failure.reason, failure.attempts, render_s, relay_s)
+            return Attempt(
+                SendOutcome.UNCERTAIN, "no_answer", failure.reason, failure.attempts, render_s, relay_s
+            )
         except TransientFailure as failure:
             relay_s = time.perf_counter() - relay_started
             gave_up = await self._retry_later(record, failure)
             return Attempt(
-                "failed" if gave_up else "retry",
+                SendOutcome.FAILED if gave_up else SendOutcome.RETRY,
                 "gave_up" if gave_up else "transient",
                 failure.reason,
                 failure.attempts,
@@ -494,7 +495,7 @@ class Dispatcher:
             ),
         )
         return Attempt(
-            "sent",
+            SendOutcome.SENT,
             relay_tries=accepted.attempts,
             render_s=render_s,
             relay_s=relay_s,
@@ -515,11 +516,11 @@ class Dispatcher:
                 reason="held: the broadcast is paused",
                 due_at=campaign.hold_until,
             )
-            raise _Stopped(Attempt("held", "paused", render_s=render_s))
+            raise _Stopped(Attempt(SendOutcome.HELD, "paused", render_s=render_s))
         if campaign.stop is not None:
             status, reason, reason_class = campaign.stop
             await self._finish(record, status, reason)
-            raise _Stopped(Attempt(status.value, reason_class, render_s=render_s))
+            raise _Stopped(Attempt(SendOutcome.of(status), reason_class, render_s=render_s))
 
     def _refusal(
         self, record: SendRecord, profile: Profile | None, now: datetime
@@ -588,24 +589,24 @@ class Dispatcher:
     async def _refused_at_handover(self, record: SendRecord, handover: HandOver, render_s: float) -> Attempt:
         if handover.exit_event is not None:
             await self._finish(record, SendStatus.CANCELLED, f"exit: {handover.exit_event}")
-            return Attempt("cancelled", "exit", render_s=render_s)
+            return Attempt(SendOutcome.CANCELLED, "exit", render_s=render_s)
         if handover.duplicate:
             # the person had this email under another of their ids
             await self._finish(record, SendStatus.SKIPPED, "duplicate")
-            return Attempt("skipped", "duplicate", render_s=render_s)
+            return Attempt(SendOutcome.SKIPPED, "duplicate", render_s=render_s)
         if handover.suppressed:
             await self._finish(record, SendStatus.SKIPPED, f"suppressed for {record.subscription_group}")
-            return Attempt("skipped", "suppressed", render_s=render_s)
+            return Attempt(SendOutcome.SKIPPED, "suppressed", render_s=render_s)
         cap = self._policy.frequency_cap
         if handover.capped and cap is not None:
             await self._finish(
                 record, SendStatus.SKIPPED, f"frequency cap: {handover.sent} sends in the last {cap.period}"
             )
-            return Attempt("skipped", "frequency_cap", render_s=render_s)
+            return Attempt(SendOutcome.SKIPPED, "frequency_cap", render_s=render_s)
         # No longer "sending": settled elsewhere (nothing in sendtime does that
         # while a send renders). Whatever it is now stands; say so and move on.
         log.warning("send %s was no longer sending at hand-over; left as it is", record.id)
-        return Attempt("skipped", "not_sending", render_s=render_s)
+        return Attempt(SendOutcome.SKIPPED, "not_sending", render_s=render_s)
 
     async def _retry_later(self, record: SendRecord, failure: TransientFailure) -> bool:
         """Schedule the send again later; True when it has had its last round."""

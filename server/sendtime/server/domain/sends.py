@@ -37,6 +37,24 @@ class SendStatus(enum.StrEnum):
     UNCERTAIN = "uncertain"
 
 
+class SendOutcome(enum.StrEnum):
+    """What one go at a claimed send came to (metrics, logs, spans): a final
+    status, or one of the two that schedule the send again later."""
+
+    SENT = "sent"
+    FAILED = "failed"
+    UNCERTAIN = "uncertain"  # the ESP may have taken it: not resent
+    SKIPPED = "skipped"
+    CANCELLED = "cancelled"
+    RETRY = "retry"  # a transient failure: scheduled again later
+    HELD = "held"  # quiet hours or a paused broadcast: scheduled again later
+
+    @classmethod
+    def of(cls, status: SendStatus) -> SendOutcome:
+        """The outcome of a send that ended in this final status."""
+        return cls(status.value)
+
+
 FINAL_STATUSES = frozenset(
     {SendStatus.SENT, SendStatus.FAILED, SendStatus.CANCELLED, SendStatus.SKIPPED, SendStatus.UNCERTAIN}
 )

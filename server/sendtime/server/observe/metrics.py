@@ -30,6 +30,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from sendtime.server.domain.sends import SendOutcome
 from sendtime.server.observe._instruments import Counter, CounterFamily, Histogram, HistogramFamily
 
 if TYPE_CHECKING:
@@ -614,19 +615,19 @@ class SendMetrics:
         metrics = self._metrics
         flow = record.flow_id or "api"
         match attempt.outcome:
-            case "sent":
+            case SendOutcome.SENT:
                 metrics.sends_sent.labels(flow, relay).inc()
                 if attempt.latency_s is not None:
                     metrics.send_latency.labels(flow).observe(attempt.latency_s)
-            case "uncertain":
+            case SendOutcome.UNCERTAIN:
                 metrics.sends_uncertain.labels(flow, relay).inc()
-            case "failed":
+            case SendOutcome.FAILED:
                 metrics.sends_failed.labels(flow, relay, attempt.reason).inc()
-            case "retry":
+            case SendOutcome.RETRY:
                 metrics.sends_retried.labels(flow, relay).inc()
-            case "skipped":
+            case SendOutcome.SKIPPED:
                 metrics.sends_skipped.labels(flow, attempt.reason).inc()
-            case "cancelled":
+            case SendOutcome.CANCELLED:
                 metrics.sends_cancelled.labels(flow).inc()
-            case "held":
+            case SendOutcome.HELD:
                 metrics.sends_held.labels(flow).inc()
