@@ -15,6 +15,7 @@ from sendtime.server.domain.broadcasts import Broadcast, BroadcastState, Progres
 from sendtime.server.domain.errors import InvalidInput
 from sendtime.server.domain.segments import Segment
 from sendtime.server.edge import grpc_decode as decode
+from sendtime.server.edge.grpc_convert import timestamp
 from sendtime.server.edge.grpc_errors import mapped_errors
 from sendtime.v1 import broadcast_service_pb2 as pb
 from sendtime.v1 import broadcast_service_pb2_grpc
@@ -96,14 +97,6 @@ class SegmentService(broadcast_service_pb2_grpc.SegmentServiceServicer):
         )
 
 
-def _stamp(moment: datetime | None) -> Timestamp | None:
-    if moment is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
-
-
 def _moment(message: pb.Broadcast, name: str) -> datetime | None:
     if not message.HasField(name):  # type: ignore[arg-type]
         return None
@@ -124,16 +117,16 @@ def broadcast_message(broadcast: Broadcast, progress: Progress | None = None) ->
         expression=broadcast.expression,
         subscription_group=broadcast.subscription_group,
         sender=broadcast.sender,
-        send_time=_stamp(broadcast.send_at),
+        send_time=timestamp(broadcast.send_at),
         local_time=broadcast.local_time,
         fallback_time_zone=broadcast.fallback_zone,
         rate_limit=broadcast.rate_per_s,
-        end_time=_stamp(broadcast.end_at),
+        end_time=timestamp(broadcast.end_at),
         require_blocks=list(broadcast.require_blocks),
         state=_STATES[broadcast.state],
-        create_time=_stamp(broadcast.created_at),
-        start_time=_stamp(broadcast.started_at),
-        plan_time=_stamp(broadcast.planned_at),
+        create_time=timestamp(broadcast.created_at),
+        start_time=timestamp(broadcast.started_at),
+        plan_time=timestamp(broadcast.planned_at),
         transactional=broadcast.transactional,
     )
     if progress is not None:

@@ -143,7 +143,8 @@ def event_acks(acks: Sequence[Ack]) -> list[event_pb2.EventAck]:
     return [event_ack(ack) for ack in acks]
 
 
-def _timestamp(moment: datetime | None) -> Timestamp | None:
+def timestamp(moment: datetime | None) -> Timestamp | None:
+    """A protobuf Timestamp of ``moment`` (None: the field left unset)."""
     if moment is None:
         return None
     stamp = Timestamp()
@@ -183,7 +184,7 @@ def profile(view: ProfileView, extra_traits_json: bytes) -> profile_service_pb2.
             profile_service_pb2.Cart(
                 cart_id=cart.cart_id,
                 lines=[_line(line) for line in cart.lines],
-                update_time=_timestamp(cart.updated_at),
+                update_time=timestamp(cart.updated_at),
             )
             for cart in view.carts
         ],
@@ -197,7 +198,7 @@ def profile(view: ProfileView, extra_traits_json: bytes) -> profile_service_pb2.
                 url=v.product.url,
                 image_url=v.product.image_url,
                 category=v.product.category,
-                view_time=_timestamp(v.viewed_at),
+                view_time=timestamp(v.viewed_at),
             )
             for v in view.recently_viewed
         ],
@@ -207,14 +208,14 @@ def profile(view: ProfileView, extra_traits_json: bytes) -> profile_service_pb2.
                 total=o.total or 0.0,
                 currency=o.currency,
                 product_ids=o.product_ids,
-                complete_time=_timestamp(o.completed_at),
-                refund_time=_timestamp(o.refunded_at),
+                complete_time=timestamp(o.completed_at),
+                refund_time=timestamp(o.refunded_at),
                 refunded_total=o.refunded_total or 0.0,
             )
             for o in view.orders
         ],
-        first_seen_time=_timestamp(view.first_seen_at),
-        last_activity_time=_timestamp(view.last_activity_at),
+        first_seen_time=timestamp(view.first_seen_at),
+        last_activity_time=timestamp(view.last_activity_at),
         event_count=view.event_count,
         linked_user_ids=view.linked_user_ids,
         linked_anonymous_ids=view.linked_anonymous_ids,
@@ -295,13 +296,13 @@ def delivery(record: SendRecord) -> delivery_service_pb2.Delivery:
         attempts=record.attempts,
         relay=record.relay,
         esp_message_id=record.esp_message_id,
-        trigger_time=_timestamp(record.entry_time),
-        receive_time=_timestamp(record.received_at),
-        due_time=_timestamp(record.due_at),
-        accept_time=_timestamp(record.accepted_at),
+        trigger_time=timestamp(record.entry_time),
+        receive_time=timestamp(record.received_at),
+        due_time=timestamp(record.due_at),
+        accept_time=timestamp(record.accepted_at),
         latency=duration(latency.total_seconds()) if latency is not None else None,
-        create_time=_timestamp(record.created_at),
-        update_time=_timestamp(record.updated_at),
+        create_time=timestamp(record.created_at),
+        update_time=timestamp(record.updated_at),
     )
 
 
