@@ -163,6 +163,9 @@ class MemoryProfileStore:
         self.hold_loads: asyncio.Event | None = None
         #: Set when a load starts (a test waits on it).
         self.loading = asyncio.Event()
+        #: Saves wait for this while it is given and not set; ``saving`` is set when one starts.
+        self.hold_saves: asyncio.Event | None = None
+        self.saving = asyncio.Event()
 
     def saved(self, key: str) -> Profile | None:
         row = self.rows.get(key)
@@ -197,6 +200,9 @@ class MemoryProfileStore:
         self.staged.update(rows)
 
     async def save_profiles(self, rows: Sequence[tuple[str, bytes]], position: int) -> None:
+        self.saving.set()
+        if self.hold_saves is not None:
+            await self.hold_saves.wait()
         if self.fail_saves is not None:
             self.staged.clear()  # the transaction that would have saved them rolled back
             raise self.fail_saves

@@ -122,6 +122,32 @@ async def test_many_dirty_profiles_are_saved_a_slice_at_a_time_all_with_the_posi
     assert {key for keys, _ in store.saves for key in keys} == {f"u:{user}" for user in users}
 
 
+async def test_save_now_returns_only_once_a_save_already_under_way_is_written() -> None:
+    # The flusher took every dirty profile and is writing them; a walk through
+    # the stored profiles (a segment count) that asks to save now must not
+    # start before that write is done, or it misses those profiles.
+    store = MemoryProfileStore()
+    store.hold_saves = asyncio.Event()
+    profiles = book(store)
+    await profiles.start()
+    await profiles.fold([viewed("m1", "ada"), viewed("m2", "grace")], 2)
+    under_way = asyncio.create_task(profiles.save_now())
+    await store.saving.wait()  # the first save holds ada and grace, not written yet
+    stored_when_returned: list[str] = []
+
+    async def walk() -> None:
+        await profiles.save_now()
+        stored_when_returned.extend(sorted(store.rows))
+
+    walking = asyncio.create_task(walk())
+    for _ in range(5):  # the second save_now runs as far as it can
+        await asyncio.sleep(0)
+    store.hold_saves.set()
+    await asyncio.gather(under_way, walking)
+    assert stored_when_returned == ["u:ada", "u:grace"]
+    await profiles.close()
+
+
 async def test_only_saved_profiles_are_evicted() -> None:
     store = MemoryProfileStore()
     profiles = book(store, max_cached=2)
