@@ -12,6 +12,11 @@ appended events (consecutive ones are handed together to the event store's
 ``commit_round``, see _events.py) and any other write (``submit``: consecutive
 ones share one transaction, each in a savepoint of its own).
 
+Checkpoints (copying the WAL's pages into the database file) run in a thread
+of their own, not in the commit that crossed SQLite's threshold: a checkpoint
+of a big write (a broadcast's ledger rows) writes and syncs megabytes, and an
+event's commit queued behind it in the writer thread would wait for that.
+
 The database files hold personal data: they are created readable by their
 owner only (0600); SQLite gives the -wal and -shm files the same mode.
 """
@@ -169,6 +174,12 @@ _LINKS_FROM_EVENTS: Final = (
     " WHERE kind = 'alias' AND user_id != '' AND ref_id != '' AND ref_id != user_id",
 )
 PROFILES_POSITION: Final = "profiles_position"
+#: How often the checkpointer copies what was committed into the database file
+#: (when something was): a few times a second keeps the WAL small.
+CHECKPOINT_EVERY_S: Final = 0.25
+#: WAL frames (pages) past which the writer has SQLite start the WAL over (see
+#: SqliteDatabase._restart_wal).
+_RESTART_WAL_FRAMES: Final = 4000
 FILE_MODE: Final = 0o600
 
 Synchronous = Literal["full", "normal"]
@@ -197,6 +208,7 @@ class _Work:
 
     run: Callable[[sqlite3.Connection], Any]
     done: asyncio.Future[Any]
+    durable: bool = True
 
 
 _STOP: Final = object()
@@ -232,6 +244,14 @@ class SqliteDatabase:
         self.closed = False
         self._writer = threading.Thread(target=self._run_writer, name="sendtime-sqlite-writer", daemon=True)
         self._writer_ready = threading.Event()
+        self._checkpointer = threading.Thread(
+            target=self._run_checkpointer, name="sendtime-sqlite-checkpointer", daemon=True
+        )
+        #: Set by the writer after a commit; the checkpointer's cue.
+        self._committed = threading.Event()
+        self._stop_checkpoints = threading.Event()
+        #: Set by the checkpointer when it copied a large WAL whole (see _restart_wal).
+        self._caught_up = False
         self._writer_error: BaseException | None = None
         self._reader: sqlite3.Connection | None = None
         self._reader_lock = threading.Lock()
@@ -261,12 +281,19 @@ class SqliteDatabase:
             raise Unavailable("the store is closing")
         self._queue.put(item)
 
-    async def submit(self, run: Callable[[sqlite3.Connection], _T]) -> _T:
-        """Run ``run`` in the writer thread, in a transaction; returns once committed."""
+    async def submit(self, run: Callable[[sqlite3.Connection], _T], *, durable: bool = True) -> _T:
+        """Run ``run`` in the writer thread, in a transaction; returns once committed.
+
+        ``durable=False``: committed without waiting for the disk (SQLite's
+        synchronous=NORMAL for that transaction), for writes that the caller
+        can make again and that a later durable write depends on. The WAL is
+        written in order, so the next durable commit (an event's, or that
+        later write) makes this one durable too; a power cut before it loses
+        this one and everything after it, never something before it."""
         if self.closed:
             raise Unavailable("the store is closed")
         done: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
-        self._queue.put(_Work(run, done))
+        self._queue.put(_Work(run, done, durable))
         return await done
 
     async def read(self, work: Callable[[sqlite3.Connection, Any], _T], arg: Any) -> _T:
@@ -297,6 +324,10 @@ class SqliteDatabase:
         self.closed = True
         self._queue.put(_STOP)
         await asyncio.to_thread(self._writer.join)
+        self._stop_checkpoints.set()
+        self._committed.set()
+        if self._checkpointer.is_alive():
+            await asyncio.to_thread(self._checkpointer.join)
         with self._reader_lock:
             if self._reader is not None:
                 self._reader.close()
@@ -328,11 +359,14 @@ class SqliteDatabase:
         if self._writer_error is not None:
             raise self._writer_error
         self._reader = self.connect()
+        self._checkpointer.start()
 
     def _run_writer(self) -> None:
         try:
             conn = self.connect()
             conn.execute("PRAGMA journal_mode = WAL")
+            # the checkpointer thread does it (see the module's docstring)
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
             # FULL: an acked event survives power loss, not only a crash of
             # this process; group commit keeps the fsync cost per round.
             conn.execute(f"PRAGMA synchronous = {self._synchronous.upper()}")
@@ -398,6 +432,8 @@ class SqliteDatabase:
                 appends[0].writer.commit_round(conn, appends)
             if works:
                 self._run_works(conn, works)
+            self._committed.set()
+            self._restart_wal(conn)
             self._maybe_purge(conn)
 
     def _drain(self, first: Append | _Work | object) -> list[Append | _Work | object]:
@@ -411,6 +447,9 @@ class SqliteDatabase:
         """Consecutive writes in one transaction (one fsync), each in a savepoint;
         their callers hear back only after the commit."""
         outcomes: list[tuple[_Work, Any, BaseException | None]] = []
+        lazy = self._synchronous == "full" and not any(work.durable for work in works)
+        if lazy:
+            conn.execute("PRAGMA synchronous = NORMAL")
         try:
             with transaction(conn):
                 for work in works:
@@ -430,11 +469,49 @@ class SqliteDatabase:
             for work in works:
                 self.call_soon(fail, work.done, exc)
             return
+        finally:
+            if lazy:
+                conn.execute(f"PRAGMA synchronous = {self._synchronous.upper()}")
         for work, result, error in outcomes:
             if error is not None:
                 self.call_soon(fail, work.done, error)
             else:
                 self.call_soon(resolve, work.done, result)
+
+    def _restart_wal(self, conn: sqlite3.Connection) -> None:
+        """SQLite starts the WAL over (instead of growing it) when a write
+        begins with every frame copied and no reader on them; beside a writer
+        that never stops, the checkpointer is always a commit or two behind.
+        So once the checkpointer has copied a large WAL whole, the writer
+        copies what was committed since (a few pages), and its next write
+        starts the WAL over."""
+        if not self._caught_up:
+            return
+        self._caught_up = False
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error:
+            log.exception("a checkpoint failed; again later")
+
+    def _run_checkpointer(self) -> None:
+        """Copy committed pages into the database file while the writer goes
+        on (a PASSIVE checkpoint takes no lock a writer or reader waits on);
+        SQLite starts the WAL over once it is all copied and nobody reads it."""
+        conn = self.connect()
+        try:
+            while not self._stop_checkpoints.is_set():
+                self._committed.wait()
+                if self._stop_checkpoints.wait(CHECKPOINT_EVERY_S):
+                    break
+                self._committed.clear()
+                try:
+                    busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    if not busy and frames >= _RESTART_WAL_FRAMES and copied == frames:
+                        self._caught_up = True
+                except sqlite3.Error:
+                    log.exception("a checkpoint failed; again after the next commit")
+        finally:
+            conn.close()
 
     def _maybe_purge(self, conn: sqlite3.Connection) -> None:
         """Forget events older than the dedupe retention, once a minute. Never
