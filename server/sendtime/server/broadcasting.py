@@ -213,16 +213,24 @@ class Segments:
         return scan, users
 
     async def walk(
-        self, expression: str, now: datetime, *, keep: bool, enough: int | None = None
+        self,
+        expression: str,
+        now: datetime,
+        *,
+        keep: bool,
+        enough: int | None = None,
+        background: bool = False,
     ) -> SegmentScan:
         """Evaluate ``expression`` over every stored profile (or until
-        ``enough`` matched), a page at a time, several pages in flight."""
+        ``enough`` matched), a page at a time, several pages in flight; in the
+        ``background`` (a broadcast's planning, nobody waiting for it), one
+        page at a time, leaving the other cores to ingest and sends."""
         async with self._walking:
             # what the book folded but has not saved yet is part of "now"
             await self._book.save_now()
             started = time.perf_counter()
             scan = SegmentScan()
-            window = max(2, 2 * self._evaluator.processes)
+            window = 1 if background else max(2, 2 * self._evaluator.processes)
             pending: set[asyncio.Future[Matches]] = set()
             after = ""
             try:
@@ -577,22 +585,23 @@ class Broadcasts:
         ):
             return  # another replica started it, or it was cancelled
         try:
-            scan = await self._segments.walk(broadcast.expression, now, keep=True)
-            # recipients by their moment: few distinct ones (one per time zone), so
-            # bucketing orders them without sorting the whole audience on the loop
-            buckets: dict[datetime, list[PlannedRecipient]] = {}
-            for r in scan.recipients:
-                base = planning.base_time(r.timezone, now)
-                buckets.setdefault(base, []).append(
-                    PlannedRecipient(r.profile_key, r.user_id, r.anonymous_id, base)
-                )
-            ordered = [r for base in sorted(buckets) for r in buckets[base]]
-            due = paced([r.base for r in ordered], broadcast.rate_per_s)
+            scan = await self._segments.walk(broadcast.expression, now, keep=True, background=True)
+            ordered = await _by_moment(planning, scan.recipients, now)
+            due = paced([base for base, _ in ordered], broadcast.rate_per_s)
             for start in range(0, len(ordered), _PLAN_STEP):
-                step = ordered[start : start + _PLAN_STEP]
+                began = time.perf_counter()
+                step = [
+                    PlannedRecipient(r.profile_key, r.user_id, r.anonymous_id, base)
+                    for base, r in ordered[start : start + _PLAN_STEP]
+                ]
                 await self._store.add_recipients(
                     ledger_rows(planning, step, due[start : start + _PLAN_STEP], now)
                 )
+                # Background work: as long again idle, so the store's writer
+                # (which commits the events too) and the core it runs on are
+                # free half the time for ingest and sends.
+                if start + _PLAN_STEP < len(ordered):
+                    await asyncio.sleep(time.perf_counter() - began)
         except Exception:
             log.exception("planning broadcast %s failed; it is planned again at the next look", broadcast.id)
             await asyncio.sleep(self._poll_s)
@@ -618,3 +627,22 @@ class Broadcasts:
             scan.scanned,
             scan.elapsed_s,
         )
+
+
+async def _by_moment(
+    broadcast: Broadcast, recipients: Sequence[Recipient], now: datetime
+) -> list[tuple[datetime, Recipient]]:
+    """The recipients in order of their moment (each with it). Few distinct
+    moments (one per time zone), so grouping orders them without sorting the
+    audience, and the moment is worked out once per zone; a slice at a time,
+    with the loop free between slices."""
+    moments: dict[str, datetime] = {}
+    buckets: dict[datetime, list[tuple[datetime, Recipient]]] = {}
+    for start in range(0, len(recipients), _PLAN_STEP):
+        for r in recipients[start : start + _PLAN_STEP]:
+            base = moments.get(r.timezone)
+            if base is None:
+                base = moments[r.timezone] = broadcast.base_time(r.timezone, now)
+            buckets.setdefault(base, []).append((base, r))
+        await asyncio.sleep(0)
+    return [item for base in sorted(buckets) for item in buckets[base]]
