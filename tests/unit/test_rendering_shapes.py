@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from sendtime.server.rendering import TemplateStore
+from sendtime.server.rendering._liquid import MARK_CLOSE, MARK_OPEN, Marked
 from sendtime.server.rendering._template import MAX_SHAPES
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
@@ -158,3 +159,14 @@ def test_a_template_whose_text_could_pass_for_a_mark_renders_whole(tmp_path: Pat
     assert template._shapes is None
     data = context(random.Random(1))
     assert template.render(data) == template.render_whole(data)
+
+
+def test_marked_text_is_filled_by_mark_number_wherever_marks_repeat() -> None:
+    marked = Marked(
+        f"<title>{MARK_OPEN}1{MARK_CLOSE}</title><p>{MARK_OPEN}0{MARK_CLOSE} and {MARK_OPEN}1{MARK_CLOSE}</p>"
+    )
+    assert marked.has_marks
+    assert marked.fill(["a", "b"]) == "<title>b</title><p>a and b</p>"
+    plain = Marked("<p>no values</p>")
+    assert not plain.has_marks
+    assert plain.fill([]) == "<p>no values</p>"

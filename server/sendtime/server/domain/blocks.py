@@ -55,7 +55,13 @@ def absolute_url(url: str, base_url: str) -> str:
     return url
 
 
-def product_data(product: Product, base_url: str = "") -> dict[str, Any]:
+def product_data(product: Product, base_url: str, catalog: Catalog) -> dict[str, Any]:
+    """How blocks show a product: made once per product version and base URL,
+    and shared by every block that shows it (never changed after)."""
+    return catalog.derived(product, base_url, _product_data)
+
+
+def _product_data(product: Product, base_url: str) -> dict[str, Any]:
     return {
         "id": product.id,
         "name": product.name,
@@ -68,9 +74,9 @@ def product_data(product: Product, base_url: str = "") -> dict[str, Any]:
     }
 
 
-def _line_product(line: Line, live: Product | None, base_url: str) -> dict[str, Any]:
+def _line_product(line: Line, live: Product | None, base_url: str, catalog: Catalog) -> dict[str, Any]:
     if live is not None:
-        return product_data(live, base_url)
+        return product_data(live, base_url, catalog)
     return {
         "id": line.product_id,
         "name": line.name,
@@ -108,7 +114,7 @@ def cart(
     currency = ""
     for line in chosen.lines:
         live = catalog.get(line.product_id)
-        product = _line_product(line, live, base_url)
+        product = _line_product(line, live, base_url, catalog)
         unit_price = product["price"]
         in_stock = bool(product["in_stock"])
         if not in_stock and drop_out_of_stock:
@@ -177,7 +183,9 @@ def recommendations(
     picked = recommender.recommend(
         seeds=[*cart_ids, *viewed, *bought], exclude=avoided, size=size, available=available
     )
-    products = [product_data(p, base_url) for p in map(catalog.get, picked.product_ids) if p is not None]
+    products = [
+        product_data(p, base_url, catalog) for p in map(catalog.get, picked.product_ids) if p is not None
+    ]
     if len(products) < size:
         # Learned popularity ran out: top up from the catalog, in its order.
         chosen = {p["id"] for p in products}
@@ -185,7 +193,7 @@ def recommendations(
             if len(products) >= size:
                 break
             if product.in_stock and product.id not in chosen and product.id not in avoided:
-                products.append(product_data(product, base_url))
+                products.append(product_data(product, base_url, catalog))
     if len(products) < size and shown_beside:
         # Too few others: a product shown beside beats an empty place.
         chosen = {p["id"] for p in products}
@@ -199,7 +207,7 @@ def recommendations(
                 and beside.id not in chosen
                 and beside.id not in excluded
             ):
-                products.append(product_data(beside, base_url))
+                products.append(product_data(beside, base_url, catalog))
     if not products:
         return None
     return {"products": products, "strategy": picked.strategy}
@@ -208,7 +216,7 @@ def recommendations(
 def recently_viewed(profile: ProfileView, catalog: Catalog, *, size: int, base_url: str = "") -> Any:
     products = []
     for seen in profile.recently_viewed[:size]:
-        product = _line_product(seen.product, catalog.get(seen.product.product_id), base_url)
+        product = _line_product(seen.product, catalog.get(seen.product.product_id), base_url, catalog)
         products.append({**product, "viewed_at": seen.viewed_at.isoformat()})
     return {"products": products} if products else None
 
@@ -218,7 +226,9 @@ def last_order(profile: ProfileView, catalog: Catalog, *, base_url: str = "") ->
     if not completed:
         return None
     order = completed[0]  # newest first
-    products = [product_data(p, base_url) for p in map(catalog.get, order.product_ids) if p is not None]
+    products = [
+        product_data(p, base_url, catalog) for p in map(catalog.get, order.product_ids) if p is not None
+    ]
     return {
         "order_id": order.order_id,
         "total": order.total,

@@ -11,7 +11,7 @@ import csv
 import io
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, TypeVar
 
 import msgspec
 
@@ -19,6 +19,10 @@ from sendtime.server.domain.errors import FieldViolation, InvalidInput
 
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 MAX_PRODUCTS_PER_UPDATE: Final = 10_000
+#: Values derived from products kept (Catalog.derived): a catalog of this many
+#: products, each shown one way, fits.
+MAX_DERIVED: Final = 200_000
+T = TypeVar("T")
 
 
 class Product(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -83,8 +87,26 @@ class Catalog:
 
     def __init__(self, products: Iterable[Product] = ()) -> None:
         self._products: dict[str, Product] = {}
+        #: (product id, variant) -> (the product it was made from, what was made)
+        self._derived: dict[tuple[str, str], tuple[Product, Any]] = {}
         self.version = 0
         self.upsert(products)
+
+    def derived(self, product: Product, variant: str, make: Callable[[Product, str], T]) -> T:
+        """``make(product, variant)``, made once per version of the product:
+        blocks show the same products to user after user. What is returned is
+        shared by every caller and must not be changed. An upsert replaces the
+        product object, and a value made from another object is made anew."""
+        key = (product.id, variant)
+        found = self._derived.get(key)
+        if found is not None and found[0] is product:
+            made: T = found[1]
+            return made
+        made = make(product, variant)
+        if len(self._derived) >= MAX_DERIVED:
+            self._derived.clear()  # many variants (public addresses): start over, bounded
+        self._derived[key] = (product, made)
+        return made
 
     def upsert(self, products: Iterable[Product]) -> int:
         count = 0

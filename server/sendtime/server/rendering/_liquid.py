@@ -14,7 +14,8 @@ What templates cannot do, by construction:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import ClassVar, Final, TextIO, cast
@@ -73,6 +74,31 @@ MARKS = "\x00marks"
 #: a value or template holding MARK_OPEN is never rendered by shape (see _template).
 MARK_OPEN = "~m~"
 MARK_CLOSE = "~"
+MARK_PATTERN: Final = re.compile(f"{re.escape(MARK_OPEN)}(\\d+){re.escape(MARK_CLOSE)}")
+
+
+class Marked:
+    """A text with marks (compiled HTML, a text reading), cut at them once so
+    that putting one user's values in is a join, not a search of the text."""
+
+    __slots__ = ("_indexes", "_pieces")
+
+    def __init__(self, text: str) -> None:
+        # re.split with a group: [text, mark number, text, mark number, ..., text]
+        self._pieces = MARK_PATTERN.split(text)
+        self._indexes = [int(n) for n in self._pieces[1::2]]
+
+    @property
+    def has_marks(self) -> bool:
+        return bool(self._indexes)
+
+    def fill(self, values: Sequence[str]) -> str:
+        """The text with each mark replaced by its value (``values[n]`` for mark n)."""
+        if not self._indexes:
+            return self._pieces[0]
+        pieces = self._pieces.copy()
+        pieces[1::2] = [values[n] for n in self._indexes]
+        return "".join(pieces)
 
 
 class _MarkingOutputNode(OutputNode):

@@ -20,6 +20,7 @@ import unicodedata
 from collections import OrderedDict
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Final, cast
 
@@ -30,9 +31,9 @@ from liquid.exceptions import LiquidError
 from liquid.span import Span
 
 from ._errors import TemplateError
-from ._liquid import ALLOWED_GLOBALS, MARK_CLOSE, MARK_OPEN, MARKS, RESERVED_NAMES, make_environment
+from ._liquid import ALLOWED_GLOBALS, MARK_OPEN, MARK_PATTERN, MARKS, RESERVED_NAMES, Marked, make_environment
 from ._spec import BlockSpec, SourceParts, TemplateSpec, TextOptions, split_source
-from ._text import html_to_text, shape_flow, text_from_flow
+from ._text import FlowShape, html_to_text, shape_flow
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,6 @@ _HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff\ufffe
 _XML_INVALID = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]+")
 _SPACES = re.compile(r" {2,}")
 _MJML_POSITION = re.compile(r"position (\d+):(\d+)")
-_MARK = re.compile(f"{MARK_OPEN}(\\d+){MARK_CLOSE}")
 #: A value that takes the whole-markup path: ASCII controls, a mark's opening,
 #: and whitespace other than single inner spaces, which markup may fold...
 _NOT_PLAIN_ASCII = re.compile(f"[\\x00-\\x1f\\x7f]|  |^ | $|{re.escape(MARK_OPEN)}")
@@ -64,6 +64,9 @@ _ESCAPED_BY_MJML: Final = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "
 #: with every data value replaced by a mark, so it varies only with the
 #: template's branches and loop counts (cart lines, price drops, offers...).
 MAX_SHAPES: Final = 512
+#: Values known to be plain or not: the catalog's names, prices and URLs come
+#: back in email after email (each check is a regex search and a scan).
+PLAIN_VALUES_KEPT: Final = 16_384
 
 
 class RenderedEmail(msgspec.Struct, frozen=True, kw_only=True):
@@ -127,7 +130,7 @@ class Template:
         #: and its text reading (None: read each email's HTML), or None when
         #: the shape was found not to compile value for value. None for a
         #: template whose own text holds a mark's opening.
-        self._shapes: OrderedDict[str, tuple[str, str | None] | None] | None = OrderedDict()
+        self._shapes: OrderedDict[str, tuple[Marked, FlowShape | None] | None] | None = OrderedDict()
 
     def __repr__(self) -> str:
         return f"Template(id={self.id!r}, version={self.version!r}, path={str(self.path)!r})"
@@ -201,32 +204,33 @@ class Template:
         shapes.move_to_end(marked)
         if shape is None:
             return _whole(compile_mjml(_unmark(marked, values)), options)
-        compiled, flow = cast("tuple[str, str | None]", shape)
-        html = _unmark(compiled, values)
+        compiled, flow = cast("tuple[Marked, FlowShape | None]", shape)
+        html = compiled.fill(values)
         decoded = _decoded(values) if flow is not None else None
         if flow is None or decoded is None:
             return html, html_to_text(html, options)
-        return html, text_from_flow(_unmark(flow, decoded), options)
+        return html, flow.text(decoded)
 
     def _new_shape(
         self, marked: str, values: list[str], html: str, text: str
-    ) -> tuple[str, str | None] | None:
+    ) -> tuple[Marked, FlowShape | None] | None:
         """A shape's compiled HTML and text reading, each kept only if it gives
         this email's ``html`` and ``text`` exactly."""
         try:
             compiled = compile_mjml(marked)
         except ValueError:
-            compiled = None
-        if compiled is None or _unmark(compiled, values) != html:
+            compiled = ""  # MJML refused the marks: the whole path's HTML differs
+        shape_html = Marked(compiled)
+        if not compiled or shape_html.fill(values) != html:
             log.info("template %s: a markup shape compiles differently with its values; not reused", self.id)
             return None
-        flow = None if _MARK_IN_STYLE.search(compiled) else shape_flow(compiled, self.spec.text)
+        options = self.spec.text
+        reading = None if _MARK_IN_STYLE.search(compiled) else shape_flow(compiled, options)
+        flow = FlowShape.of(reading, options) if reading is not None else None
         decoded = _decoded(values)
-        if flow is not None and (
-            decoded is None or text_from_flow(_unmark(flow, decoded), self.spec.text) != text
-        ):
+        if flow is not None and (decoded is None or flow.text(decoded) != text):
             flow = None
-        return compiled, flow
+        return shape_html, flow
 
     def render_whole(self, context: Mapping[str, Any]) -> RenderedEmail:
         """Render as every template was rendered before shapes: Liquid, then
@@ -318,6 +322,7 @@ def _decoded(values: list[str]) -> list[str] | None:
     return decoded
 
 
+@lru_cache(maxsize=PLAIN_VALUES_KEPT)
 def _plain(value: str) -> bool:
     """True if MJML copies ``value`` as it is wherever it stands."""
     if _NOT_PLAIN_ASCII.search(value):
@@ -328,7 +333,7 @@ def _plain(value: str) -> bool:
 def _unmark(marked: str, values: list[str]) -> str:
     if not values:
         return marked
-    return _MARK.sub(lambda mark: values[int(mark.group(1))], marked)
+    return MARK_PATTERN.sub(lambda mark: values[int(mark.group(1))], marked)
 
 
 def compile_mjml(markup: str) -> str:

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Sequence
 from typing import Final, cast
 
 from lxml import etree
 
+from ._liquid import Marked
 from ._spec import TextOptions
 
 _LINE: Final = "\ue000"  # private-use code points: cannot come from the HTML's text
@@ -190,9 +192,48 @@ def shape_flow(html: str, options: TextOptions) -> str | None:
     )
 
 
-def text_from_flow(flow: str, options: TextOptions) -> str:
-    """The text part from a shape's flow with the user's values put in."""
-    return _layout(_DIRECTIVES.sub(_directive, flow), options.wrap)
+class FlowShape:
+    """A shape's flow ready for its users: every paragraph without a value laid
+    out once, the others cut at their marks. Per user only the paragraphs that
+    hold values are filled in and laid out: the same text as the directives
+    and the layout over the whole filled flow, since the layout takes each
+    paragraph on its own and no directive spans two (``of`` checks)."""
+
+    __slots__ = ("_paragraphs", "_width")
+
+    def __init__(self, paragraphs: list[str | Marked], width: int) -> None:
+        self._paragraphs = paragraphs
+        self._width = width
+
+    @classmethod
+    def of(cls, flow: str, options: TextOptions) -> FlowShape | None:
+        """None when a directive spans paragraphs (the whole HTML is read then)."""
+        if any(_PARA in found.group(0) for found in _DIRECTIVES.finditer(flow)):
+            return None
+        paragraphs: list[str | Marked] = []
+        for paragraph in flow.split(_PARA):
+            marked = Marked(paragraph)
+            if marked.has_marks:
+                paragraphs.append(marked)
+            else:
+                laid_out = _paragraph(_DIRECTIVES.sub(_directive, paragraph), options.wrap)
+                if laid_out:
+                    paragraphs.append(laid_out)
+        return cls(paragraphs, options.wrap)
+
+    def text(self, values: Sequence[str]) -> str:
+        """The text part with ``values`` (decoded as an HTML parser reads them) in."""
+        laid_out = []
+        for paragraph in self._paragraphs:
+            if type(paragraph) is str:
+                laid_out.append(paragraph)
+                continue
+            filled = _paragraph(
+                _DIRECTIVES.sub(_directive, cast("Marked", paragraph).fill(values)), self._width
+            )
+            if filled:
+                laid_out.append(filled)
+        return "\n\n".join(laid_out) + "\n" if laid_out else ""
 
 
 def _normalize_space(value: str) -> str:
@@ -219,18 +260,20 @@ def _directive(match: re.Match[str]) -> str:
 
 
 def _layout(flow: str, width: int) -> str:
-    paragraphs = []
-    for block in flow.split(_PARA):
-        if not block or block.isspace():
-            continue
-        lines = []
-        for raw in block.split(_LINE):
-            line = " ".join(raw.split())
-            if line:
-                lines.append(_wrap(line, width))
-        if lines:
-            paragraphs.append("\n".join(lines))
+    paragraphs = [laid_out for block in flow.split(_PARA) if (laid_out := _paragraph(block, width))]
     return "\n\n".join(paragraphs) + "\n" if paragraphs else ""
+
+
+def _paragraph(block: str, width: int) -> str:
+    """One paragraph of the flow laid out: "" when it shows nothing."""
+    if not block or block.isspace():
+        return ""
+    lines = []
+    for raw in block.split(_LINE):
+        line = " ".join(raw.split())
+        if line:
+            lines.append(_wrap(line, width))
+    return "\n".join(lines)
 
 
 def _wrap(line: str, width: int) -> str:
