@@ -1,8 +1,10 @@
 """What only the SQLite backend has: its files (personal data, owner-only),
-and the few statement sizes its connections prepare."""
+checkpoints beside the writer, and the few statement sizes its connections
+prepare."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import sqlite3
@@ -39,6 +41,23 @@ async def test_database_files_are_readable_by_their_owner_only(tmp_path: Path) -
         assert stat.S_IMODE(path.stat().st_mode) == FILE_MODE
     finally:
         os.umask(old_umask)
+
+
+async def test_committed_pages_reach_the_database_file_while_it_runs(tmp_path: Path) -> None:
+    # The writer thread does not checkpoint (an event's commit would wait behind
+    # it): a thread of its own copies the WAL into the database file after commits.
+    path = tmp_path / "sendtime.sqlite3"
+    storage = await SqliteBackend.open(path)
+    try:
+        before = path.stat().st_size
+        await storage.profiles.save_profiles([(f"u:user{n}", os.urandom(2000)) for n in range(1000)], 1)
+        for _ in range(200):  # a fraction of a second after the commit: waited for, not timed
+            if path.stat().st_size >= before + 2_000_000:
+                break
+            await asyncio.sleep(0.05)
+        assert path.stat().st_size >= before + 2_000_000
+    finally:
+        await storage.close()
 
 
 class _Recording(sqlite3.Connection):

@@ -60,6 +60,20 @@ from sendtime.server.domain.sends import SendRecord, SendStatus
 log = logging.getLogger(__name__)
 
 MAX_SAMPLE: Final = 100
+#: Planning a broadcast is background work: it keeps the store's writer (its
+#: ledger rows) and the page reader (its segment walk) busy at most this share
+#: of the time, resting three times as long as each step took. Ingest commits
+#: go through the same writer, and the steps' CPU work shares the cores with
+#: ingest; 100,000 recipients are planned in 25-35 s on this machine kind,
+#: well ahead of the sends that begin with the first rows (400-450 a second).
+PLAN_SHARE: Final = 0.25
+
+
+async def rest_after(began: float) -> None:
+    """Wait so that the step that began at ``began`` (perf_counter) took
+    PLAN_SHARE of the time up to the next one."""
+    busy = time.perf_counter() - began
+    await asyncio.sleep(busy * (1 - PLAN_SHARE) / PLAN_SHARE)
 
 
 class SegmentEvaluator:
@@ -224,7 +238,7 @@ class Segments:
         """Evaluate ``expression`` over every stored profile (or until
         ``enough`` matched), a page at a time, several pages in flight; in the
         ``background`` (a broadcast's planning, nobody waiting for it), one
-        page at a time, leaving the other cores to ingest and sends."""
+        page at a time and resting between pages (PLAN_SHARE)."""
         async with self._walking:
             # what the book folded but has not saved yet is part of "now"
             await self._book.save_now()
@@ -235,6 +249,7 @@ class Segments:
             after = ""
             try:
                 while True:
+                    began = time.perf_counter()
                     rows = await self._profiles.scan_profiles(after, self._batch)
                     if rows:
                         after = rows[-1][0]
@@ -250,6 +265,8 @@ class Segments:
                             scan.add(finished.result())
                     if not rows or (enough is not None and scan.matched >= enough):
                         break
+                    if background:
+                        await rest_after(began)
             finally:
                 for future in pending:
                     future.cancel()
@@ -265,8 +282,9 @@ class Segments:
 #: How long a broadcast's state read from the store is trusted by the
 #: dispatcher's check of each send (another replica may pause it).
 _STATE_TTL_S: Final = 0.5
-#: Sends written per step while planning: the loop is free between steps.
-_PLAN_STEP: Final = 1000
+#: Sends made and written per step while planning: the loop is free between
+#: steps (making 1,000 holds it about 2 ms).
+_PLAN_STEP: Final = 256
 MAX_KEY_CHARS: Final = 100
 
 
@@ -597,11 +615,8 @@ class Broadcasts:
                 await self._store.add_recipients(
                     ledger_rows(planning, step, due[start : start + _PLAN_STEP], now)
                 )
-                # Background work: as long again idle, so the store's writer
-                # (which commits the events too) and the core it runs on are
-                # free half the time for ingest and sends.
                 if start + _PLAN_STEP < len(ordered):
-                    await asyncio.sleep(time.perf_counter() - began)
+                    await rest_after(began)
         except Exception:
             log.exception("planning broadcast %s failed; it is planned again at the next look", broadcast.id)
             await asyncio.sleep(self._poll_s)

@@ -21,8 +21,8 @@ _decode_segment = msgspec.json.Decoder(Segment).decode
 _decode_broadcast = msgspec.json.Decoder(Broadcast).decode
 #: Sends per transaction when writing a broadcast's rows: the writer thread
 #: also commits the events, and an ingest call waits behind the transaction
-#: in progress. 250 rows hold it about 3 ms on a 100,000-profile database
-#: (1,000: 9 ms, and 20-50 ms while a segment walk reads beside it).
+#: in progress. In the broadcast benchmark's server (100,000 profiles, ingest
+#: beside it) 250 rows held it about 8 ms and 1,000 rows 20-50 ms.
 _ROWS_PER_WRITE = 64
 
 
@@ -109,10 +109,7 @@ class SqliteBroadcasts:
                 counts, _ = self._plans.apply(conn, batch, [], memo=False)
                 return counts
 
-            # not waiting for the disk: a broadcast whose rows a power cut lost
-            # is still planning (its next state is a durable write after
-            # them), and planning it again writes only the missing rows
-            counts = await self._db.submit(add, durable=False)
+            counts = await self._db.submit(add)
             self._plans.count([counts])
             added += sum(counts[0].values())
         return added

@@ -177,9 +177,9 @@ PROFILES_POSITION: Final = "profiles_position"
 #: How often the checkpointer copies what was committed into the database file
 #: (when something was): a few times a second keeps the WAL small.
 CHECKPOINT_EVERY_S: Final = 0.25
-#: WAL frames (pages) past which the writer has SQLite start the WAL over (see
-#: SqliteDatabase._restart_wal).
-_RESTART_WAL_FRAMES: Final = 4000
+#: WAL frames (pages, 64 MiB) past which the checkpointer has SQLite start the
+#: WAL over (see SqliteDatabase._run_checkpointer).
+_RESTART_WAL_FRAMES: Final = 16384
 FILE_MODE: Final = 0o600
 
 Synchronous = Literal["full", "normal"]
@@ -208,7 +208,6 @@ class _Work:
 
     run: Callable[[sqlite3.Connection], Any]
     done: asyncio.Future[Any]
-    durable: bool = True
 
 
 _STOP: Final = object()
@@ -250,8 +249,6 @@ class SqliteDatabase:
         #: Set by the writer after a commit; the checkpointer's cue.
         self._committed = threading.Event()
         self._stop_checkpoints = threading.Event()
-        #: Set by the checkpointer when it copied a large WAL whole (see _restart_wal).
-        self._caught_up = False
         self._writer_error: BaseException | None = None
         self._reader: sqlite3.Connection | None = None
         self._reader_lock = threading.Lock()
@@ -281,19 +278,12 @@ class SqliteDatabase:
             raise Unavailable("the store is closing")
         self._queue.put(item)
 
-    async def submit(self, run: Callable[[sqlite3.Connection], _T], *, durable: bool = True) -> _T:
-        """Run ``run`` in the writer thread, in a transaction; returns once committed.
-
-        ``durable=False``: committed without waiting for the disk (SQLite's
-        synchronous=NORMAL for that transaction), for writes that the caller
-        can make again and that a later durable write depends on. The WAL is
-        written in order, so the next durable commit (an event's, or that
-        later write) makes this one durable too; a power cut before it loses
-        this one and everything after it, never something before it."""
+    async def submit(self, run: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``run`` in the writer thread, in a transaction; returns once committed."""
         if self.closed:
             raise Unavailable("the store is closed")
         done: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
-        self._queue.put(_Work(run, done, durable))
+        self._queue.put(_Work(run, done))
         return await done
 
     async def read(self, work: Callable[[sqlite3.Connection, Any], _T], arg: Any) -> _T:
@@ -433,7 +423,6 @@ class SqliteDatabase:
             if works:
                 self._run_works(conn, works)
             self._committed.set()
-            self._restart_wal(conn)
             self._maybe_purge(conn)
 
     def _drain(self, first: Append | _Work | object) -> list[Append | _Work | object]:
@@ -447,9 +436,6 @@ class SqliteDatabase:
         """Consecutive writes in one transaction (one fsync), each in a savepoint;
         their callers hear back only after the commit."""
         outcomes: list[tuple[_Work, Any, BaseException | None]] = []
-        lazy = self._synchronous == "full" and not any(work.durable for work in works)
-        if lazy:
-            conn.execute("PRAGMA synchronous = NORMAL")
         try:
             with transaction(conn):
                 for work in works:
@@ -469,34 +455,15 @@ class SqliteDatabase:
             for work in works:
                 self.call_soon(fail, work.done, exc)
             return
-        finally:
-            if lazy:
-                conn.execute(f"PRAGMA synchronous = {self._synchronous.upper()}")
         for work, result, error in outcomes:
             if error is not None:
                 self.call_soon(fail, work.done, error)
             else:
                 self.call_soon(resolve, work.done, result)
 
-    def _restart_wal(self, conn: sqlite3.Connection) -> None:
-        """SQLite starts the WAL over (instead of growing it) when a write
-        begins with every frame copied and no reader on them; beside a writer
-        that never stops, the checkpointer is always a commit or two behind.
-        So once the checkpointer has copied a large WAL whole, the writer
-        copies what was committed since (a few pages), and its next write
-        starts the WAL over."""
-        if not self._caught_up:
-            return
-        self._caught_up = False
-        try:
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        except sqlite3.Error:
-            log.exception("a checkpoint failed; again later")
-
     def _run_checkpointer(self) -> None:
         """Copy committed pages into the database file while the writer goes
-        on (a PASSIVE checkpoint takes no lock a writer or reader waits on);
-        SQLite starts the WAL over once it is all copied and nobody reads it."""
+        on (a PASSIVE checkpoint takes no lock a writer or reader waits on)."""
         conn = self.connect()
         try:
             while not self._stop_checkpoints.is_set():
@@ -507,7 +474,13 @@ class SqliteDatabase:
                 try:
                     busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                     if not busy and frames >= _RESTART_WAL_FRAMES and copied == frames:
-                        self._caught_up = True
+                        # Beside a writer that never stops, the checkpointer is
+                        # always a commit behind, so the WAL is never all copied
+                        # when a write begins, which is when SQLite would start
+                        # it over. RESTART holds the writers back until every
+                        # reader has moved past it (a few milliseconds, once per
+                        # 64 MiB written), and the next write starts it over.
+                        conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
                 except sqlite3.Error:
                     log.exception("a checkpoint failed; again after the next commit")
         finally:
