@@ -15,10 +15,14 @@ from typing import Any
 import msgspec
 import pytest
 
+from sendtime.server.domain.broadcasts import PARKED, PlannedRecipient, plan_sends
 from sendtime.server.domain.flows import FlowPlanner
 from sendtime.server.domain.profile import Profile
+from sendtime.server.domain.sends import SendStatus
 from sendtime.server.store.sqlite import FILE_MODE, SqliteBackend
+from sendtime.server.store.sqlite import _broadcasts as sqlite_broadcasts
 from tests.contract.conftest import ABANDONED_CART, Listener, track
+from tests.contract.test_broadcasts import NOW, broadcast
 
 
 async def test_database_files_are_readable_by_their_owner_only(tmp_path: Path) -> None:
@@ -56,6 +60,30 @@ async def test_committed_pages_reach_the_database_file_while_it_runs(tmp_path: P
                 break
             await asyncio.sleep(0.05)
         assert path.stat().st_size >= before + 2_000_000
+    finally:
+        await storage.close()
+
+
+async def test_pausing_and_cancelling_change_a_broadcasts_rows_a_slice_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # each slice a transaction of its own (an event's commit waits behind one,
+    # not behind a 100,000-row statement): every scheduled row is reached, the
+    # other broadcast's rows are not
+    monkeypatch.setattr(sqlite_broadcasts, "_ROWS_PER_CHANGE", 2)
+    storage = await SqliteBackend.open(tmp_path / "sendtime.sqlite3")
+    try:
+        store = storage.broadcasts
+        sale, other = broadcast("winter-sale"), broadcast("other")
+        for b, users in ((sale, 5), (other, 3)):
+            recipients = [PlannedRecipient(f"u:user{i}", f"user{i}", "", NOW) for i in range(users)]
+            assert await store.add_recipients(plan_sends(b, recipients, NOW)) == users
+        assert await store.park_sends(sale.flow_id, PARKED) == 5
+        assert len(await store.parked_sends(sale.flow_id, PARKED)) == 5
+        assert await store.parked_sends(other.flow_id, PARKED) == []
+        assert await store.settle_remaining(sale.flow_id, SendStatus.CANCELLED, "broadcast cancelled") == 5
+        assert await store.send_counts(sale.flow_id) == {("cancelled", "broadcast cancelled"): 5}
+        assert await store.send_counts(other.flow_id) == {("scheduled", ""): 3}
     finally:
         await storage.close()
 

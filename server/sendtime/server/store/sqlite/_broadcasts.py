@@ -24,6 +24,9 @@ _decode_broadcast = msgspec.json.Decoder(Broadcast).decode
 #: in progress. In the broadcast benchmark's server (100,000 profiles, ingest
 #: beside it) 250 rows held it about 8 ms and 1,000 rows 20-50 ms.
 _ROWS_PER_WRITE = 64
+#: Scheduled rows changed per transaction when a broadcast is paused, cancelled
+#: or ended: one statement over 100,000 rows held the writer 0.25-0.7 s.
+_ROWS_PER_CHANGE = 2000
 
 
 class SqliteBroadcasts:
@@ -116,16 +119,38 @@ class SqliteBroadcasts:
 
     async def park_sends(self, flow_id: str, parked_at: datetime) -> int:
         at, now = micros(parked_at), micros(datetime.now(UTC))
+        return await self._change_scheduled(flow_id, "due_at = ?, updated_at = ?", (at, now))
 
-        def park(conn: sqlite3.Connection) -> int:
-            return int(
-                conn.execute(
-                    "UPDATE sends SET due_at = ?, updated_at = ? WHERE flow_id = ? AND status = 'scheduled'",
-                    (at, now, flow_id),
-                ).rowcount
-            )
+    async def _change_scheduled(self, flow_id: str, assignments: str, values: tuple[object, ...]) -> int:
+        """Set ``assignments`` on every scheduled row of ``flow_id``, in
+        transactions of _ROWS_PER_CHANGE rows in id order (an event's commit
+        waits behind one of them, not behind all); returns how many changed.
+        The broadcast's state was written first, so the dispatcher treats a
+        row not reached yet as the state says."""
+        changed, after = 0, 0
+        while True:
 
-        return await self._db.submit(park)
+            def change(conn: sqlite3.Connection, after: int = after) -> tuple[int, int | None]:
+                (last,) = conn.execute(
+                    "SELECT max(id) FROM (SELECT id FROM sends WHERE flow_id = ? AND id > ?"
+                    " AND status = 'scheduled' ORDER BY id LIMIT ?)",
+                    (flow_id, after, _ROWS_PER_CHANGE),
+                ).fetchone()
+                if last is None:
+                    return 0, None
+                return int(
+                    conn.execute(
+                        f"UPDATE sends SET {assignments} WHERE flow_id = ? AND id > ? AND id <= ?"  # noqa: S608
+                        " AND status = 'scheduled'",
+                        (*values, flow_id, after, last),
+                    ).rowcount
+                ), int(last)
+
+            count, last = await self._db.submit(change)
+            changed += count
+            if last is None:
+                return changed
+            after = last
 
     async def parked_sends(self, flow_id: str, parked_at: datetime) -> list[tuple[int, datetime]]:
         # every parked row of a broadcast: a long read, on a connection of its own
@@ -155,17 +180,9 @@ class SqliteBroadcasts:
 
     async def settle_remaining(self, flow_id: str, status: SendStatus, reason: str) -> int:
         now = micros(datetime.now(UTC))
-
-        def settle(conn: sqlite3.Connection) -> int:
-            return int(
-                conn.execute(
-                    "UPDATE sends SET status = ?, reason = ?, updated_at = ?"
-                    " WHERE flow_id = ? AND status = 'scheduled'",
-                    (status.value, reason, now, flow_id),
-                ).rowcount
-            )
-
-        return await self._db.submit(settle)
+        return await self._change_scheduled(
+            flow_id, "status = ?, reason = ?, updated_at = ?", (status.value, reason, now)
+        )
 
     async def send_counts(self, flow_id: str) -> dict[tuple[str, str], int]:
         # A connection of its own: counting a large broadcast's rows takes tens
