@@ -26,7 +26,6 @@ import msgspec
 import pytest
 import trustme
 from aiohttp import BodyPartReader, web
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from sendtime.server.relay import (
@@ -49,6 +48,7 @@ from sendtime.server.relay import (
     UncertainFailure,
     build_relay,
 )
+from tests.integration.smtp_server import ClosingController
 
 UNSUBSCRIBE = {
     "List-Unsubscribe": "<https://shop.example/u/tok123>, <mailto:unsub@shop.example?subject=tok123>",
@@ -152,8 +152,8 @@ def is_tls(server: SMTP) -> bool:
     return server.transport is not None and server.transport.get_extra_info("ssl_object") is not None
 
 
-class LoopbackController(Controller):
-    """aiosmtpd's threaded controller, bound to 127.0.0.1 port 0 (or a given port).
+class LoopbackController(ClosingController):
+    """The closing controller, bound to 127.0.0.1 port 0 (or a given port).
     Given as long as it needs to start: its default (5 s, the TLS handshake of
     its start-up probe included) is a race a busy machine can lose."""
 
