@@ -3,7 +3,7 @@ a zero-delay flow and sendtime's SMTP relay.
 
 Every run uses three processes of its own besides this one, all on loopback:
 
-- an SMTP server (benchmarks.relay_smtp: aiosmtpd under uvloop) that accepts
+- an SMTP server (benchmarks.relay_smtp: a lean SMTP sink under uvloop) that accepts
   every message and writes down its arrival time (time.time()), Message-ID
   and recipient;
 - ``sendtime serve`` (benchmarks.servers.sendtime_server: uvloop, a fresh
