@@ -27,7 +27,11 @@ drives it over gRPC.
    end of its planning (the server's own times).
 4. sent_per_s: a broadcast to the same segment now, at no rate limit: emails
    at the sink over the time from the first to the last (watched twice a
-   second, as in 3). lost: recipients
+   second, as in 3).
+5. Baselines for machines of different speed: the broadcast's first message
+   relayed by aiosmtplib alone (benchmarks.relay_baseline) over --smtp-pool
+   connections to a fresh sink for --baseline-s (``smtp_baseline_emails_per_s``,
+   ``sent_vs_smtp_baseline``), and ``segment_eval_vs_python_baseline``. lost: recipients
    with no email; duplicates: emails beyond one per recipient. The ledger's
    progress (sent, skipped, failed, uncertain) is reported beside.
 """
@@ -49,7 +53,8 @@ from typing import Any, Final
 import grpc.aio
 import msgspec
 
-from benchmarks.harness import machine, progress, report, work_dir
+from benchmarks.harness import machine, progress, ratio, report, work_dir
+from benchmarks.relay import smtp_baseline
 from benchmarks.servers import ServerProcess, sendtime_server
 from sendtime.v1 import broadcast_service_pb2 as B
 from sendtime.v1 import broadcast_service_pb2_grpc, event_pb2, event_service_pb2, event_service_pb2_grpc
@@ -354,6 +359,9 @@ def summary(r: dict[str, Any]) -> str:
             f"  plan: {r.get('plan_s')} s; ingest p99 idle {r.get('ingest_p99_ms_idle')} ms, during planning "
             f"{r.get('ingest_p99_ms_during_plan')} ms (target <= 2x)",
             f"  sent: {r.get('sent_per_s', 0):,}/s (target 400); lost {r.get('lost')}, duplicates {r.get('duplicates')}",
+            f"  the same message relayed by aiosmtplib alone: {r.get('smtp_baseline_emails_per_s')}/s"
+            f" (sent / that: {r.get('sent_vs_smtp_baseline')}); segment eval / plain Python:"
+            f" {r.get('segment_eval_vs_python_baseline')}",
             f"  checks: {json.dumps(r.get('checks'))}",
         ]
     )
@@ -366,6 +374,7 @@ def main() -> int:
     parser.add_argument("--others", type=int, default=10_000, help="profiles not in the segment")
     parser.add_argument("--segment-processes", type=int, default=2)
     parser.add_argument("--smtp-pool", type=int, default=8, help="SMTP connections to the sink")
+    parser.add_argument("--baseline-s", type=float, default=5.0, help="how long the SMTP baseline runs")
     parser.add_argument("--count-runs", type=int, default=3)
     parser.add_argument("--probe-rate", type=float, default=100.0, help="ingest probe calls per second")
     parser.add_argument("--probe-s", type=float, default=5.0)
@@ -397,6 +406,16 @@ def main() -> int:
                 assert server.match is not None
                 target = f"{server.match['grpc']}:{server.match['grpc_port']}"
                 result = asyncio.run(drive(args, target, sink_file, work / "data"))
+        # the same finished message, relayed by aiosmtplib alone over as many
+        # connections to a fresh sink: what this machine's SMTP path takes
+        settings = argparse.Namespace(pool_size=args.smtp_pool, baseline_duration=args.baseline_s)
+        baseline = smtp_baseline(settings, work, work / "first.eml", "smtp-baseline")
+    result["smtp_baseline"] = baseline
+    result["smtp_baseline_emails_per_s"] = baseline["emails_per_s"] if baseline else None
+    result["sent_vs_smtp_baseline"] = ratio(result.get("sent_per_s"), result["smtp_baseline_emails_per_s"])
+    result["segment_eval_vs_python_baseline"] = ratio(
+        result.get("segment_eval_profiles_per_s"), result.get("python_baseline_profiles_per_s")
+    )
     result["segment_processes"] = args.segment_processes
     result["machine"] = machine()
     idle, during = result.get("ingest_p99_ms_idle"), result.get("ingest_p99_ms_during_plan")
