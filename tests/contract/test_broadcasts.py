@@ -4,6 +4,7 @@ user, parked, rescheduled, settled and counted."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import msgspec
@@ -16,6 +17,7 @@ from sendtime.server.domain.broadcasts import (
     SendAtKind,
     broadcast_id,
     plan_sends,
+    planning_held,
 )
 from sendtime.server.domain.profile import Profile
 from sendtime.server.domain.segments import Segment
@@ -128,3 +130,45 @@ async def test_a_broadcasts_sends_are_added_once_parked_rescheduled_and_settled(
     assert sorted(r.id for r in claimed.records) == sorted(send_id for send_id, _ in parked[:3])
     assert await store.settle_remaining(b.flow_id, SendStatus.CANCELLED, "broadcast cancelled") == 3
     assert await store.send_counts(b.flow_id) == {("sending", ""): 3, ("cancelled", "broadcast cancelled"): 3}
+
+
+async def test_changes_to_one_broadcast_at_once_are_each_applied(backend: Backend) -> None:
+    """change_broadcast reads and writes as one step: 30 at once, none lost."""
+    store = backend.storage.broadcasts
+    made, _ = await store.create_broadcast(broadcast())
+
+    def one_more(stored: Broadcast) -> Broadcast:
+        return msgspec.structs.replace(stored, audience=stored.audience + 1)
+
+    await asyncio.gather(*(store.change_broadcast(made.id, one_more) for _ in range(30)))
+    stored = await store.get_broadcast(made.id)
+    assert stored is not None
+    assert stored.audience == 30
+    assert await store.change_broadcast(made.id, lambda _: None) is None
+    assert await store.change_broadcast("bc_none", one_more) is None
+
+
+async def test_one_replica_holds_a_broadcasts_planning_until_its_hold_runs_out(backend: Backend) -> None:
+    store = backend.storage.broadcasts
+    made, _ = await store.create_broadcast(broadcast())
+
+    async def hold_at(holder: str, now: datetime) -> Broadcast | None:
+        return await store.change_broadcast(
+            made.id, lambda stored: planning_held(stored, holder=holder, now=now, hold_s=30)
+        )
+
+    # two replicas at once: one gets it
+    first, second = await asyncio.gather(hold_at("a", NOW), hold_at("b", NOW))
+    assert (first is None) != (second is None)
+    holder = "a" if first is not None else "b"
+    other = "b" if holder == "a" else "a"
+    assert await hold_at(other, NOW + timedelta(seconds=29)) is None
+    renewed = await hold_at(holder, NOW + timedelta(seconds=20))  # renewed: 50 s now
+    assert renewed is not None
+    assert renewed.state is BroadcastState.PLANNING
+    assert await hold_at(other, NOW + timedelta(seconds=45)) is None
+    taken = await hold_at(other, NOW + timedelta(seconds=50))  # its holder stopped renewing
+    assert taken is not None
+    assert taken.planner == other
+    assert taken.started_at == NOW
+    assert await hold_at(holder, NOW + timedelta(seconds=51)) is None  # the old holder lost it

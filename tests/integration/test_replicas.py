@@ -1,7 +1,9 @@
 """Several sendtime processes on one PostgreSQL database: de-duplication across
 replicas, each seeing the others' events, folding one user's concurrent
-events to the serial result, and `serve --workers 3` relaying 500 emails
-exactly once to a real SMTP server with one worker killed -9 mid-dispatch.
+events to the serial result, `serve --workers 3` relaying 500 emails
+exactly once to a real SMTP server with one worker killed -9 mid-dispatch,
+and one replica planning a broadcast, the other taking the planning over
+when it is killed -9.
 Each test works in a schema of its own, dropped after; skipped, saying why,
 when no PostgreSQL answers."""
 
@@ -22,6 +24,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import grpc.aio
 import msgspec
 import pytest
 
@@ -372,3 +375,104 @@ async def test_kill_9_of_a_replica_mid_stream_loses_no_acked_event(dsn: str, tmp
     for message_id in stored:
         per_user[f"u:{user_of(message_id)}"] = per_user.get(f"u:{user_of(message_id)}", 0) + 1
     assert {k: msgspec.msgpack.decode(v, type=Profile).event_count for k, v in docs.items()} == per_user
+
+
+BROADCAST = """
+[delivery]
+public_base_url = "https://mail.example.com"
+frequency_cap_count = 0
+poll_interval_ms = 100
+max_concurrent_sends = 16
+[delivery.relay]
+kind = "smtp"
+host = "127.0.0.1"
+port = {port}
+tls = "off"
+[broadcasts]
+segment_processes = 0
+segment_batch = 100
+progress_interval_s = 0.2
+plan_hold_s = 2
+"""
+
+
+async def test_one_replica_plans_a_broadcast_and_another_takes_over_when_it_dies(
+    dsn: str, tmp_path: Path
+) -> None:
+    from sendtime.v1 import broadcast_service_pb2 as B
+    from sendtime.v1 import broadcast_service_pb2_grpc, event_service_pb2
+    from tests.conftest import DEV_AUTH, event_stub
+
+    smtp = SmtpServer()
+    smtp.start()
+    config = tmp_path / "sendtime.toml"
+    config.write_text(BROADCAST.format(port=smtp.port))
+    replicas = [
+        await start(dsn, tmp_path / name, config=config, storage__claim_lease_s="4") for name in ("a", "b")
+    ]
+    audience = 3000
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with grpc.aio.insecure_channel(replicas[0].target) as channel:
+            for first in range(0, audience, 500):
+                people = [
+                    event_pb2.Event(
+                        message_id=f"who-{n}",
+                        user_id=f"user{n}",
+                        identify=event_pb2.IdentifyPayload(
+                            traits=event_pb2.Traits(email=f"user{n}@example.com")
+                        ),
+                    )
+                    for n in range(first, first + 500)
+                ]
+                await event_stub(channel).IngestEvents(
+                    event_service_pb2.IngestEventsRequest(events=people), metadata=DEV_AUTH
+                )
+            made = await broadcast_service_pb2_grpc.BroadcastServiceStub(channel).CreateBroadcast(
+                B.CreateBroadcastRequest(
+                    broadcast=B.Broadcast(
+                        idempotency_key="held",
+                        template_id="post_purchase",
+                        expression='email.endsWith("@example.com")',
+                        transactional=True,
+                    )
+                ),
+                metadata=DEV_AUTH,
+            )
+
+        async def stored() -> dict[str, Any]:
+            doc = await conn.fetchval("SELECT doc FROM broadcasts WHERE id = $1", made.broadcast.id)
+            decoded: dict[str, Any] = msgspec.json.decode(doc)
+            return decoded
+
+        deadline = time.monotonic() + 60
+        while (now := await stored())["state"] != "planning" or not now["planner"]:
+            assert now["state"] in ("scheduled", "planning"), f"planned before it could be caught: {now}"
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        planner_pid = int(now["planner"].split(":")[1])
+        doomed = next(r for r in replicas if r.process.pid == planner_pid)
+        survivor = next(r for r in replicas if r is not doomed)
+        doomed.kill()
+        await doomed.wait()
+        assert (await stored())["planned_at"] is None, "planning ended before the kill"
+
+        deadline = time.monotonic() + 120
+        while (now := await stored())["state"] != "done":
+            assert time.monotonic() < deadline, now
+            await asyncio.sleep(0.2)
+        statuses = dict(
+            await conn.fetch(
+                "SELECT status, count(*) FROM sends WHERE flow_id = $1 GROUP BY 1", f"broadcast:{now['id']}"
+            )
+        )
+    finally:
+        await conn.close()
+        await asyncio.gather(*(r.stop() for r in replicas))
+        smtp.stop()
+    assert int(now["planner"].split(":")[1]) == survivor.process.pid  # taken over
+    assert now["audience"] == audience
+    recipients = [rcpt for _, rcpts in smtp.inbox.envelopes for rcpt in rcpts]
+    assert len(recipients) == len(set(recipients)), "an email went out twice"
+    assert statuses.get("sent", 0) + statuses.get("uncertain", 0) == audience, statuses
+    assert audience - statuses.get("uncertain", 0) <= len(recipients) <= audience

@@ -278,6 +278,8 @@ class Sendtime:
             clock=self._clock,
             default_sender=settings.delivery.default_sender,
             poll_interval_s=settings.broadcasts.progress_interval_s,
+            # replicas share PostgreSQL; a SQLite file has one server
+            plan_hold_s=settings.broadcasts.plan_hold_s if settings.storage.backend == "postgres" else 0.0,
         )
         return segments, broadcasts
 

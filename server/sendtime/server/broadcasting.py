@@ -16,6 +16,8 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import secrets
+import socket
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -40,6 +42,7 @@ from sendtime.server.domain.broadcasts import (
     broadcast_id,
     ledger_rows,
     paced,
+    planning_held,
     progress,
     replanned,
 )
@@ -326,13 +329,20 @@ class Broadcasts:
         clock: Callable[[], datetime],
         default_sender: str,
         poll_interval_s: float = 1.0,
+        plan_hold_s: float = 0.0,
     ) -> None:
+        """``plan_hold_s``: how long a replica holds a broadcast it plans
+        unless it renews the hold (a third of that apart); 0 for a server
+        alone on its store, which after a restart plans again at once."""
         self._store = store
         self._segments = segments
         self._check_template = templates
         self._clock = clock
         self._default_sender = default_sender
         self._poll_s = poll_interval_s
+        self._plan_hold_s = plan_hold_s
+        #: This server among replicas, as a broadcast's planner.
+        self.replica = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -584,17 +594,20 @@ class Broadcasts:
         again = self._poll_s
         for broadcast in await self._store.list_broadcasts(active_only=True, limit=1000):
             state = broadcast.state
-            if state is BroadcastState.SCHEDULED or (
-                state is BroadcastState.PLANNING and broadcast.id not in self._planning
-            ):
-                start = broadcast.start_at()
-                if start <= now or state is BroadcastState.PLANNING:
-                    if broadcast.id not in self._planning:
-                        task = asyncio.create_task(self._plan(broadcast), name=f"plan-{broadcast.id}")
-                        self._planning[broadcast.id] = task
-                        task.add_done_callback(self._planned)
+            if state in (BroadcastState.SCHEDULED, BroadcastState.PLANNING):
+                if broadcast.id in self._planning:
+                    continue
+                # due to start, or planned by nobody now (its planner's hold ran
+                # out), or this replica's planning that failed: again now
+                begins = (
+                    broadcast.start_at() if state is BroadcastState.SCHEDULED else broadcast.plan_held_until
+                )
+                if begins is None or begins <= now or broadcast.planner == self.replica:
+                    task = asyncio.create_task(self._plan(broadcast), name=f"plan-{broadcast.id}")
+                    self._planning[broadcast.id] = task
+                    task.add_done_callback(self._planned)
                 else:
-                    again = min(again, (start - now).total_seconds())
+                    again = min(again, (begins - now).total_seconds())
             elif state is BroadcastState.SENDING:
                 if broadcast.end_at is not None and now >= broadcast.end_at:
                     await self._store.settle_remaining(
@@ -619,16 +632,52 @@ class Broadcasts:
             if running is task:
                 del self._planning[key]
 
-    async def _plan(self, broadcast: Broadcast) -> None:
-        """Resolve the audience once and write one ledger row per recipient."""
-        now = self._clock()
-        planning = msgspec.structs.replace(
-            broadcast, state=BroadcastState.PLANNING, started_at=broadcast.started_at or now
+    async def _hold(self, broadcast_id_: str) -> Broadcast | None:
+        """This replica's hold on planning the broadcast, taken or renewed (None: another has it)."""
+        return await self._store.change_broadcast(
+            broadcast_id_,
+            lambda stored: planning_held(
+                stored, holder=self.replica, now=self._clock(), hold_s=self._plan_hold_s
+            ),
         )
-        if not await self._store.update_broadcast(
-            planning, expect=[BroadcastState.SCHEDULED, BroadcastState.PLANNING]
-        ):
-            return  # another replica started it, or it was cancelled
+
+    async def _keep_holding(self, broadcast_id_: str) -> None:
+        """Renews the hold a third of its time apart; returns when another
+        replica holds it (this one stalled longer than the hold)."""
+        while True:
+            await asyncio.sleep(self._plan_hold_s / 3)
+            if await self._hold(broadcast_id_) is None:
+                current = await self._store.get_broadcast(broadcast_id_)
+                if current is None or current.planner != self.replica:
+                    return
+                # still this replica's (planned by now): nothing to renew
+
+    async def _plan(self, broadcast: Broadcast) -> None:
+        """Hold the broadcast for planning (one replica plans it), then plan
+        it; stop if the hold is lost (taken over after a stall)."""
+        planning = await self._hold(broadcast.id)
+        if planning is None:
+            return  # another replica plans it, or it was cancelled
+        if self._plan_hold_s <= 0:
+            await self._plan_held(planning)
+            return
+        keeping = asyncio.create_task(self._keep_holding(broadcast.id), name=f"hold-{broadcast.id}")
+        work = asyncio.ensure_future(self._plan_held(planning))
+        try:
+            await asyncio.wait({keeping, work}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (keeping, work):
+                task.cancel()
+            await asyncio.gather(keeping, return_exceptions=True)
+        if not work.done() or work.cancelled():
+            log.warning("broadcast %s: another replica holds its planning now; this one stops", broadcast.id)
+            await asyncio.gather(work, return_exceptions=True)
+            return
+        work.result()
+
+    async def _plan_held(self, planning: Broadcast) -> None:
+        """Resolve the audience once and write one ledger row per recipient."""
+        broadcast, now = planning, self._clock()
         try:
             scan = await self._segments.walk(broadcast.expression, now, keep=True, background=True)
             ordered = await _by_moment(planning, scan.recipients, now)

@@ -340,6 +340,10 @@ class BroadcastSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     segment_batch: Annotated[int, msgspec.Meta(ge=100, le=100_000)] = 5000
     #: How often a running broadcast's progress is read from the ledger.
     progress_interval_s: Seconds = 1.0
+    #: With replicas (PostgreSQL): how long the replica planning a broadcast
+    #: holds it unless it renews the hold (a third of this apart); another
+    #: replica takes the planning over this long after its planner died.
+    plan_hold_s: Annotated[float, msgspec.Meta(ge=1.0, le=3600.0)] = 30.0
 
 
 class QuietHoursSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -107,6 +107,10 @@ class Broadcast(msgspec.Struct, kw_only=True):
     segment_errors: int = 0
     #: Why it was cancelled or could not be planned.
     reason: str = ""
+    #: While it is planned: the replica planning it, and until when that
+    #: replica holds it unless it renews the hold (see ``planning_held``).
+    planner: str = ""
+    plan_held_until: datetime | None = None
 
     @property
     def flow_id(self) -> str:
@@ -286,3 +290,31 @@ def progress(audience: int, counts: Mapping[tuple[str, str], int]) -> Progress:
         elif status == "cancelled":
             result.cancelled += count
     return result
+
+
+def planning_held(broadcast: Broadcast, *, holder: str, now: datetime, hold_s: float) -> Broadcast | None:
+    """``broadcast`` held for planning by ``holder`` until ``hold_s`` from
+    ``now``, or None when it may not be: a scheduled one begins its planning;
+    one being planned is renewed for its holder, and taken over by another
+    replica only once its holder stopped renewing (died). A pause or cancel
+    while it is planned changes its state, not the hold. With replicas, this
+    keeps one planner per broadcast (each would walk every profile and write
+    every row again); one server alone holds for 0 s, so after a restart it
+    plans again at once."""
+    until = now + timedelta(seconds=hold_s)
+    if broadcast.state is BroadcastState.SCHEDULED:
+        return msgspec.structs.replace(
+            broadcast,
+            state=BroadcastState.PLANNING,
+            started_at=broadcast.started_at or now,
+            planner=holder,
+            plan_held_until=until,
+        )
+    planning = broadcast.state is BroadcastState.PLANNING
+    stopped = broadcast.state in (BroadcastState.PAUSED, BroadcastState.CANCELLED)
+    if broadcast.planner == holder and broadcast.planned_at is None and (planning or stopped):
+        return msgspec.structs.replace(broadcast, plan_held_until=until)
+    lapsed = broadcast.plan_held_until is None or broadcast.plan_held_until <= now
+    if planning and lapsed:
+        return msgspec.structs.replace(broadcast, planner=holder, plan_held_until=until)
+    return None

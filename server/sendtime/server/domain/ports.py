@@ -363,6 +363,15 @@ class BroadcastStore(Protocol):
         """Write ``broadcast`` if its stored state is one of ``expect`` (False: it was not)."""
         ...
 
+    async def change_broadcast(
+        self, broadcast_id: str, change: Callable[[Broadcast], Broadcast | None]
+    ) -> Broadcast | None:
+        """Read the stored broadcast, and write what ``change`` makes of it,
+        as one step no other writer comes between (``change`` is pure and
+        quick: it may run in the store's writer thread). Returns what was
+        written; None when ``change`` said None or there is no such broadcast."""
+        ...
+
     async def add_recipients(self, sends: Sequence[PlannedSend]) -> int:
         """Schedule a broadcast's sends (one per key: those already there are
         left as they are); returns how many are new."""

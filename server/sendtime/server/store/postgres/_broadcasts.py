@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import asyncpg
@@ -88,6 +88,22 @@ class PostgresBroadcasts:
                 [s.value for s in expect],
             )
         return _count(status) == 1
+
+    async def change_broadcast(
+        self, broadcast_id: str, change: Callable[[Broadcast], Broadcast | None]
+    ) -> Broadcast | None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            # the row lock keeps every other writer (another replica) out until the commit
+            doc = await conn.fetchval("SELECT doc FROM broadcasts WHERE id = $1 FOR UPDATE", broadcast_id)
+            changed = change(_decode_broadcast(doc)) if doc is not None else None
+            if changed is not None:
+                await conn.execute(
+                    "UPDATE broadcasts SET state = $1, doc = $2 WHERE id = $3",
+                    changed.state.value,
+                    _encode(changed),
+                    broadcast_id,
+                )
+        return changed
 
     async def add_recipients(self, sends: Sequence[PlannedSend]) -> int:
         added = 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -102,6 +102,22 @@ class SqliteBroadcasts:
             )
 
         return await self._db.submit(update)
+
+    async def change_broadcast(
+        self, broadcast_id: str, change: Callable[[Broadcast], Broadcast | None]
+    ) -> Broadcast | None:
+        def read_and_write(conn: sqlite3.Connection) -> Broadcast | None:
+            # in the writer thread: no other write comes between the read and the write
+            row = conn.execute("SELECT doc FROM broadcasts WHERE id = ?", (broadcast_id,)).fetchone()
+            changed = change(_decode_broadcast(row[0])) if row is not None else None
+            if changed is not None:
+                conn.execute(
+                    "UPDATE broadcasts SET state = ?, doc = ? WHERE id = ?",
+                    (changed.state.value, encode_json(changed), broadcast_id),
+                )
+            return changed
+
+        return await self._db.submit(read_and_write)
 
     async def add_recipients(self, sends: Sequence[PlannedSend]) -> int:
         added = 0
