@@ -4,16 +4,14 @@ asking at once or shortly after; the loop's check for the end counts anew."""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 from typing import Any, cast
 
 import pytest
 
 from sendtime.server import broadcasting
 from sendtime.server.broadcasting import Broadcasts
-from sendtime.server.domain.broadcasts import Broadcast, SendAtKind
-
-NOW = datetime(2026, 12, 4, 19, 0, tzinfo=UTC)
+from sendtime.server.domain.broadcasts import Broadcast
+from tests.unit.test_planning_hold import NOW, stored
 
 
 class CountingStore:
@@ -46,20 +44,7 @@ def broadcasts(store: CountingStore) -> Broadcasts:
 
 
 def a_broadcast() -> Broadcast:
-    return Broadcast(
-        id="bc_1",
-        idempotency_key="k",
-        name="k",
-        template_id="t",
-        segment="",
-        expression="true",
-        subscription_group="marketing",
-        sender="Shop <shop@example.com>",
-        send_at_kind=SendAtKind.NOW,
-        send_at=NOW,
-        created_at=NOW,
-        audience=10,
-    )
+    return stored(audience=10)
 
 
 async def test_askers_at_once_share_one_count() -> None:
