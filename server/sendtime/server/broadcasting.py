@@ -542,7 +542,6 @@ class Broadcasts:
                 "id", f"broadcast {broadcast.id} changed meanwhile; ask again", reason="ABORTED"
             )
         self._states[broadcast.id] = (broadcast, time.monotonic())
-        self._forget_counts(broadcast.id)
 
     async def _unpark(self, broadcast: Broadcast, now: datetime) -> None:
         parked = await self._store.parked_sends(broadcast.flow_id, PARKED)
