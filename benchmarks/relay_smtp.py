@@ -14,9 +14,9 @@ prints "relay smtp sink serving on HOST:PORT" when ready; SIGTERM stops it.
 
 Why not aiosmtpd (the tests' SMTP server): it reads DATA a line at a time,
 about 7 us a line in Python, so a 27 kB email of 400 quoted-printable lines
-cost it 4 ms of CPU, twice what sendtime spends making and relaying it. On two
-cores the sink then set the benchmark's pace (243 emails/s with aiosmtplib
-alone as the client). This one looks for the end of the data with one search
+cost it 4 ms of CPU, about what sendtime's event loop spends making and
+relaying it. On two cores the sink then set the benchmark's pace (243
+emails/s with aiosmtplib alone as the client). This one looks for the end of the data with one search
 over the bytes received (a few microseconds an email) and speaks the part of
 RFC 5321 a relay uses: EHLO/HELO (PIPELINING, 8BITMIME, SMTPUTF8, SIZE), MAIL,
 RCPT, DATA with dot-unstuffing, RSET, NOOP, QUIT; anything else is refused
