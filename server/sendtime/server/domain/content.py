@@ -516,7 +516,10 @@ class ContentPipeline:
         # And when the loop itself runs late, an answer waits that long too.
         lag = 2 * self._loop_lag() if self._loop_lag is not None else 0.0
         policy = self._policy
-        queued = self._in_flight * policy.answer_reserve_per_call_s
+        # each other call in flight may be answered first: at the pace this
+        # server answers when busy (measured), never less than the setting
+        per_call = max(policy.answer_reserve_per_call_s, self._backlog.interval_s)
+        queued = self._in_flight * per_call
         return min(
             max(policy.answer_reserve_s, budget_s * policy.answer_reserve_share, lag) + queued,
             budget_s / 2,
