@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -379,7 +380,12 @@ async def test_calls_that_give_up_on_a_slow_upstream_together_all_answer_in_time
     finally:
         server.terminate()
         await server.wait()
-    assert all(
-        state(blocks["loyalty"]) == ("BLOCK_SOURCE_FALLBACK", "FALLBACK_REASON_TIMEOUT") for blocks in answers
-    )
+    # Each gave up on the upstream with the fallback, or (on a slow machine,
+    # 2 of 64 on one 3x slower than usual) was shed at once because the calls
+    # let in before it would have kept it past its deadline: the fallback too.
+    reasons = Counter(state(blocks["loyalty"]) for blocks in answers)
+    timed_out = reasons[("BLOCK_SOURCE_FALLBACK", "FALLBACK_REASON_TIMEOUT")]
+    shed = reasons[("BLOCK_SOURCE_FALLBACK", "FALLBACK_REASON_OVERLOADED")]
+    assert timed_out + shed == len(answers), reasons
+    assert timed_out > len(answers) // 2, reasons  # most gave up together, as set up
     # and each in time: a late one would have failed its call with DEADLINE_EXCEEDED
