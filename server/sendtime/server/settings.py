@@ -231,7 +231,8 @@ class ContentSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: ... or this share of it, whichever is more (under load an answer waits
     #: in the event loop and the transport before it reaches the caller).
     answer_reserve_share: Annotated[float, msgspec.Meta(ge=0, lt=0.9)] = 0.1
-    #: ... plus this much for every other call being answered meanwhile: calls
+    #: ... plus this much for every other call being answered meanwhile, or the
+    #: time between answers the server measures when busy, if longer: calls
     #: whose fetches time out together are answered one after another.
     answer_reserve_per_call_ms: Annotated[float, msgspec.Meta(ge=0)] = 0.25
     #: Kept back from a whole-email deadline, on top, for Liquid and MJML.
