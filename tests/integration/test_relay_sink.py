@@ -48,6 +48,21 @@ async def talk(port: int, *chunks: bytes) -> bytes:
         await writer.wait_closed()
 
 
+def reply_codes(replies: bytes) -> list[bytes]:
+    """The code of each reply line that ends a reply ("250 ..." and not "250-...")."""
+    return re.findall(rb"^(\d{3}) ", replies, re.MULTILINE)
+
+
+async def deliver(port: int, *emails: OutgoingEmail) -> None:
+    """Each email through sendtime's own SMTP relay, on one connection."""
+    relay = build_relay(SmtpConfig(host="127.0.0.1", port=port, tls="off", timeout_s=30.0))
+    try:
+        for email in emails:
+            await relay.attempt(email)
+    finally:
+        await relay.close()
+
+
 def dotted_email(key: str) -> OutgoingEmail:
     """An email whose text lines start with dots, so delivery must stuff and unstuff them."""
     return build(
@@ -70,12 +85,7 @@ async def test_the_relay_delivers_through_the_sink_byte_for_byte(tmp_path: Path)
     sample = tmp_path / "first.eml"
     email = dotted_email("k1")
     async with sink(out, sample) as port:
-        relay = build_relay(SmtpConfig(host="127.0.0.1", port=port, tls="off", timeout_s=30.0))
-        try:
-            await relay.attempt(email)
-            await relay.attempt(dotted_email("k2"))
-        finally:
-            await relay.close()
+        await deliver(port, email, dotted_email("k2"))
     assert sample.read_bytes() == email.mime
     lines = [line.split("\t") for line in out.getvalue().splitlines()]
     assert len(lines) == 2
@@ -94,7 +104,7 @@ async def test_pipelined_commands_are_each_answered_in_order() -> None:
             b"EHLO client\r\nMAIL FROM:<a@example.com> SIZE=10\r\nRCPT TO:<b@example.com>\r\nDATA\r\n",
             b"Message-ID: <m1>\r\nTo: b@example.com\r\n\r\nhi\r\n.\r\nQUIT\r\n",
         )
-    codes = re.findall(rb"^(\d{3}) ", replies, re.MULTILINE)
+    codes = reply_codes(replies)
     assert codes == [b"220", b"250", b"250", b"250", b"354", b"250", b"221"]
     assert b"250-PIPELINING" in replies
     assert out.getvalue().split("\t")[1:4] == ["<m1>", "b@example.com", "b@example.com"]
@@ -108,7 +118,7 @@ async def test_out_of_order_and_unknown_commands_are_refused_and_nothing_is_reco
             b"HELO client\r\nRCPT TO:<b@example.com>\r\nDATA\r\nMAIL FROM:<a@example.com>\r\n"
             b"MAIL FROM:<a@example.com>\r\nMAIL nonsense\r\nRSET\r\nDATA\r\nVRFY x\r\nNOOP\r\nQUIT\r\n",
         )
-    codes = re.findall(rb"^(\d{3}) ", replies, re.MULTILINE)
+    codes = reply_codes(replies)
     assert codes == [
         b"220",
         b"250",
@@ -136,7 +146,7 @@ async def test_an_empty_message_and_a_message_split_across_writes() -> None:
             b"\n.",
             b"\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<c@example.com>\r\nDATA\r\n.\r\nQUIT\r\n",
         )
-    assert re.findall(rb"^(\d{3}) ", replies, re.MULTILINE).count(b"250") == 7
+    assert reply_codes(replies).count(b"250") == 7
     lines = [line.split("\t") for line in out.getvalue().splitlines()]
     assert [(line[1], line[2], line[4]) for line in lines] == [
         ("<split>", "b@example.com", str(len(b"Message-ID: <split>\r\n\r\nbody\r\n"))),
@@ -158,17 +168,7 @@ def test_the_sink_process_says_where_it_serves_and_writes_its_file(tmp_path: Pat
             assert process.stdout is not None
             ready = re.match(r"relay smtp sink serving on 127\.0\.0\.1:(\d+)", process.stdout.readline())
             assert ready is not None
-            email = make_email()
-
-            async def deliver() -> None:
-                config = SmtpConfig(host="127.0.0.1", port=int(ready[1]), tls="off", timeout_s=30.0)
-                relay = build_relay(config)
-                try:
-                    await relay.attempt(email)
-                finally:
-                    await relay.close()
-
-            asyncio.run(deliver())
+            asyncio.run(deliver(int(ready[1]), make_email()))
             assert out.read_text().split("\t")[2] == "ada@example.com"
         finally:
             process.terminate()

@@ -251,7 +251,8 @@ async def test_one_users_concurrent_events_on_two_replicas_fold_to_the_serial_re
     assert view(stored) == view(serial)
 
 
-FLOW = """
+#: Relaying to the test's SMTP server, no frequency cap.
+DELIVERY = """
 [delivery]
 public_base_url = "https://mail.example.com"
 frequency_cap_count = 0
@@ -262,7 +263,10 @@ kind = "smtp"
 host = "127.0.0.1"
 port = {port}
 tls = "off"
-
+"""
+FLOW = (
+    DELIVERY
+    + """
 [[flows]]
 id = "abandoned_cart"
 template = "abandoned_cart"
@@ -272,6 +276,7 @@ delay_s = {delay_s}
 exit_events = ["Order Completed"]
 require_blocks = ["cart"]
 """
+)
 
 
 async def test_three_workers_relay_500_sends_exactly_once_with_one_killed(dsn: str, tmp_path: Path) -> None:
@@ -377,23 +382,16 @@ async def test_kill_9_of_a_replica_mid_stream_loses_no_acked_event(dsn: str, tmp
     assert {k: msgspec.msgpack.decode(v, type=Profile).event_count for k, v in docs.items()} == per_user
 
 
-BROADCAST = """
-[delivery]
-public_base_url = "https://mail.example.com"
-frequency_cap_count = 0
-poll_interval_ms = 100
-max_concurrent_sends = 16
-[delivery.relay]
-kind = "smtp"
-host = "127.0.0.1"
-port = {port}
-tls = "off"
+BROADCAST = (
+    DELIVERY
+    + """
 [broadcasts]
 segment_processes = 0
 segment_batch = 100
 progress_interval_s = 0.2
 plan_hold_s = 2
 """
+)
 
 
 async def test_one_replica_plans_a_broadcast_and_another_takes_over_when_it_dies(
